@@ -193,9 +193,9 @@ class DataStore:
                 raise DataStoreError(
                     f"data store {self.directory} holds {', '.join(sorted(leftovers))} "
                     f"but no {META_NAME}: refusing to guess its vocabulary")
-            body = json.dumps(self._meta(), sort_keys=True)
-            text = json.dumps({"meta": json.loads(body), "crc32": f"{zlib.crc32(body.encode()):08x}"},
-                              sort_keys=True, indent=1) + "\n"
+            meta = self._meta()
+            crc = f"{zlib.crc32(json.dumps(meta, sort_keys=True).encode()):08x}"
+            text = json.dumps({"meta": meta, "crc32": crc}, sort_keys=True, indent=1) + "\n"
             with open(tmp, "w", encoding="ascii") as f:
                 f.write(text)
                 f.flush()
@@ -273,16 +273,18 @@ class DataStore:
             raise DataStoreError(f"{where}: malformed record {record!r}")
         if doc.sha256 in self._by_sha:
             raise DataStoreError(f"{where}: document {doc.sha256} is indexed twice")
-        if doc.split != split_of(doc.sha256, self.val_every):
+        expected = split_of(doc.sha256, self.val_every)
+        if doc.split != expected:
             raise DataStoreError(f"{where}: document {doc.sha256} is in split {doc.split!r}, "
-                                 f"but its hash puts it in {split_of(doc.sha256, self.val_every)!r}")
+                                 f"but its hash puts it in {expected!r}")
         lens = self._lens[doc.split]
         extends = (lens and doc.shard == len(lens) - 1 and doc.offset == lens[-1])
         starts = (doc.shard == len(lens) and doc.offset == 0)
         if not (extends or starts):
             raise DataStoreError(f"{where}: document at shard {doc.shard} offset {doc.offset} "
                                  f"does not continue split {doc.split!r} "
-                                 f"({len(lens)} shards, the last of {lens[-1] if lens else 0} tokens)")
+                                 f"({len(lens)} shards, the last of "
+                                 f"{lens[-1] if lens else 0} tokens)")
         return doc
 
     def _add(self, doc: Document) -> None:
@@ -467,7 +469,8 @@ class DataStore:
 
     def read(self, doc: Document) -> np.ndarray:
         """A document's tokens: a read-only view of the memory map, in the store's dtype."""
-        self._check_open()
+        if self._by_sha.get(doc.sha256) != doc:
+            raise ValueError(f"{doc!r} is not a document of data store {self.directory}")
         with self._state_lock:
             mm = self._map(doc.split, doc.shard, doc.offset + doc.tokens)
         return mm[doc.offset:doc.offset + doc.tokens]
@@ -484,6 +487,8 @@ class DataStore:
         Called with the state lock held; maps only committed tokens, so a concurrent append's
         unindexed bytes are never visible.
         """
+        if self._closed:
+            raise DataStoreError(f"data store {self.directory} is closed")
         mm = self._maps.get((split, shard))
         if mm is None or mm.shape[0] < need:
             length = self._lens[split][shard]
