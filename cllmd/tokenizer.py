@@ -1,0 +1,404 @@
+"""Tokenizers: raw UTF-8 bytes, or byte-level BPE trained with Hugging Face `tokenizers`.
+
+Both map any valid Unicode text to int32 ids and back exactly, never emit the end-of-text id
+for text that merely contains "<|endoftext|>", and give each token's raw bytes for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cllmd.modelfile import atomic_write
+
+log = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILENAME = "tokenizer.json"
+BYTES_FORMAT_VERSION = 1
+MAX_VOCAB_SIZE = 2**31 - 1  # ids are stored as int32
+
+# BPE texts are encoded in pieces of about this many characters, cut only where the result is
+# provably the same as for the whole text (see split_for_encoding).
+CHUNK_CHARS = 1 << 15
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input: an unreadable or invalid tokenizer file, text or ids."""
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to U+0100 onwards in
+    byte order. This is exactly the alphabet of `pre_tokenizers.ByteLevel`.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+_BYTE_TO_UNICODE = _byte_to_unicode()
+_UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
+
+
+def _lone_surrogate_error(text: str) -> TokenizerError:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return TokenizerError(
+            f"text contains a lone surrogate {text[e.start]!r} at index {e.start}; only valid "
+            f"Unicode (UTF-8 encodable) text can be tokenized")
+    return TokenizerError("text could not be tokenized")
+
+
+def _check_str(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    return text
+
+
+# A cut before a "\n" that is followed by a printable, non-space ASCII character keeps
+# byte-level pre-tokenization unchanged. GPT-2's split pattern is
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# and has no look-behind, so a cut is invisible if (a) a pre-token ends there in the whole text
+# and (b) the left piece ends with the same pre-token. Let W be the whitespace run ending in
+# that "\n". In the whole text `\s+(?!\S)` backtracks to W minus its last character (the "\n"
+# is then matched alone by `\s+` because a non-space follows), so a pre-token ends exactly at
+# the cut; at the end of the left piece `\s+(?!\S)` matches the same W minus "\n". No other
+# alternative can contain a whitespace character except an optional leading " ", and "\n" is
+# not " ". BPE merges never cross pre-tokens, hence ids are identical.
+_SAFE_CUT = re.compile(r"\n(?=[!-~])")
+
+
+def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """Split `text` into pieces of roughly `chunk_chars` whose encodings concatenate to the
+    encoding of the whole text (see the note on _SAFE_CUT)."""
+    if len(text) <= chunk_chars:
+        return [text]
+    pieces = []
+    start = 0
+    while len(text) - start > chunk_chars:
+        m = _SAFE_CUT.search(text, start + chunk_chars)
+        if m is None:
+            break
+        pieces.append(text[start:m.start()])
+        start = m.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+class Tokenizer:
+    """Common interface. Subclasses fill `_table`: token id -> raw bytes (b"" for specials)."""
+
+    kind: str
+    vocab_size: int
+    eot_id: int
+    _table: list[bytes]
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is ordinary text."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def _ids_array(self, ids) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1:
+            raise TokenizerError(f"expected a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            return arr.astype(np.int64)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TokenizerError(f"token ids must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise TokenizerError(f"token id {bad} is out of range for vocabulary size "
+                                 f"{self.vocab_size}")
+        return arr.astype(np.int64, copy=False)
+
+    def decode(self, ids) -> str:
+        """Text of `ids`. Special tokens decode to nothing; byte sequences that are not valid
+        UTF-8 (possible for arbitrary ids, never for ids from encode) become U+FFFD."""
+        arr = self._ids_array(ids)
+        table = self._table
+        return b"".join([table[i] for i in arr.tolist()]).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token (b"" for special tokens); a streaming decoder joins these."""
+        i = operator.index(token_id)
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"token id {i} is out of range for vocabulary size "
+                                 f"{self.vocab_size}")
+        return self._table[i]
+
+    def token_bytes_table(self) -> list[bytes]:
+        """All tokens' raw bytes, indexed by id (do not modify)."""
+        return self._table
+
+    def to_json(self) -> str:
+        raise NotImplementedError
+
+    def save(self, path: os.PathLike | str) -> None:
+        """Atomically write the JSON form to `path`, or to `path`/tokenizer.json for a dir."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILENAME
+        atomic_write(path, self.to_json().encode("utf-8"))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} vocab_size={self.vocab_size} eot_id={self.eot_id}>"
+
+
+class BytesTokenizer(Tokenizer):
+    """256 byte symbols (id = byte value) plus the end-of-text token (id 256)."""
+
+    kind = "bytes"
+
+    def __init__(self) -> None:
+        self.vocab_size = 257
+        self.eot_id = 256
+        self._table = [bytes([b]) for b in range(256)] + [b""]
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            raw = _check_str(text).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _lone_surrogate_error(text) from None
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        arr = self._ids_array(ids)
+        return arr[arr != self.eot_id].astype(np.uint8).tobytes().decode("utf-8", "replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "bytes", "version": BYTES_FORMAT_VERSION,
+                           "special_tokens": {EOT: self.eot_id}})
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE backed by a Hugging Face `tokenizers.Tokenizer`."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        hf.no_truncation()
+        hf.no_padding()
+        # Special tokens are only ever inserted by the caller, by id; in text they are text.
+        hf.encode_special_tokens = True
+        self._hf = hf
+        self.chunk_chars = CHUNK_CHARS
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        eot = hf.token_to_id(EOT)
+        added = hf.get_added_tokens_decoder()
+        if eot is None or eot not in added or not added[eot].special:
+            raise TokenizerError(f"the BPE tokenizer has no special token {EOT!r}")
+        self.eot_id = eot
+        self._table = self._build_table(hf, added)
+
+    def _build_table(self, hf: HFTokenizer, added: dict) -> list[bytes]:
+        table = [b""] * self.vocab_size
+        for token, i in hf.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size:
+                raise TokenizerError(f"token id {i} of {token!r} is not below the vocabulary "
+                                     f"size {self.vocab_size}")
+            if i in added:
+                table[i] = b"" if added[i].special else added[i].content.encode("utf-8")
+                continue
+            try:
+                table[i] = bytes([_UNICODE_TO_BYTE[c] for c in token])
+            except KeyError:
+                raise TokenizerError(f"not a byte-level BPE vocabulary: token {token!r} uses "
+                                     f"characters outside the byte-level alphabet") from None
+        return table
+
+    def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        try:
+            if len(pieces) == 1:
+                return [self._hf.encode(pieces[0], add_special_tokens=False).ids]
+            # Rust side, GIL released, pieces spread over the rayon pool.
+            return [e.ids for e in self._hf.encode_batch_fast(pieces, add_special_tokens=False)]
+        except TypeError:
+            # HF refuses str objects holding lone surrogates with a vague TypeError.
+            for p in pieces:
+                _check_str(p)
+                raise _lone_surrogate_error(p) from None
+            raise
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces = split_for_encoding(_check_str(text), self.chunk_chars)
+        return _join_ids(self._encode_pieces(pieces))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        split = [split_for_encoding(_check_str(t), self.chunk_chars) for t in texts]
+        if not split:
+            return []
+        # One call for all pieces of all texts, then regroup per text.
+        flat = self._encode_pieces([p for pieces in split for p in pieces])
+        result, k = [], 0
+        for pieces in split:
+            result.append(_join_ids(flat[k:k + len(pieces)]))
+            k += len(pieces)
+        return result
+
+    def to_json(self) -> str:
+        return self._hf.to_str()
+
+
+def _join_ids(parts: list[list[int]]) -> np.ndarray:
+    if len(parts) == 1:
+        return np.array(parts[0], dtype=np.int32)
+    return np.concatenate([np.array(p, dtype=np.int32) for p in parts])
+
+
+def _bytes_from_json(obj: dict) -> BytesTokenizer:
+    version = obj.get("version")
+    if version != BYTES_FORMAT_VERSION:
+        raise TokenizerError(f"unsupported bytes tokenizer version {version!r}")
+    if obj.get("special_tokens") != {EOT: 256}:
+        raise TokenizerError(f"bytes tokenizer must have special_tokens {{{EOT!r}: 256}}")
+    return BytesTokenizer()
+
+
+def _check_bpe_json(obj: dict) -> None:
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise TokenizerError("unsupported tokenizer: the model is not BPE")
+    if obj.get("normalizer") is not None:
+        raise TokenizerError("unsupported tokenizer: a normalizer would break exact round trips")
+    pre = obj.get("pre_tokenizer")
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
+        raise TokenizerError("unsupported tokenizer: the pre-tokenizer must be ByteLevel")
+    if pre.get("add_prefix_space"):
+        raise TokenizerError("unsupported tokenizer: ByteLevel add_prefix_space must be false")
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """A tokenizer from its `to_json()` form (bytes) or a Hugging Face byte-level BPE JSON."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise TokenizerError(f"tokenizer is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise TokenizerError("tokenizer JSON must be an object")
+    if obj.get("type") == "bytes":
+        return _bytes_from_json(obj)
+    if "model" in obj:
+        _check_bpe_json(obj)
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # HF raises a bare Exception on schema errors
+            raise TokenizerError(f"invalid Hugging Face tokenizer JSON: {e}") from e
+        return BPETokenizer(hf)
+    raise TokenizerError("unknown tokenizer JSON: expected {\"type\": \"bytes\", ...} or a "
+                         "Hugging Face tokenizer.json")
+
+
+def load_tokenizer(path: os.PathLike | str) -> Tokenizer:
+    """Load a tokenizer file (or `path`/tokenizer.json for a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILENAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read tokenizer: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: tokenizer file is not UTF-8 text") from e
+    try:
+        return tokenizer_from_json(text)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from e
+
+
+def _check_vocab_size(vocab_size: object) -> int:
+    if isinstance(vocab_size, bool):
+        raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}")
+    try:
+        v = operator.index(vocab_size)
+    except TypeError:
+        raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}") from None
+    if v < 257:
+        raise TokenizerError(f"vocab_size must be at least 257 (256 byte symbols + 1 special "
+                             f"token), got {v}")
+    if v > MAX_VOCAB_SIZE:
+        raise TokenizerError(f"vocab_size must be at most {MAX_VOCAB_SIZE}, got {v}")
+    return v
+
+
+def _training_texts(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read training file: {e.strerror or e}") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: training file is not valid UTF-8 (byte {e.start})"
+                                 ) from None
+        # The same pieces that encoding uses, so the trainer sees the same pre-tokens.
+        yield from split_for_encoding(text)
+
+
+def train_bpe(files: Iterable[os.PathLike | str] | os.PathLike | str, vocab_size: int,
+              min_frequency: int = 2) -> BPETokenizer:
+    """Train a byte-level BPE with "<|endoftext|>" (id 0) on UTF-8 text files.
+
+    The 256 byte symbols are always in the vocabulary, so no text is ever out of vocabulary;
+    `vocab_size` counts them and the special token, and the result can be smaller when the
+    text offers fewer merges.
+    """
+    v = _check_vocab_size(vocab_size)
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) \
+            or min_frequency < 0:
+        raise TokenizerError(f"min_frequency must be a non-negative integer, got "
+                             f"{min_frequency!r}")
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise TokenizerError("no training files given")
+    for p in paths:
+        if not p.is_file():
+            raise TokenizerError(f"{p}: training file does not exist or is not a regular file")
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=v,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(_training_texts(paths), trainer=trainer)
+    tok = BPETokenizer(hf)
+    log.info("trained byte-level BPE on %d files: vocabulary %d (asked %d)",
+             len(paths), tok.vocab_size, v)
+    return tok
+
+
+__all__ = [
+    "EOT", "BPETokenizer", "BytesTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer",
+    "split_for_encoding", "tokenizer_from_json", "train_bpe",
+]
