@@ -43,7 +43,7 @@ def training_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpe(training_file):
-    return train_bpe([training_file], vocab_size=320)
+    return train_bpe([training_file], vocab_size=350)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_bpe_token_bytes_concatenate_to_utf8(bpe, s):
 
 
 def test_bpe_trained_shape_and_merges(bpe):
-    assert (bpe.kind, bpe.vocab_size, bpe.eot_id) == ("bpe", 320, 0)
+    assert (bpe.kind, bpe.vocab_size, bpe.eot_id) == ("bpe", 350, 0)
     text = "the tokenizer encodes text into ids"
     # Frequent words were merged: far fewer tokens than bytes.
     assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 2
@@ -231,7 +231,7 @@ def test_bpe_json_is_huggingface_tokenizer_json(bpe):
 
 
 def test_train_bpe_is_deterministic(training_file, bpe):
-    again = train_bpe([training_file], vocab_size=320)
+    again = train_bpe([training_file], vocab_size=350)
     assert again.to_json() == bpe.to_json()
 
 
