@@ -1,0 +1,170 @@
+"""Where cllmd keeps its state, sockets, cache and configuration.
+
+Resolution order: explicit flag > systemd's *_DIRECTORY variables > XDG base directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+APP = "cllmd"
+CONFIG_NAME = "cllmd.toml"
+SYSTEM_CONFIG = Path("/etc/cllmd") / CONFIG_NAME
+# State and runtime hold the model, the queue and the sockets: group-readable only, because the
+# runtime directory's permissions are the access control of the IPC sockets (DESIGN.md).
+DIR_MODE = 0o750
+
+
+class PathsError(Exception):
+    """A directory cannot be used (wrong owner, not a directory, cannot be created)."""
+
+
+def _systemd_dir(env: Mapping[str, str], var: str) -> Path | None:
+    # systemd passes one path per StateDirectory= entry, ':'-separated; ours is the first.
+    value = env.get(var, "")
+    first = value.split(":", 1)[0]
+    return Path(first) if first else None
+
+
+def _xdg_dir(env: Mapping[str, str], var: str) -> Path | None:
+    # The XDG spec says relative values are invalid and must be ignored.
+    value = env.get(var, "")
+    return Path(value) if value and os.path.isabs(value) else None
+
+
+def _flag(value: str | os.PathLike[str] | None) -> Path | None:
+    if value is None or str(value) == "":
+        return None
+    return Path(value).expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """The daemon's directories; every other path is derived from these four."""
+
+    state: Path
+    runtime: Path
+    cache: Path
+    config_file: Path | None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        config: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        system_config: Path = SYSTEM_CONFIG,
+    ) -> "Dirs":
+        """Apply the resolution order; `env` defaults to os.environ (tests pass their own)."""
+        env = os.environ if env is None else env
+        home = Path(env.get("HOME") or Path.home())
+
+        state = (
+            _flag(state_dir)
+            or _systemd_dir(env, "STATE_DIRECTORY")
+            or (_xdg_dir(env, "XDG_STATE_HOME") or home / ".local" / "state") / APP
+        )
+        runtime = _flag(runtime_dir) or _systemd_dir(env, "RUNTIME_DIRECTORY")
+        if runtime is None:
+            xdg_runtime = _xdg_dir(env, "XDG_RUNTIME_DIR")
+            # Without a per-user runtime dir (no login session), fall back to a uid-named dir in
+            # /tmp; ensure() refuses it if someone else created it first.
+            runtime = xdg_runtime / APP if xdg_runtime else Path(f"/tmp/{APP}-{os.getuid()}")
+        cache = (
+            _flag(cache_dir)
+            or _systemd_dir(env, "CACHE_DIRECTORY")
+            or (_xdg_dir(env, "XDG_CACHE_HOME") or home / ".cache") / APP
+        )
+
+        config_file = _flag(config)
+        if config_file is None:
+            conf_dir = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
+            if conf_dir is not None and (conf_dir / CONFIG_NAME).is_file():
+                config_file = conf_dir / CONFIG_NAME
+            elif system_config.is_file():
+                config_file = system_config
+        return cls(state=state, runtime=runtime, cache=cache, config_file=config_file)
+
+    # Derived paths: the one place their layout is written down.
+    @property
+    def socket(self) -> Path:
+        return self.runtime / "cllmd.sock"
+
+    @property
+    def events_socket(self) -> Path:
+        return self.runtime / "cllmd-events.sock"
+
+    @property
+    def queue(self) -> Path:
+        return self.state / "queue"
+
+    @property
+    def model(self) -> Path:
+        return self.state / "model.cllm"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.state / "checkpoints"
+
+    @property
+    def data(self) -> Path:
+        return self.state / "data"
+
+    @property
+    def lock(self) -> Path:
+        return self.state / "cllmd.lock"
+
+    @property
+    def socket_endpoint(self) -> str:
+        return f"ipc://{self.socket}"
+
+    @property
+    def events_endpoint(self) -> str:
+        return f"ipc://{self.events_socket}"
+
+    def ensure(self) -> None:
+        """Create state, runtime and cache (mode 0750) and the state sub-directories."""
+        for d in (self.state, self.runtime, self.cache):
+            _make_dir(d)
+        if os.stat(self.runtime.parent).st_mode & stat.S_IWOTH:
+            _check_private(self.runtime)
+        for d in (self.queue, self.checkpoints, self.data):
+            _make_dir(d)
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        if path.is_dir():
+            return
+        # Parents follow the XDG spec (0700); the leaf gets DIR_MODE regardless of the umask.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=DIR_MODE)
+        os.chmod(path, DIR_MODE)
+        log.info("created %s", path)
+    except FileExistsError:
+        if not path.is_dir():
+            raise PathsError(f"{path}: exists and is not a directory") from None
+    except OSError as e:
+        raise PathsError(f"{path}: cannot create directory: {e.strerror}") from e
+
+
+def _check_private(path: Path) -> None:
+    # In a world-writable parent (/tmp, the fallback) the directory may have been planted by
+    # another user to catch our sockets: it must be ours and writable by nobody else.
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PathsError(f"{path}: is not a directory")
+    if st.st_uid != os.getuid():
+        raise PathsError(f"{path}: owned by uid {st.st_uid}, not by us (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise PathsError(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
