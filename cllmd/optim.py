@@ -1,0 +1,97 @@
+"""AdamW over the model's flat parameter buffer, global-norm clipping and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cllmd.kernels.adamw import adamw_update
+
+
+@dataclass
+class Schedule:
+    """Linear warmup to lr, then cosine decay to min_lr over decay_steps; min_lr afterwards.
+
+    lr is the immutable base rate: the rate at a step is always computed from it, never
+    from the previous step's rate (the original's warmup pinned itself at 1e-6 that way).
+    """
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    decay_steps: int = 2000   # the step at which the cosine reaches min_lr
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup < 0 or self.decay_steps < 0:
+            raise ValueError("warmup and decay_steps must be >= 0")
+
+    def __call__(self, step: int) -> float:
+        """Rate for step (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if step >= self.decay_steps:
+            return self.min_lr
+        ratio = (step - self.warmup) / max(1, self.decay_steps - self.warmup)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - self.min_lr)
+
+
+def global_norm(grad_flat: np.ndarray) -> float:
+    # BLAS dot in the working dtype: no float64 copy of the whole buffer; NaN/Inf propagate
+    return math.sqrt(float(np.dot(grad_flat, grad_flat)))
+
+
+def clip_by_global_norm(grad_flat: np.ndarray, max_norm: float) -> float:
+    """Scales the gradient in place so its global L2 norm is at most max_norm; returns the norm before."""
+    norm = global_norm(grad_flat)
+    if max_norm > 0 and norm > max_norm:
+        grad_flat *= grad_flat.dtype.type(max_norm / (norm + 1e-6))
+    return norm
+
+
+class AdamW:
+    """AdamW with moments laid out like the parameters; decay only on 2-D weights.
+
+    The parameter table is cut into contiguous segments of equal decay so the numba kernel runs
+    over a handful of long ranges instead of one call per tensor.
+    """
+
+    def __init__(self, flat: np.ndarray, table, *, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        self.flat = flat
+        self.m = np.zeros_like(flat)
+        self.v = np.zeros_like(flat)
+        self.weight_decay = weight_decay
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.step_count = 0  # number of updates applied (Adam's t)
+        self.segments: list[tuple[int, int, bool]] = []
+        offset = 0
+        for _, shape in table:
+            n = math.prod(shape)
+            decay = len(shape) == 2
+            if self.segments and self.segments[-1][2] == decay and self.segments[-1][1] == offset:
+                start, _, _ = self.segments.pop()
+                self.segments.append((start, offset + n, decay))
+            else:
+                self.segments.append((offset, offset + n, decay))
+            offset += n
+
+    def step(self, grad_flat: np.ndarray, lr: float) -> None:
+        self.step_count += 1
+        for start, end, decay in self.segments:
+            adamw_update(self.flat[start:end], grad_flat[start:end], self.m[start:end], self.v[start:end],
+                         lr, self.beta1, self.beta2, self.eps, self.weight_decay if decay else 0.0,
+                         self.step_count)
+
+    def state(self) -> dict:
+        return {"step_count": self.step_count, "weight_decay": self.weight_decay,
+                "betas": [self.beta1, self.beta2], "eps": self.eps}
+
+    def load_state(self, state: dict, m: np.ndarray, v: np.ndarray) -> None:
+        self.step_count = int(state["step_count"])
+        self.m[...] = m
+        self.v[...] = v

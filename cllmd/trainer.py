@@ -1,0 +1,297 @@
+"""Node zero: the control sphere that drives the 12 worker spheres through training steps.
+
+Each step node zero samples the global batch, splits it by rows into 12 micro-batches, waits
+until every sphere has finished, sums their gradients in fixed sphere order, normalizes by the
+token count, skips the step on NaN/Inf, clips by global norm and applies AdamW. Because the
+reduction order never depends on which thread ran which sphere, the same seed and data give
+bit-identical weights with any thread count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from cllmd.kernels.adamw import sum_rows_into
+from cllmd.model import Model
+from cllmd.optim import AdamW, Schedule, clip_by_global_norm
+from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, split_rows
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "cllmd-checkpoint"
+
+
+def usable_cores() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, n))
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    decay_steps: int = 2000
+    grad_clip: float = 1.0        # 0 disables clipping
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    accum_steps: int = 1          # micro-steps summed into one optimizer step
+    eval_interval: int = 200      # 0 disables periodic evaluation
+    eval_windows: int = 240       # fixed validation windows per evaluation
+    padded: bool = False          # padded batches (one document per row, loss mask) instead of windows
+    seed: int = 1337
+
+    def __post_init__(self):
+        checks = {
+            "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "min_lr": 0 <= self.min_lr <= self.lr,
+            "warmup": self.warmup >= 0, "decay_steps": self.decay_steps >= 0, "grad_clip": self.grad_clip >= 0,
+            "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
+            "eps": self.eps > 0, "accum_steps": self.accum_steps >= 1, "eval_interval": self.eval_interval >= 0,
+            "eval_windows": self.eval_windows >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            k = bad[0]
+            raise ValueError(f"train config: {k}={getattr(self, k)!r} is out of range")
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.lr, self.min_lr, self.warmup, self.decay_steps)
+
+
+class Trainer:
+    """Node zero plus 12 spheres on a pool of N threads. The only writer of the model's weights."""
+
+    def __init__(self, model: Model, source, config: TrainConfig, threads: int | None = None):
+        self.model = model
+        self.source = source
+        self.config = config
+        # every sphere's gradient is one row of a single [12, P] allocation (llm.c style)
+        self.sphere_grads = np.zeros((NUM_SPHERES, model.flat.size), dtype=model.dtype)
+        self.spheres = [Sphere(i + 1, model, self.sphere_grads[i]) for i in range(NUM_SPHERES)]
+        self.pool = SpherePool(threads or usable_cores())
+        # one BLAS thread per worker thread, so N workers really use N cores
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        self.optimizer = AdamW(model.flat, model.table, weight_decay=config.weight_decay,
+                               betas=(config.beta1, config.beta2), eps=config.eps)
+        self.rng = np.random.default_rng(config.seed)
+        self.grad = np.zeros_like(model.flat)  # node zero's reduction buffer
+        self.step_num = 0          # optimizer steps taken (skipped ones included)
+        self.skipped_steps = 0
+        self.tokens_seen = 0
+        self.last: dict = {}       # the last step's figures
+        self.last_eval: dict = {}
+        self.tokens_per_second = 0.0
+        self._pending_threads: int | None = None
+        self._lock = threading.Lock()
+
+    # ---- configuration between steps -----------------------------------------------------------
+
+    def set_threads(self, threads: int) -> None:
+        """Dynamic sphere allocation: applied before the next step."""
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
+        with self._lock:
+            self._pending_threads = threads
+
+    def update_config(self, **changes) -> TrainConfig:
+        """Validated changes (lr, batch_size, grad_clip, warmup, ...), applied at the next step."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        new = dataclasses.replace(self.config, **changes)
+        with self._lock:
+            self.config = new
+            self.optimizer.weight_decay = new.weight_decay
+            self.optimizer.beta1, self.optimizer.beta2, self.optimizer.eps = new.beta1, new.beta2, new.eps
+        return new
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            n, self._pending_threads = self._pending_threads, None
+        if n is not None and n != self.pool.size:
+            self.pool.resize(n)
+            log.info("trainer now runs its 12 spheres on %d thread(s)", n)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _sample(self, B: int, T: int):
+        if self.config.padded:
+            return self.source.padded_batch(self.rng, B, T, "train")
+        x, y = self.source.sample_batch(self.rng, B, T, "train")
+        return x, y, None
+
+    def _dispatch(self, x, y, mask, forward_only: bool) -> list[Sphere]:
+        """Fills the spheres' slots by rows, runs them, returns the spheres that had work."""
+        used = []
+        for sphere, (a, b) in zip(self.spheres, split_rows(x.shape[0])):
+            if a == b:
+                sphere._set_state("sitting_out")
+                continue
+            sphere.idx = np.ascontiguousarray(x[a:b])
+            sphere.targets = np.ascontiguousarray(y[a:b])
+            sphere.mask = None if mask is None else np.ascontiguousarray(mask[a:b])
+            used.append(sphere)
+        self.pool.run([lambda s=s: s.compute(forward_only) for s in used])
+        return used
+
+    def _reduce_into_grad(self, used: list[Sphere]) -> None:
+        """self.grad += sum of the spheres' gradients, in fixed sphere order.
+
+        The flat range is cut into chunks reduced in parallel; every element is still summed
+        in sphere order, so the result does not depend on the chunking or the thread count.
+        """
+        n = self.grad.size
+        rows = np.array([s.id - 1 for s in used], dtype=np.int64)
+        chunks = max(1, min(2 * self.pool.size, n // 65536))
+        bounds = np.linspace(0, n, chunks + 1).astype(int)
+        self.pool.run([lambda a=int(bounds[i]), b=int(bounds[i + 1]): sum_rows_into(self.grad, self.sphere_grads, rows, a, b)
+                       for i in range(chunks)])
+
+    def step(self) -> dict:
+        """One optimizer step (accum_steps micro-steps); returns its figures."""
+        self._apply_pending()
+        cfg = self.config
+        T = self.model.cfg.block_size
+        t0 = time.perf_counter()
+        self.grad[:] = 0.0
+        loss_sum = 0.0
+        count = 0.0
+        for _ in range(cfg.accum_steps):
+            x, y, mask = self._sample(cfg.batch_size, T)
+            used = self._dispatch(x, y, mask, forward_only=False)
+            for s in used:
+                loss_sum += s.result[0] * s.result[1]
+                count += s.result[1]
+            self._reduce_into_grad(used)       # accumulation adds, never overwrites
+        lr = cfg.schedule()(self.step_num)
+        skipped = False
+        grad_norm = float("nan")
+        if count > 0:
+            self.grad *= self.grad.dtype.type(1.0 / count)  # sum of token losses -> mean
+            grad_norm = clip_by_global_norm(self.grad, cfg.grad_clip)
+            if not math.isfinite(grad_norm):
+                skipped = True
+            else:
+                self.optimizer.step(self.grad, lr)
+        else:
+            skipped = True
+        loss = loss_sum / count if count else float("nan")
+        if skipped or not math.isfinite(loss):
+            self.skipped_steps += 1
+            log.warning("step %d skipped: loss %s, gradient norm %s (non-finite or empty batch)",
+                        self.step_num, loss, grad_norm)
+        self.step_num += 1
+        self.tokens_seen += int(count)
+        seconds = time.perf_counter() - t0
+        tps = count / seconds if seconds > 0 else 0.0
+        self.tokens_per_second = tps if self.tokens_per_second == 0 else 0.9 * self.tokens_per_second + 0.1 * tps
+        for s in self.spheres:
+            s._set_state("idle")
+        self.last = {"step": self.step_num, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                     "tokens": int(count), "seconds": seconds, "skipped": skipped}
+        return self.last
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, split: str = "val") -> dict:
+        """Loss and perplexity on the source's fixed evaluation windows, plus per-group loss.
+
+        Symmetry groups: the target token id mod 12; each group's mean loss is reported.
+        """
+        self._apply_pending()
+        T = self.model.cfg.block_size
+        x, y = self.source.eval_windows(self.config.eval_windows, T, split=split)
+        loss_sum, count = 0.0, 0.0
+        group_sum = np.zeros(NUM_SPHERES)
+        group_count = np.zeros(NUM_SPHERES)
+        B = max(self.config.batch_size, NUM_SPHERES)
+        for a in range(0, x.shape[0], B):
+            used = self._dispatch(x[a:a + B], y[a:a + B], None, forward_only=True)
+            for s in used:
+                loss_sum += s.result[0] * s.result[1]
+                count += s.result[1]
+                groups = s.targets.reshape(-1) % NUM_SPHERES
+                group_sum += np.bincount(groups, weights=s.workspace.losses, minlength=NUM_SPHERES)
+                group_count += np.bincount(groups, minlength=NUM_SPHERES)
+        for s in self.spheres:
+            s._set_state("idle")
+        loss = loss_sum / count if count else float("nan")
+        groups = [float(gs / gc) if gc else None for gs, gc in zip(group_sum, group_count)]
+        self.last_eval = {"step": self.step_num, f"{split}_loss": loss,
+                          "perplexity": math.exp(min(loss, 700.0)), "group_loss": groups}
+        return self.last_eval
+
+    # ---- statistics ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Figures for status displays (safe to call from another thread)."""
+        last = dict(self.last)
+        return {
+            "step": self.step_num, "tokens_seen": self.tokens_seen, "loss": last.get("loss"),
+            "val_loss": self.last_eval.get("val_loss"), "perplexity": self.last_eval.get("perplexity"),
+            "lr": last.get("lr"), "grad_norm": last.get("grad_norm"),
+            "tokens_per_second": self.tokens_per_second, "skipped_steps": self.skipped_steps,
+            "threads": self.pool.size, "batch_size": self.config.batch_size,
+            "spheres": [s.snapshot() for s in self.spheres],
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path) -> None:
+        """Model, AdamW moments, step, RNG state and configuration, written atomically."""
+        meta = {
+            "kind": CHECKPOINT_KIND,
+            "step": self.step_num, "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+            # PCG64's state holds 128-bit integers, which msgpack cannot carry: keep it as JSON text
+            "rng_state": json.dumps(self.rng.bit_generator.state),
+            "optimizer": self.optimizer.state(),
+            "train_config": dataclasses.asdict(self.config),
+            "time": time.time(),
+        }
+        from cllmd.modelfile import write_model_file
+        tensors = dict(self.model.params)
+        tensors["optim.m"] = self.optimizer.m
+        tensors["optim.v"] = self.optimizer.v
+        tok = self.model.tokenizer.to_json() if self.model.tokenizer is not None else None
+        write_model_file(path, tensors, config=self.model.cfg.to_dict(), tokenizer=tok,
+                         metadata={**self.model.metadata, "checkpoint": meta})
+
+    @classmethod
+    def from_checkpoint(cls, path, source, threads: int | None = None, **config_changes) -> "Trainer":
+        """A trainer that continues exactly where the checkpoint left off."""
+        from cllmd.modelfile import ModelFileError, read_model_file
+        header, tensors = read_model_file(path)
+        meta = (header.get("metadata") or {}).get("checkpoint")
+        if not meta or meta.get("kind") != CHECKPOINT_KIND:
+            raise ModelFileError(f"{path}: not a cllmd checkpoint (no optimizer state)")
+        model = Model.load(path)
+        model.metadata.pop("checkpoint", None)
+        config = TrainConfig(**{**meta["train_config"], **config_changes})
+        trainer = cls(model, source, config, threads)
+        trainer.optimizer.load_state(meta["optimizer"], tensors["optim.m"], tensors["optim.v"])
+        trainer.rng.bit_generator.state = json.loads(meta["rng_state"])
+        trainer.step_num = int(meta["step"])
+        trainer.skipped_steps = int(meta["skipped_steps"])
+        trainer.tokens_seen = int(meta["tokens_seen"])
+        return trainer
+
+    def close(self) -> None:
+        self.pool.close()
+        for s in self.spheres:
+            s._set_state("stopped")
+        self._blas_limit.restore_original_limits()

@@ -1,0 +1,13 @@
+"""The one numba decorator every kernel uses.
+
+cache=True keeps compiled code across processes; nogil=True lets the sphere threads run
+kernels in parallel; fastmath stays off (it broke GELU in llm.c's history).
+"""
+import numba
+
+kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+# For reductions only: 'reassoc' lets LLVM vectorize a sum by splitting it into partial sums.
+# It changes nothing but the order of additions (no approximations, no finite-math
+# assumptions); the kernel tests bound the difference to the numpy references.
+reduction_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})

@@ -1,0 +1,76 @@
+"""LayerNorm over the last axis: forward, backward, and their numpy references.
+
+Shapes: inp, out, dout, dinp [N, C]; weight, bias [C]; mean, rstd [N] (saved for backward).
+"""
+import numpy as np
+
+from ._jit import reduction_kernel as kernel
+
+
+@kernel
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
+    N, C = inp.shape
+    # every scalar stays in the working dtype (float32 would otherwise widen to float64 and
+    # the row loops would not vectorize)
+    zero = inp.dtype.type(0.0)
+    inv_c = inp.dtype.type(1.0 / C)
+    for n in range(N):
+        m = zero
+        for c in range(C):
+            m += inp[n, c]
+        m = m * inv_c
+        var = zero
+        for c in range(C):
+            d = inp[n, c] - m
+            var += d * d
+        var = var * inv_c
+        s = inp.dtype.type(1.0 / np.sqrt(var + eps))
+        for c in range(C):
+            out[n, c] = (inp[n, c] - m) * s * weight[c] + bias[c]
+        mean[n] = m
+        rstd[n] = s
+
+
+@kernel
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    # Inverts out = norm * weight + bias, norm = (inp - mean) * rstd.
+    # dinp accumulates (+=): it is the residual stream's gradient.
+    N, C = inp.shape
+    zero = inp.dtype.type(0.0)
+    inv_c = inp.dtype.type(1.0 / C)
+    for n in range(N):
+        m = mean[n]
+        s = rstd[n]
+        dnorm_mean = zero
+        dnorm_norm_mean = zero
+        for c in range(C):
+            norm = (inp[n, c] - m) * s
+            dnorm = weight[c] * dout[n, c]
+            dnorm_mean += dnorm
+            dnorm_norm_mean += dnorm * norm
+        dnorm_mean = dnorm_mean * inv_c
+        dnorm_norm_mean = dnorm_norm_mean * inv_c
+        for c in range(C):
+            norm = (inp[n, c] - m) * s
+            dnorm = weight[c] * dout[n, c]
+            dbias[c] += dout[n, c]
+            dweight[c] += norm * dout[n, c]
+            dinp[n, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
+
+
+def layernorm_forward_ref(out, mean, rstd, inp, weight, bias, eps):
+    m = inp.mean(axis=1)
+    var = ((inp - m[:, None]) ** 2).mean(axis=1)
+    s = 1.0 / np.sqrt(var + eps)
+    out[:] = (inp - m[:, None]) * s[:, None] * weight + bias
+    mean[:] = m
+    rstd[:] = s
+
+
+def layernorm_backward_ref(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    norm = (inp - mean[:, None]) * rstd[:, None]
+    dnorm = dout * weight
+    dbias += dout.sum(axis=0)
+    dweight += (norm * dout).sum(axis=0)
+    dinp += (dnorm - dnorm.mean(axis=1, keepdims=True)
+             - norm * (dnorm * norm).mean(axis=1, keepdims=True)) * rstd[:, None]
