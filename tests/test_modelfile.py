@@ -2,11 +2,13 @@
 
 import mmap
 import os
+import re
 import struct
 import subprocess
 import sys
 import textwrap
 import zlib
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -328,3 +330,17 @@ def test_modelfile_overwrite_keeps_existing_mappings_valid(tmp_path):
     _, new = read_model_file(path)
     np.testing.assert_array_equal(old["w"], np.arange(8, dtype=np.float32))
     np.testing.assert_array_equal(new["w"], np.zeros(8, dtype=np.float32))
+
+
+def test_modelfile_matches_documented_worked_example(tmp_path):
+    # docs/model-format.md carries a hex dump of this exact file; the two must agree byte for
+    # byte, so the document stays a faithful description of the writer.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "model-format.md").read_text()
+    dump = re.findall(r"^[0-9a-f]{8}: ((?:[0-9a-f]{2,4} ?){1,8})", doc, flags=re.M)
+    expected = bytes.fromhex("".join(line.replace(" ", "") for line in dump))
+    assert len(expected) == 332
+    path = tmp_path / "ex.cllm"
+    write_model_file(path, {"w": np.array([[1, 2], [3, 4]], np.float32),
+                            "b": np.array([7, 8, 9], np.int32)},
+                     config={"n_layer": 1}, metadata={"steps": 0})
+    assert path.read_bytes() == expected
