@@ -89,6 +89,7 @@ _SAFE_CUT = re.compile(r"\n(?=[!-~])")
 def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     """Split `text` into pieces of roughly `chunk_chars` whose encodings concatenate to the
     encoding of the whole text (see the note on _SAFE_CUT)."""
+    chunk_chars = max(1, chunk_chars)
     if len(text) <= chunk_chars:
         return [text]
     pieces = []
@@ -112,7 +113,11 @@ class Tokenizer:
     _table: list[bytes]
 
     def encode(self, text: str) -> np.ndarray:
-        """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is ordinary text."""
+        """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is ordinary text.
+
+        Any str that is valid Unicode round-trips through decode; a str holding a lone
+        surrogate (not UTF-8 encodable, so not text) is refused with TokenizerError.
+        """
         raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -232,9 +237,8 @@ class BPETokenizer(Tokenizer):
 
     def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         try:
-            if len(pieces) == 1:
-                return [self._hf.encode(pieces[0], add_special_tokens=False).ids]
-            # Rust side, GIL released, pieces spread over the rayon pool.
+            # Rust side with the GIL released, pieces spread over the rayon pool; the "fast"
+            # variant skips offsets and is quicker than encode() even for a single piece.
             return [e.ids for e in self._hf.encode_batch_fast(pieces, add_special_tokens=False)]
         except TypeError:
             # HF refuses str objects holding lone surrogates with a vague TypeError.
