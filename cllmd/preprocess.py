@@ -243,7 +243,9 @@ def _strings(value: Any, fields: tuple[str, ...]) -> Iterator[str]:
         elif isinstance(v, list):
             stack.extend(reversed(v))
         elif isinstance(v, dict):
-            preferred = next((f for f in fields if f in v), None)
+            # A preferred field that is null or blank does not hide the record's other strings.
+            preferred = next((f for f in fields if v.get(f) not in (None, "", [], {})
+                              and not (isinstance(v[f], str) and not v[f].strip())), None)
             stack.extend(reversed([v[preferred]] if preferred is not None else list(v.values())))
 
 

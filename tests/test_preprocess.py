@@ -93,6 +93,7 @@ def test_preprocess_json_prefers_text_fields():
                {"content": {"nested": "deep"}}, "bare string"]'''
     assert text_of("d.json", data) == "first doc\nno text field\na\nb\ndeep\nbare string"
     assert text_of("d.json", b'{"body": "b", "title": "t"}', json_fields=("title",)) == "t"
+    assert text_of("d.json", b'{"text": null, "content": " ", "title": "t"}') == "t"
 
 
 def test_preprocess_jsonl_each_line():
