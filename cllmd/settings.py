@@ -458,3 +458,10 @@ def overrides_from_args(namespace: argparse.Namespace) -> dict[str, Any]:
 def keys(section: str | None = None) -> Iterable[str]:
     """The dotted keys, optionally of one section only."""
     return [k for k in SCHEMA if section is None or k.startswith(section + ".")]
+
+
+if __name__ == "__main__":
+    # `python -m cllmd.settings > systemd/cllmd.toml` regenerates the shipped default file.
+    import sys
+
+    sys.stdout.write(render_default_toml())

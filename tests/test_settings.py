@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,12 @@ def test_settings_to_dict_round_trips():
     assert d["queue"]["json_fields"] == ["a", "b"] and d["server"]["generate_workers"] == 3
     flat = {f"{sec}.{k}": v for sec, table in d.items() for k, v in table.items()}
     assert load_settings(None, flat) == s
+
+
+def test_settings_shipped_default_file_is_current():
+    # systemd/cllmd.toml is generated from the schema (python -m cllmd.settings); a key added
+    # to the schema must reach the shipped file too.
+    shipped = Path(__file__).resolve().parent.parent / "systemd" / "cllmd.toml"
+    if not shipped.exists():
+        pytest.skip("systemd/cllmd.toml not written yet")
+    assert shipped.read_text() == render_default_toml()
