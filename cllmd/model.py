@@ -393,14 +393,14 @@ class Model:
         try:
             cfg = ModelConfig.from_dict(header["config"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelFileError(f"{path}: bad model config: {e}") from None
+            raise ModelFileError(path, f"bad model config: {e}") from None
         table = param_table(cfg)
         missing = [n for n, _ in table if n not in tensors]
         if missing:
-            raise ModelFileError(f"{path}: missing tensors {missing[:5]}")
+            raise ModelFileError(path, f"missing tensors {missing[:5]}")
         for name, shape in table:
             if tuple(tensors[name].shape) != shape:
-                raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+                raise ModelFileError(path, f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
         flat = np.empty(num_params(cfg), dtype=dtype)
         views = flat_views(flat, table)
         for name, _ in table:

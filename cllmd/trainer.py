@@ -278,7 +278,7 @@ class Trainer:
         header, tensors = read_model_file(path)
         meta = (header.get("metadata") or {}).get("checkpoint")
         if not meta or meta.get("kind") != CHECKPOINT_KIND:
-            raise ModelFileError(f"{path}: not a cllmd checkpoint (no optimizer state)")
+            raise ModelFileError(path, "not a cllmd checkpoint (no optimizer state)")
         model = Model.load(path)
         model.metadata.pop("checkpoint", None)
         config = TrainConfig(**{**meta["train_config"], **config_changes})

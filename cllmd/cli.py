@@ -1,0 +1,490 @@
+"""The `cllmd` command: the daemon (`serve`) and offline tools (train, generate, tokenize, ...).
+
+One table of subcommands; each command's run() returns an exit code, and errors become exit
+codes in one place (main): 0 ok, 1 failure, 2 bad arguments or unreadable input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from cllmd import __version__
+
+log = logging.getLogger("cllmd")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or unreadable input: one clear line, exit code 2."""
+
+
+# ---- shared helpers ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _load_model(path: str):
+    from cllmd.model import Model
+    from cllmd.modelfile import ModelFileError
+    from cllmd.tokenizer import TokenizerError
+    try:
+        return Model.load(path)
+    except FileNotFoundError:
+        raise UsageError(f"no such model file: {path}") from None
+    except (ModelFileError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes",
+                   help="bytes: 256 byte symbols (character level); bpe: byte-level BPE trained on the data")
+    g.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default 4096)")
+    g.add_argument("--n-layer", type=_positive_int, default=4, help="transformer blocks (default 4)")
+    g.add_argument("--n-head", type=_positive_int, default=4, help="attention heads (default 4)")
+    g.add_argument("--n-embd", type=_positive_int, default=128, help="embedding width (default 128)")
+    g.add_argument("--block-size", type=_positive_int, default=64, help="context length (default 64)")
+    g.add_argument("--init", choices=["normal", "lattice"], default="normal",
+                   help="token embedding init: normal (GPT-2) or lattice (Vogel spiral features)")
+    g.add_argument("--clock-positions", action="store_true", help="add 12-periodic clock features to positions")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=_positive_int, default=12, help="sequences per step (default 12)")
+    g.add_argument("--steps", type=_nonneg_int, default=2000, help="optimizer steps (default 2000)")
+    g.add_argument("--lr", type=_nonneg_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--min-lr", type=_nonneg_float, default=1e-4, help="final learning rate of the cosine (default 1e-4)")
+    g.add_argument("--warmup", type=_nonneg_int, default=100, help="linear warmup steps (default 100)")
+    g.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="global gradient norm clip, 0 = off (default 1.0)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW decoupled weight decay (default 0.1)")
+    g.add_argument("--accum-steps", type=_positive_int, default=1, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--eval-interval", type=_nonneg_int, default=250, help="steps between evaluations, 0 = only at the end")
+    g.add_argument("--eval-windows", type=_positive_int, default=240, help="validation windows per evaluation (default 240)")
+    g.add_argument("--val-fraction", type=_nonneg_float, default=0.1, help="last fraction of the tokens held out (default 0.1)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="worker threads for the 12 spheres (default: usable cores)")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init and sampling (default 1337)")
+
+
+def _build_tokenizer(args, files: list[Path]):
+    from cllmd.tokenizer import BytesTokenizer, TokenizerError, train_bpe
+    if args.tokenizer == "bytes":
+        return BytesTokenizer()
+    try:
+        return train_bpe(files, args.vocab_size)
+    except TokenizerError as e:
+        raise UsageError(str(e)) from None
+
+
+def _load_corpus(args):
+    """(tokenizer, token array, description of the data) for --data or the default corpus."""
+    import numpy as np
+    if args.data:
+        files = [Path(f) for f in args.data]
+        texts = [_read_text(f) for f in files]
+        what = ", ".join(str(f) for f in files)
+    else:
+        from cllmd.corpus import ensure_default_corpus
+        files = ensure_default_corpus()
+        texts = [f.read_text(encoding="utf-8") for f in files]
+        what = f"the default corpus ({len(files)} files of Python standard library documentation)"
+    tokenizer = _build_tokenizer(args, files)
+    pieces = []
+    for ids in tokenizer.encode_batch(texts):
+        pieces += [ids.astype(np.uint32), np.array([tokenizer.eot_id], dtype=np.uint32)]
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
+    return tokenizer, tokens, what
+
+
+def cmd_train(args) -> int:
+    import numpy as np
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+
+    if args.val_fraction >= 1:
+        raise UsageError("--val-fraction must be below 1")
+    try:
+        train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
+                                warmup=args.warmup, decay_steps=args.steps, grad_clip=args.grad_clip,
+                                weight_decay=args.weight_decay, accum_steps=args.accum_steps,
+                                eval_interval=args.eval_interval, eval_windows=args.eval_windows, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    t_load = time.perf_counter()
+    tokenizer, tokens, what = _load_corpus(args)
+    source = TokenArraySource(tokens, args.val_fraction)
+    if not source.has_window(args.block_size):
+        raise UsageError(f"not enough data: {len(tokens)} tokens for windows of {args.block_size + 1}")
+    log.info("data: %s: %d tokens (%s tokenizer, vocabulary %d), prepared in %.1fs", what, len(tokens),
+             tokenizer.kind, tokenizer.vocab_size, time.perf_counter() - t_load)
+
+    if args.resume:
+        trainer = Trainer.from_checkpoint(args.resume, source, threads=args.threads)
+        model = trainer.model
+        if model.cfg.vocab_size != tokenizer.vocab_size:
+            raise UsageError(f"{args.resume}: vocabulary {model.cfg.vocab_size} differs from the data's {tokenizer.vocab_size}")
+    else:
+        try:
+            cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                              n_embd=args.n_embd, block_size=args.block_size, init=args.init,
+                              clock_positions=args.clock_positions)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        model = Model(cfg, seed=args.seed, tokenizer=tokenizer)
+        trainer = Trainer(model, source, train_cfg, threads=args.threads)
+    log.info("model: %d layers, %d heads, width %d, context %d: %.2fM parameters; %d thread(s) for 12 spheres",
+             model.cfg.n_layer, model.cfg.n_head, model.cfg.n_embd, model.cfg.block_size,
+             model.num_params / 1e6, trainer.pool.size)
+
+    tty = _is_tty() and not args.quiet
+    t0 = time.perf_counter()
+    tokens_trained = 0
+    train_loss = float("nan")
+    history = []
+    try:
+        while trainer.step_num < args.steps:
+            r = trainer.step()
+            tokens_trained += r["tokens"]
+            train_loss = r["loss"]
+            done = trainer.step_num
+            if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
+                ev = trainer.evaluate()
+                history.append({"step": done, "train_loss": train_loss, "val_loss": ev["val_loss"]})
+                log.info("step %d: train loss %.4f, val loss %.4f (perplexity %.1f)", done, train_loss,
+                         ev["val_loss"], ev["perplexity"])
+            if tty:
+                elapsed = time.perf_counter() - t0
+                rate = tokens_trained / elapsed if elapsed else 0.0
+                eta = (args.steps - done) * elapsed / max(1, done - (trainer.step_num - done))
+                sys.stderr.write(f"\rstep {done}/{args.steps}  loss {train_loss:.4f}  lr {r['lr']:.2e}  "
+                                 f"{rate:,.0f} tok/s  ETA {_format_eta(eta)}   ")
+                sys.stderr.flush()
+    except KeyboardInterrupt:
+        if tty:
+            sys.stderr.write("\n")
+        log.warning("interrupted at step %d: saving what was trained", trainer.step_num)
+    seconds = time.perf_counter() - t0
+    if tty:
+        sys.stderr.write("\n")
+    ev = trainer.evaluate()
+    history.append({"step": trainer.step_num, "train_loss": train_loss, "val_loss": ev["val_loss"]})
+    summary = {
+        "steps": trainer.step_num, "train_loss": train_loss, "val_loss": ev["val_loss"],
+        "perplexity": ev["perplexity"], "tokens": tokens_trained, "seconds": round(seconds, 3),
+        "tokens_per_second": tokens_trained / seconds if seconds > 0 else 0.0,
+        "skipped_steps": trainer.skipped_steps, "threads": trainer.pool.size,
+        "parameters": model.num_params, "out": str(args.out),
+    }
+    meta = {"trained_on": what, "train_summary": {k: v for k, v in summary.items() if k != "out"}}
+    model.save(args.out, metadata=meta)
+    if args.checkpoint:
+        trainer.save_checkpoint(args.checkpoint)
+    trainer.close()
+    if args.json:
+        print(json.dumps({**summary, "history": history}))
+    else:
+        print(f"trained {summary['steps']} steps on {tokens_trained:,} tokens in {seconds:.1f}s "
+              f"({summary['tokens_per_second']:,.0f} tok/s): train loss {train_loss:.4f}, "
+              f"val loss {ev['val_loss']:.4f}, perplexity {ev['perplexity']:.2f}; wrote {args.out}")
+    return EXIT_OK
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=_nonneg_int, default=200, help="new tokens at most (default 200)")
+    g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="keep the k likeliest tokens, 0 = off")
+    g.add_argument("--top-p", type=_nonneg_float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--min-p", type=_nonneg_float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repeat-penalty", type=_nonneg_float, default=1.0, help="penalize recent tokens, 1 = off")
+    g.add_argument("--repeat-last-n", type=_nonneg_int, default=64, help="window of the repeat penalty (default 64)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+
+
+def _sampling_options(args):
+    from cllmd.generate import SamplingOptions
+    try:
+        return SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                               repeat_last_n=args.repeat_last_n, seed=args.seed, stop=tuple(args.stop))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_generate(args) -> int:
+    from cllmd.generate import Generation
+    model = _load_model(args.model)
+    if model.tokenizer is None:
+        raise UsageError(f"{args.model}: the model carries no tokenizer")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    opts = _sampling_options(args)
+    gen = Generation(model, prompt, opts)
+    pieces = []
+    try:
+        for piece in gen:
+            if args.json:
+                pieces.append(piece)
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.stats.stop_reason = "cancelled"
+    s = gen.stats
+    if args.json:
+        print(json.dumps({"text": "".join(pieces), **s.to_dict()}))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{s.tokens_prompt} prompt + {s.tokens_generated} generated tokens, "
+              f"{s.tokens_per_second:,.0f} tok/s, stop: {s.stop_reason}]", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---- tokenizer tools -----------------------------------------------------------------------------
+
+
+def cmd_tokenizer_train(args) -> int:
+    from cllmd.tokenizer import TokenizerError, train_bpe
+    files = [Path(f) for f in args.files]
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"no such file: {f}")
+    try:
+        tok = train_bpe(files, args.vocab_size)
+    except TokenizerError as e:
+        raise UsageError(str(e)) from None
+    tok.save(args.out)
+    if args.json:
+        print(json.dumps({"out": str(args.out), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}))
+    else:
+        print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {len(files)} file(s); wrote {args.out}")
+    return EXIT_OK
+
+
+def _tokenizer_for(args):
+    from cllmd.tokenizer import BytesTokenizer, TokenizerError, load_tokenizer
+    if args.model:
+        model = _load_model(args.model)
+        if model.tokenizer is None:
+            raise UsageError(f"{args.model}: the model carries no tokenizer")
+        return model.tokenizer
+    if args.tokenizer_file:
+        try:
+            return load_tokenizer(args.tokenizer_file)
+        except (TokenizerError, OSError) as e:
+            raise UsageError(str(e)) from None
+    return BytesTokenizer()
+
+
+def cmd_tokenize(args) -> int:
+    from cllmd.tokenizer import TokenizerError
+    tok = _tokenizer_for(args)
+    text = args.text if args.text is not None else sys.stdin.read()
+    try:
+        ids = [int(i) for i in tok.encode(text)]
+    except TokenizerError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"count": len(ids), "ids": ids, "characters": len(text), "bytes": len(text.encode("utf-8"))}))
+    else:
+        print(" ".join(map(str, ids)))
+        print(f"{len(ids)} tokens for {len(text)} characters", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from cllmd.modelfile import ModelFileError, read_model_file
+    try:
+        header, tensors = read_model_file(args.model)
+    except FileNotFoundError:
+        raise UsageError(f"no such model file: {args.model}") from None
+    except ModelFileError as e:
+        raise UsageError(str(e)) from None
+    tok_json = header.get("tokenizer")
+    tokenizer = None
+    if tok_json:
+        from cllmd.tokenizer import tokenizer_from_json
+        t = tokenizer_from_json(tok_json)
+        tokenizer = {"kind": t.kind, "vocab_size": t.vocab_size, "eot_id": t.eot_id}
+    n_params = sum(int(a.size) for name, a in tensors.items() if not name.startswith("optim."))
+    meta = header.get("metadata") or {}
+    info = {"file": str(args.model), "format_version": header.get("format_version"), "config": header.get("config"),
+            "parameters": n_params, "tensors": len(tensors), "tokenizer": tokenizer,
+            "checkpoint": "checkpoint" in meta, "metadata": meta}
+    if args.json:
+        print(json.dumps(info, default=str))
+        return EXIT_OK
+    print(f"file        {info['file']}")
+    print(f"parameters  {n_params:,} in {len(tensors)} tensors")
+    for k, v in (info["config"] or {}).items():
+        print(f"  {k:<16}{v}")
+    print(f"tokenizer   {tokenizer['kind']} ({tokenizer['vocab_size']} symbols)" if tokenizer else "tokenizer   none")
+    for k, v in meta.items():
+        print(f"{k:<12}{json.dumps(v, default=str)}")
+    return EXIT_OK
+
+
+# ---- run: the README's main job --------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    """Trains a small model on the default corpus and prints a sample."""
+    from cllmd.paths import Dirs
+    state = Dirs.resolve().state
+    state.mkdir(parents=True, exist_ok=True)
+    out = state / "default-offline.cllm"
+    train_args = build_parser().parse_args(
+        ["train", "--tokenizer", "bpe", "--vocab-size", "2048", "--block-size", "128",
+         "--steps", str(args.steps), "--out", str(out)])
+    cmd_train(train_args)
+    gen_args = build_parser().parse_args(["generate", str(out), "--max-tokens", "200", "--seed", "0", "Return the"])
+    return cmd_generate(gen_args)
+
+
+# ---- the command table -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cllmd", description="cllmd: a local, self-training language-model daemon.")
+    parser.add_argument("--version", action="version", version=f"cllmd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model offline on files or the default corpus",
+                       description="Train a model with the 12-sphere trainer and write a .cllm file.")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
+    _add_model_args(p)
+    _add_train_args(p)
+    p.add_argument("--out", default="model.cllm", help="output model file (default model.cllm)")
+    p.add_argument("--checkpoint", metavar="FILE", help="also write a resumable checkpoint here")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a .cllm model",
+                       description="Stream a continuation of PROMPT (or stdin) to stdout.")
+    p.add_argument("model", help="a .cllm file")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    _add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools", description="Tokenizer tools.")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    tp = tsub.add_parser("train", help="train a byte-level BPE tokenizer", description="Train a byte-level BPE tokenizer.")
+    tp.add_argument("files", nargs="+", help="UTF-8 text files")
+    tp.add_argument("--vocab-size", type=_positive_int, default=4096, help="vocabulary size (default 4096)")
+    tp.add_argument("--out", default="tokenizer.json", help="output file (default tokenizer.json)")
+    tp.add_argument("--json", action="store_true", help="print a JSON summary")
+    tp.set_defaults(run=cmd_tokenizer_train)
+
+    p = sub.add_parser("tokenize", help="show token ids and counts", description="Tokenize TEXT (or stdin).")
+    p.add_argument("text", nargs="?", help="the text (default: read stdin)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="use this .cllm model's tokenizer")
+    src.add_argument("--tokenizer-file", help="use this tokenizer.json (default: the bytes tokenizer)")
+    p.add_argument("--json", action="store_true", help="print ids and counts as JSON")
+    p.set_defaults(run=cmd_tokenize)
+
+    p = sub.add_parser("inspect", help="show a .cllm file's config, size, tokenizer and metadata",
+                       description="Describe a .cllm model or checkpoint.")
+    p.add_argument("model", help="a .cllm file")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("run", help="the main job: train on the default corpus and print a sample",
+                       description="Train a small model on the built-in corpus, then generate a sample.")
+    p.add_argument("--steps", type=_positive_int, default=600, help="training steps (default 600)")
+    p.set_defaults(run=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"cllmd {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
