@@ -183,7 +183,13 @@ def cmd_train(args) -> int:
              tokenizer.kind, tokenizer.vocab_size, time.perf_counter() - t_load)
 
     if args.resume:
-        trainer = Trainer.from_checkpoint(args.resume, source, threads=args.threads)
+        from cllmd.modelfile import ModelFileError
+        try:
+            trainer = Trainer.from_checkpoint(args.resume, source, threads=args.threads)
+        except FileNotFoundError:
+            raise UsageError(f"no such checkpoint: {args.resume}") from None
+        except ModelFileError as e:
+            raise UsageError(str(e)) from None
         model = trainer.model
         if model.cfg.vocab_size != tokenizer.vocab_size:
             raise UsageError(f"{args.resume}: vocabulary {model.cfg.vocab_size} differs from the data's {tokenizer.vocab_size}")
@@ -206,7 +212,8 @@ def cmd_train(args) -> int:
     train_loss = float("nan")
     history = []
     try:
-        while trainer.step_num < args.steps:
+        stop_at = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+        while trainer.step_num < stop_at:
             r = trainer.step()
             tokens_trained += r["tokens"]
             train_loss = r["loss"]
@@ -424,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--out", default="model.cllm", help="output model file (default model.cllm)")
     p.add_argument("--checkpoint", metavar="FILE", help="also write a resumable checkpoint here")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue from a checkpoint (its training settings apply; --steps is the new total)")
+    p.add_argument("--stop-at", type=_nonneg_int, metavar="STEP",
+                   help="stop at this step (the schedule still spans --steps); with --checkpoint, resumable")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=cmd_train)

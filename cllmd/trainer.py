@@ -200,8 +200,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         tps = count / seconds if seconds > 0 else 0.0
         self.tokens_per_second = tps if self.tokens_per_second == 0 else 0.9 * self.tokens_per_second + 0.1 * tps
-        for s in self.spheres:
-            s._set_state("idle")
+        for s in used:
+            s._set_state("idle")  # spheres that sat this step out keep saying so
         self.last = {"step": self.step_num, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens": int(count), "seconds": seconds, "skipped": skipped}
         return self.last
@@ -229,7 +229,8 @@ class Trainer:
                 group_sum += np.bincount(groups, weights=s.workspace.losses, minlength=NUM_SPHERES)
                 group_count += np.bincount(groups, minlength=NUM_SPHERES)
         for s in self.spheres:
-            s._set_state("idle")
+            if s.stats.state == "waiting":
+                s._set_state("idle")
         loss = loss_sum / count if count else float("nan")
         groups = [float(gs / gc) if gc else None for gs, gc in zip(group_sum, group_count)]
         self.last_eval = {"step": self.step_num, f"{split}_loss": loss,

@@ -1,0 +1,189 @@
+"""The 12-sphere trainer: determinism across thread counts, accumulation, skips, checkpoints."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cllmd.datastore import DataStore
+from cllmd.model import Model, ModelConfig
+from cllmd.optim import Schedule, clip_by_global_norm
+from cllmd.spheres import split_rows
+from cllmd.tokensource import TokenArraySource
+from cllmd.trainer import Trainer, TrainConfig
+
+CFG = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=12)
+
+
+def _source(n=6000, seed=0):
+    rng = np.random.default_rng(seed)
+    # a learnable pattern: mostly a repeating ramp, some noise
+    tokens = (np.arange(n) % 37 + (rng.random(n) < 0.1) * rng.integers(0, 3, n)) % 40
+    return TokenArraySource(tokens.astype(np.uint16), 0.1)
+
+
+def _train(threads, steps=4, batch=13, dtype=np.float32, **cfg):
+    tr = Trainer(Model(CFG, seed=0, dtype=dtype), _source(), TrainConfig(batch_size=batch, warmup=2, **cfg), threads=threads)
+    losses = [tr.step()["loss"] for _ in range(steps)]
+    tr.close()
+    return tr, losses
+
+
+def test_trainer_split_rows_covers_batch_in_sphere_order():
+    assert split_rows(12) == [(i, i + 1) for i in range(12)]
+    assert split_rows(5)[:5] == [(i, i + 1) for i in range(5)] and all(a == b for a, b in split_rows(5)[5:])
+    rows = split_rows(30)
+    assert rows[0][0] == 0 and rows[-1][1] == 30 and all(rows[i][1] == rows[i + 1][0] for i in range(11))
+
+
+def test_trainer_weights_bit_identical_across_thread_counts():
+    results = [_train(threads) for threads in (1, 2, 3, 12)]
+    base = results[0][0].model.flat
+    for tr, losses in results[1:]:
+        assert np.array_equal(tr.model.flat, base), f"{tr.pool.size} threads diverged"
+        assert losses == results[0][1]
+
+
+def test_trainer_thread_count_changes_between_steps_without_changing_results():
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=13, warmup=2), threads=1)
+    for threads in (3, 2, 12):
+        tr.set_threads(threads)
+        tr.step()
+        assert tr.pool.size == threads
+    tr.step()
+    tr.close()
+    ref, _ = _train(1, steps=4)
+    assert np.array_equal(tr.model.flat, ref.model.flat)
+
+
+def test_trainer_loss_is_token_weighted_mean_of_the_batch():
+    tr = Trainer(Model(CFG, seed=0, dtype=np.float64), _source(), TrainConfig(batch_size=7, lr=1e-12, min_lr=0, warmup=0), threads=2)
+    rng_state = tr.rng.bit_generator.state
+    r = tr.step()
+    rng = np.random.default_rng()
+    rng.bit_generator.state = rng_state
+    x, y = tr.source.sample_batch(rng, 7, 12)
+    fresh = Model(CFG, seed=0, dtype=np.float64)
+    loss, grads = fresh.loss_and_grads(x, y)
+    assert r["loss"] == pytest.approx(loss, rel=1e-12)
+    # the reduced gradient is the gradient of the batch mean
+    clip = 1.0 / (r["grad_norm"] + 1e-6) if r["grad_norm"] > 1.0 else 1.0  # as clip_by_global_norm
+    np.testing.assert_allclose(tr.grad, np.concatenate([g.ravel() for g in grads.values()]) * clip,
+                               rtol=1e-9, atol=1e-12)
+    tr.close()
+
+
+def test_trainer_accumulation_adds_micro_steps():
+    # two micro-steps of 6 rows == one step of the same 12 rows (float64, same gradient sum)
+    class Fixed:
+        def __init__(self, src):
+            self.batches = [src.sample_batch(np.random.default_rng(i), 6, 12) for i in range(2)]
+            self.calls = 0
+
+        def sample_batch(self, rng, batch_size, block_size, split="train"):
+            if batch_size == 12:
+                return tuple(np.concatenate(parts) for parts in zip(*self.batches))
+            b = self.batches[self.calls % 2]
+            self.calls += 1
+            return b
+
+    src = _source()
+    acc = Trainer(Model(CFG, seed=0, dtype=np.float64), Fixed(src), TrainConfig(batch_size=6, accum_steps=2, warmup=0), threads=2)
+    one = Trainer(Model(CFG, seed=0, dtype=np.float64), Fixed(src), TrainConfig(batch_size=12, warmup=0), threads=2)
+    ra, ro = acc.step(), one.step()
+    assert ra["tokens"] == ro["tokens"] == 144
+    assert ra["loss"] == pytest.approx(ro["loss"], rel=1e-12)
+    np.testing.assert_allclose(acc.model.flat, one.model.flat, rtol=1e-10, atol=1e-12)
+    acc.close()
+    one.close()
+
+
+def test_trainer_skips_non_finite_steps_and_counts_them():
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=4, warmup=0), threads=2)
+    tr.model.params["h.0.mlp.c_fc.weight"][0, 0] = np.nan
+    before = tr.model.flat.copy()
+    r = tr.step()
+    assert r["skipped"] and tr.skipped_steps == 1 and tr.step_num == 1
+    assert np.array_equal(tr.model.flat, before, equal_nan=True)  # no update applied
+    assert tr.optimizer.step_count == 0
+    tr.close()
+
+
+def test_trainer_spheres_report_their_work():
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=5, warmup=0), threads=2)
+    tr.step()
+    snap = tr.snapshot()
+    states = [s["state"] for s in snap["spheres"]]
+    assert states[:5] == ["idle"] * 5 and states[5:] == ["sitting_out"] * 7
+    assert [s["batches"] for s in snap["spheres"]] == [1] * 5 + [0] * 7
+    assert all(s["tokens"] == 12 and s["mean_loss"] > 0 for s in snap["spheres"][:5])
+    assert snap["step"] == 1 and snap["threads"] == 2 and snap["loss"] > 0
+    tr.close()
+    assert {s["state"] for s in tr.snapshot()["spheres"]} == {"stopped"}
+
+
+def test_trainer_learns_and_evaluates():
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=12, lr=3e-3, warmup=10, decay_steps=150, eval_windows=48), threads=2)
+    first = tr.evaluate()["val_loss"]
+    for _ in range(150):
+        tr.step()
+    ev = tr.evaluate()
+    tr.close()
+    assert ev["val_loss"] < first - 1.0
+    assert ev["perplexity"] == pytest.approx(np.exp(ev["val_loss"]))
+    assert len(ev["group_loss"]) == 12
+
+
+def test_trainer_padded_batches_from_the_store(tmp_path):
+    store = DataStore(tmp_path / "data", vocab_size=40)
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        n = int(rng.integers(3, 10))  # documents shorter than the block: padding needed
+        store.append(np.arange(n) % 40, source=f"doc{i}", sha256=hashlib.sha256(b"%d" % i).hexdigest())
+    tr = Trainer(Model(CFG, seed=0), store, TrainConfig(batch_size=8, padded=True, warmup=0, lr=3e-3), threads=2)
+    losses = [tr.step()["loss"] for _ in range(40)]
+    tokens = tr.last["tokens"]
+    tr.close()
+    store.close()
+    assert tokens < 8 * 12  # only real targets were counted
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_trainer_schedule_and_clipping():
+    s = Schedule(lr=1e-3, min_lr=1e-4, warmup=10, decay_steps=110)
+    assert s(0) == pytest.approx(1e-4) and s(9) == pytest.approx(1e-3)
+    assert s(60) == pytest.approx(0.55e-3) and s(110) == s(500) == 1e-4
+    assert all(s(i) >= s(i + 1) for i in range(10, 200))
+    g = np.full(100, 1.0, np.float32)
+    assert clip_by_global_norm(g, 1.0) == pytest.approx(10.0)
+    assert np.linalg.norm(g) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError):
+        TrainConfig(batch_size=0)
+
+
+def _cllmd(*args, cwd):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "cllmd.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_trainer_resume_continues_bit_for_bit(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    common = ["train", "--data", str(data), "--n-layer", "2", "--n-embd", "32", "--block-size", "32",
+              "--batch-size", "6", "--steps", "20", "--warmup", "5", "--eval-interval", "0", "--quiet"]
+    r = _cllmd(*common, "--out", str(tmp_path / "straight.cllm"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cllmd(*common, "--stop-at", "10", "--out", str(tmp_path / "half.cllm"),
+               "--checkpoint", str(tmp_path / "ck.cllm"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cllmd(*common, "--resume", str(tmp_path / "ck.cllm"), "--threads", "1",
+               "--out", str(tmp_path / "resumed.cllm"), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 20
+    a, b = Model.load(tmp_path / "straight.cllm"), Model.load(tmp_path / "resumed.cllm")
+    assert np.array_equal(a.flat, b.flat)
+    assert not np.array_equal(a.flat, Model.load(tmp_path / "half.cllm").flat)
