@@ -297,7 +297,8 @@ _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]
 def _charset(body: bytes, header_charset: str | None, is_html: bool) -> str:
     """HTML's order of precedence: byte-order mark, then the HTTP header, then <meta charset>
     in the first 2 KiB, then UTF-8."""
-    for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    boms = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+    for bom, name in boms:
         if body.startswith(bom):
             return name
     candidates = [header_charset]
@@ -405,7 +406,8 @@ class Fetcher:
         try:
             with self.opener.open(request, timeout=self.timeout) as resp:
                 content_type = resp.headers.get_content_type() if resp.headers.get("Content-Type") else ""
-                out = Response(url, resp.status, resp.headers, content_type, resp.headers.get_content_charset(), None)
+                charset = resp.headers.get_content_charset()
+                out = Response(url, resp.status, resp.headers, content_type, charset, None)
                 if 200 <= resp.status < 300 and take(content_type):
                     out.body, out.truncated = self._read_capped(resp, max_bytes, deadline)
                 return out
@@ -462,6 +464,19 @@ def default_state_file() -> Path:
     return _xdg_state_home() / "cllm" / "crawl.sqlite"
 
 
+def _make_dirs(path: Path, depth: int) -> None:
+    """mkdir -p, with the daemon's modes: the last `depth` levels (queue/ and queue/incoming/)
+    0750, parents above them 0700 (XDG); existing directories are left as they are."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for i, d in enumerate(reversed(missing)):
+        mode = 0o750 if len(missing) - i <= depth else 0o700
+        d.mkdir(mode=mode, exist_ok=True)
+        os.chmod(d, mode)
+
+
 class QueueWriter:
     """Hands pages to the training queue: written to incoming/.NAME.part, fsynced, renamed to
     incoming/NAME (the queue contract), or given to `send(name, data)` (the daemon's queue.add)
@@ -475,7 +490,7 @@ class QueueWriter:
         problem = "no queue directory"
         if self.incoming is not None:
             try:
-                self.incoming.mkdir(parents=True, exist_ok=True)
+                _make_dirs(self.incoming, depth=2)
                 self.writable = os.access(self.incoming, os.W_OK | os.X_OK)
                 problem = "permission denied"
             except OSError as e:
@@ -484,7 +499,8 @@ class QueueWriter:
             raise QueueError(f"queue directory {self.incoming} is not writable ({problem}) "
                              "and there is no daemon connection to send pages through")
         if not self.writable:
-            log.info("queue directory %s not writable (%s): sending pages to the daemon", self.incoming, problem)
+            log.info("queue directory %s not writable (%s): sending pages to the daemon",
+                     self.incoming, problem)
 
     @property
     def where(self) -> str:
@@ -565,7 +581,12 @@ CREATE TABLE IF NOT EXISTS hosts (
     robots_time   REAL,
     last_request  REAL                       -- wall-clock end of the last request
 );
-CREATE TABLE IF NOT EXISTS content (sha256 TEXT PRIMARY KEY, url TEXT NOT NULL, name TEXT NOT NULL, time REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS content (       -- what was queued, by sha256 of the UTF-8 page
+    sha256 TEXT PRIMARY KEY,
+    url    TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    time   REAL NOT NULL
+);
 """
 
 TERMINAL_STATES = ("done", "redirected", "skipped", "failed")
@@ -608,7 +629,8 @@ class CrawlState:
             if version is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif version != str(SCHEMA_VERSION):
-                raise StateError(f"state file {self.path} has schema version {version}, expected {SCHEMA_VERSION}")
+                raise StateError(f"state file {self.path} has schema version {version}, "
+                                 f"expected {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             self.close()
             raise StateError(f"state file {self.path} is not a usable SQLite database: {e}") from None
@@ -636,7 +658,8 @@ class CrawlState:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def config(self) -> dict | None:
         value = self.get_meta("config")
@@ -678,8 +701,9 @@ class CrawlState:
                    (url, depth, "skipped" if skip else "queued", skip, time.time()))
 
     def ready(self, now: float, counted_only: bool = False, limit: int = 256) -> list[Row]:
-        rows = self.db.execute("SELECT id, url, depth, attempts, counted FROM urls WHERE state='queued' AND next_try<=? "
-                               "AND counted>=? ORDER BY depth, id LIMIT ?", (now, int(counted_only), limit)).fetchall()
+        rows = self.db.execute(
+            "SELECT id, url, depth, attempts, counted FROM urls WHERE state='queued' AND next_try<=? "
+            "AND counted>=? ORDER BY depth, id LIMIT ?", (now, int(counted_only), limit)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def next_retry(self, counted_only: bool = False) -> float | None:
@@ -692,18 +716,20 @@ class CrawlState:
     def mark_fetching(self, row: Row) -> None:
         """Committed before the request goes out: a kill during it leaves a trace to resume from."""
         with self.tx() as db:
-            db.execute("UPDATE urls SET state='fetching', counted=1, updated=? WHERE id=?", (time.time(), row.id))
+            db.execute("UPDATE urls SET state='fetching', counted=1, updated=? WHERE id=?",
+                       (time.time(), row.id))
 
     def requeue(self, row: Row) -> None:
         """Give back a URL whose request was abandoned by us (Ctrl-C, queue failure): no attempt."""
         with self.tx() as db:
-            db.execute("UPDATE urls SET state='queued', updated=? WHERE id=? AND state='fetching'", (time.time(), row.id))
+            db.execute("UPDATE urls SET state='queued', updated=? WHERE id=? AND state='fetching'",
+                       (time.time(), row.id))
 
     def set_outcome(self, row: Row, state: str, reason: str | None = None, detail: str | None = None,
                     status: int | None = None, db: sqlite3.Connection | None = None) -> None:
         def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE urls SET state=?, reason=?, detail=?, status=COALESCE(?, status), updated=? WHERE id=?",
-                         (state, reason, detail, status, time.time(), row.id))
+            conn.execute("UPDATE urls SET state=?, reason=?, detail=?, status=COALESCE(?, status), updated=? "
+                         "WHERE id=?", (state, reason, detail, status, time.time(), row.id))
         if db is not None:
             apply(db)
         else:
@@ -713,7 +739,8 @@ class CrawlState:
     def retry_later(self, row: Row, reason: str, when: float, status: int | None) -> None:
         with self.tx() as db:
             db.execute("UPDATE urls SET state='queued', attempts=attempts+1, detail=?, next_try=?, "
-                       "status=COALESCE(?, status), updated=? WHERE id=?", (reason, when, status, time.time(), row.id))
+                       "status=COALESCE(?, status), updated=? WHERE id=?",
+                       (reason, when, status, time.time(), row.id))
 
     def redirect(self, row: Row, target: str, status: int, skip: str | None) -> Row | None:
         """Record row -> target and claim the target for fetching now; None when the target is
@@ -742,8 +769,9 @@ class CrawlState:
                     truncated: bool, links: list[tuple[str, str | None]], link_depth: int) -> None:
         """One transaction: the page's outcome, its content hash and its links for the frontier."""
         with self.tx() as db:
-            db.execute("UPDATE urls SET state='done', reason=?, detail=NULL, status=?, sha256=?, queued_as=?, truncated=?, "
-                       "updated=? WHERE id=?", (reason, status, sha256, name, int(truncated), time.time(), row.id))
+            db.execute("UPDATE urls SET state='done', reason=?, detail=NULL, status=?, sha256=?, queued_as=?, "
+                       "truncated=?, updated=? WHERE id=?",
+                       (reason, status, sha256, name, int(truncated), time.time(), row.id))
             if name is not None:
                 db.execute("INSERT OR IGNORE INTO content(sha256, url, name, time) VALUES(?,?,?,?)",
                            (sha256, row.url, name, time.time()))
@@ -753,8 +781,8 @@ class CrawlState:
     # -- hosts --------------------------------------------------------------------------------
 
     def host(self, origin: str) -> tuple[int | None, str | None, float | None, float | None]:
-        row = self.db.execute("SELECT robots_status, robots_text, robots_time, last_request FROM hosts WHERE origin=?",
-                              (origin,)).fetchone()
+        row = self.db.execute("SELECT robots_status, robots_text, robots_time, last_request FROM hosts "
+                              "WHERE origin=?", (origin,)).fetchone()
         return tuple(row) if row else (None, None, None, None)
 
     def save_robots(self, origin: str, status: int, text: str) -> None:
@@ -772,9 +800,11 @@ class CrawlState:
     # -- reporting ----------------------------------------------------------------------------
 
     def counts(self) -> dict:
-        out = {"fetched": 0, "queued": 0, "truncated": 0, "redirects": 0, "skipped": {}, "failed": 0, "pending": 0}
+        out = {"fetched": 0, "queued": 0, "truncated": 0, "redirects": 0, "skipped": {}, "failed": 0,
+               "pending": 0}
         for state, reason, n, queued, truncated in self.db.execute(
-                "SELECT state, reason, COUNT(*), SUM(queued_as IS NOT NULL), SUM(truncated) FROM urls GROUP BY state, reason"):
+                "SELECT state, reason, COUNT(*), SUM(queued_as IS NOT NULL), SUM(truncated) FROM urls "
+                "GROUP BY state, reason"):
             if state == "done":
                 out["fetched"] += n
                 out["queued"] += queued or 0
@@ -905,7 +935,10 @@ class Crawler:
 
     def _apply_robots(self, host: _Host, status: int, text: str) -> None:
         # RFC 9309 2.3.1.3: an unavailable robots.txt (4xx) means no restrictions.
-        host.robots = RobotsRules.parse(text, self.config.user_agent) if 200 <= status < 300 else RobotsRules.allowing_all()
+        if 200 <= status < 300:
+            host.robots = RobotsRules.parse(text, self.config.user_agent)
+        else:
+            host.robots = RobotsRules.allowing_all()
         host.robots_error = None
         if host.robots.crawl_delay is not None and host.robots.crawl_delay > host.delay:
             host.ready_at += host.robots.crawl_delay - host.delay
@@ -954,10 +987,12 @@ class Crawler:
             if resp is None or 300 <= resp.status < 400:
                 status, text = 404, ""  # a redirect loop: treated as unavailable, i.e. no rules
             elif resp.status == 429 or resp.status >= 500:
-                raise FetchError(f"robots.txt unreachable: http {resp.status}", True, _retry_after(resp.headers))
+                raise FetchError(f"robots.txt unreachable: http {resp.status}", True,
+                                 _retry_after(resp.headers))
             else:
                 status = resp.status
-                text = _decode(resp.body or b"", _charset(resp.body or b"", resp.charset, False), resp.truncated)
+                body = resp.body or b""
+                text = _decode(body, _charset(body, resp.charset, False), resp.truncated)
         except FetchError as e:
             host.robots_failures += 1
             reason = e.reason if e.reason.startswith("robots.txt") else f"robots.txt unreachable: {e.reason}"
@@ -1004,7 +1039,7 @@ class Crawler:
             if current is first:
                 self.state.mark_fetching(current)
             try:
-                resp = self._request(current.url, self.config.max_bytes, lambda media_type: media_type in TAKEN_TYPES)
+                resp = self._request(current.url, self.config.max_bytes, TAKEN_TYPES.__contains__)
             except FetchError as e:
                 self._failed_attempt(current, e, None)
                 return
@@ -1013,11 +1048,13 @@ class Crawler:
                 location = resp.headers.get("Location")
                 target = normalize_url(location, current.url) if location else None
                 if target is None:
-                    self._outcome(current, "failed", f"http {status} without a usable Location", status=status)
+                    self._outcome(current, "failed", f"http {status} without a usable Location",
+                                  status=status)
                     return
                 redirects += 1
                 if redirects > MAX_REDIRECTS:
-                    self._outcome(current, "failed", f"too many redirects (more than {MAX_REDIRECTS}, from {first.url})",
+                    self._outcome(current, "failed",
+                                  f"too many redirects (more than {MAX_REDIRECTS}, from {first.url})",
                                   status=status)
                     return
                 skip = self.scope.check(target)
@@ -1037,7 +1074,8 @@ class Crawler:
                 else:
                     self._take(current, resp)
             elif status == 429 or status >= 500:
-                self._failed_attempt(current, FetchError(f"http {status}", True, _retry_after(resp.headers)), status)
+                error = FetchError(f"http {status}", True, _retry_after(resp.headers))
+                self._failed_attempt(current, error, status)
             else:
                 self._outcome(current, "failed", f"http {status}", status=status)
             return
@@ -1052,7 +1090,8 @@ class Crawler:
         log.info("seed redirected to %s: its host is in scope", target)
         return self.scope.check(target)
 
-    def _outcome(self, row: Row, state: str, reason: str | None, detail: str | None = None, status: int | None = None) -> None:
+    def _outcome(self, row: Row, state: str, reason: str | None, detail: str | None = None,
+                 status: int | None = None) -> None:
         self.state.set_outcome(row, state, reason, detail, status)
         log.info("%-9s %s (%s%s)", state, row.url, reason, f": {detail}" if detail else "")
 
@@ -1074,6 +1113,10 @@ class Crawler:
         is_html = resp.media_type == "text/html"
         body = resp.body
         text = _decode(body, _charset(body, resp.charset, is_html), resp.truncated)
+        if "\0" in text:
+            # Binary data under a text type; the daemon would refuse it as binary anyway.
+            self._outcome(row, "skipped", "binary", f"NUL in a {resp.media_type} body", resp.status)
+            return
         # Queue files are UTF-8 (the queue contract); a page in another charset is transcoded.
         data = text.encode("utf-8")
         sha = hashlib.sha256(data).hexdigest()
@@ -1126,21 +1169,30 @@ def _size(value: str) -> int:
 def build_parser(prog: str = "cllm crawl") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Crawl web pages politely and resumably into cllmd's training queue.")
     p.add_argument("urls", nargs="*", metavar="URL", help="seed URLs (http or https); optional with --resume")
-    p.add_argument("--depth", type=int, help="link depth from the seeds (default 2)")
-    p.add_argument("--max-pages", type=int, help="URLs to fetch at most, whatever their outcome (default 100)")
+    p.add_argument("--depth", type=int, metavar="N", help="link depth from the seeds (default 2)")
+    p.add_argument("--max-pages", type=int, metavar="N",
+                   help="URLs to fetch at most, whatever their outcome (default 100)")
     p.add_argument("--allow-domain", action="append", metavar="DOMAIN",
                    help="also crawl DOMAIN and its subdomains (repeatable); default: only the seeds' hosts")
-    p.add_argument("--deny", action="append", metavar="REGEX", help="never fetch URLs this matches (re.search; repeatable)")
-    p.add_argument("--delay", type=float, help="seconds between requests to one host (default 1.0; robots.txt Crawl-delay may raise it)")
-    p.add_argument("--timeout", type=float, help="seconds a request may take (default 30)")
-    p.add_argument("--max-bytes", type=_size, help="page size cap, the rest is cut (default 5MiB)")
-    p.add_argument("--user-agent", help=f"User-Agent header and robots.txt agent (default {DEFAULT_USER_AGENT})")
-    p.add_argument("--retries", type=int, help="extra attempts for 5xx, 429, timeouts and network errors (default 3)")
-    p.add_argument("--backoff", type=float, help="seconds before the first retry, doubling each time (default 2)")
-    p.add_argument("--state", type=Path, metavar="FILE", help=f"crawl state (SQLite; default {default_state_file()})")
+    p.add_argument("--deny", action="append", metavar="REGEX",
+                   help="never fetch URLs this matches (re.search; repeatable)")
+    p.add_argument("--delay", type=float, metavar="SECONDS",
+                   help="seconds between requests to one host (default 1.0; robots.txt Crawl-delay may raise it)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds a request may take (default 30)")
+    p.add_argument("--max-bytes", type=_size, metavar="SIZE",
+                   help="page size cap in bytes (k/M/G suffixes), the rest is cut (default 5M)")
+    p.add_argument("--user-agent", metavar="UA",
+                   help=f"User-Agent header and robots.txt agent (default {DEFAULT_USER_AGENT})")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="extra attempts for 5xx, 429, timeouts and network errors (default 3)")
+    p.add_argument("--backoff", type=float, metavar="SECONDS",
+                   help="seconds before the first retry, doubling each time (default 2)")
+    p.add_argument("--state", type=Path, metavar="FILE",
+                   help=f"crawl state (SQLite; default {default_state_file()})")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the crawl stored in the state file")
-    group.add_argument("--restart", action="store_true", help="discard an unfinished crawl in the state file and start anew")
+    group.add_argument("--restart", action="store_true",
+                       help="discard an unfinished crawl in the state file and start anew")
     p.add_argument("--queue-dir", type=Path, metavar="DIR",
                    help="the daemon's queue root (holding incoming/); default: as the daemon resolves it")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
@@ -1158,8 +1210,9 @@ def _check(args: argparse.Namespace) -> None:
             raise _UsageError(f"--{name.replace('_', '-')} must be {kind}, got {value}")
     for name in ("delay", "backoff", "timeout"):
         value = getattr(args, name)
+        bound = "> 0" if name == "timeout" else ">= 0"
         if value is not None and (not math.isfinite(value) or value < 0 or (name == "timeout" and value == 0)):
-            raise _UsageError(f"--{name} must be a number of seconds {'> 0' if name == 'timeout' else '>= 0'}, got {value}")
+            raise _UsageError(f"--{name} must be a number of seconds {bound}, got {value}")
     for pattern in args.deny or ():
         try:
             re.compile(pattern)
@@ -1168,7 +1221,8 @@ def _check(args: argparse.Namespace) -> None:
     for domain in args.allow_domain or ():
         if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", domain.strip(".")):
             raise _UsageError(f"bad --allow-domain {domain!r}: expected a host name such as example.org")
-    if args.user_agent is not None and (not args.user_agent.strip() or any(c in args.user_agent for c in "\r\n")):
+    agent = args.user_agent
+    if agent is not None and (not agent.strip() or "\r" in agent or "\n" in agent):
         raise _UsageError("--user-agent must be a non-empty single line")
 
 
@@ -1200,9 +1254,13 @@ class _ProgressLine:
         c = self.state.counts()
         skipped = sum(c["skipped"].values())
         detail = ", ".join(f"{k} {v}" for k, v in c["skipped"].items())
-        detail = f" ({detail})" if detail else ""
-        line = f"fetched {c['fetched']}  queued {c['queued']}  skipped {skipped}{detail}  failed {c['failed']}  {url}"
         width = shutil.get_terminal_size((100, 20)).columns - 1
+        line = ""
+        for shown in (f" ({detail})" if detail else "", ""):  # the reasons go first when space is short
+            line = (f"fetched {c['fetched']}  queued {c['queued']}  skipped {skipped}{shown}  "
+                    f"failed {c['failed']}  {url}")
+            if len(line) <= width:
+                break
         self.stream.write("\r" + line[:width] + "\x1b[K")
         self.stream.flush()
 
@@ -1258,14 +1316,15 @@ def main(argv: list[str] | None = None, *, send: Send | None = None) -> int:
 
 
 def _run(args, seeds: list[str], state: CrawlState, queue_dir: Path, send: Send | None, prog: str) -> int:
-    given = {"depth": args.depth, "max_pages": args.max_pages, "allow_domains": args.allow_domain, "deny": args.deny,
-             "delay": args.delay, "timeout": args.timeout, "max_bytes": args.max_bytes, "user_agent": args.user_agent,
-             "retries": args.retries, "backoff": args.backoff}
+    given = {"depth": args.depth, "max_pages": args.max_pages, "allow_domains": args.allow_domain,
+             "deny": args.deny, "delay": args.delay, "timeout": args.timeout, "max_bytes": args.max_bytes,
+             "user_agent": args.user_agent, "retries": args.retries, "backoff": args.backoff}
     given = {k: v for k, v in given.items() if v is not None}
     stored = state.config()
     if args.resume:
         if stored is None:
-            print(f"{prog}: nothing to resume in {state.path} (start a crawl with seed URLs)", file=sys.stderr)
+            print(f"{prog}: nothing to resume in {state.path} (start a crawl with seed URLs)",
+                  file=sys.stderr)
             return 2
         config = CrawlConfig(**{**stored, **given})
         config.seeds = stored["seeds"] + [s for s in seeds if s not in stored["seeds"]]

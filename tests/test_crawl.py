@@ -37,7 +37,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """Static files from SITE with {{A}}/{{B}}/{{DELAY}} filled in, plus dynamic routes:
     /redirect/1 -> 2 -> 3 -> /chain-end.html, /loop/N -> /loop/N+1 forever, /redirect/away (to
     host B), /redirect/private (into /private/), /big.html (200 KB), /error500.html (always
-    500), /flaky.html (500 once, then a page), /slow.html (waits while the site blocks it)."""
+    500), /flaky.html (500 once, then a page), /slow.html (waits while the site blocks it),
+    /mislabeled.txt (binary bytes sent as text/plain)."""
 
     server: "_Server"
 
@@ -69,6 +70,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, body, "text/html")
         if path == "/error500.html" or (path == "/flaky.html" and hits == 1):
             return self._send(500, b"server error", "text/plain")
+        if path == "/mislabeled.txt":
+            return self._send(200, b"\x00\x01binary\x00" * 8, "text/plain")
         if path in ("/flaky.html", "/slow.html"):
             return self._send(200, f"<html><body><p>{path} served</p></body></html>".encode(), "text/html")
         file = (SITE / path.lstrip("/")).resolve()
@@ -159,6 +162,10 @@ def _run_main(argv: list[str], **kw) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv, **kw)
     return code, out.getvalue(), err.getvalue()
+
+
+def _paths(tmp: Path) -> list[str]:
+    return ["--state", str(tmp / "state.sqlite"), "--queue-dir", str(tmp / "queue")]
 
 
 def _queued(queue: Path) -> dict[str, tuple[str, bytes]]:
@@ -271,8 +278,8 @@ def full_crawl(tmp_path_factory):
     saved = {v: os.environ.pop(v) for v in PROXY_VARS if v in os.environ}
     os.environ["no_proxy"] = "*"
     try:
-        code, out, err = _run_main([a.url(), "--state", str(tmp / "state.sqlite"), "--queue-dir", str(tmp / "queue"),
-                                    "--delay", "0", "--retries", str(RETRIES), "--backoff", "0.05",
+        code, out, err = _run_main([a.url(), *_paths(tmp), "--delay", "0", "--retries", str(RETRIES),
+                                    "--backoff", "0.05",
                                     "--max-bytes", "64KiB", "--timeout", "5", "--deny", "/denied/", "--json"])
     finally:
         os.environ.update(saved)
@@ -328,7 +335,8 @@ def test_crawl_json_summary_counts_every_outcome(full_crawl):
     a = full_crawl["a"]
     assert s["stopped"] == "finished"
     assert s["fetched"] == 16 and s["queued"] == len(EXPECTED_QUEUED) and s["pending"] == 0
-    assert s["skipped"] == {"content-type": 1, "denied": 1, "duplicate": 1, "noindex": 1, "off-scope": 1, "robots": 2}
+    assert s["skipped"] == {"content-type": 1, "denied": 1, "duplicate": 1, "noindex": 1, "off-scope": 1,
+                            "robots": 2}
     assert s["redirects"] == 10
     assert s["requests"] == sum(EXPECTED_A.values())
     failures = {f["url"]: f for f in s["failures"]}
@@ -345,8 +353,7 @@ def test_crawl_new_crawl_does_not_requeue_known_content(sites, tmp_path):
     # A finished crawl, then a new one with the same state file: the page is fetched again
     # (a new crawl), but its content is known, so it is not queued twice.
     a, _ = sites
-    argv = [a.url("/page1.html"), "--state", str(tmp_path / "state.sqlite"), "--queue-dir", str(tmp_path / "queue"),
-            "--delay", "0", "--depth", "0", "--json"]
+    argv = [a.url("/page1.html"), *_paths(tmp_path), "--delay", "0", "--depth", "0", "--json"]
     code, out, err = _run_main(argv)
     assert code == 0 and json.loads(out)["queued"] == 1, err
     code, out, err = _run_main(argv)
@@ -362,9 +369,8 @@ def test_crawl_new_crawl_does_not_requeue_known_content(sites, tmp_path):
 
 
 def _crawl(site: Site, tmp_path: Path, *extra: str, **kw) -> tuple[int, dict, str]:
-    code, out, err = _run_main([site.url(), "--state", str(tmp_path / "state.sqlite"), "--queue-dir",
-                                str(tmp_path / "queue"), "--delay", "0", "--retries", "0", "--timeout", "5",
-                                "--json", *extra], **kw)
+    code, out, err = _run_main([site.url(), *_paths(tmp_path), "--delay", "0", "--retries", "0",
+                                "--timeout", "5", "--json", *extra], **kw)
     return code, (json.loads(out) if out else {}), err
 
 
@@ -399,14 +405,14 @@ def test_crawl_allow_domain_reaches_other_host(sites, tmp_path):
     code, s, err = _crawl(a, tmp_path, "--depth", "1", "--allow-domain", "127.0.0.2")
     assert code == 0, err
     assert b.paths() == ["/robots.txt", "/other.html"]
-    assert a.url("/index.html") in _queued(tmp_path / "queue") and b.url("/other.html") in _queued(tmp_path / "queue")
+    assert {a.url("/index.html"), b.url("/other.html")} <= set(_queued(tmp_path / "queue"))
 
 
 def test_crawl_seed_redirect_brings_target_host_into_scope(sites, tmp_path):
     # Like http://example.org -> https://www.example.org: the seed's redirect target is crawled.
     a, b = sites
-    code, out, err = _run_main([a.url("/redirect/away"), "--state", str(tmp_path / "state.sqlite"), "--queue-dir",
-                                str(tmp_path / "queue"), "--delay", "0", "--depth", "0", "--json"])
+    code, out, err = _run_main([a.url("/redirect/away"), *_paths(tmp_path), "--delay", "0", "--depth", "0",
+                                "--json"])
     assert code == 0, err
     assert a.paths() == ["/robots.txt", "/redirect/away"] and b.paths() == ["/robots.txt", "/other.html"]
     assert set(_queued(tmp_path / "queue")) == {b.url("/other.html")}
@@ -416,8 +422,8 @@ def test_crawl_seed_redirect_brings_target_host_into_scope(sites, tmp_path):
 def test_crawl_max_pages_lets_a_counted_page_finish_its_retries(sites, tmp_path):
     a, _ = sites
     code, out, err = _run_main([a.url("/page1.html"), a.url("/flaky.html"), a.url("/notes.txt"), "--depth", "0",
-                                "--max-pages", "2", "--state", str(tmp_path / "state.sqlite"), "--queue-dir",
-                                str(tmp_path / "queue"), "--delay", "0", "--retries", "1", "--backoff", "0.05", "--json"])
+                                "--max-pages", "2", *_paths(tmp_path), "--delay", "0", "--retries", "1",
+                                "--backoff", "0.05", "--json"])
     assert code == 0, err
     assert a.paths() == ["/robots.txt", "/page1.html", "/flaky.html", "/flaky.html"]
     s = json.loads(out)
@@ -427,8 +433,8 @@ def test_crawl_max_pages_lets_a_counted_page_finish_its_retries(sites, tmp_path)
 def test_crawl_retries_with_backoff_without_blocking_others(sites, tmp_path):
     a, _ = sites
     code, out, err = _run_main([a.url("/flaky.html"), a.url("/page1.html"), a.url("/notes.txt"), "--depth", "0",
-                                "--state", str(tmp_path / "state.sqlite"), "--queue-dir", str(tmp_path / "queue"),
-                                "--delay", "0", "--retries", "2", "--backoff", "0.3", "--json"])
+                                *_paths(tmp_path), "--delay", "0", "--retries", "2", "--backoff", "0.3",
+                                "--json"])
     assert code == 0, err
     # /flaky.html failed once with 500; while it waited for its retry the others went ahead.
     assert a.paths() == ["/robots.txt", "/flaky.html", "/page1.html", "/notes.txt", "/flaky.html"]
@@ -480,13 +486,56 @@ def test_crawl_sends_pages_when_queue_dir_not_writable(sites, tmp_path):
     assert re.fullmatch(r"crawl-[0-9a-f]{16}\.html", name)
     assert data.startswith(f"#cllm-source {a.url()} ".encode())
     # Without a send callable the same situation is a clear usage error.
-    code, out, err = _run_main([a.url(), "--state", str(tmp_path / "s2.sqlite"), "--queue-dir", str(blocker / "queue")])
+    code, out, err = _run_main([a.url(), "--state", str(tmp_path / "s2.sqlite"),
+                                "--queue-dir", str(blocker / "queue")])
     assert code == 2 and "not writable" in err and err.count("\n") == 1
     # main() passes send through to the crawler.
     sent.clear()
-    code, out, err = _run_main([a.url(), "--state", str(tmp_path / "s3.sqlite"), "--queue-dir", str(blocker / "queue"),
-                                "--depth", "0", "--delay", "0", "--quiet"], send=send)
+    code, out, err = _run_main([a.url(), "--state", str(tmp_path / "s3.sqlite"),
+                                "--queue-dir", str(blocker / "queue"), "--depth", "0", "--delay", "0",
+                                "--quiet"], send=send)
     assert code == 0 and len(sent) == 1 and out == ""
+
+
+class _StopDuringWait(threading.Event):
+    """A stop event that is set by the first wait on it: 'Ctrl-C during a politeness delay'."""
+
+    def wait(self, timeout=None):
+        self.set()
+        return True
+
+
+def test_crawl_skips_binary_served_as_text(sites, tmp_path):
+    a, _ = sites
+    code, out, err = _run_main([a.url("/mislabeled.txt"), *_paths(tmp_path), "--delay", "0", "--json"])
+    assert code == 1  # nothing usable was fetched
+    assert json.loads(out)["skipped"] == {"binary": 1}
+    assert list((tmp_path / "queue" / "incoming").iterdir()) == []
+
+
+def test_crawl_creates_missing_queue_dirs_with_daemon_modes(sites, tmp_path):
+    a, _ = sites
+    root = tmp_path / "state" / "cllmd" / "queue"
+    code, out, err = _crawl(a, tmp_path, "--depth", "0", "--queue-dir", str(root))
+    assert code == 0, err
+    modes = {p: p.stat().st_mode & 0o777 for p in (root / "incoming", root, root.parent, root.parent.parent)}
+    assert list(modes.values()) == [0o750, 0o750, 0o700, 0o700]
+
+
+def test_crawl_stop_during_delay_makes_no_new_request(sites, tmp_path):
+    a, _ = sites
+    config = CrawlConfig(seeds=[a.url()], depth=0, delay=0.5, retries=0)
+    state = CrawlState(tmp_path / "state.sqlite")
+    try:
+        crawler = Crawler(config, state, tmp_path / "queue", stop=_StopDuringWait())
+        state.start(config.to_dict())
+        crawler.seed()
+        assert crawler.run() == "interrupted"
+        assert a.paths() == ["/robots.txt"]  # the page waited for the delay, then was not requested
+        assert state.db.execute("SELECT state, attempts FROM urls").fetchall() == [("queued", 0)]
+        assert state.status() == "running"
+    finally:
+        state.close()
 
 
 def test_crawl_page_already_in_queue_not_written_again(sites, tmp_path):
@@ -523,7 +572,8 @@ def test_crawl_page_already_in_queue_not_written_again(sites, tmp_path):
     (["http://h.org/", "--resume", "--restart"], "not allowed with"),
 ])
 def test_main_bad_arguments_exit_2_with_one_line(argv, message, tmp_path):
-    code, out, err = _run_main(argv + ["--state", str(tmp_path / "s.sqlite"), "--queue-dir", str(tmp_path / "q")])
+    code, out, err = _run_main(argv + ["--state", str(tmp_path / "s.sqlite"),
+                                       "--queue-dir", str(tmp_path / "q")])
     assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("cllm crawl: ")
     assert not (tmp_path / "q").exists()
@@ -545,7 +595,8 @@ def test_main_unfinished_state_needs_resume_or_restart(sites, tmp_path):
     with pytest.raises(crawl.StateError, match="in use by another crawl"):
         CrawlState(tmp_path / "s.sqlite")
     state.close()
-    args = ["--state", str(tmp_path / "s.sqlite"), "--queue-dir", str(tmp_path / "q"), "--delay", "0", "--depth", "0"]
+    args = ["--state", str(tmp_path / "s.sqlite"), "--queue-dir", str(tmp_path / "q"), "--delay", "0",
+            "--depth", "0"]
     code, out, err = _run_main([a.url("/page1.html"), *args])
     assert code == 2 and "--resume" in err and "--restart" in err and a.paths() == []
     code, out, err = _run_main(["--resume", "--json", *args])
@@ -564,9 +615,8 @@ KILL_DELAY = 0.2
 def _spawn(site: Site, tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env["no_proxy"] = "*"
-    argv = [sys.executable, "-m", "cllm.crawl", site.url(), "--state", str(tmp_path / "state.sqlite"),
-            "--queue-dir", str(tmp_path / "queue"), "--delay", "0", "--retries", "0", "--timeout", "5",
-            "--deny", "/(loop|redirect)/", "--depth", "1", "--verbose", *extra]
+    argv = [sys.executable, "-m", "cllm.crawl", site.url(), *_paths(tmp_path), "--delay", "0", "--retries", "0",
+            "--timeout", "5", "--deny", "/(loop|redirect)/", "--depth", "1", "--verbose", *extra]
     return subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -626,8 +676,8 @@ def test_crawl_killed_mid_request_retries_only_that_url(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
         env["no_proxy"] = "*"
         proc = subprocess.Popen([sys.executable, "-m", "cllm.crawl", a.url("/page1.html"), a.url("/slow.html"),
-                                 a.url("/notes.txt"), "--depth", "0", "--state", str(tmp_path / "state.sqlite"),
-                                 "--queue-dir", str(tmp_path / "queue"), "--delay", "0", "--timeout", "5"],
+                                 a.url("/notes.txt"), "--depth", "0", *_paths(tmp_path), "--delay", "0",
+                                 "--timeout", "5"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         assert a.arrived["/slow.html"].wait(20)
         os.kill(proc.pid, signal.SIGKILL)
@@ -648,9 +698,11 @@ def test_crawl_sigint_stops_after_current_page_and_resumes(tmp_path):
     try:
         proc = _spawn(a, tmp_path, "--json")
         _wait_for_lines(proc, "queued", 2)
-        proc.send_signal(signal.SIGINT)
+        requested = len(a.paths())
+        proc.send_signal(signal.SIGINT)  # while it waits out the crawl delay
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 130, err
+        assert len(a.paths()) == requested  # no new request once asked to stop
         first = json.loads(out)
         assert first["stopped"] == "interrupted" and first["pending"] > 0
         with sqlite3.connect(tmp_path / "state.sqlite") as db:  # nothing left in flight
