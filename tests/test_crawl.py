@@ -275,14 +275,15 @@ EXPECTED_QUEUED = {"/index.html", "/page1.html", "/dir/page2.html", "/dir/page3.
 def full_crawl(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     a, b = _sites(delay=str(CRAWL_DELAY))
-    saved = {v: os.environ.pop(v) for v in PROXY_VARS if v in os.environ}
-    os.environ["no_proxy"] = "*"
     try:
-        code, out, err = _run_main([a.url(), *_paths(tmp), "--delay", "0", "--retries", str(RETRIES),
-                                    "--backoff", "0.05",
-                                    "--max-bytes", "64KiB", "--timeout", "5", "--deny", "/denied/", "--json"])
+        with pytest.MonkeyPatch.context() as mp:
+            for var in PROXY_VARS:
+                mp.delenv(var, raising=False)
+            mp.setenv("no_proxy", "*")
+            code, out, err = _run_main([a.url(), *_paths(tmp), "--delay", "0", "--retries", str(RETRIES),
+                                        "--backoff", "0.05", "--max-bytes", "64KiB", "--timeout", "5",
+                                        "--deny", "/denied/", "--json"])
     finally:
-        os.environ.update(saved)
         a.close()
         b.close()
     return {"code": code, "summary": json.loads(out), "err": err, "a": a, "b": b, "queue": tmp / "queue",
