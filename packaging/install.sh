@@ -194,6 +194,16 @@ esac
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
     || die "--python $PYTHON cannot make virtual environments (on Debian: apt-get install python3-venv)"
 
+# Never replace someone else's command: checked before any work is done.
+for cmd in "${COMMANDS[@]}"; do
+    link=$D$BINDIR/$cmd
+    if [ -e "$link" ] || [ -L "$link" ]; then
+        if [ ! -L "$link" ] || [[ $(readlink "$link") != "$PREFIX"/* ]]; then
+            die "$BINDIR/$cmd exists and is not a link into $PREFIX; not replacing it"
+        fi
+    fi
+done
+
 VENV=$D$PREFIX
 if [ -e "$VENV" ] && [ ! -f "$D$MANIFEST" ] && [ "$LAYOUT" = local ]; then
     die "$VENV exists but was not made by this installer; remove it or choose another --prefix"
@@ -246,11 +256,6 @@ install_file() {  # install_file SRC DEST MODE: copy unless identical; record it
 make_dir "$BINDIR"
 for cmd in "${COMMANDS[@]}"; do
     link=$BINDIR/$cmd
-    if [ -e "$D$link" ] || [ -L "$D$link" ]; then
-        if [ ! -L "$D$link" ] || [[ $(readlink "$D$link") != "$PREFIX"/* ]]; then
-            die "$link exists and is not a link into $PREFIX; not replacing it"
-        fi
-    fi
     ln -sfn "$PREFIX/bin/$cmd" "$D$link"
     record l "$link"
 done
