@@ -1,0 +1,367 @@
+"""The cllmd wire format, version 1: building and parsing messages, never touching a socket.
+
+Shared by both ends (the daemon imports it as ``cllm.wire``); docs/protocol.md is the contract.
+Pure Python on msgpack and the standard library, so the client stays light.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+SOCKET_NAME = "cllmd.sock"
+EVENTS_SOCKET_NAME = "cllmd-events.sock"
+SYSTEM_RUNTIME_DIR = "/run/cllmd"
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_ID_CHARS = 256
+
+# Error codes (docs/protocol.md, "Errors").
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+BUSY = "busy"
+NOT_FOUND = "not_found"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+TOO_LARGE = "too_large"
+VERSION = "version"
+ERROR_CODES = (BAD_REQUEST, UNKNOWN_OP, BUSY, NOT_FOUND, CANCELLED, INTERNAL, UNAVAILABLE,
+               TOO_LARGE, VERSION)
+
+STOP_REASONS = ("max_tokens", "eot", "stop", "cancelled", "error")
+EVENT_TOPICS = ("train", "queue", "checkpoint", "log", "error")
+
+# Safe to resend after a timeout: they change nothing in the daemon.
+IDEMPOTENT_OPS = frozenset({
+    "ping", "status", "stats", "model.info", "queue.list", "train.status", "train.config.get",
+    "tokenize", "detokenize",
+})
+
+
+class ProtocolError(Exception):
+    """A message or request that breaks the protocol, or an operation's failure to report.
+
+    ``code`` is one of ERROR_CODES; ``request_id`` is the id of the offending request when it
+    could be read (else None), so the reply can still be matched by the client.
+    """
+
+    def __init__(self, code: str, message: str, *, request_id: Any = None, **extra: Any):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.extra = extra
+
+
+# --------------------------------------------------------------------------- bytes <-> maps
+
+def _to_plain(obj: Any) -> Any:
+    # numpy scalars and arrays (duck-typed: this module never imports numpy), paths.
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
+
+
+def encode(msg: Mapping[str, Any]) -> bytes:
+    """One message -> one msgpack frame (str as msgpack str, bytes as msgpack bin, floats 64-bit)."""
+    if not isinstance(msg, Mapping):
+        raise ProtocolError(INTERNAL, f"a message must be a map, not {type(msg).__name__}")
+    try:
+        return msgpack.packb(msg, use_bin_type=True, default=_to_plain)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(INTERNAL, f"cannot encode message: {e}") from e
+
+
+def _describe_unpack_error(e: Exception) -> str:
+    if isinstance(e, msgpack.exceptions.ExtraData):
+        return "trailing bytes after the first msgpack object"
+    if isinstance(e, msgpack.exceptions.StackError):
+        return "nesting too deep"
+    if isinstance(e, msgpack.exceptions.FormatError):
+        return "invalid msgpack type byte"
+    if isinstance(e, UnicodeDecodeError):
+        return "a msgpack str is not valid UTF-8 (use bin for raw bytes)"
+    return str(e) or type(e).__name__
+
+
+def decode(frame: bytes | bytearray | memoryview) -> dict:
+    """One frame -> one map. Raises ProtocolError(bad_request) for anything that is not a map."""
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises ValueError, TypeError and friends for bad input
+        raise ProtocolError(BAD_REQUEST, f"malformed msgpack: {_describe_unpack_error(e)}") from e
+    if not isinstance(msg, dict):
+        raise ProtocolError(BAD_REQUEST, f"a message must be a msgpack map, got {_kind(msg)}")
+    for key in msg:
+        if not isinstance(key, str):
+            raise ProtocolError(BAD_REQUEST, "message keys must be msgpack str, got bin")
+    return msg
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a str"
+    if isinstance(value, (bytes, bytearray)):
+        return "bin"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a map"
+    return type(value).__name__
+
+
+def valid_id(value: Any) -> bool:
+    """A request id is a str of 1..256 characters or an integer (not a boolean)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
+
+
+def peek_id(frame: bytes | bytearray | memoryview) -> Any:
+    """Read only the top-level ``id`` of a frame, skipping every other value without building it.
+
+    Used for oversized frames, so they can still get an error reply carrying their id.
+    Returns None when the frame is not a map or has no valid id.
+    """
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, read_size=64 * 1024,
+                                    max_buffer_size=max(len(frame), 1024))
+        n = unpacker.read_map_header()
+        for _ in range(n):
+            key = unpacker.unpack()
+            if key == "id":
+                value = unpacker.unpack()
+                return value if valid_id(value) else None
+            unpacker.skip()
+    except Exception:  # anything unreadable simply has no id
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed request: ``args`` is a plain dict (after validation: defaults filled in)."""
+    id: Any
+    op: str
+    args: dict = field(default_factory=dict)
+
+
+def make_request(req_id: Any, op: str, args: Mapping[str, Any] | None = None) -> dict:
+    if not valid_id(req_id):
+        raise ProtocolError(BAD_REQUEST, f"request id must be a str (1..{MAX_ID_CHARS} chars) "
+                                         f"or an integer, got {_kind(req_id)}")
+    return {"v": PROTOCOL_VERSION, "id": req_id, "op": op, "args": dict(args or {})}
+
+
+def check_version(msg: Mapping[str, Any], request_id: Any = None) -> None:
+    if "v" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'v' (protocol version)",
+                            request_id=request_id)
+    v = msg["v"]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(BAD_REQUEST, f"field 'v' must be an integer, got {_kind(v)}",
+                            request_id=request_id)
+    if v not in SUPPORTED_VERSIONS:
+        raise ProtocolError(VERSION, f"unsupported protocol version {v} (this end speaks "
+                                     f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+                            request_id=request_id, supported=list(SUPPORTED_VERSIONS))
+
+
+def request_from_map(msg: Mapping[str, Any]) -> Request:
+    """Validate a decoded request map (see parse_request)."""
+    rid = msg.get("id")
+    readable_id = rid if valid_id(rid) else None
+    check_version(msg, readable_id)
+    if "id" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'id'")
+    if readable_id is None:
+        raise ProtocolError(BAD_REQUEST, f"field 'id' must be a str (1..{MAX_ID_CHARS} chars) "
+                                         f"or an integer, got {_kind(rid)}")
+    if "op" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'op'", request_id=rid)
+    op = msg["op"]
+    if not isinstance(op, str) or not op:
+        raise ProtocolError(BAD_REQUEST, f"field 'op' must be a non-empty str, got {_kind(op)}",
+                            request_id=rid)
+    args = msg.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError(BAD_REQUEST, f"field 'args' must be a map, got {_kind(args)}",
+                            request_id=rid)
+    return Request(rid, op, args)
+
+
+def parse_request(frame: bytes | bytearray | memoryview,
+                  max_bytes: int | None = None) -> Request:
+    """One frame -> Request, or ProtocolError with ``request_id`` set whenever it was readable."""
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise ProtocolError(TOO_LARGE, f"message of {len(frame)} bytes exceeds the limit of "
+                                       f"{max_bytes} bytes", request_id=peek_id(frame))
+    return request_from_map(decode(frame))
+
+
+# --------------------------------------------------------------------------- replies and streams
+
+def reply_ok(req_id: Any, result: Any = None) -> dict:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result}
+
+
+def reply_error(req_id: Any, code: str, message: str, **extra: Any) -> dict:
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False,
+            "error": {"code": code, "message": message, **extra}}
+
+
+def error_from_exception(req_id: Any, exc: ProtocolError) -> dict:
+    return reply_error(req_id, exc.code, exc.message, **exc.extra)
+
+
+def stream_token(req_id: Any, text: str, **fields: Any) -> dict:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "event": "token", "text": text, **fields}
+
+
+def stream_done(req_id: Any, stats: Mapping[str, Any] | None = None) -> dict:
+    stats = dict(stats or {})
+    for reserved in ("v", "id", "event"):
+        stats.pop(reserved, None)
+    return {"v": PROTOCOL_VERSION, "id": req_id, "event": "done", **stats}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A parsed server->client message.
+
+    kind is "ok", "error", "token", "done", or "event:<name>" for stream events a client does
+    not know (which it must ignore). ``body`` is the result (ok), the error map (error), or the
+    message's remaining fields (token/done/other events).
+    """
+    id: Any
+    kind: str
+    body: Any
+
+
+def parse_reply(frame: bytes | bytearray | memoryview) -> Reply:
+    msg = decode(frame)
+    check_version(msg)
+    rid = msg.get("id")
+    if "event" in msg:
+        name = msg["event"]
+        if not isinstance(name, str):
+            raise ProtocolError(BAD_REQUEST, f"field 'event' must be a str, got {_kind(name)}")
+        body = {k: v for k, v in msg.items() if k not in ("v", "id", "event")}
+        kind = name if name in ("token", "done") else f"event:{name}"
+        return Reply(rid, kind, body)
+    ok = msg.get("ok")
+    if ok is True:
+        return Reply(rid, "ok", msg.get("result"))
+    if ok is False:
+        err = msg.get("error")
+        if not isinstance(err, dict):
+            err = {"code": INTERNAL, "message": f"error reply without an error map: {err!r}"}
+        err.setdefault("code", INTERNAL)
+        err.setdefault("message", "")
+        return Reply(rid, "error", err)
+    raise ProtocolError(BAD_REQUEST, "a reply needs 'ok' (true/false) or 'event'")
+
+
+# --------------------------------------------------------------------------- events (PUB)
+
+def make_event(topic: str, payload: Mapping[str, Any], *, seq: int, time: float) -> dict:
+    return {"v": PROTOCOL_VERSION, "topic": topic, "seq": seq, "time": time, **payload}
+
+
+def parse_event(frames: list[bytes]) -> tuple[str, dict]:
+    """[topic frame, msgpack frame] -> (topic, payload map without v/topic)."""
+    if len(frames) != 2:
+        raise ProtocolError(BAD_REQUEST, f"an event is two frames (topic, map), got {len(frames)}")
+    try:
+        topic = bytes(frames[0]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(BAD_REQUEST, "event topic is not UTF-8") from e
+    msg = decode(frames[1])
+    check_version(msg)
+    payload = {k: v for k, v in msg.items() if k not in ("v", "topic")}
+    return topic, payload
+
+
+# --------------------------------------------------------------------------- where the sockets are
+
+def default_runtime_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where the daemon puts its sockets: $RUNTIME_DIRECTORY (systemd), $XDG_RUNTIME_DIR/cllmd,
+    else /tmp/cllmd-<uid>."""
+    env = os.environ if env is None else env
+    if env.get("RUNTIME_DIRECTORY"):
+        # systemd may pass several colon-separated directories; the first is ours.
+        return env["RUNTIME_DIRECTORY"].split(":")[0]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "cllmd")
+    return f"/tmp/cllmd-{os.getuid()}"
+
+
+def endpoints(runtime_dir: str) -> tuple[str, str]:
+    """(request endpoint, events endpoint) of a daemon whose runtime directory is given."""
+    return (f"ipc://{os.path.join(runtime_dir, SOCKET_NAME)}",
+            f"ipc://{os.path.join(runtime_dir, EVENTS_SOCKET_NAME)}")
+
+
+def find_socket(socket: str | None = None, env: Mapping[str, str] | None = None,
+                system_runtime_dir: str = SYSTEM_RUNTIME_DIR) -> str:
+    """The daemon's request endpoint as a client finds it (first match wins):
+
+    1. ``socket`` (an argument, e.g. ``--socket``), 2. ``$CLLM_SOCKET``,
+    3. ``$RUNTIME_DIRECTORY/cllmd.sock``, 4. ``/run/cllmd/cllmd.sock`` if it exists,
+    5. ``$XDG_RUNTIME_DIR/cllmd/cllmd.sock``, 6. ``/tmp/cllmd-<uid>/cllmd.sock``.
+    A plain path is returned as ``ipc://<path>``; ``ipc://`` and ``tcp://`` endpoints pass through.
+    """
+    env = os.environ if env is None else env
+    chosen = socket or env.get("CLLM_SOCKET")
+    if not chosen:
+        system = os.path.join(system_runtime_dir, SOCKET_NAME)
+        if env.get("RUNTIME_DIRECTORY"):
+            chosen = os.path.join(default_runtime_dir(env), SOCKET_NAME)
+        elif os.path.exists(system):
+            chosen = system
+        else:
+            chosen = os.path.join(default_runtime_dir(env), SOCKET_NAME)
+    if "://" in chosen:
+        return chosen
+    return "ipc://" + os.path.abspath(chosen)
+
+
+def events_endpoint_for(endpoint: str) -> str | None:
+    """The events socket beside an ipc request socket; None for tcp (it must be given)."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        return "ipc://" + os.path.join(os.path.dirname(endpoint[len("ipc://"):]),
+                                       EVENTS_SOCKET_NAME)
+    return None
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

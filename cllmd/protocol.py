@@ -1,0 +1,277 @@
+"""The daemon's side of the protocol: the wire codec (shared with the client as ``cllm.wire``)
+plus the declarative argument specs of every operation, which turn wrong or missing arguments
+into ``bad_request`` errors naming the field. docs/protocol.md is the contract.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from cllm.wire import (  # noqa: F401  (re-exported: the daemon imports the codec from here)
+    BAD_REQUEST, BUSY, CANCELLED, DEFAULT_MAX_MESSAGE_BYTES, ERROR_CODES, EVENT_TOPICS,
+    EVENTS_SOCKET_NAME, IDEMPOTENT_OPS, INTERNAL, NOT_FOUND, PROTOCOL_VERSION, SOCKET_NAME,
+    STOP_REASONS, SUPPORTED_VERSIONS, TOO_LARGE, UNAVAILABLE, UNKNOWN_OP, VERSION, ProtocolError,
+    Reply, Request, decode, default_runtime_dir, encode, endpoints, error_from_exception,
+    make_event, make_request, parse_event, parse_reply, parse_request, peek_id, reply_error,
+    reply_ok, request_from_map, stream_done, stream_token, valid_id,
+)
+
+REQUIRED = object()  # default marking an argument the client must send
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """An array whose items are all of ``item`` type, each within [lo, hi] (value or length)."""
+    item: type
+    lo: float | None = None
+    hi: float | None = None
+
+
+@dataclass(frozen=True)
+class Field:
+    """One argument: its type, default (REQUIRED if none), bounds and allowed values.
+
+    Bounds are inclusive and apply to the value of numbers and to the length of str, bin and
+    arrays; ``lo_open`` makes the lower bound exclusive. ``type`` may be a tuple of types.
+    A nil value means "not given": the default is used (an error if the field is REQUIRED).
+    ``check`` returns an error text for values the type and bounds cannot express, else None.
+    """
+    type: Any
+    default: Any = REQUIRED
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ArgsSpec:
+    """The arguments of one op. ``strict`` refuses unknown arguments (for setters, where a typo
+    must not pass silently); otherwise unknown arguments are ignored, as the protocol says."""
+    fields: Mapping[str, Field]
+    strict: bool = False
+
+
+_TYPE_NAMES = {str: "a str", int: "an integer", float: "a number", bool: "a boolean",
+               bytes: "bin (bytes)", dict: "a map", list: "an array", type(None): "nil"}
+_PLURALS = {str: "strs", int: "integers", float: "numbers", bool: "booleans", bytes: "bins",
+            dict: "maps", list: "arrays"}
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    if isinstance(t, ListOf):
+        return f"an array of {_PLURALS.get(t.item, t.item.__name__)}"
+    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+
+
+def _kind(value: Any) -> str:
+    for t in (bool, int, float, str, bytes, dict, list, type(None)):
+        if isinstance(value, t):
+            return _TYPE_NAMES[t]
+    return type(value).__name__
+
+
+def _matches(t: Any, value: Any) -> tuple[bool, Any]:
+    """Does ``value`` have type ``t``? Returns (ok, value converted: int -> float for floats)."""
+    if isinstance(t, tuple):
+        for one in t:
+            ok, conv = _matches(one, value)
+            if ok:
+                return True, conv
+        return False, value
+    if t is bool:
+        return isinstance(value, bool), value
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if t is type(None):
+        return value is None, value
+    if isinstance(t, ListOf):
+        return isinstance(value, list), value
+    return isinstance(value, t), value
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _bounds_error(value: Any, lo: float | None, hi: float | None, lo_open: bool,
+                  what: str = "") -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{what}, got {value}"
+    measure = len(value) if isinstance(value, (str, bytes, list)) else value
+    if not isinstance(measure, (int, float)) or isinstance(measure, bool):
+        return None
+    low_bad = lo is not None and (measure <= lo if lo_open else measure < lo)
+    high_bad = hi is not None and measure > hi
+    if not (low_bad or high_bad):
+        return None
+    unit = ""
+    if isinstance(value, str):
+        unit = " characters"
+    elif isinstance(value, bytes):
+        unit = " bytes"
+    elif isinstance(value, list):
+        unit = " items"
+    if lo is not None and hi is not None and not lo_open:
+        rule = f"between {_fmt(lo)} and {_fmt(hi)}"
+    else:
+        lo_txt = None if lo is None else ("> " if lo_open else ">= ") + _fmt(lo)
+        hi_txt = None if hi is None else "<= " + _fmt(hi)
+        rule = " and ".join(x for x in (lo_txt, hi_txt) if x)
+    got = f"{len(value)}{unit}" if unit else _fmt(value)
+    return f"must be {rule}{unit}{what}, got {got}"
+
+
+def validate_args(spec: ArgsSpec | Mapping[str, Any] | None, args: Mapping[str, Any],
+                  op: str = "") -> dict:
+    """Check ``args`` against ``spec`` and return a new dict with defaults filled in.
+
+    Raises ProtocolError(bad_request) whose message names the op and the argument.
+    A spec may be an ArgsSpec, or a plain mapping name -> Field or (type[, default[, (lo, hi)]]).
+    """
+    if spec is None:
+        return dict(args)
+    spec = as_spec(spec)
+    where = f"{op}: " if op else ""
+    out: dict = {}
+    if spec.strict:
+        unknown = sorted(k for k in args if k not in spec.fields)
+        if unknown:
+            raise ProtocolError(BAD_REQUEST, f"{where}unknown argument '{unknown[0]}' "
+                                             f"(known: {', '.join(spec.fields)})")
+    for name, f in spec.fields.items():
+        value = args.get(name)
+        if value is None:
+            if f.default is REQUIRED:
+                raise ProtocolError(BAD_REQUEST, f"{where}missing required argument '{name}'")
+            # copy mutable defaults so handlers may not change the spec by accident
+            out[name] = list(f.default) if isinstance(f.default, list) else f.default
+            continue
+        ok, value = _matches(f.type, value)
+        if not ok:
+            raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' must be "
+                                             f"{_type_name(f.type)}, got {_kind(args[name])}")
+        err = _bounds_error(value, f.lo, f.hi, f.lo_open)
+        if err:
+            raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' {err}")
+        if isinstance(f.type, ListOf):
+            value = list(value)
+            for i, item in enumerate(value):
+                item_ok, value[i] = _matches(f.type.item, item)
+                if not item_ok:
+                    raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' item {i} must be "
+                                                     f"{_type_name(f.type.item)}, got {_kind(item)}")
+                err = _bounds_error(value[i], f.type.lo, f.type.hi, False)
+                if err:
+                    raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' item {i} {err}")
+        if f.choices is not None and value not in f.choices:
+            raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' must be one of "
+                                             f"{', '.join(map(repr, f.choices))}, got {value!r}")
+        if f.check is not None:
+            err = f.check(value)
+            if err:
+                raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' {err}")
+        out[name] = value
+    return out
+
+
+def as_spec(spec: ArgsSpec | Mapping[str, Any]) -> ArgsSpec:
+    """Normalise the short tuple form (type, default, (lo, hi)) into an ArgsSpec of Fields."""
+    if isinstance(spec, ArgsSpec):
+        return spec
+    fields = {}
+    for name, f in spec.items():
+        if isinstance(f, Field):
+            fields[name] = f
+        elif isinstance(f, tuple) and 1 <= len(f) <= 3:
+            t = f[0]
+            default = f[1] if len(f) > 1 else REQUIRED
+            lo, hi = f[2] if len(f) > 2 and f[2] is not None else (None, None)
+            fields[name] = Field(t, default, lo, hi)
+        else:
+            raise TypeError(f"argument spec for {name!r} must be a Field or a tuple "
+                            f"(type, default, (lo, hi)), got {f!r}")
+    return ArgsSpec(fields)
+
+
+# --------------------------------------------------------------------------- the ops of version 1
+
+def _queue_name_error(name: str) -> str | None:
+    if "/" in name or "\0" in name:
+        return "must be a plain file name (no '/' or NUL)"
+    if name.startswith("."):
+        return "must not start with '.' (hidden and temporary names are ignored by the queue)"
+    if len(name.encode("utf-8")) > 255:
+        return "must be at most 255 bytes in UTF-8"
+    return None
+
+
+_ID = (str, int)
+_BIG = 2**31 - 1
+QUEUE_STATES = ("incoming", "processing", "done", "failed")
+
+OP_SPECS: dict[str, ArgsSpec] = {
+    "ping": ArgsSpec({}),
+    "status": ArgsSpec({}),
+    "stats": ArgsSpec({}),
+    "cancel": ArgsSpec({"id": Field(_ID, doc="id of the request to cancel")}),
+    "generate": ArgsSpec({
+        "prompt": Field(str, hi=DEFAULT_MAX_MESSAGE_BYTES),
+        "max_tokens": Field(int, 128, 1, 65536),
+        "temperature": Field(float, 0.8, 0.0, 10.0),
+        "top_k": Field(int, 0, 0, _BIG),
+        "top_p": Field(float, 1.0, 0.0, 1.0, lo_open=True),
+        "min_p": Field(float, 0.0, 0.0, 1.0),
+        "repeat_penalty": Field(float, 1.0, 0.0, 10.0, lo_open=True),
+        "repeat_last_n": Field(int, 64, 0, _BIG),
+        "seed": Field(int, None, 0, 2**64 - 1),
+        "stop": Field(ListOf(str, 1, 1024), [], 0, 16),
+        "stream": Field(bool, True),
+    }),
+    "tokenize": ArgsSpec({"text": Field(str)}),
+    "detokenize": ArgsSpec({"ids": Field(ListOf(int, 0, _BIG))}),
+    "train.start": ArgsSpec({"steps": Field(int, None, 1, 10**12)}),
+    "train.stop": ArgsSpec({}),
+    "train.pause": ArgsSpec({}),
+    "train.resume": ArgsSpec({}),
+    "train.status": ArgsSpec({}),
+    "train.config.get": ArgsSpec({}),
+    "train.config.set": ArgsSpec({
+        "lr": Field(float, None, 0.0, 1.0, lo_open=True),
+        "min_lr": Field(float, None, 0.0, 1.0),
+        "batch_size": Field(int, None, 1, 4096),
+        "grad_clip": Field(float, None, 0.0, 1e6),
+        "warmup": Field(int, None, 0, 10**9),
+        "weight_decay": Field(float, None, 0.0, 1.0),
+        "threads": Field(int, None, 1, 12),
+        "checkpoint_interval_steps": Field(int, None, 0, 10**9),
+        "checkpoint_interval_seconds": Field(float, None, 0.0, 1e7),
+        "eval_interval": Field(int, None, 0, 10**9),
+        "auto_train": Field(bool, None),
+    }, strict=True),
+    "queue.list": ArgsSpec({
+        "state": Field(str, None, choices=QUEUE_STATES),
+        "limit": Field(int, 1000, 1, 100_000),
+    }),
+    "queue.add": ArgsSpec({
+        "name": Field(str, lo=1, hi=255, check=_queue_name_error),
+        "data": Field(bytes, lo=1),
+    }),
+    "queue.retry": ArgsSpec({"name": Field(str, lo=1, hi=255, check=_queue_name_error)}),
+    "model.info": ArgsSpec({}),
+    "model.save": ArgsSpec({}),
+    "checkpoint": ArgsSpec({}),
+    "shutdown": ArgsSpec({"checkpoint": Field(bool, True)}),
+}
+
+# Ops whose reply is a stream of token events ending with a done event.
+STREAM_OPS = frozenset({"generate"})

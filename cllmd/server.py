@@ -1,0 +1,644 @@
+"""The daemon's ZeroMQ socket loop: a ROUTER for requests and streamed replies, a PUB for events.
+
+One thread owns every socket (``serve``). Quick handlers run inline on it; slow and streaming
+handlers run on bounded worker pools and hand their replies back through a queue and a wake-up
+pipe, so no other thread ever touches a socket. docs/protocol.md is the contract.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import queue
+import socket as pysocket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import zmq
+
+from cllmd import __version__
+from cllmd.protocol import (
+    BAD_REQUEST, BUSY, CANCELLED, INTERNAL, NOT_FOUND, OP_SPECS, PROTOCOL_VERSION, TOO_LARGE,
+    UNAVAILABLE, UNKNOWN_OP, ArgsSpec, ProtocolError, Request, as_spec, encode,
+    error_from_exception, make_event, parse_request, reply_error, reply_ok, stream_done,
+    stream_token, validate_args,
+)
+
+log = logging.getLogger(__name__)
+
+IPC_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1
+POLL_MS = 100               # loop turn when idle: bounds heartbeat and stop latency
+BACKLOG_POLL_MS = 10        # loop turn while some client's queue is full
+RECV_BATCH = 64             # messages taken from one socket per turn, for fairness
+MALFORMED_LOG_EVERY_S = 10  # malformed input is logged at most this often (fuzzers are loud)
+
+
+@dataclass
+class Context:
+    """What a handler knows about the request it serves.
+
+    ``cancelled`` is set by a ``cancel`` request from the same client, by the client vanishing
+    or stalling, and by server shutdown; long handlers check it between units of work.
+    """
+    request: Request
+    client: bytes                     # the ZeroMQ routing identity of the requesting connection
+    transport: str                    # "ipc" or "tcp"
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _route: int = field(default=0, repr=False)
+
+
+@dataclass
+class _Op:
+    handler: Callable[[Request, Context], Any]
+    spec: ArgsSpec | None
+    stream: bool
+    blocking: bool
+    pool: str
+
+
+class _Pool:
+    """A fixed set of worker threads and a bounded number of accepted jobs.
+
+    ``accepted`` (running + waiting) is counted by the socket thread alone: incremented on
+    submit, decremented when the job's "finished" notice comes back through the outbox.
+    """
+
+    def __init__(self, name: str, workers: int, max_pending: int, run: Callable[[tuple], None]):
+        if workers < 1:
+            raise ValueError(f"pool {name!r}: workers must be >= 1, got {workers}")
+        if max_pending < 0:
+            raise ValueError(f"pool {name!r}: max_pending must be >= 0, got {max_pending}")
+        self.name, self.workers, self.max_pending = name, workers, max_pending
+        self.accepted = 0
+        self.running = 0
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._run = run
+        self._threads = [threading.Thread(target=self._loop, name=f"cllmd-{name}-{i}",
+                                          daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def full(self) -> bool:
+        return self.accepted >= self.workers + self.max_pending
+
+    def submit(self, job: tuple) -> None:
+        self.accepted += 1
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                self.running += 1
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+    def stats(self) -> dict:
+        with self._lock:
+            running = self.running
+        return {"running": running, "waiting": max(0, self.accepted - running),
+                "workers": self.workers, "max_pending": self.max_pending}
+
+    def stop(self, timeout: float) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("worker %s still busy at shutdown; leaving it behind", t.name)
+
+
+def _ipc_path(endpoint: str) -> str:
+    if not endpoint.startswith("ipc://"):
+        raise ValueError(f"expected an ipc:// endpoint, got {endpoint!r} (TCP goes through tcp=, "
+                         f"and only with CURVE keys)")
+    return endpoint[len("ipc://"):]
+
+
+def _someone_listening(path: str) -> bool:
+    s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Server:
+    """Serves registered operations on ZeroMQ; see docs/protocol.md.
+
+    Construct (binds the sockets, so errors surface here), ``register`` the operations, then run
+    ``serve(stop)`` on a dedicated thread; ``publish`` may be called from any thread;
+    ``close()`` after ``serve`` has returned (or it stops it first).
+    """
+
+    def __init__(self, endpoint: str, events_endpoint: str, *, max_message_bytes: int,
+                 workers: int = 2, max_pending: int = 8, tcp: str | None = None,
+                 events_tcp: str | None = None,
+                 curve: tuple[bytes | str, bytes | str, str] | None = None,
+                 client_timeout: float = 10.0, drain_timeout: float = 2.0):
+        if max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if (tcp or events_tcp) and curve is None:
+            raise ValueError("TCP needs CURVE keys: pass curve=(secret_key, public_key, "
+                             "authorized_keys_dir); plain TCP is refused")
+        self.max_message_bytes = max_message_bytes
+        # Frames past the hard cap are cut off by libzmq itself (the peer is disconnected,
+        # nothing is allocated); between the limit and the cap they get a too_large reply.
+        self.hard_max_bytes = 2 * max_message_bytes + 64 * 1024
+        self.client_timeout = client_timeout
+        self.drain_timeout = drain_timeout
+
+        self._ctx = zmq.Context()
+        self._routers: list[tuple[zmq.Socket, str]] = []
+        self._pubs: list[zmq.Socket] = []
+        self._ipc_files: list[str] = []
+        self._auth = None
+        self.tcp_endpoint: str | None = None
+        self.events_tcp_endpoint: str | None = None
+        self._ops: dict[str, _Op] = {}
+        self._pools: dict[str, _Pool] = {}
+        self._active: dict[tuple, Context] = {}        # (route, identity, id) -> Context
+        self._backlog: dict[tuple, collections.deque] = {}   # (route, identity) -> frames
+        self._stalled_since: dict[tuple, float] = {}
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._seq: dict[str, int] = {}                 # topic -> last sequence number
+        self._seq_lock = threading.Lock()
+        self._draining = False
+        self._closed = False
+        self._stop_internal = threading.Event()
+        self._serving = threading.Lock()
+        self._malformed_count = 0
+        self._malformed_logged_at = float("-inf")
+        self._wake_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        try:
+            router = self._new_router()
+            self._bind_ipc(router, endpoint)
+            self._routers.append((router, "ipc"))
+            pub = self._ctx.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            self._bind_ipc(pub, events_endpoint)
+            self._pubs.append(pub)
+            if tcp or events_tcp:
+                self._setup_curve(curve, tcp, events_tcp)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.endpoint, self.events_endpoint = endpoint, events_endpoint
+        self.add_pool("default", workers, max_pending)
+        self.register("ping", self._op_ping)
+        self.register("cancel", self._op_cancel)
+
+    # ------------------------------------------------------------------ setup
+
+    def _new_router(self) -> zmq.Socket:
+        s = self._ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unknown peer -> EHOSTUNREACH, full peer -> EAGAIN
+        s.setsockopt(zmq.MAXMSGSIZE, self.hard_max_bytes)
+        s.setsockopt(zmq.LINGER, 200)
+        return s
+
+    def _bind_ipc(self, sock: zmq.Socket, endpoint: str) -> None:
+        path = _ipc_path(endpoint)
+        abstract = path.startswith("@")
+        if not abstract:
+            if len(os.fsencode(path)) > IPC_PATH_MAX:
+                raise ValueError(f"socket path {path!r} is longer than {IPC_PATH_MAX} bytes, the "
+                                 f"limit of a unix socket address; use a shorter runtime directory")
+            if not os.path.isdir(os.path.dirname(path) or "."):
+                raise FileNotFoundError(f"runtime directory {os.path.dirname(path)!r} does not "
+                                        f"exist (it is created by the caller)")
+            # libzmq silently replaces an existing socket file: refuse if a live server owns it.
+            if _someone_listening(path):
+                raise RuntimeError(f"another process is already serving on {path}")
+        sock.bind(endpoint)
+        if not abstract:
+            self._ipc_files.append(path)
+            os.chmod(path, 0o660)   # the socket's group is the access control (DESIGN.md)
+
+    def _setup_curve(self, curve: tuple, tcp: str | None, events_tcp: str | None) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        secret, public, authorized_dir = curve
+        secret = secret.encode() if isinstance(secret, str) else secret
+        public = public.encode() if isinstance(public, str) else public
+        if len(secret) != 40 or len(public) != 40:
+            raise ValueError("CURVE keys must be 40-character Z85 strings (zmq.curve_keypair())")
+        if not os.path.isdir(authorized_dir):
+            raise FileNotFoundError(f"authorized keys directory {authorized_dir!r} does not exist")
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=authorized_dir)
+        if not any(name.endswith(".key") for name in os.listdir(authorized_dir)):
+            log.warning("no *.key files in %s: no TCP client can connect", authorized_dir)
+
+        def curve_socket(kind: int) -> zmq.Socket:
+            s = self._new_router() if kind == zmq.ROUTER else self._ctx.socket(kind)
+            if kind == zmq.PUB:
+                s.setsockopt(zmq.LINGER, 0)
+            s.curve_secretkey = secret
+            s.curve_publickey = public
+            s.curve_server = True
+            return s
+
+        if tcp:
+            router = curve_socket(zmq.ROUTER)
+            router.bind(tcp)
+            self.tcp_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self._routers.append((router, "tcp"))
+        if events_tcp:
+            pub = curve_socket(zmq.PUB)
+            pub.bind(events_tcp)
+            self.events_tcp_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self._pubs.append(pub)
+
+    def add_pool(self, name: str, workers: int, max_pending: int) -> None:
+        """A separate bounded pool, e.g. so generations cannot starve model.save."""
+        if name in self._pools:
+            raise ValueError(f"pool {name!r} already exists")
+        self._pools[name] = _Pool(name, workers, max_pending, self._execute)
+
+    def register(self, op: str, handler: Callable[[Request, Context], Any], *,
+                 args_spec: ArgsSpec | Mapping[str, Any] | None = None, stream: bool = False,
+                 blocking: bool = False, pool: str = "default") -> None:
+        """Serve ``op`` with ``handler(request, context)``; call before ``serve``.
+
+        Inline handlers (the default) run on the socket thread and must return within a
+        millisecond or so. ``blocking=True`` runs on ``pool`` (full -> ``busy`` at once).
+        ``stream=True`` handlers are generators run on ``pool``: each yielded dict (or str,
+        meaning its text) becomes a token event, the returned dict becomes the done event; they
+        must check ``context.cancelled`` between tokens and then return with stop_reason
+        "cancelled". A request with ``stream: false`` gets one reply ``{text, **done stats}``.
+        Raise ProtocolError(code, message) for an error reply with that code; any other
+        exception becomes ``internal`` and is logged with its traceback.
+        ``args_spec`` defaults to the op's entry in protocol.OP_SPECS (no check if none).
+        """
+        if op in self._ops and op in ("ping", "cancel"):
+            raise ValueError(f"op {op!r} is built into the server")
+        if pool not in self._pools:
+            raise ValueError(f"no pool named {pool!r} (add_pool first)")
+        spec = args_spec if args_spec is not None else OP_SPECS.get(op)
+        self._ops[op] = _Op(handler, as_spec(spec) if spec is not None else None, stream,
+                            blocking or stream, pool)
+
+    def pool_stats(self) -> dict[str, dict]:
+        """{pool name: {running, waiting, workers, max_pending}}, for status reports."""
+        return {name: p.stats() for name, p in self._pools.items()}
+
+    # ------------------------------------------------------------------ built-in ops
+
+    def _op_ping(self, req: Request, ctx: Context) -> dict:
+        return {"pong": True, "time": time.time(), "version": PROTOCOL_VERSION,
+                "daemon": f"cllmd {__version__}"}
+
+    def _op_cancel(self, req: Request, ctx: Context) -> dict:
+        target = req.args["id"]
+        job = self._active.get((ctx._route, ctx.client, target))
+        if job is None:
+            raise ProtocolError(NOT_FOUND, f"no request with id {target!r} in progress for "
+                                           f"this client")
+        job.cancelled.set()
+        return {"cancelled": True}
+
+    # ------------------------------------------------------------------ any thread
+
+    def publish(self, topic: str, payload: Mapping[str, Any]) -> None:
+        """Send an event on the PUB socket(s); thread-safe (the socket thread does the send)."""
+        if not isinstance(topic, str) or not topic:
+            raise ValueError(f"topic must be a non-empty str, got {topic!r}")
+        with self._seq_lock:
+            seq = self._seq[topic] = self._seq.get(topic, 0) + 1
+        frame = encode(make_event(topic, payload, seq=seq, time=time.time()))
+        if len(frame) > self.max_message_bytes:
+            raise ProtocolError(TOO_LARGE, f"event {topic!r} of {len(frame)} bytes exceeds the "
+                                           f"limit of {self.max_message_bytes} bytes")
+        self._post(("pub", topic.encode("utf-8"), frame))
+
+    def _post(self, item: tuple) -> None:
+        self._outbox.put(item)
+        with self._wake_lock:
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:   # the pipe is full: the socket thread is already woken
+                pass
+
+    def _encode_reply(self, msg: dict) -> bytes:
+        rid = msg.get("id")
+        try:
+            frame = encode(msg)
+        except ProtocolError as e:
+            log.error("reply to request %r cannot be encoded: %s", rid, e.message)
+            return encode(reply_error(rid, INTERNAL, e.message))
+        if len(frame) > self.max_message_bytes:
+            log.warning("reply to request %r is %d bytes, over the limit", rid, len(frame))
+            return encode(reply_error(rid, TOO_LARGE, f"reply of {len(frame)} bytes exceeds the "
+                                                      f"limit of {self.max_message_bytes} bytes"))
+        return frame
+
+    # ------------------------------------------------------------------ worker threads
+
+    def _execute(self, job: tuple) -> None:
+        op, req, ctx, client, envelope, key, pool = job
+
+        def send(msg: dict) -> None:
+            self._post(("send", client, envelope, self._encode_reply(msg)))
+
+        try:
+            if ctx.cancelled.is_set():
+                send(reply_error(req.id, CANCELLED, f"{req.op} was cancelled before it started"))
+            elif op.stream:
+                send(self._run_stream(op, req, ctx, send))
+            else:
+                send(reply_ok(req.id, op.handler(req, ctx)))
+        except ProtocolError as e:
+            send(error_from_exception(req.id, e))
+        except Exception as e:
+            log.exception("handler for %s (request %r) failed", req.op, req.id)
+            send(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
+        finally:
+            self._post(("finished", key, pool))
+
+    def _run_stream(self, op: _Op, req: Request, ctx: Context,
+                    send: Callable[[dict], None]) -> dict:
+        gen = op.handler(req, ctx)
+        if not isinstance(gen, Iterator):
+            raise TypeError(f"stream handler for {req.op} returned {type(gen).__name__}, "
+                            f"not a generator")
+        collect = req.args.get("stream", True) is False
+        pieces: list[str] = []
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                stats = stop.value or {}
+                break
+            if isinstance(item, str):
+                item = {"text": item}
+            elif not isinstance(item, Mapping):
+                gen.close()
+                raise TypeError(f"stream handler for {req.op} yielded {type(item).__name__}, "
+                                f"expected a dict or str")
+            text = item.get("text", "")
+            if collect:
+                pieces.append(text)
+            else:
+                extra = {k: v for k, v in item.items() if k not in ("v", "id", "event", "text")}
+                send(stream_token(req.id, text, **extra))
+        if not isinstance(stats, Mapping):
+            raise TypeError(f"stream handler for {req.op} returned {type(stats).__name__}, "
+                            f"expected a dict of stats")
+        if collect:
+            return reply_ok(req.id, {"text": "".join(pieces), **stats})
+        return stream_done(req.id, stats)
+
+    # ------------------------------------------------------------------ the socket thread
+
+    def serve(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
+        """Run the socket loop until ``stop`` is set, then drain: in-flight requests are
+        cancelled and given ``drain_timeout`` seconds to deliver their last messages."""
+        if not self._serving.acquire(blocking=False):
+            raise RuntimeError("serve() is already running")
+        try:
+            self._serve(stop, heartbeat)
+        finally:
+            self._serving.release()
+
+    def _serve(self, stop: threading.Event, heartbeat: Callable[[], None] | None) -> None:
+        if self._closed:
+            raise RuntimeError("server is closed")
+        poller = zmq.Poller()
+        for sock, _ in self._routers:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        drain_deadline = None
+        log.info("serving on %s (events on %s)%s", self.endpoint, self.events_endpoint,
+                 f", CURVE on {self.tcp_endpoint}" if self.tcp_endpoint else "")
+        while True:
+            if drain_deadline is None and (stop.is_set() or self._stop_internal.is_set()):
+                self._draining = True
+                drain_deadline = time.monotonic() + self.drain_timeout
+                for ctx in self._active.values():
+                    ctx.cancelled.set()
+            if drain_deadline is not None and (
+                    (not self._active and self._outbox.empty() and not self._backlog)
+                    or time.monotonic() > drain_deadline):
+                break
+            ready = dict(poller.poll(BACKLOG_POLL_MS if self._backlog else POLL_MS))
+            if heartbeat is not None:
+                heartbeat()
+            for route, (sock, transport) in enumerate(self._routers):
+                if sock in ready:
+                    self._receive(route, sock, transport)
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            self._drain_outbox()
+            if self._backlog:
+                self._flush_backlog()
+        if self._active:
+            log.warning("%d request(s) still running after the drain timeout", len(self._active))
+        log.info("server loop stopped")
+
+    def _receive(self, route: int, sock: zmq.Socket, transport: str) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_frames(route, transport, frames)
+
+    def _on_frames(self, route: int, transport: str, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        envelope: list[bytes] = []
+        if len(body) >= 2 and body[0] == b"":   # a REQ socket's delimiter, echoed back
+            envelope, body = [b""], body[1:]
+        client = (route, identity)
+        if len(body) != 1:
+            self._malformed(f"{len(body)} frames instead of one")
+            self._send(client, envelope, self._encode_reply(reply_error(
+                None, BAD_REQUEST, f"a request is exactly one msgpack frame, got {len(body)}")))
+            return
+        try:
+            req = parse_request(body[0], self.max_message_bytes)
+        except ProtocolError as e:
+            self._malformed(e.message)
+            self._send(client, envelope, self._encode_reply(error_from_exception(e.request_id, e)))
+            return
+        self._dispatch(route, transport, client, envelope, req)
+
+    def _malformed(self, what: str) -> None:
+        self._malformed_count += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at >= MALFORMED_LOG_EVERY_S:
+            log.warning("malformed request(s): %d since the last report; latest: %s",
+                        self._malformed_count, what)
+            self._malformed_count = 0
+            self._malformed_logged_at = now
+
+    def _dispatch(self, route: int, transport: str, client: tuple, envelope: list[bytes],
+                  req: Request) -> None:
+        def answer(msg: dict) -> None:
+            self._send(client, envelope, self._encode_reply(msg))
+
+        op = self._ops.get(req.op)
+        if op is None:
+            answer(reply_error(req.id, UNKNOWN_OP, f"unknown op {req.op!r}"))
+            return
+        try:
+            req = Request(req.id, req.op, validate_args(op.spec, req.args, req.op))
+        except ProtocolError as e:
+            answer(error_from_exception(req.id, e))
+            return
+        ctx = Context(req, client[1], transport, _route=route)
+        if not op.blocking:
+            try:
+                answer(reply_ok(req.id, op.handler(req, ctx)))
+            except ProtocolError as e:
+                answer(error_from_exception(req.id, e))
+            except Exception as e:
+                log.exception("handler for %s (request %r) failed", req.op, req.id)
+                answer(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
+            return
+        key = (route, client[1], req.id)
+        pool = self._pools[op.pool]
+        if self._draining:
+            answer(reply_error(req.id, UNAVAILABLE, "the daemon is shutting down"))
+        elif key in self._active:
+            answer(reply_error(req.id, BAD_REQUEST, f"id {req.id!r} is already used by a request "
+                                                    f"in progress"))
+        elif pool.full():
+            answer(reply_error(req.id, BUSY, f"{pool.accepted} requests running or waiting "
+                                             f"({pool.workers} at once, {pool.max_pending} "
+                                             f"waiting); retry later"))
+        else:
+            self._active[key] = ctx
+            pool.submit((op, req, ctx, client, envelope, key, pool))
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = item[0]
+            if kind == "send":
+                self._send(item[1], item[2], item[3])
+            elif kind == "pub":
+                for pub in self._pubs:
+                    try:
+                        pub.send_multipart([item[1], item[2]], zmq.NOBLOCK)
+                    except zmq.Again:   # PUB drops for slow subscribers by design
+                        pass
+            elif kind == "finished":
+                self._active.pop(item[1], None)
+                item[2].accepted -= 1
+
+    def _send(self, client: tuple, envelope: list[bytes], frame: bytes) -> None:
+        parts = [client[1], *envelope, frame]
+        pending = self._backlog.get(client)
+        if pending is not None:        # keep order behind what is already waiting
+            pending.append(parts)
+            return
+        try:
+            self._routers[client[0]][0].send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            self._backlog[client] = collections.deque([parts])
+            self._stalled_since[client] = time.monotonic()
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                self._client_gone(client, "disconnected")
+            else:
+                log.error("send to client %s failed: %s", client[1].hex(), e)
+
+    def _flush_backlog(self) -> None:
+        now = time.monotonic()
+        for client, pending in list(self._backlog.items()):
+            sock = self._routers[client[0]][0]
+            while pending:
+                try:
+                    sock.send_multipart(pending[0], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as e:
+                    if e.errno == errno.EHOSTUNREACH:
+                        self._client_gone(client, "disconnected")
+                    pending.clear()
+                    break
+                pending.popleft()
+                self._stalled_since[client] = now
+            if not pending:
+                del self._backlog[client]
+                del self._stalled_since[client]
+            elif now - self._stalled_since[client] > self.client_timeout:
+                log.warning("client %s has read nothing for %.0f s: dropping %d message(s)",
+                            client[1].hex(), self.client_timeout, len(pending))
+                del self._backlog[client]
+                del self._stalled_since[client]
+                self._client_gone(client, "stalled")
+
+    def _client_gone(self, client: tuple, why: str) -> None:
+        route, identity = client
+        n = 0
+        for (r, ident, _), ctx in self._active.items():
+            if r == route and ident == identity and not ctx.cancelled.is_set():
+                ctx.cancelled.set()
+                n += 1
+        if n:
+            log.info("client %s %s: cancelled %d request(s)", identity.hex(), why, n)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Stop serving (if needed), stop the workers, close the sockets, remove socket files."""
+        if self._closed:
+            return
+        self._stop_internal.set()
+        with self._serving:            # waits for a running serve() to drain and return
+            self._closed = True
+        for ctx in self._active.values():
+            ctx.cancelled.set()
+        for pool in self._pools.values():
+            pool.stop(timeout=self.drain_timeout)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock, _ in self._routers:
+            sock.close()
+        for pub in self._pubs:
+            pub.close()
+        self._routers, self._pubs = [], []
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self._ctx.term()
+        for path in self._ipc_files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._ipc_files = []
+        with self._wake_lock:
+            if self._wake_w is not None:
+                os.close(self._wake_w)
+                os.close(self._wake_r)
+                self._wake_w = self._wake_r = None
