@@ -6,7 +6,6 @@ Pure Python on msgpack and the standard library, so the client stays light.
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -147,8 +146,9 @@ def peek_id(frame: bytes | bytearray | memoryview) -> Any:
     Returns None when the frame is not a map or has no valid id.
     """
     try:
-        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, read_size=64 * 1024,
-                                    max_buffer_size=max(len(frame), 1024))
+        limit = max(len(frame), 1024)
+        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, max_buffer_size=limit,
+                                    read_size=min(64 * 1024, limit))
         n = unpacker.read_map_header()
         for _ in range(n):
             key = unpacker.unpack()
@@ -362,6 +362,3 @@ def events_endpoint_for(endpoint: str) -> str | None:
                                        EVENTS_SOCKET_NAME)
     return None
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -51,6 +51,20 @@ class Context:
 
 
 @dataclass
+class _Job:
+    """A request handed to a pool. ``state`` goes queued -> running (a worker took it) or
+    queued -> dropped (cancelled before any worker took it), under Server._claim_lock."""
+    op: "_Op"
+    req: Request
+    ctx: Context
+    client: tuple                     # (route, identity)
+    envelope: list
+    key: tuple                        # (route, identity, request id)
+    pool: "_Pool"
+    state: str = "queued"
+
+
+@dataclass
 class _Op:
     handler: Callable[[Request, Context], Any]
     spec: ArgsSpec | None
@@ -66,7 +80,7 @@ class _Pool:
     submit, decremented when the job's "finished" notice comes back through the outbox.
     """
 
-    def __init__(self, name: str, workers: int, max_pending: int, run: Callable[[tuple], None]):
+    def __init__(self, name: str, workers: int, max_pending: int, run: Callable[[_Job], None]):
         if workers < 1:
             raise ValueError(f"pool {name!r}: workers must be >= 1, got {workers}")
         if max_pending < 0:
@@ -85,7 +99,7 @@ class _Pool:
     def full(self) -> bool:
         return self.accepted >= self.workers + self.max_pending
 
-    def submit(self, job: tuple) -> None:
+    def submit(self, job: _Job) -> None:
         self.accepted += 1
         self._jobs.put(job)
 
@@ -171,7 +185,8 @@ class Server:
         self.events_tcp_endpoint: str | None = None
         self._ops: dict[str, _Op] = {}
         self._pools: dict[str, _Pool] = {}
-        self._active: dict[tuple, Context] = {}        # (route, identity, id) -> Context
+        self._active: dict[tuple, _Job] = {}           # (route, identity, id) -> job
+        self._claim_lock = threading.Lock()
         self._backlog: dict[tuple, collections.deque] = {}   # (route, identity) -> frames
         self._stalled_since: dict[tuple, float] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -188,16 +203,16 @@ class Server:
 
         try:
             router = self._new_router()
-            self._bind_ipc(router, endpoint)
             self._routers.append((router, "ipc"))
+            self._bind_ipc(router, endpoint)
             pub = self._ctx.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
-            self._bind_ipc(pub, events_endpoint)
             self._pubs.append(pub)
+            self._bind_ipc(pub, events_endpoint)
             if tcp or events_tcp:
                 self._setup_curve(curve, tcp, events_tcp)
         except BaseException:
-            self._close_sockets()
+            self._close_sockets(linger=0)
             raise
         self.endpoint, self.events_endpoint = endpoint, events_endpoint
         self.add_pool("default", workers, max_pending)
@@ -258,14 +273,14 @@ class Server:
 
         if tcp:
             router = curve_socket(zmq.ROUTER)
+            self._routers.append((router, "tcp"))
             router.bind(tcp)
             self.tcp_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-            self._routers.append((router, "tcp"))
         if events_tcp:
             pub = curve_socket(zmq.PUB)
+            self._pubs.append(pub)
             pub.bind(events_tcp)
             self.events_tcp_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-            self._pubs.append(pub)
 
     def add_pool(self, name: str, workers: int, max_pending: int) -> None:
         """A separate bounded pool, e.g. so generations cannot starve model.save."""
@@ -312,8 +327,22 @@ class Server:
         if job is None:
             raise ProtocolError(NOT_FOUND, f"no request with id {target!r} in progress for "
                                            f"this client")
-        job.cancelled.set()
+        self._cancel_job(job, f"{job.req.op} was cancelled before it started")
         return {"cancelled": True}
+
+    def _cancel_job(self, job: _Job, message: str, code: str = CANCELLED) -> None:
+        """Set the job's cancel event; a job no worker has taken yet is answered and dropped
+        at once, so it neither waits for a worker nor holds a pool slot (socket thread only)."""
+        job.ctx.cancelled.set()
+        with self._claim_lock:
+            dropped = job.state == "queued"
+            if dropped:
+                job.state = "dropped"
+        if dropped:
+            del self._active[job.key]
+            job.pool.accepted -= 1
+            self._send(job.client, job.envelope,
+                       self._encode_reply(reply_error(job.req.id, code, message)))
 
     # ------------------------------------------------------------------ any thread
 
@@ -331,6 +360,9 @@ class Server:
 
     def _post(self, item: tuple) -> None:
         self._outbox.put(item)
+        self._wake()
+
+    def _wake(self) -> None:
         with self._wake_lock:
             if self._wake_w is None:
                 return
@@ -354,11 +386,15 @@ class Server:
 
     # ------------------------------------------------------------------ worker threads
 
-    def _execute(self, job: tuple) -> None:
-        op, req, ctx, client, envelope, key, pool = job
+    def _execute(self, job: _Job) -> None:
+        with self._claim_lock:
+            if job.state == "dropped":      # already answered and accounted for
+                return
+            job.state = "running"
+        op, req, ctx = job.op, job.req, job.ctx
 
         def send(msg: dict) -> None:
-            self._post(("send", client, envelope, self._encode_reply(msg)))
+            self._post(("send", job.client, job.envelope, self._encode_reply(msg)))
 
         try:
             if ctx.cancelled.is_set():
@@ -373,7 +409,7 @@ class Server:
             log.exception("handler for %s (request %r) failed", req.op, req.id)
             send(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
-            self._post(("finished", key, pool))
+            self._post(("finished", job.key, job.pool))
 
     def _run_stream(self, op: _Op, req: Request, ctx: Context,
                     send: Callable[[dict], None]) -> dict:
@@ -434,8 +470,8 @@ class Server:
             if drain_deadline is None and (stop.is_set() or self._stop_internal.is_set()):
                 self._draining = True
                 drain_deadline = time.monotonic() + self.drain_timeout
-                for ctx in self._active.values():
-                    ctx.cancelled.set()
+                for job in list(self._active.values()):
+                    self._cancel_job(job, "the daemon is shutting down", UNAVAILABLE)
             if drain_deadline is not None and (
                     (not self._active and self._outbox.empty() and not self._backlog)
                     or time.monotonic() > drain_deadline):
@@ -531,8 +567,9 @@ class Server:
                                              f"({pool.workers} at once, {pool.max_pending} "
                                              f"waiting); retry later"))
         else:
-            self._active[key] = ctx
-            pool.submit((op, req, ctx, client, envelope, key, pool))
+            job = _Job(op, req, ctx, client, envelope, key, pool)
+            self._active[key] = job
+            pool.submit(job)
 
     def _drain_outbox(self) -> None:
         while True:
@@ -599,9 +636,9 @@ class Server:
     def _client_gone(self, client: tuple, why: str) -> None:
         route, identity = client
         n = 0
-        for (r, ident, _), ctx in self._active.items():
-            if r == route and ident == identity and not ctx.cancelled.is_set():
-                ctx.cancelled.set()
+        for (r, ident, _), job in list(self._active.items()):
+            if r == route and ident == identity and not job.ctx.cancelled.is_set():
+                self._cancel_job(job, f"client {why}")
                 n += 1
         if n:
             log.info("client %s %s: cancelled %d request(s)", identity.hex(), why, n)
@@ -613,19 +650,21 @@ class Server:
         if self._closed:
             return
         self._stop_internal.set()
+        self._wake()
         with self._serving:            # waits for a running serve() to drain and return
             self._closed = True
-        for ctx in self._active.values():
-            ctx.cancelled.set()
+        for job in self._active.values():
+            job.ctx.cancelled.set()
         for pool in self._pools.values():
             pool.stop(timeout=self.drain_timeout)
         self._close_sockets()
 
-    def _close_sockets(self) -> None:
+    def _close_sockets(self, linger: int | None = None) -> None:
+        # routers keep their LINGER (200 ms) on a normal close, to deliver the last replies
         for sock, _ in self._routers:
-            sock.close()
+            sock.close(linger)
         for pub in self._pubs:
-            pub.close()
+            pub.close(0)
         self._routers, self._pubs = [], []
         if self._auth is not None:
             self._auth.stop()

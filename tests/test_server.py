@@ -1,0 +1,574 @@
+"""The server's socket loop over real ipc (and CURVE tcp) sockets, driven by raw ZeroMQ sockets
+that send good and bad frames, with real handlers registered by the tests."""
+import logging
+import os
+import random
+import shutil
+import stat
+import tempfile
+import threading
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+
+from cllmd.protocol import NOT_FOUND, ProtocolError, decode, encode, make_request
+from cllmd.server import Server
+
+LIMIT = 64 * 1024
+WAIT_MS = 5000     # an upper bound on waiting for something that must come, never a measurement
+
+
+class Harness:
+    """A Server on a short temporary directory, serving on its own thread, with test handlers."""
+
+    def __init__(self, **kw):
+        self.dir = tempfile.mkdtemp(prefix="cllmd-t", dir="/tmp")  # unix socket paths are short
+        self.sock_path = os.path.join(self.dir, "cllmd.sock")
+        self.events_path = os.path.join(self.dir, "cllmd-events.sock")
+        kw.setdefault("max_message_bytes", LIMIT)
+        self.server = Server(f"ipc://{self.sock_path}", f"ipc://{self.events_path}", **kw)
+        self.release = threading.Event()      # lets "slow" and "hold" handlers finish
+        self.started = threading.Event()      # set when "slow" or a "hold" generation started
+        self.observed_cancel = threading.Event()
+        self.beats = 0
+        self.server.register("echo", self.echo)
+        self.server.register("boom", self.boom)
+        self.server.register("lookup", self.lookup)
+        self.server.register("huge", lambda req, ctx: b"x" * (LIMIT + 1))
+        self.server.register("slow", self.slow, blocking=True)
+        self.server.register("generate", self.generate, stream=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.stop, self.beat))
+        self.thread.start()
+        self.ctx = zmq.Context()
+
+    # handlers ------------------------------------------------------------------------
+
+    def beat(self):
+        self.beats += 1
+
+    def echo(self, req, ctx):
+        return {"args": req.args, "client": ctx.client, "transport": ctx.transport}
+
+    def boom(self, req, ctx):
+        raise RuntimeError("boom")
+
+    def lookup(self, req, ctx):
+        raise ProtocolError(NOT_FOUND, "no such thing")
+
+    def slow(self, req, ctx):
+        self.started.set()
+        self.release.wait(10)
+        return {"slow": True}
+
+    def generate(self, req, ctx):
+        """Numbers as text until max_tokens or cancellation; prompts pick special behaviours."""
+        prompt, n = req.args["prompt"], 0
+        if prompt == "hold":
+            self.started.set()
+            self.release.wait(10)
+        while n < req.args["max_tokens"] and not ctx.cancelled.is_set():
+            if prompt == "fail" and n == 1:
+                raise ValueError("broken after one token")
+            yield ("x" * 4096) if prompt == "flood" else {"text": str(n), "n": n}
+            n += 1
+            ctx.cancelled.wait(0.0002 if prompt == "flood" else 0.002)
+        if ctx.cancelled.is_set():
+            self.observed_cancel.set()
+        return {"tokens_prompt": len(prompt), "tokens_generated": n,
+                "stop_reason": "cancelled" if ctx.cancelled.is_set() else "max_tokens"}
+
+    # raw client side -------------------------------------------------------------------
+
+    def dealer(self, kind=zmq.DEALER, rcvhwm=None):
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:
+            s.setsockopt(zmq.RCVHWM, rcvhwm)
+        s.connect(f"ipc://{self.sock_path}")
+        return s
+
+    def close(self):
+        self.release.set()
+        self.stop.set()
+        self.server.close()          # wakes the loop, waits for it to drain and return
+        self.thread.join(10)
+        self.ctx.destroy(0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def recv(sock, timeout_ms=WAIT_MS):
+    assert sock.poll(timeout_ms), "no reply"
+    return decode(sock.recv())
+
+
+def ask(sock, msg, timeout_ms=WAIT_MS):
+    sock.send(msg if isinstance(msg, bytes) else encode(msg))
+    return recv(sock, timeout_ms)
+
+
+def read_stream(sock, rid):
+    """Messages of request ``rid`` up to and including its done event or error reply."""
+    out = []
+    while True:
+        msg = recv(sock)
+        if msg.get("id") != rid:
+            continue
+        out.append(msg)
+        if msg.get("event") == "done" or msg.get("ok") is False:
+            return out
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def make_harness():
+    made = []
+
+    def make(**kw):
+        made.append(Harness(**kw))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+# --------------------------------------------------------------------------- basics
+
+def test_server_ipc_sockets_are_mode_0660(harness):
+    for path in (harness.sock_path, harness.events_path):
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+
+
+def test_server_ping_answers_pong_with_versions(harness):
+    reply = ask(harness.dealer(), make_request(1, "ping"))
+    assert reply["v"] == 1 and reply["id"] == 1 and reply["ok"] is True
+    assert reply["result"]["pong"] is True and reply["result"]["version"] == 1
+    assert reply["result"]["daemon"].startswith("cllmd ")
+
+
+def test_server_echo_gets_args_identity_and_transport(harness):
+    reply = ask(harness.dealer(), make_request("e", "echo", {"a": [1, b"\x00"]}))
+    result = reply["result"]
+    assert result["args"] == {"a": [1, b"\x00"]} and result["transport"] == "ipc"
+    assert isinstance(result["client"], bytes) and result["client"]
+
+
+def test_server_req_socket_gets_its_reply_through_the_envelope(harness):
+    req = harness.dealer(zmq.REQ)
+    assert ask(req, make_request(3, "ping"))["ok"] is True
+    reply = ask(req, make_request(4, "generate", {"prompt": "p", "max_tokens": 3,
+                                                  "stream": False}))
+    assert reply["result"]["text"] == "012"
+
+
+def test_server_heartbeat_beats_while_serving(harness):
+    d = harness.dealer()
+    for i in range(50):   # each ping is one loop turn at least; beats come at least that often
+        ask(d, make_request(i, "ping"))
+        if harness.beats >= 3:
+            break
+    assert harness.beats >= 3
+
+
+def test_server_close_removes_socket_files(make_harness):
+    h = make_harness()
+    h.stop.set()
+    h.thread.join(10)
+    h.server.close()
+    assert not os.path.exists(h.sock_path) and not os.path.exists(h.events_path)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_server_malformed_msgpack_gets_bad_request_with_nil_id(harness):
+    reply = ask(harness.dealer(), b"\xc1\x00")
+    assert reply["ok"] is False and reply["id"] is None
+    assert reply["error"]["code"] == "bad_request" and "msgpack" in reply["error"]["message"]
+
+
+def test_server_hundreds_of_random_frames_each_get_an_error_and_serving_continues(harness):
+    rng = random.Random(1)
+    d = harness.dealer()
+    junk = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300))) for _ in range(300)]
+    typed = [{"v": 1, "id": i, "op": rng.choice(["generate", "ping"]),
+              "args": {"prompt": rng.choice([None, 1, "", [], {}]),
+                       "max_tokens": rng.choice([-1, 0, "x", 1.5, 70000])}} for i in range(100)]
+    for f in junk + [encode(m) for m in typed]:
+        d.send(f)
+    # every one is answered on the socket thread, so the replies come back in order
+    for _ in junk:
+        reply = recv(d)
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    for m in typed:
+        reply = recv(d)
+        assert reply["id"] == m["id"] and reply["ok"] is (m["op"] == "ping")
+    assert ask(d, make_request("after", "ping"))["result"]["pong"] is True
+
+
+@pytest.mark.parametrize("msg, code, rid, fragment", [
+    ({"v": 2, "id": 9, "op": "ping"}, "version", 9, "unsupported protocol version 2"),
+    ({"id": 9, "op": "ping"}, "bad_request", 9, "missing field 'v'"),
+    ({"v": 1, "id": 9.5, "op": "ping"}, "bad_request", None, "'id' must be"),
+    ({"v": 1, "id": 9, "op": 7}, "bad_request", 9, "'op' must be"),
+    ({"v": 1, "id": 9, "op": "ping", "args": "x"}, "bad_request", 9, "'args' must be a map"),
+    ({"v": 1, "id": 9, "op": "nope"}, "unknown_op", 9, "unknown op 'nope'"),
+    ({"v": 1, "id": 9, "op": "generate", "args": {"prompt": 5}}, "bad_request", 9,
+     "generate: argument 'prompt' must be a str, got an integer"),
+    ({"v": 1, "id": 9, "op": "generate", "args": {}}, "bad_request", 9,
+     "missing required argument 'prompt'"),
+    ({"v": 1, "id": 9, "op": "generate", "args": {"prompt": "", "max_tokens": 0}},
+     "bad_request", 9, "argument 'max_tokens' must be between 1 and 65536"),
+])
+def test_server_bad_requests_get_the_right_error(harness, msg, code, rid, fragment):
+    reply = ask(harness.dealer(), encode(msg))
+    assert (reply["ok"], reply["id"], reply["error"]["code"]) == (False, rid, code)
+    assert fragment in reply["error"]["message"]
+
+
+def test_server_version_error_lists_supported_versions(harness):
+    reply = ask(harness.dealer(), encode({"v": 3, "id": "x", "op": "ping"}))
+    assert reply["error"]["supported"] == [1]
+
+
+def test_server_oversized_frame_gets_too_large_with_its_id(harness):
+    d = harness.dealer()
+    frame = encode(make_request("big", "echo", {"data": b"x" * LIMIT}))
+    reply = ask(d, frame)
+    assert (reply["id"], reply["error"]["code"]) == ("big", "too_large")
+    assert ask(d, make_request(1, "ping"))["ok"] is True
+
+
+def test_server_frame_beyond_hard_cap_is_dropped_and_serving_continues(harness):
+    d = harness.dealer()
+    d.send(encode(make_request("huge", "echo", {"data": b"x" * (3 * LIMIT)})))
+    assert not d.poll(500)          # the transport cut the connection: nobody to answer
+    assert ask(harness.dealer(), make_request(1, "ping"))["ok"] is True
+
+
+def test_server_multi_frame_request_is_bad_request(harness):
+    d = harness.dealer()
+    d.send_multipart([encode(make_request(1, "ping")), b"extra"])
+    reply = recv(d)
+    assert reply["error"]["code"] == "bad_request" and "exactly one" in reply["error"]["message"]
+
+
+def test_server_reply_over_the_limit_becomes_too_large(harness):
+    reply = ask(harness.dealer(), make_request(5, "huge"))
+    assert (reply["id"], reply["error"]["code"]) == (5, "too_large")
+
+
+# --------------------------------------------------------------------------- handler failures
+
+def test_server_handler_exception_is_internal_and_logged_with_traceback(harness, caplog):
+    with caplog.at_level(logging.ERROR, logger="cllmd.server"):
+        reply = ask(harness.dealer(), make_request(1, "boom"))
+    assert reply["error"] == {"code": "internal", "message": "RuntimeError: boom"}
+    record = next(r for r in caplog.records if "boom" in r.getMessage())
+    assert record.exc_info and record.exc_info[0] is RuntimeError
+    assert ask(harness.dealer(), make_request(2, "ping"))["ok"] is True
+
+
+def test_server_handler_protocol_error_keeps_its_code(harness):
+    reply = ask(harness.dealer(), make_request(1, "lookup"))
+    assert reply["error"] == {"code": "not_found", "message": "no such thing"}
+
+
+def test_server_stream_error_after_tokens_ends_with_error_reply(harness):
+    d = harness.dealer()
+    d.send(encode(make_request("f", "generate", {"prompt": "fail"})))
+    msgs = read_stream(d, "f")
+    assert msgs[0]["event"] == "token" and msgs[0]["text"] == "0"
+    assert msgs[-1]["ok"] is False and msgs[-1]["error"]["code"] == "internal"
+    assert "broken after one token" in msgs[-1]["error"]["message"]
+
+
+# --------------------------------------------------------------------------- pools and busy
+
+def test_server_busy_when_pool_full_and_ping_still_answers(make_harness):
+    h = make_harness(workers=1, max_pending=0)
+    first = h.dealer()
+    first.send(encode(make_request(1, "slow")))
+    assert h.started.wait(WAIT_MS / 1000)
+    other = h.dealer()
+    busy = ask(other, make_request(2, "slow"))
+    assert busy["error"]["code"] == "busy"
+    assert ask(other, make_request(3, "ping"))["result"]["pong"] is True   # while slow runs
+    assert h.server.pool_stats()["default"] == {"running": 1, "waiting": 0, "workers": 1,
+                                               "max_pending": 0}
+    h.release.set()
+    assert recv(first) == {"v": 1, "id": 1, "ok": True, "result": {"slow": True}}
+
+
+def test_server_duplicate_in_flight_id_is_bad_request(make_harness):
+    h = make_harness(workers=2)
+    d = h.dealer()
+    d.send(encode(make_request(1, "slow")))
+    assert h.started.wait(WAIT_MS / 1000)
+    dup = ask(d, make_request(1, "slow"))
+    assert dup["error"]["code"] == "bad_request" and "already used" in dup["error"]["message"]
+    h.release.set()
+    assert recv(d)["result"] == {"slow": True}
+
+
+def test_server_add_pool_separates_work(make_harness):
+    h = make_harness(workers=1, max_pending=0)
+    h.server.add_pool("control", workers=1, max_pending=0)
+    h.server.register("quick", lambda req, ctx: "done", blocking=True, pool="control")
+    d = h.dealer()
+    d.send(encode(make_request(1, "slow")))
+    assert h.started.wait(WAIT_MS / 1000)
+    assert ask(h.dealer(), make_request(2, "quick"))["result"] == "done"
+    with pytest.raises(ValueError, match="no pool named"):
+        h.server.register("x", lambda req, ctx: None, blocking=True, pool="missing")
+
+
+# --------------------------------------------------------------------------- streams and cancel
+
+def test_server_stream_sends_tokens_then_done(harness):
+    d = harness.dealer()
+    d.send(encode(make_request("g", "generate", {"prompt": "abc", "max_tokens": 4})))
+    msgs = read_stream(d, "g")
+    assert [m["text"] for m in msgs[:-1]] == ["0", "1", "2", "3"]
+    assert all(m["event"] == "token" and m["n"] == i for i, m in enumerate(msgs[:-1]))
+    assert msgs[-1] == {"v": 1, "id": "g", "event": "done", "tokens_prompt": 3,
+                        "tokens_generated": 4, "stop_reason": "max_tokens"}
+
+
+def test_server_stream_false_gathers_the_text_in_one_reply(harness):
+    reply = ask(harness.dealer(), make_request(1, "generate", {"prompt": "", "max_tokens": 5,
+                                                               "stream": False}))
+    assert reply["result"] == {"text": "01234", "tokens_prompt": 0, "tokens_generated": 5,
+                               "stop_reason": "max_tokens"}
+
+
+def test_server_cancel_mid_stream_ends_with_cancelled(harness):
+    d = harness.dealer()
+    d.send(encode(make_request("g", "generate", {"prompt": "p", "max_tokens": 65536})))
+    for _ in range(3):
+        assert recv(d)["event"] == "token"
+    d.send(encode(make_request("c", "cancel", {"id": "g"})))
+    msgs, cancel_reply = [], None
+    while not msgs or msgs[-1].get("event") != "done":
+        m = recv(d)
+        if m["id"] == "c":
+            cancel_reply = m
+        else:
+            msgs.append(m)
+    assert msgs[-1]["stop_reason"] == "cancelled"
+    assert msgs[-1]["tokens_generated"] < 65536
+    if cancel_reply is None:
+        cancel_reply = recv(d)
+    assert cancel_reply["result"] == {"cancelled": True}
+
+
+def test_server_cancel_of_unknown_or_foreign_id_is_not_found(harness):
+    owner, stranger = harness.dealer(), harness.dealer()
+    owner.send(encode(make_request("g", "generate", {"prompt": "p", "max_tokens": 65536})))
+    assert recv(owner)["event"] == "token"
+    for rid in ("g", "nope"):   # "g" belongs to another connection
+        reply = ask(stranger, make_request(1, "cancel", {"id": rid}))
+        assert reply["error"]["code"] == "not_found"
+    owner.send(encode(make_request("c", "cancel", {"id": "g"})))
+    assert read_stream(owner, "g")[-1]["stop_reason"] == "cancelled"
+
+
+def test_server_cancel_of_queued_request_answers_at_once_and_frees_its_slot(make_harness):
+    h = make_harness(workers=1, max_pending=1)
+    d = h.dealer()
+    d.send(encode(make_request("s", "slow")))
+    assert h.started.wait(WAIT_MS / 1000)
+    d.send(encode(make_request("g", "generate", {"prompt": "p"})))
+    d.send(encode(make_request("c", "cancel", {"id": "g"})))
+    replies = {m["id"]: m for m in (recv(d), recv(d))}   # while "slow" still holds the worker
+    assert replies["c"]["result"] == {"cancelled": True}
+    assert replies["g"]["error"] == {"code": "cancelled",
+                                     "message": "generate was cancelled before it started"}
+    assert h.server.pool_stats()["default"]["waiting"] == 0
+    d.send(encode(make_request("g2", "generate", {"prompt": "p", "max_tokens": 1})))
+    h.release.set()
+    assert recv(d)["result"] == {"slow": True}
+    assert read_stream(d, "g2")[-1]["stop_reason"] == "max_tokens"
+
+
+def test_server_vanished_client_has_its_generation_cancelled(harness):
+    d = harness.dealer()
+    d.send(encode(make_request("g", "generate", {"prompt": "p", "max_tokens": 65536})))
+    assert recv(d)["event"] == "token"
+    d.close(0)
+    assert harness.observed_cancel.wait(WAIT_MS / 1000)
+
+
+def test_server_stalled_client_has_its_generation_cancelled(make_harness):
+    h = make_harness(client_timeout=0.2)
+    d = h.dealer(rcvhwm=1)
+    d.send(encode(make_request("g", "generate", {"prompt": "flood", "max_tokens": 65536})))
+    # the client never reads: the server's queue for it fills, then it is given up on
+    assert h.observed_cancel.wait(30)
+    assert ask(h.dealer(), make_request(1, "ping"))["ok"] is True
+
+
+def test_server_stop_cancels_running_streams_and_drains(make_harness):
+    h = make_harness()
+    d = h.dealer()
+    d.send(encode(make_request("g", "generate", {"prompt": "p", "max_tokens": 65536})))
+    assert recv(d)["event"] == "token"
+    h.stop.set()
+    assert read_stream(d, "g")[-1]["stop_reason"] == "cancelled"
+    h.thread.join(10)
+    assert not h.thread.is_alive()
+
+
+# --------------------------------------------------------------------------- events
+
+def test_server_publish_from_another_thread_reaches_subscriber(harness):
+    sub = harness.ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"train")
+    sub.connect(f"ipc://{harness.events_path}")
+    done = threading.Event()
+
+    def trainer():   # keeps publishing: a new subscriber misses what came before it joined
+        step = 0
+        while not done.is_set():
+            harness.server.publish("train", {"step": step, "loss": 2.5})
+            harness.server.publish("log", {"level": "info", "message": "not subscribed"})
+            step += 1
+            done.wait(0.01)
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    try:
+        assert sub.poll(WAIT_MS)
+        topic, frame = sub.recv_multipart()
+    finally:
+        done.set()
+        t.join()
+    msg = decode(frame)
+    assert topic == b"train" and msg["v"] == 1 and msg["topic"] == "train"
+    assert msg["loss"] == 2.5 and msg["seq"] == msg["step"] + 1 and msg["time"] > 0
+
+
+def test_server_publish_refuses_bad_topics_and_is_quiet_after_close(make_harness):
+    h = make_harness()
+    with pytest.raises(ValueError):
+        h.server.publish("", {})
+    h.stop.set()
+    h.thread.join(10)
+    h.server.close()
+    h.server.publish("train", {"step": 1})   # a trainer finishing late must not crash
+
+
+# --------------------------------------------------------------------------- construction
+
+def test_server_refuses_a_second_server_on_a_live_socket(harness):
+    with pytest.raises(RuntimeError, match="already serving"):
+        Server(f"ipc://{harness.sock_path}", f"ipc://{harness.dir}/other.sock",
+               max_message_bytes=LIMIT)
+    assert ask(harness.dealer(), make_request(1, "ping"))["ok"] is True
+
+
+def test_server_takes_over_a_stale_socket_file():
+    import socket as pysocket
+    d = tempfile.mkdtemp(prefix="cllmd-t", dir="/tmp")
+    try:
+        path = os.path.join(d, "cllmd.sock")
+        s = pysocket.socket(pysocket.AF_UNIX)
+        s.bind(path)
+        s.close()                  # left behind, as after a kill -9
+        server = Server(f"ipc://{path}", f"ipc://{d}/ev.sock", max_message_bytes=LIMIT)
+        server.close()
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("kw, exc, fragment", [
+    ({"tcp": "tcp://127.0.0.1:*"}, ValueError, "TCP needs CURVE keys"),
+    ({"max_message_bytes": 10}, ValueError, "max_message_bytes"),
+])
+def test_server_refuses_bad_configuration(tmp_path, kw, exc, fragment):
+    kw.setdefault("max_message_bytes", LIMIT)
+    with pytest.raises(exc, match=fragment):
+        Server(f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock", **kw)
+
+
+def test_server_refuses_bad_endpoints(tmp_path):
+    with pytest.raises(ValueError, match="longer than 107"):
+        Server(f"ipc:///tmp/{'x' * 120}.sock", f"ipc://{tmp_path}/b.sock", max_message_bytes=LIMIT)
+    with pytest.raises(ValueError, match="expected an ipc:// endpoint"):
+        Server("tcp://127.0.0.1:5555", f"ipc://{tmp_path}/b.sock", max_message_bytes=LIMIT)
+    with pytest.raises(FileNotFoundError, match="runtime directory"):
+        Server(f"ipc://{tmp_path}/missing/a.sock", f"ipc://{tmp_path}/b.sock",
+               max_message_bytes=LIMIT)
+
+
+# --------------------------------------------------------------------------- TCP with CURVE
+
+def test_server_curve_authorized_client_works_unauthorized_gets_nothing(tmp_path):
+    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
+    keys.mkdir()
+    authorized.mkdir()
+    server_pub, server_sec = zmq.curve_keypair()
+    public_file, _ = zmq.auth.create_certificates(str(keys), "friend")
+    shutil.copy(public_file, authorized)
+    friend_pub, friend_sec = zmq.auth.load_certificate(str(keys / "friend.key_secret"))
+    stranger_pub, stranger_sec = zmq.curve_keypair()
+    d = tempfile.mkdtemp(prefix="cllmd-t", dir="/tmp")
+    server = Server(f"ipc://{d}/cllmd.sock", f"ipc://{d}/ev.sock", max_message_bytes=LIMIT,
+                    tcp="tcp://127.0.0.1:*", events_tcp="tcp://127.0.0.1:*",
+                    curve=(server_sec, server_pub, str(authorized)))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,))
+    thread.start()
+    ctx = zmq.Context()
+    try:
+        assert server.tcp_endpoint.startswith("tcp://127.0.0.1:")
+
+        def dealer(pub, sec):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server_pub
+            s.connect(server.tcp_endpoint)
+            return s
+
+        friend = dealer(friend_pub, friend_sec)
+        reply = ask(friend, make_request(1, "ping"))
+        assert reply["result"]["pong"] is True
+        stranger = dealer(stranger_pub, stranger_sec)
+        stranger.send(encode(make_request(1, "ping")))
+        assert not stranger.poll(1000)
+        plain = ctx.socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(server.tcp_endpoint)
+        plain.send(encode(make_request(1, "ping")))
+        assert not plain.poll(500)
+        ipc = ctx.socket(zmq.DEALER)   # the local socket keeps working beside the authenticator
+        ipc.setsockopt(zmq.LINGER, 0)
+        ipc.connect(f"ipc://{d}/cllmd.sock")
+        assert ask(ipc, make_request(2, "ping"))["ok"] is True
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+        ctx.destroy(0)
+        shutil.rmtree(d)
+
+
+def test_server_curve_refuses_missing_authorized_dir(tmp_path):
+    pub, sec = zmq.curve_keypair()
+    with pytest.raises(FileNotFoundError, match="authorized keys directory"):
+        Server(f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock", max_message_bytes=LIMIT,
+               tcp="tcp://127.0.0.1:*", curve=(sec, pub, str(tmp_path / "nope")))
+
+
+def test_server_msgpack_of_request_is_plain_msgpack(harness):
+    # A client in another language builds the map with its own msgpack library.
+    frame = msgpack.packb({"op": "ping", "args": {}, "id": "x", "v": 1}, use_bin_type=True)
+    assert ask(harness.dealer(), frame)["id"] == "x"
