@@ -108,7 +108,18 @@ class _Conn:
         self.poller.register(self.monitor, zmq.POLLIN)
 
     def send(self, msg: dict) -> None:
-        self.sock.send(encode(msg))
+        try:
+            self.sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:   # no connection to queue it on
+            raise DaemonNotRunning(self.endpoint, f"cannot reach {self.endpoint}") from None
+
+    def stale(self) -> bool:
+        """Did the connection drop while idle? (The daemon restarted or stopped between two
+        requests: better to start afresh, with a new probe, than to wait on a dead pipe.)"""
+        try:
+            return self._on_monitor() == "disconnected"
+        except ClientError:
+            return True
 
     def recv(self, deadline: float | None) -> bytes | None:
         """The next frame, or None at the deadline (monotonic seconds; None = no deadline)."""
@@ -118,24 +129,26 @@ class _Conn:
             else:
                 wait = max(0, int((deadline - time.monotonic()) * 1000))
             ready = dict(self.poller.poll(wait))
-            if self.monitor in ready:
-                self._on_monitor()
+            if self.monitor in ready and self._on_monitor() == "disconnected":
+                raise DaemonNotRunning(self.endpoint, f"it went away: connection to "
+                                                      f"{self.endpoint} closed")
             if self.sock in ready:
                 return self.sock.recv()
             if not ready and deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def _on_monitor(self) -> None:
+    def _on_monitor(self) -> str | None:
+        """Read pending connection events; "disconnected" once an established one dropped."""
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshaken = True
             elif event == zmq.EVENT_DISCONNECTED and self.handshaken:
-                raise DaemonNotRunning(self.endpoint, f"it went away: connection to "
-                                                      f"{self.endpoint} closed")
+                return "disconnected"
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise ClientError(f"{self.endpoint} refused our CURVE key (it is not among the "
                                   f"daemon's authorized keys)")
+        return None
 
     def close(self) -> None:
         try:
@@ -169,6 +182,8 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _connection(self) -> _Conn:
+        if self._conn is not None and self._conn.stale():
+            self._reset()
         if self._conn is None:
             self._conn = _Conn(self._ctx, self.endpoint, self.curve)
         return self._conn

@@ -285,6 +285,20 @@ def test_client_works_again_after_the_daemon_restarts(rundir):
         c.close()
 
 
+def test_client_survives_a_daemon_restart_between_requests(rundir):
+    path = os.path.join(rundir, "cllmd.sock")
+    c = Client(path, timeout=5)
+    try:
+        d = Daemon(path)
+        assert c.request("ping")["pong"] is True
+        d.shutdown()
+        d = Daemon(path)            # back before the client's next request
+        assert c.request("echo", n=2) == {"n": 2}
+        d.shutdown()
+    finally:
+        c.close()
+
+
 # --------------------------------------------------------------------------- raw peers
 
 @pytest.fixture
