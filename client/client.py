@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import os
 import socket as pysocket
 import time
 from typing import Any, Iterable, Iterator

@@ -157,6 +157,14 @@ class Server:
     Construct (binds the sockets, so errors surface here), ``register`` the operations, then run
     ``serve(stop)`` on a dedicated thread; ``publish`` may be called from any thread;
     ``close()`` after ``serve`` has returned (or it stops it first).
+
+    ``endpoint``/``events_endpoint``: ipc:// paths in an existing runtime directory (the files
+    are made mode 0660). ``workers``/``max_pending``: the "default" pool (``add_pool`` for more).
+    ``tcp``/``events_tcp``: optional TCP endpoints ("tcp://host:*" picks a port; see
+    ``tcp_endpoint``), served only with ``curve=(secret_key, public_key, authorized_keys_dir)``
+    (Z85 keys; the directory holds the clients' public ``*.key`` certificates).
+    ``client_timeout``: seconds a client may leave its replies unread before its requests are
+    cancelled. ``drain_timeout``: seconds running requests get to finish once ``stop`` is set.
     """
 
     def __init__(self, endpoint: str, events_endpoint: str, *, max_message_bytes: int,
