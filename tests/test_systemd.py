@@ -100,7 +100,8 @@ def exposure(unit: str | Path, env: dict[str, str] | None = None) -> tuple[float
 # The staged install: `install.sh --destdir STAGE --layout package` of this very tree, as the
 # Debian package is built. Reused across modules and runs while the inputs are byte-identical.
 
-STAGE_INPUTS = ("pyproject.toml", "cllmd", "kernels", "client", "systemd", "packaging", "docs")
+STAGE_INPUTS = ("pyproject.toml", "cllmd", "kernels", "client", "systemd", "packaging",
+                "docs/service.md")
 
 
 def source_digest() -> str:
@@ -151,7 +152,9 @@ def stage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def serve_missing(stage_root: Path) -> str | None:
     """Why `cllmd serve` cannot run yet, or None when the daemon's command exists."""
-    r = run([str(stage_root / "opt/cllmd/bin/python"), "-m", "cllmd.cli", "serve", "--help"])
+    # The staged console script itself (its #! names the final path, so via the stage's python).
+    r = run([str(stage_root / "opt/cllmd/bin/python"), str(stage_root / "opt/cllmd/bin/cllmd"),
+             "serve", "--help"])
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         return f"`cllmd serve` is not available in this tree yet (cllmd/cli.py): {last}"
@@ -670,6 +673,15 @@ class SystemdContainer:
             time.sleep(0.05)
         raise AssertionError(f"{name}: no {what} in its log:\n{self.log_text(name)}")
 
+    def wait_unit(self, unit: str, states: tuple[str, ...], within: float) -> str:
+        """Poll ActiveState until it is one of `states`; the last state seen after `within` s."""
+        deadline = time.monotonic() + within
+        while True:
+            state = self.show(unit, "ActiveState")["ActiveState"]
+            if state in states or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
     def show(self, unit: str, *props: str) -> dict[str, str]:
         r = self.sh(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
         return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
@@ -819,9 +831,12 @@ def test_service_runs_the_daemon_under_the_sandbox(container, stage):
     # The shipped unit, untouched but for where its output goes.
     container.install_unit("cllmd.service", (stage / STAGED_UNIT).read_text(),
                            {"00-output.conf": output_dropin("cllmd")})
-    r = container.sh("systemctl start cllmd.service", check=False)
-    assert r.returncode == 0, f"cllmd.service did not start:\n{container.log_text('cllmd')}"
+    # --no-block and a bounded wait: a daemon that never says READY=1 fails here with its log,
+    # instead of holding systemctl for the unit's whole TimeoutStartSec=.
+    container.sh("systemctl start --no-block cllmd.service")
+    state = container.wait_unit("cllmd.service", ("active", "failed", "inactive"), within=300)
     try:
+        assert state == "active", f"cllmd.service is {state}:\n{container.log_text('cllmd')[-5000:]}"
         listing = container.sh("stat -c '%n %U:%G %a' /run/cllmd /run/cllmd/*.sock").stdout
         lines = dict(l.split(" ", 1) for l in listing.splitlines())
         assert lines["/run/cllmd"] == "cllmd:cllm 750"
@@ -856,7 +871,7 @@ def test_daemon_runs_as_execstart_with_the_systemd_environment(stage, tmp_path):
     notify_path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify_path))
-    sock.settimeout(HANG_GUARD)
+    sock.settimeout(300)  # a hang guard: READY=1 or a test failure, not a wait forever
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
            **{k: str(v) for k, v in dirs.items()},
            "NUMBA_CACHE_DIR": str(dirs["CACHE_DIRECTORY"] / "numba"),
