@@ -1,8 +1,8 @@
 """The CLLM: a GPT-2 style decoder with explicit, layer-by-layer forward and backward passes.
 
 Parameters live in one flat buffer with named views in GPT-2's checkpoint layout; activations
-for a (B, T) live in a Workspace allocated once and reused. Matmuls go to BLAS through numpy,
-element-wise and reduction work to the numba kernels in cllmd.kernels.
+for a (B, T) live in a Workspace allocated once and reused. Each pass is one nogil kernel call
+(cllmd.kernels.transformer: BLAS gemms and numba loops, written layer by layer).
 """
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cllmd.kernels.attention import attention_backward, attention_forward
-from cllmd.kernels.crossentropy import crossentropy_backward, crossentropy_forward
-from cllmd.kernels.embedding import embedding_backward, embedding_forward
-from cllmd.kernels.gelu import gelu_backward, gelu_forward
-from cllmd.kernels.layernorm import layernorm_backward, layernorm_forward
+from cllmd.kernels import blas
+from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, model_forward, model_forward_backward,
+                                       model_forward_backward_ref, model_forward_loss, model_forward_loss_ref,
+                                       model_forward_ref, transpose_weights, transpose_weights_ref)
 
-LN_EPS = 1e-5
 INIT_STD = 0.02
 
 
@@ -137,36 +135,61 @@ def clock_features(block_size: int, n_embd: int, scale: float = INIT_STD) -> np.
 class Workspace:
     """Activations and gradients for one (B, T): allocated once, reused every step.
 
-    Each trainer sphere owns one, so spheres never share writable memory.
+    Each trainer sphere owns one, so spheres never share writable memory. With checkpointing,
+    per-layer activations keep one slot instead of n_layer: the backward recomputes each
+    block's activations from its input (the residual stream, kept for every layer).
     """
 
-    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None):
+    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
+                 checkpointing: bool = False):
         C, V, NH, L = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_layer
         N = B * T
-        self.B, self.T, self.dtype = B, T, np.dtype(dtype)
+        Lc = 1 if checkpointing else L
+        self.B, self.T, self.dtype, self.checkpointing = B, T, np.dtype(dtype), bool(checkpointing)
         e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
-        self.encoded = e(B, T, C)
-        self.ln1, self.ln1_mean, self.ln1_rstd = e(L, N, C), e(L, N), e(L, N)
-        self.qkv = e(L, B, T, 3 * C)
-        self.att = e(L, B, NH, T, T)
-        self.atty = e(L, B, T, C)
-        self.residual2 = e(L, N, C)
-        self.ln2, self.ln2_mean, self.ln2_rstd = e(L, N, C), e(L, N), e(L, N)
-        self.fch, self.fch_gelu = e(L, N, 4 * C), e(L, N, 4 * C)
-        self.residual3 = e(L, N, C)
-        self.lnf, self.lnf_mean, self.lnf_rstd = e(N, C), e(N), e(N)
-        self.logits = e(N, V)  # becomes probabilities, then dlogits, in place
-        self.losses = e(N)
-        # backward scratch
-        self.dresidual, self.dtmp = e(N, C), e(N, C)
-        self.dqkv = e(B, T, 3 * C)
-        self.dfch, self.dfch_gelu = e(N, 4 * C), e(N, 4 * C)
+        self.buffers = Buffers(
+            encoded=e(N, C),
+            ln1=e(Lc, N, C), ln1_mean=e(Lc, N), ln1_rstd=e(Lc, N),
+            qkv=e(Lc, B, T, 3 * C), att=e(Lc, B, NH, T, T), atty=e(Lc, B, T, C), residual2=e(Lc, N, C),
+            ln2=e(Lc, N, C), ln2_mean=e(Lc, N), ln2_rstd=e(Lc, N),
+            fch=e(Lc, N, 4 * C), fch_gelu=e(Lc, N, 4 * C),
+            residual3=e(L, N, C),
+            lnf=e(N, C), lnf_mean=e(N), lnf_rstd=e(N),
+            logits=e(N, V),  # becomes probabilities, then dlogits, in place
+            losses=e(N), dlosses=e(N),
+            dresidual=e(N, C), dtmp=e(N, C), dqkv=e(B, T, 3 * C), dfch=e(N, 4 * C),
+            empty=e(0, C),
+        )
+        for name, array in zip(Buffers._fields, self.buffers):
+            setattr(self, name, array)
+        self.ones = np.ones(N, dtype=dtype)  # the loss weights when there is no mask
         self.table = param_table(cfg)
         self.grad_flat = np.zeros(num_params(cfg), dtype=dtype) if grad_flat is None else grad_flat
         self.grads = flat_views(self.grad_flat, self.table)
-        # the gradients that kernels accumulate into (+=); all others are written whole by matmuls
-        self.accumulated = [g for name, g in self.grads.items() if ".ln_" in name or name.startswith("ln_")
-                            or name == "wpe"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of activation buffers (the gradient buffer not included)."""
+        return sum(a.nbytes for a in self.buffers) + self.ones.nbytes
+
+
+def param_offsets(cfg: ModelConfig) -> np.ndarray:
+    """Offsets into the flat buffer in the order cllmd.kernels.transformer expects (see there)."""
+    offsets, at = {}, 0
+    for name, shape in param_table(cfg):
+        offsets[name] = at
+        at += math.prod(shape)
+    head = [offsets[n] for n in ("wte", "wpe", "ln_f.weight", "ln_f.bias")]
+    layers = [offsets[f"h.{l}.{n}"] for l in range(cfg.n_layer) for n in LAYER]
+    return np.array(head + layers, dtype=np.int64)
+
+
+if blas.AVAILABLE:
+    _forward, _forward_loss, _forward_backward = model_forward, model_forward_loss, model_forward_backward
+    _transpose = transpose_weights
+else:  # no CBLAS gemm reachable from numba: the numpy references (slower, same results)
+    _forward, _forward_loss, _forward_backward = model_forward_ref, model_forward_loss_ref, model_forward_backward_ref
+    _transpose = transpose_weights_ref
 
 
 class Model:
@@ -179,6 +202,7 @@ class Model:
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self.table = param_table(cfg)
+        self.offsets = param_offsets(cfg)
         if _flat is None:
             self.flat = np.zeros(num_params(cfg), dtype=self.dtype)
             self.params = flat_views(self.flat, self.table)
@@ -188,6 +212,7 @@ class Model:
             self.params = flat_views(self.flat, self.table)
         self.clock = clock_features(cfg.block_size, cfg.n_embd).astype(self.dtype) if cfg.clock_positions else None
         self._workspace: Workspace | None = None
+        self._no_transpose = np.empty(0, dtype=self.dtype)
 
     def _init(self, seed: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 n_layer) because each
@@ -210,11 +235,11 @@ class Model:
     def num_params(self) -> int:
         return self.flat.size
 
-    def workspace(self, B: int, T: int) -> Workspace:
+    def workspace(self, B: int, T: int, checkpointing: bool = False) -> Workspace:
         """The model's own cached workspace for (B, T) (single-threaded use)."""
         ws = self._workspace
-        if ws is None or (ws.B, ws.T) != (B, T) or ws.dtype != self.dtype:
-            ws = self._workspace = Workspace(self.cfg, B, T, self.dtype)
+        if ws is None or (ws.B, ws.T, ws.checkpointing) != (B, T, checkpointing) or ws.dtype != self.dtype:
+            ws = self._workspace = Workspace(self.cfg, B, T, self.dtype, checkpointing=checkpointing)
         return ws
 
     def _check_idx(self, idx: np.ndarray) -> np.ndarray:
@@ -227,39 +252,29 @@ class Model:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
         return np.ascontiguousarray(idx, dtype=np.int64)
 
+    def _positions(self) -> np.ndarray:
+        """The position table in use: learned, plus the fixed clock features when enabled."""
+        return self.params["wpe"] if self.clock is None else self.params["wpe"] + self.clock
+
+    @staticmethod
+    def _ids(a) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.int64)  # one dtype: one compiled kernel
+
+    def _weights(self, ws: Workspace, mask, N: int) -> tuple[np.ndarray, float]:
+        """Per-position loss weights [N] and their sum (the count of positions that count)."""
+        if mask is None:
+            return ws.ones, float(N)
+        weights = np.ascontiguousarray(np.reshape(mask, N), dtype=ws.dtype)
+        return weights, float(weights.sum(dtype=np.float64))
+
     # ---- forward -----------------------------------------------------------------------------
 
     def forward_into(self, ws: Workspace, idx: np.ndarray) -> np.ndarray:
-        """Forward pass saving every activation in ws; returns logits [B*T, V] (a view of ws)."""
-        cfg, P = self.cfg, self.params
-        B, T = idx.shape
-        N, C, NH = B * T, cfg.n_embd, cfg.n_head
-        wpe = P["wpe"] if self.clock is None else P["wpe"] + self.clock
-        embedding_forward(ws.encoded, idx, P["wte"], wpe, 0)
-        x = ws.encoded.reshape(N, C)
-        for l in range(cfg.n_layer):
-            p = f"h.{l}."
-            ln1, qkv, atty = ws.ln1[l], ws.qkv[l], ws.atty[l]
-            layernorm_forward(ln1, ws.ln1_mean[l], ws.ln1_rstd[l], x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
-            np.matmul(ln1, P[p + "attn.c_attn.weight"], out=qkv.reshape(N, 3 * C))
-            qkv += P[p + "attn.c_attn.bias"]
-            attention_forward(atty, ws.att[l], qkv, NH)                    # (B, T, C)
-            res2 = ws.residual2[l]
-            np.matmul(atty.reshape(N, C), P[p + "attn.c_proj.weight"], out=res2)
-            res2 += P[p + "attn.c_proj.bias"]
-            res2 += x                                                      # x + attn(ln_1(x))
-            ln2, fch, fch_gelu = ws.ln2[l], ws.fch[l], ws.fch_gelu[l]
-            layernorm_forward(ln2, ws.ln2_mean[l], ws.ln2_rstd[l], res2, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
-            np.matmul(ln2, P[p + "mlp.c_fc.weight"], out=fch)              # (N, 4C)
-            fch += P[p + "mlp.c_fc.bias"]
-            gelu_forward(fch_gelu, fch)
-            res3 = ws.residual3[l]
-            np.matmul(fch_gelu, P[p + "mlp.c_proj.weight"], out=res3)
-            res3 += P[p + "mlp.c_proj.bias"]
-            res3 += res2                                                   # x + mlp(ln_2(x))
-            x = res3
-        layernorm_forward(ws.lnf, ws.lnf_mean, ws.lnf_rstd, x, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)
-        np.matmul(ws.lnf, P["wte"].T, out=ws.logits)                       # tied output head (N, V)
+        """Forward pass saving every activation in ws; returns logits [B*T, V] (a view of ws).
+
+        idx [B, T] must match the workspace's (B, T). One kernel call (cllmd.kernels.transformer).
+        """
+        _forward(ws.buffers, self._ids(idx), self.flat, self.offsets, self._positions(), self.cfg.n_head)
         return ws.logits
 
     def forward(self, idx) -> np.ndarray:
@@ -274,88 +289,50 @@ class Model:
     def forward_loss(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
                      mask: np.ndarray | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position."""
-        N = idx.size
-        logits = self.forward_into(ws, idx)
-        crossentropy_forward(logits, ws.losses, logits, targets.reshape(N))  # logits -> probs in place
-        if mask is None:
-            return float(ws.losses.sum(dtype=np.float64)) / N, float(N)
-        weights = mask.reshape(N)
-        count = float(weights.sum(dtype=np.float64))
-        if count == 0.0:
-            return 0.0, 0.0
-        return float((ws.losses * weights).sum(dtype=np.float64)) / count, count
+        weights, count = self._weights(ws, mask, idx.size)
+        total = _forward_loss(ws.buffers, self._ids(idx), self._ids(targets), weights, self.flat, self.offsets,
+                              self._positions(), self.cfg.n_head)
+        return (total / count if count else 0.0), count
+
+    def transposed_weights(self, out: np.ndarray | None = None, layers=None) -> np.ndarray:
+        """The blocks' weight matrices transposed, at their own offsets in a flat-sized buffer.
+
+        forward_backward(weights_t=...) uses them for its input gradients (faster gemms); they
+        must be refreshed whenever the weights change. layers: an iterable of layer indices
+        (default all), so callers can spread the work over threads.
+        """
+        if out is None:
+            out = np.zeros_like(self.flat)
+        for l in range(self.cfg.n_layer) if layers is None else layers:
+            _transpose(out, self.flat, self.offsets, l, self.cfg.n_embd)
+        return out
 
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
-                         mask: np.ndarray | None = None, normalizer: float | None = None) -> tuple[float, float]:
+                         mask: np.ndarray | None = None, normalizer: float | None = None,
+                         weights_t: np.ndarray | None = None) -> tuple[float, float]:
         """Loss and gradients of one batch into ws.grads.
 
         The loss is the mean cross-entropy over the positions where mask is 1 (all of them when
         mask is None); masked positions contribute neither loss nor gradient. ws.grads receives
         d(sum of counted losses / normalizer)/d(params); normalizer defaults to the count, i.e.
         the gradient of the mean (the trainer passes 1 and divides once after its reduction).
+        With a checkpointing workspace the blocks recompute their activations in the backward.
+        weights_t: an up-to-date transposed_weights() buffer, or None.
         Returns (mean loss, number of counted positions).
         """
-        cfg, P, G = self.cfg, self.params, ws.grads
-        B, T = idx.shape
-        N, C, NH = B * T, cfg.n_embd, cfg.n_head
-        loss, count = self.forward_loss(ws, idx, targets, mask)
-        targets = targets.reshape(N)
-        logits = ws.logits
+        weights, count = self._weights(ws, mask, idx.size)
         if count == 0.0:
+            self.forward_loss(ws, idx, targets, mask)
             ws.grad_flat[:] = 0.0
             return 0.0, 0.0
         scale = 1.0 / (count if normalizer is None else normalizer)
-        if mask is None:
-            dlosses = np.full(N, scale, dtype=ws.dtype)
-        else:
-            dlosses = mask.reshape(N).astype(ws.dtype) * ws.dtype.type(scale)
+        flat_t = self._no_transpose if weights_t is None else weights_t
+        total = _forward_backward(ws.buffers, self._ids(idx), self._ids(targets), weights, scale, self.flat, flat_t,
+                                  self.offsets, self._positions(), self.cfg.n_head, ws.grad_flat)
+        return total / count, count
 
-        for g in ws.accumulated:
-            g[...] = 0.0
-        dlogits = logits
-        crossentropy_backward(dlogits, logits, targets, dlosses)           # probs -> dlogits in place
-        # logits = lnf @ wte.T: weight gradient written once here, embedding adds to it below
-        np.matmul(dlogits.T, ws.lnf, out=G["wte"])
-        dlnf = ws.dtmp
-        np.matmul(dlogits, P["wte"], out=dlnf)
-        dx = ws.dresidual
-        dx[:] = 0.0
-        x_last = ws.residual3[cfg.n_layer - 1] if cfg.n_layer else ws.encoded.reshape(N, C)
-        layernorm_backward(dx, G["ln_f.weight"], G["ln_f.bias"], dlnf, x_last, P["ln_f.weight"], ws.lnf_mean, ws.lnf_rstd)
-        for l in reversed(range(cfg.n_layer)):
-            p = f"h.{l}."
-            x_in = ws.residual3[l - 1] if l else ws.encoded.reshape(N, C)
-            # res3 = res2 + fch_gelu @ W_proj + b: dx flows to res2 unchanged (residual)
-            np.matmul(ws.fch_gelu[l].T, dx, out=G[p + "mlp.c_proj.weight"])
-            np.sum(dx, axis=0, out=G[p + "mlp.c_proj.bias"])
-            np.matmul(dx, P[p + "mlp.c_proj.weight"].T, out=ws.dfch_gelu)
-            dfch = ws.dfch
-            gelu_backward(dfch, ws.fch[l], ws.dfch_gelu)  # separate buffers: aliasing would stop SIMD
-            np.matmul(ws.ln2[l].T, dfch, out=G[p + "mlp.c_fc.weight"])
-            np.sum(dfch, axis=0, out=G[p + "mlp.c_fc.bias"])
-            dln2 = ws.dtmp
-            np.matmul(dfch, P[p + "mlp.c_fc.weight"].T, out=dln2)
-            layernorm_backward(dx, G[p + "ln_2.weight"], G[p + "ln_2.bias"], dln2, ws.residual2[l],
-                               P[p + "ln_2.weight"], ws.ln2_mean[l], ws.ln2_rstd[l])
-            # res2 = x + atty @ W_o + b_o: dx (now d res2) flows to x unchanged
-            np.matmul(ws.atty[l].reshape(N, C).T, dx, out=G[p + "attn.c_proj.weight"])
-            np.sum(dx, axis=0, out=G[p + "attn.c_proj.bias"])
-            datty = ws.dtmp
-            np.matmul(dx, P[p + "attn.c_proj.weight"].T, out=datty)
-            dqkv = ws.dqkv
-            dqkv[:] = 0.0
-            attention_backward(dqkv, datty.reshape(B, T, C), ws.qkv[l], ws.att[l], NH)
-            dqkv2 = dqkv.reshape(N, 3 * C)
-            np.matmul(ws.ln1[l].T, dqkv2, out=G[p + "attn.c_attn.weight"])
-            np.sum(dqkv2, axis=0, out=G[p + "attn.c_attn.bias"])
-            dln1 = ws.dtmp
-            np.matmul(dqkv2, P[p + "attn.c_attn.weight"].T, out=dln1)
-            layernorm_backward(dx, G[p + "ln_1.weight"], G[p + "ln_1.bias"], dln1, x_in,
-                               P[p + "ln_1.weight"], ws.ln1_mean[l], ws.ln1_rstd[l])
-        embedding_backward(G["wte"], G["wpe"], dx.reshape(B, T, C), idx, 0)
-        return loss, count
-
-    def loss_and_grads(self, idx, targets, mask=None) -> tuple[float, dict[str, np.ndarray]]:
+    def loss_and_grads(self, idx, targets, mask=None,
+                       checkpointing: bool = False) -> tuple[float, dict[str, np.ndarray]]:
         """Mean cross-entropy and its gradients (fresh arrays, same keys as params)."""
         idx = self._check_idx(idx)
         targets = np.ascontiguousarray(targets, dtype=np.int64)
@@ -368,7 +345,7 @@ class Model:
             if mask.shape != idx.shape:
                 raise ValueError(f"mask shape {mask.shape} differs from idx shape {idx.shape}")
         B, T = idx.shape
-        ws = self.workspace(B, T)
+        ws = self.workspace(B, T, checkpointing)
         loss, _ = self.forward_backward(ws, idx, targets, mask)
         return loss, {name: g.copy() for name, g in ws.grads.items()}
 

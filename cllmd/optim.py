@@ -55,9 +55,12 @@ def clip_by_global_norm(grad_flat: np.ndarray, max_norm: float) -> float:
 class AdamW:
     """AdamW with moments laid out like the parameters; decay only on 2-D weights.
 
-    The parameter table is cut into contiguous segments of equal decay so the numba kernel runs
-    over a handful of long ranges instead of one call per tensor.
+    The parameter table is cut into contiguous segments of equal decay, and those into pieces
+    of at most PIECE elements, so the numba kernel runs over a few long ranges that a thread
+    pool can share (the update is element-wise: any split gives the same bits).
     """
+
+    PIECE = 1 << 16
 
     def __init__(self, flat: np.ndarray, table, *, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
@@ -79,13 +82,25 @@ class AdamW:
             else:
                 self.segments.append((offset, offset + n, decay))
             offset += n
+        self.pieces = [(a, min(a + self.PIECE, end), decay) for start, end, decay in self.segments
+                       for a in range(start, end, self.PIECE)]
 
-    def step(self, grad_flat: np.ndarray, lr: float) -> None:
+    def step(self, grad_flat: np.ndarray, lr: float, grad_scale: float = 1.0, run=None) -> None:
+        """One update with the gradient grad_scale * grad_flat. run: a callable that runs a list
+        of callables and returns when all are done (a thread pool's run); None runs them here."""
         self.step_count += 1
-        for start, end, decay in self.segments:
-            adamw_update(self.flat[start:end], grad_flat[start:end], self.m[start:end], self.v[start:end],
-                         lr, self.beta1, self.beta2, self.eps, self.weight_decay if decay else 0.0,
-                         self.step_count)
+        step = self.step_count
+
+        def piece(a, b, decay):
+            adamw_update(self.flat[a:b], grad_flat[a:b], self.m[a:b], self.v[a:b], lr, self.beta1, self.beta2,
+                         self.eps, self.weight_decay if decay else 0.0, step, grad_scale)
+
+        tasks = [lambda p=p: piece(*p) for p in self.pieces]
+        if run is None:
+            for task in tasks:
+                task()
+        else:
+            run(tasks)
 
     def state(self) -> dict:
         return {"step_count": self.step_count, "weight_decay": self.weight_decay,

@@ -46,6 +46,8 @@ class Sphere:
         self.model = model
         self.grad_flat = grad_flat  # this sphere's row of node zero's [12, P] gradient array
         self.workspace: Workspace | None = None
+        self.checkpointing = False  # recompute block activations in the backward (less memory)
+        self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
         self.stats = SphereStats()
         self.lock = threading.Lock()
         # the slot, filled by node zero before each step
@@ -65,8 +67,10 @@ class Sphere:
 
     def ensure_workspace(self, B: int, T: int) -> Workspace:
         ws = self.workspace
-        if ws is None or (ws.B, ws.T) != (B, T):
-            ws = self.workspace = Workspace(self.model.cfg, B, T, self.model.dtype, grad_flat=self.grad_flat)
+        if ws is None or (ws.B, ws.T, ws.checkpointing) != (B, T, self.checkpointing):
+            self.workspace = None  # let the old buffers go before the new ones are allocated
+            ws = self.workspace = Workspace(self.model.cfg, B, T, self.model.dtype, grad_flat=self.grad_flat,
+                                            checkpointing=self.checkpointing)
         return ws
 
     def compute(self, forward_only: bool) -> None:
@@ -78,7 +82,8 @@ class Sphere:
             if forward_only:
                 self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask)
             else:
-                self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0)
+                self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
+                                                          weights_t=self.weights_t)
         finally:
             self._set_state("waiting")
         loss, count = self.result

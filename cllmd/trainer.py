@@ -4,7 +4,8 @@ Each step node zero samples the global batch, splits it by rows into 12 micro-ba
 until every sphere has finished, sums their gradients in fixed sphere order, normalizes by the
 token count, skips the step on NaN/Inf, clips by global norm and applies AdamW. Because the
 reduction order never depends on which thread ran which sphere, the same seed and data give
-bit-identical weights with any thread count.
+bit-identical weights with any thread count. Node zero's own passes (transposed weights,
+reduction, AdamW) are cut at fixed places and shared over the same thread pool.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,14 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cllmd.kernels.adamw import sum_rows_into
+from cllmd.kernels.adamw import REDUCE_BLOCK, sum_rows_into
 from cllmd.model import Model
-from cllmd.optim import AdamW, Schedule, clip_by_global_norm
+from cllmd.optim import AdamW, Schedule
 from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, split_rows
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "cllmd-checkpoint"
+# Python's GIL hand-over interval while a trainer exists (the default is 5 ms). A sphere holds
+# the GIL only between its kernel calls, but a thread that wants it back after a kernel may
+# wait a whole interval behind another thread's Python code (the convoy effect); with the
+# default, two threads spent part of each step waiting. Measured: docs/benchmarks.md.
+SWITCH_INTERVAL = 5e-5
 
 
 def usable_cores() -> int:
@@ -54,6 +61,7 @@ class TrainConfig:
     eval_interval: int = 200      # 0 disables periodic evaluation
     eval_windows: int = 240       # fixed validation windows per evaluation
     padded: bool = False          # padded batches (one document per row, loss mask) instead of windows
+    grad_checkpointing: bool = False  # recompute block activations in the backward: less memory, ~10% slower
     seed: int = 1337
 
     def __post_init__(self):
@@ -64,6 +72,8 @@ class TrainConfig:
             "eps": self.eps > 0, "accum_steps": self.accum_steps >= 1, "eval_interval": self.eval_interval >= 0,
             "eval_windows": self.eval_windows >= 1,
         }
+        checks["grad_checkpointing"] = isinstance(self.grad_checkpointing, bool)
+        checks["padded"] = isinstance(self.padded, bool)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
@@ -80,16 +90,27 @@ class Trainer:
         self.model = model
         self.source = source
         self.config = config
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)  # process-wide; see SWITCH_INTERVAL
         # every sphere's gradient is one row of a single [12, P] allocation (llm.c style)
         self.sphere_grads = np.zeros((NUM_SPHERES, model.flat.size), dtype=model.dtype)
+        # the blocks' weight matrices transposed, refreshed at the start of every step: the
+        # spheres' input-gradient gemms run faster on them (see cllmd.kernels.linear)
+        self.weights_t = np.zeros_like(model.flat)
         self.spheres = [Sphere(i + 1, model, self.sphere_grads[i]) for i in range(NUM_SPHERES)]
+        for s in self.spheres:
+            s.weights_t = self.weights_t
+            s.checkpointing = config.grad_checkpointing
         self.pool = SpherePool(threads or usable_cores())
         # one BLAS thread per worker thread, so N workers really use N cores
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.optimizer = AdamW(model.flat, model.table, weight_decay=config.weight_decay,
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.rng = np.random.default_rng(config.seed)
-        self.grad = np.zeros_like(model.flat)  # node zero's reduction buffer
+        # node zero's reduction buffer: after a step, the sum over the batch of the token
+        # losses' gradients (divide by last["tokens"] for the mean; clipping not applied)
+        self.grad = np.zeros_like(model.flat)
+        self._sumsq = np.zeros(-(-model.flat.size // REDUCE_BLOCK), dtype=np.float64)  # per reduction block
         self.step_num = 0          # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0
         self.tokens_seen = 0
@@ -118,6 +139,8 @@ class Trainer:
             self.config = new
             self.optimizer.weight_decay = new.weight_decay
             self.optimizer.beta1, self.optimizer.beta2, self.optimizer.eps = new.beta1, new.beta2, new.eps
+            for s in self.spheres:  # a sphere reallocates its workspace at its next micro-batch
+                s.checkpointing = new.grad_checkpointing
         return new
 
     def _apply_pending(self) -> None:
@@ -149,17 +172,26 @@ class Trainer:
         self.pool.run([lambda s=s: s.compute(forward_only) for s in used])
         return used
 
-    def _reduce_into_grad(self, used: list[Sphere]) -> None:
-        """self.grad += sum of the spheres' gradients, in fixed sphere order.
+    def _refresh_transposed(self) -> None:
+        """weights_t = the current weights' matrices transposed, one layer per task."""
+        self.pool.run([lambda l=l: self.model.transposed_weights(self.weights_t, (l,))
+                       for l in range(self.model.cfg.n_layer)])
+
+    def _reduce_into_grad(self, used: list[Sphere], overwrite: bool, norm: bool) -> None:
+        """self.grad (= if overwrite, else +=) the sum of the spheres' gradients, in fixed sphere order.
 
         The flat range is cut into chunks reduced in parallel; every element is still summed
         in sphere order, so the result does not depend on the chunking or the thread count.
+        With norm, self._sumsq receives per-block sums of squares of the result (fixed blocks).
         """
         n = self.grad.size
         rows = np.array([s.id - 1 for s in used], dtype=np.int64)
-        chunks = max(1, min(2 * self.pool.size, n // 65536))
-        bounds = np.linspace(0, n, chunks + 1).astype(int)
-        self.pool.run([lambda a=int(bounds[i]), b=int(bounds[i + 1]): sum_rows_into(self.grad, self.sphere_grads, rows, a, b)
+        blocks = -(-n // REDUCE_BLOCK)
+        chunks = max(1, min(2 * self.pool.size, blocks // 16))
+        bounds = [min(n, REDUCE_BLOCK * (blocks * i // chunks)) for i in range(chunks + 1)]
+        sumsq = self._sumsq if norm else self._sumsq[:0]
+        self.pool.run([lambda a=bounds[i], b=bounds[i + 1]: sum_rows_into(self.grad, self.sphere_grads, rows, a, b,
+                                                                        overwrite, sumsq)
                        for i in range(chunks)])
 
     def step(self) -> dict:
@@ -168,30 +200,27 @@ class Trainer:
         cfg = self.config
         T = self.model.cfg.block_size
         t0 = time.perf_counter()
-        self.grad[:] = 0.0
+        self._refresh_transposed()
         loss_sum = 0.0
         count = 0.0
-        for _ in range(cfg.accum_steps):
+        for micro in range(cfg.accum_steps):
             x, y, mask = self._sample(cfg.batch_size, T)
             used = self._dispatch(x, y, mask, forward_only=False)
             for s in used:
                 loss_sum += s.result[0] * s.result[1]
                 count += s.result[1]
-            self._reduce_into_grad(used)       # accumulation adds, never overwrites
+            # accumulation adds, never overwrites (the first micro-step starts the sum)
+            self._reduce_into_grad(used, overwrite=micro == 0, norm=micro == cfg.accum_steps - 1)
         lr = cfg.schedule()(self.step_num)
-        skipped = False
-        grad_norm = float("nan")
-        if count > 0:
-            self.grad *= self.grad.dtype.type(1.0 / count)  # sum of token losses -> mean
-            grad_norm = clip_by_global_norm(self.grad, cfg.grad_clip)
-            if not math.isfinite(grad_norm):
-                skipped = True
-            else:
-                self.optimizer.step(self.grad, lr)
-        else:
-            skipped = True
         loss = loss_sum / count if count else float("nan")
-        if skipped or not math.isfinite(loss):
+        # the norm of the mean gradient: ||sum|| / count, from the fixed per-block partials
+        grad_norm = math.sqrt(float(self._sumsq.sum())) / count if count else float("nan")
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            # clipping as cllmd.optim.clip_by_global_norm, folded with 1/count into AdamW
+            clip = cfg.grad_clip / (grad_norm + 1e-6) if 0 < cfg.grad_clip < grad_norm else 1.0
+            self.optimizer.step(self.grad, lr, grad_scale=clip / count, run=self.pool.run)
+        if skipped:
             self.skipped_steps += 1
             log.warning("step %d skipped: loss %s, gradient norm %s (non-finite or empty batch)",
                         self.step_num, loss, grad_norm)

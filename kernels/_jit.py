@@ -7,6 +7,10 @@ import numba
 
 kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
 
+# Small scalar helpers called inside kernel loops: inlined at numba's IR level so LLVM sees
+# straight-line code it can vectorize (left to its own heuristics it may keep the call).
+inline_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+
 # For reductions only: 'reassoc' lets LLVM vectorize a sum by splitting it into partial sums.
 # It changes nothing but the order of additions (no approximations, no finite-math
 # assumptions); the kernel tests bound the difference to the numpy references.

@@ -1,0 +1,75 @@
+"""Affine layer out = inp @ weight + bias (+ residual): forward, backward, numpy references.
+
+Shapes: inp [N, K]; weight [K, M]; weight_t [M, K] (its transpose, or empty [0, 0]); bias [M];
+out, residual, dout [N, M]; dinp [N, K].
+The forward seeds out with bias (+ residual) and lets gemm accumulate onto it (beta = 1), so
+the bias and the residual add cost no extra pass over out. The backward writes (=) every
+gradient: each weight and bias is used once per pass. An empty residual (shape [0, M])
+means none. For small N, dinp = dout weight^T runs ~30% faster as a plain product with a
+transposed copy of the weight (gemm packs contiguous rows instead of gathering columns); the
+trainer keeps such copies, refreshed from the weights every step.
+"""
+import numpy as np
+
+from ._jit import kernel
+from .blas import gemm
+
+
+@kernel
+def linear_forward(out, inp, weight, bias, residual):
+    N, M = out.shape
+    if residual.shape[0]:
+        for n in range(N):
+            o, r = out[n], residual[n]
+            for j in range(M):
+                o[j] = r[j] + bias[j]
+    else:
+        for n in range(N):
+            out[n, :] = bias
+    gemm(False, False, 1.0, inp, weight, 1.0, out)
+
+
+@kernel
+def linear_backward(dinp, dweight, dbias, dout, inp, weight, weight_t):
+    # out = inp W + b  ->  dW = inp^T dout,  db = sum over rows of dout,  dinp = dout W^T
+    N, M = dout.shape
+    gemm(True, False, 1.0, inp, dout, 0.0, dweight)
+    dbias[:] = dout[0]
+    for n in range(1, N):
+        d = dout[n]
+        for j in range(M):
+            dbias[j] += d[j]
+    if weight_t.shape[0]:
+        gemm(False, False, 1.0, dout, weight_t, 0.0, dinp)
+    else:
+        gemm(False, True, 1.0, dout, weight, 0.0, dinp)
+
+
+@kernel
+def transpose(out, inp):
+    """out = inp.T for 2-D arrays, in 16 x 16 tiles so both sides stay in cache (measured
+    ~2-5x faster than 32 x 32 tiles or numpy's strided copy on the model's shapes)."""
+    R, S = inp.shape
+    for a in range(0, R, 16):
+        for b in range(0, S, 16):
+            ra, sb = min(a + 16, R) - a, min(b + 16, S) - b
+            for j in range(sb):
+                o = out[b + j, a:a + ra]
+                for i in range(ra):
+                    o[i] = inp[a + i, b + j]
+
+
+def linear_forward_ref(out, inp, weight, bias, residual):
+    out[...] = inp @ weight + bias
+    if residual.shape[0]:
+        out += residual
+
+
+def linear_backward_ref(dinp, dweight, dbias, dout, inp, weight, weight_t):
+    dweight[...] = inp.T @ dout
+    dbias[...] = dout.sum(axis=0)
+    dinp[...] = dout @ (weight_t if weight_t.shape[0] else weight.T)
+
+
+def transpose_ref(out, inp):
+    out[...] = inp.T

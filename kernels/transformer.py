@@ -1,0 +1,326 @@
+"""The whole model's forward and backward passes, each one nogil kernel, with numpy references.
+
+A trainer sphere's micro-batch runs in a single call that never returns to Python, so spheres
+on different threads do not queue for the GIL between operations. The passes are written
+layer by layer from the op kernels of this package (layernorm, linear, attention, gelu,
+cross-entropy, embedding); the _ref versions, same signatures, chain the numpy references
+and are the fallback when no CBLAS gemm was found (blas.AVAILABLE).
+
+Shapes: B, T, C, NH, hs = C / NH, V, L; N = B * T. Parameters and gradients: flat buffers
+laid out as cllmd.model.param_table; offs locates them: offs[0:4] = wte [V, C], wpe [block, C],
+ln_f.weight, ln_f.bias; offs[4 + 12 l + k] = layer l's k-th tensor in table order (LAYER
+below). Activations: a Buffers tuple; per-layer activations have a leading axis of L, or of 1
+with gradient checkpointing, when a block's activations are recomputed from its input (the
+residual stream, always kept per layer) just before its backward.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from ._jit import kernel
+from .attention import (attention_backward, attention_backward_ref, attention_forward,
+                        attention_forward_ref)
+from .blas import gemm, gemm_ref
+from .crossentropy import (crossentropy_backward, crossentropy_backward_ref, crossentropy_forward,
+                           crossentropy_forward_ref)
+from .embedding import embedding_backward, embedding_backward_ref, embedding_forward, embedding_forward_ref
+from .gelu import gelu_forward_grad, gelu_forward_grad_ref, mul_inplace, mul_inplace_ref
+from .layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
+from .linear import (linear_backward, linear_backward_ref, linear_forward, linear_forward_ref, transpose,
+                     transpose_ref)
+
+LN_EPS = 1e-5
+LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+         "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+         "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+Buffers = namedtuple("Buffers", [
+    "encoded",                          # [N, C] token + position embeddings
+    "ln1", "ln1_mean", "ln1_rstd",      # [Lc, N, C], [Lc, N]
+    "qkv",                              # [Lc, B, T, 3C]
+    "att",                              # [Lc, B, NH, T, T] softmax, transposed (see attention)
+    "atty",                             # [Lc, B, T, C] attention output before c_proj
+    "residual2",                        # [Lc, N, C] x + attn(ln_1(x))
+    "ln2", "ln2_mean", "ln2_rstd",      # [Lc, N, C], [Lc, N]
+    "fch", "fch_gelu",                  # [Lc, N, 4C] gelu'(pre-activation), gelu(pre-activation)
+    "residual3",                        # [L, N, C] block outputs (the checkpoints)
+    "lnf", "lnf_mean", "lnf_rstd",      # [N, C], [N]
+    "logits",                           # [N, V] logits, then probabilities, then dlogits
+    "losses", "dlosses",                # [N]
+    "dresidual", "dtmp",                # [N, C] backward scratch
+    "dqkv",                             # [B, T, 3C]
+    "dfch",                             # [N, 4C] pre-activation (forward); d fch_gelu, then d pre (backward)
+    "empty",                            # [0, C]: "no residual" for linear_forward
+])
+
+
+@kernel
+def _vec(flat, off, n):
+    return flat[off:off + n]
+
+
+@kernel
+def _mat(flat, off, rows, cols):
+    return flat[off:off + rows * cols].reshape((rows, cols))
+
+
+@kernel
+def _mat_t(flat_t, off, rows, cols):
+    """A transposed weight [rows, cols] in flat_t, or an empty one when flat_t is empty."""
+    if flat_t.size:
+        return flat_t[off:off + rows * cols].reshape((rows, cols))
+    return flat_t[:0].reshape((0, 0))
+
+
+# ---- one block -----------------------------------------------------------------------------
+
+@kernel
+def block_forward(buf, l, x, flat, offs, n_head, write_output):
+    """Block l on input x [N, C]: fills layer slot l (slot 0 when checkpointing) and, if
+    write_output, residual3[l] = x + attn(ln_1(x)) + mlp(ln_2(...))."""
+    la = l % buf.ln1.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    ln1, qkv, atty, res2 = buf.ln1[la], buf.qkv[la], buf.atty[la], buf.residual2[la]
+    layernorm_forward(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec(flat, o[0], C), _vec(flat, o[1], C), LN_EPS)
+    linear_forward(qkv.reshape((N, 3 * C)), ln1, _mat(flat, o[2], C, 3 * C), _vec(flat, o[3], 3 * C), buf.empty)
+    attention_forward(atty, buf.att[la], qkv, n_head)                            # (B, T, C)
+    linear_forward(res2, atty.reshape((N, C)), _mat(flat, o[4], C, C), _vec(flat, o[5], C), x)  # x + attn
+    ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
+    layernorm_forward(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec(flat, o[6], C), _vec(flat, o[7], C), LN_EPS)
+    # the pre-activation goes to the (idle) backward scratch; the layer keeps gelu' of it.
+    # Separate buffers: written in place, the aliasing would stop LLVM vectorizing the tanh.
+    linear_forward(buf.dfch, ln2, _mat(flat, o[8], C, 4 * C), _vec(flat, o[9], 4 * C), buf.empty)  # (N, 4C)
+    gelu_forward_grad(fch_gelu, fch, buf.dfch)
+    if write_output:
+        linear_forward(buf.residual3[l], fch_gelu, _mat(flat, o[10], 4 * C, C), _vec(flat, o[11], C), res2)
+
+
+@kernel
+def block_backward(buf, l, x, flat, flat_t, offs, grad, n_head):
+    """Inverts block l: buf.dresidual holds d residual3[l] on entry and d x on return;
+    layer l's gradients are written into grad (LayerNorm ones accumulate, pre-zeroed).
+    flat_t: the weight matrices transposed at the same offsets, or empty (see linear)."""
+    la = l % buf.ln1.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    qkv = buf.qkv[la]
+    B, T = qkv.shape[0], qkv.shape[1]
+    dx, dtmp = buf.dresidual, buf.dtmp
+    W = lambda k, rows, cols: _mat(flat, o[k], rows, cols)      # noqa: E731 - weight k of the layer
+    Wt = lambda k, rows, cols: _mat_t(flat_t, o[k], cols, rows)  # noqa: E731 - its transpose
+    dW = lambda k, rows, cols: _mat(grad, o[k], rows, cols)     # noqa: E731 - its gradient
+    db = lambda k, n: _vec(grad, o[k], n)                       # noqa: E731
+    # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
+    linear_backward(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, buf.fch_gelu[la], W(10, 4 * C, C), Wt(10, 4 * C, C))
+    mul_inplace(buf.dfch, buf.fch[la])                         # d pre-activation = gelu'(pre) d fch_gelu
+    linear_backward(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, buf.ln2[la], W(8, C, 4 * C), Wt(8, C, 4 * C))
+    layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
+                       buf.ln2_mean[la], buf.ln2_rstd[la])
+    # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
+    linear_backward(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape((N, C)), W(4, C, C), Wt(4, C, C))
+    attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
+    linear_backward(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), buf.ln1[la],
+                    W(2, C, 3 * C), Wt(2, C, 3 * C))
+    layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
+
+
+@kernel
+def transpose_weights(flat_t, flat, offs, l, n_embd):
+    """flat_t gets layer l's four weight matrices transposed, at their offsets in flat."""
+    C = n_embd
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
+        transpose(_mat(flat_t, o[k], cols, rows), _mat(flat, o[k], rows, cols))
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+@kernel
+def model_forward(buf, idx, flat, offs, wpe, n_head):
+    """Logits into buf.logits [N, V]; every activation saved. wpe [block, C] is the position
+    table in use (the learned one, plus the clock features when enabled)."""
+    B, T = idx.shape
+    N, C = buf.encoded.shape
+    L = buf.residual3.shape[0]
+    V = buf.logits.shape[1]
+    wte = _mat(flat, offs[0], V, C)
+    embedding_forward(buf.encoded.reshape((B, T, C)), idx, wte, wpe, 0)
+    x = buf.encoded
+    for l in range(L):
+        block_forward(buf, l, x, flat, offs, n_head, True)
+        x = buf.residual3[l]
+    layernorm_forward(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec(flat, offs[2], C), _vec(flat, offs[3], C), LN_EPS)
+    gemm(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)                       # tied head: lnf wte^T
+
+
+@kernel
+def model_forward_loss(buf, idx, targets, mask, flat, offs, wpe, n_head):
+    """Forward, then per-position losses into buf.losses and probabilities into buf.logits.
+    Returns sum(losses * mask) in float64. Shapes: idx, targets [B, T]; mask [N]."""
+    model_forward(buf, idx, flat, offs, wpe, n_head)
+    crossentropy_forward(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
+    total = 0.0
+    for n in range(mask.size):
+        total += np.float64(buf.losses[n]) * mask[n]
+    return total
+
+
+@kernel
+def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, wpe, n_head, grad):
+    """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole.
+    flat_t: transposed weight matrices (see transpose_weights) or empty. Returns
+    sum(losses * mask) in float64."""
+    total = model_forward_loss(buf, idx, targets, mask, flat, offs, wpe, n_head)
+    B, T = idx.shape
+    N, C = buf.encoded.shape
+    L = buf.residual3.shape[0]
+    V = buf.logits.shape[1]
+    Lc = buf.ln1.shape[0]
+    # gradients that kernels accumulate into (+=) start at zero; gemms write the others whole
+    for l in range(L):
+        o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+        for k in (0, 1, 6, 7):
+            grad[o[k]:o[k] + C] = 0.0
+    grad[offs[1]:offs[1] + wpe.size] = 0.0
+    grad[offs[2]:offs[2] + C] = 0.0
+    grad[offs[3]:offs[3] + C] = 0.0
+    for n in range(N):
+        buf.dlosses[n] = mask[n] * scale
+    crossentropy_backward(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)  # probs -> dlogits
+    wte, dwte = _mat(flat, offs[0], V, C), _mat(grad, offs[0], V, C)
+    # logits = lnf wte^T: the head writes dwte, the embedding adds to it below
+    gemm(True, False, 1.0, buf.logits, buf.lnf, 0.0, dwte)
+    gemm(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)                      # dlnf
+    buf.dresidual[:] = 0.0
+    layernorm_backward(buf.dresidual, _vec(grad, offs[2], C), _vec(grad, offs[3], C), buf.dtmp, buf.residual3[L - 1],
+                       _vec(flat, offs[2], C), buf.lnf_mean, buf.lnf_rstd)
+    for l in range(L - 1, -1, -1):
+        x_in = buf.residual3[l - 1] if l else buf.encoded
+        if Lc < L and l < L - 1:
+            # checkpointing: slot 0 holds layer L-1's activations; recompute layer l's from its
+            # saved input (its output, residual3[l], is already kept)
+            block_forward(buf, l, x_in, flat, offs, n_head, False)
+        block_backward(buf, l, x_in, flat, flat_t, offs, grad, n_head)
+    embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
+    return total
+
+
+# ---- numpy references (same signatures) ---------------------------------------------------------
+
+def _vec_ref(flat, off, n):
+    return flat[off:off + n]
+
+
+def _mat_ref(flat, off, rows, cols):
+    return flat[off:off + rows * cols].reshape(rows, cols)
+
+
+def _mat_ref_t(flat_t, off, rows, cols):
+    return flat_t[off:off + rows * cols].reshape(rows, cols) if flat_t.size else flat_t[:0].reshape(0, 0)
+
+
+def block_forward_ref(buf, l, x, flat, offs, n_head, write_output):
+    la = l % buf.ln1.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    ln1, qkv, atty, res2 = buf.ln1[la], buf.qkv[la], buf.atty[la], buf.residual2[la]
+    layernorm_forward_ref(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec_ref(flat, o[0], C),
+                          _vec_ref(flat, o[1], C), LN_EPS)
+    linear_forward_ref(qkv.reshape(N, 3 * C), ln1, _mat_ref(flat, o[2], C, 3 * C), _vec_ref(flat, o[3], 3 * C),
+                       buf.empty)
+    attention_forward_ref(atty, buf.att[la], qkv, n_head)
+    linear_forward_ref(res2, atty.reshape(N, C), _mat_ref(flat, o[4], C, C), _vec_ref(flat, o[5], C), x)
+    ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
+    layernorm_forward_ref(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec_ref(flat, o[6], C),
+                          _vec_ref(flat, o[7], C), LN_EPS)
+    linear_forward_ref(buf.dfch, ln2, _mat_ref(flat, o[8], C, 4 * C), _vec_ref(flat, o[9], 4 * C), buf.empty)
+    gelu_forward_grad_ref(fch_gelu, fch, buf.dfch)
+    if write_output:
+        linear_forward_ref(buf.residual3[l], fch_gelu, _mat_ref(flat, o[10], 4 * C, C), _vec_ref(flat, o[11], C),
+                           res2)
+
+
+def block_backward_ref(buf, l, x, flat, flat_t, offs, grad, n_head):
+    la = l % buf.ln1.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    qkv = buf.qkv[la]
+    B, T = qkv.shape[:2]
+    dx, dtmp = buf.dresidual, buf.dtmp
+    W = lambda k, rows, cols: _mat_ref(flat, o[k], rows, cols)      # noqa: E731
+    Wt = lambda k, rows, cols: _mat_ref_t(flat_t, o[k], cols, rows)  # noqa: E731
+    dW = lambda k, rows, cols: _mat_ref(grad, o[k], rows, cols)     # noqa: E731
+    db = lambda k, n: _vec_ref(grad, o[k], n)                       # noqa: E731
+    linear_backward_ref(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, buf.fch_gelu[la], W(10, 4 * C, C),
+                        Wt(10, 4 * C, C))
+    mul_inplace_ref(buf.dfch, buf.fch[la])
+    linear_backward_ref(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, buf.ln2[la], W(8, C, 4 * C), Wt(8, C, 4 * C))
+    layernorm_backward_ref(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec_ref(flat, o[6], C),
+                           buf.ln2_mean[la], buf.ln2_rstd[la])
+    linear_backward_ref(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape(N, C), W(4, C, C), Wt(4, C, C))
+    attention_backward_ref(buf.dqkv, dtmp.reshape(B, T, C), qkv, buf.att[la], n_head)
+    linear_backward_ref(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape(N, 3 * C), buf.ln1[la],
+                        W(2, C, 3 * C), Wt(2, C, 3 * C))
+    layernorm_backward_ref(dx, db(0, C), db(1, C), dtmp, x, _vec_ref(flat, o[0], C), buf.ln1_mean[la],
+                           buf.ln1_rstd[la])
+
+
+def transpose_weights_ref(flat_t, flat, offs, l, n_embd):
+    C = n_embd
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
+        transpose_ref(_mat_ref(flat_t, o[k], cols, rows), _mat_ref(flat, o[k], rows, cols))
+
+
+def model_forward_ref(buf, idx, flat, offs, wpe, n_head):
+    B, T = idx.shape
+    N, C = buf.encoded.shape
+    L = buf.residual3.shape[0]
+    V = buf.logits.shape[1]
+    wte = _mat_ref(flat, offs[0], V, C)
+    embedding_forward_ref(buf.encoded.reshape(B, T, C), idx, wte, wpe, 0)
+    x = buf.encoded
+    for l in range(L):
+        block_forward_ref(buf, l, x, flat, offs, n_head, True)
+        x = buf.residual3[l]
+    layernorm_forward_ref(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec_ref(flat, offs[2], C),
+                          _vec_ref(flat, offs[3], C), LN_EPS)
+    gemm_ref(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
+
+
+def model_forward_loss_ref(buf, idx, targets, mask, flat, offs, wpe, n_head):
+    model_forward_ref(buf, idx, flat, offs, wpe, n_head)
+    crossentropy_forward_ref(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
+    return float((buf.losses.astype(np.float64) * mask).sum())
+
+
+def model_forward_backward_ref(buf, idx, targets, mask, scale, flat, flat_t, offs, wpe, n_head, grad):
+    total = model_forward_loss_ref(buf, idx, targets, mask, flat, offs, wpe, n_head)
+    B, T = idx.shape
+    N, C = buf.encoded.shape
+    L = buf.residual3.shape[0]
+    V = buf.logits.shape[1]
+    Lc = buf.ln1.shape[0]
+    for l in range(L):
+        o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+        for k in (0, 1, 6, 7):
+            grad[o[k]:o[k] + C] = 0.0
+    grad[offs[1]:offs[1] + wpe.size] = 0.0
+    grad[offs[2]:offs[2] + C] = 0.0
+    grad[offs[3]:offs[3] + C] = 0.0
+    buf.dlosses[:] = mask * scale
+    crossentropy_backward_ref(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)
+    wte, dwte = _mat_ref(flat, offs[0], V, C), _mat_ref(grad, offs[0], V, C)
+    gemm_ref(True, False, 1.0, buf.logits, buf.lnf, 0.0, dwte)
+    gemm_ref(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)
+    buf.dresidual[:] = 0.0
+    layernorm_backward_ref(buf.dresidual, _vec_ref(grad, offs[2], C), _vec_ref(grad, offs[3], C), buf.dtmp,
+                           buf.residual3[L - 1], _vec_ref(flat, offs[2], C), buf.lnf_mean, buf.lnf_rstd)
+    for l in range(L - 1, -1, -1):
+        x_in = buf.residual3[l - 1] if l else buf.encoded
+        if Lc < L and l < L - 1:
+            block_forward_ref(buf, l, x_in, flat, offs, n_head, False)
+        block_backward_ref(buf, l, x_in, flat, flat_t, offs, grad, n_head)
+    embedding_backward_ref(dwte, _mat_ref(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape(B, T, C), idx, 0)
+    return total
