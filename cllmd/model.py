@@ -274,7 +274,8 @@ class Model:
 
         idx [B, T] must match the workspace's (B, T). One kernel call (cllmd.kernels.transformer).
         """
-        _forward(ws.buffers, self._ids(idx), self.flat, self.offsets, self._positions(), self.cfg.n_head)
+        _forward(ws.buffers, self._ids(idx), self.flat, self._no_transpose, self.offsets, self._positions(),
+                 self.cfg.n_head)
         return ws.logits
 
     def forward(self, idx) -> np.ndarray:
@@ -290,21 +291,22 @@ class Model:
                      mask: np.ndarray | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position."""
         weights, count = self._weights(ws, mask, idx.size)
-        total = _forward_loss(ws.buffers, self._ids(idx), self._ids(targets), weights, self.flat, self.offsets,
-                              self._positions(), self.cfg.n_head)
+        total = _forward_loss(ws.buffers, self._ids(idx), self._ids(targets), weights, self.flat, self._no_transpose,
+                              self.offsets, self._positions(), self.cfg.n_head)
         return (total / count if count else 0.0), count
 
-    def transposed_weights(self, out: np.ndarray | None = None, layers=None) -> np.ndarray:
-        """The blocks' weight matrices transposed, at their own offsets in a flat-sized buffer.
+    def transposed_weights(self, out: np.ndarray | None = None, parts=None) -> np.ndarray:
+        """The weight matrices transposed, each at its own offset in a flat-sized buffer.
 
-        forward_backward(weights_t=...) uses them for its input gradients (faster gemms); they
-        must be refreshed whenever the weights change. layers: an iterable of layer indices
-        (default all), so callers can spread the work over threads.
+        forward_backward(weights_t=...) uses them for the head and the input gradients (plain
+        products run faster than ones against a transposed operand); they must be refreshed
+        whenever the weights change. parts: indices in range(n_layer + 1), part n_layer being
+        the token embedding (default all), so callers can spread the work over threads.
         """
         if out is None:
             out = np.zeros_like(self.flat)
-        for l in range(self.cfg.n_layer) if layers is None else layers:
-            _transpose(out, self.flat, self.offsets, l, self.cfg.n_embd)
+        for part in range(self.cfg.n_layer + 1) if parts is None else parts:
+            _transpose(out, self.flat, self.offsets, part, self.cfg.n_embd)
         return out
 
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,

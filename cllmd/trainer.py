@@ -173,9 +173,9 @@ class Trainer:
         return used
 
     def _refresh_transposed(self) -> None:
-        """weights_t = the current weights' matrices transposed, one layer per task."""
-        self.pool.run([lambda l=l: self.model.transposed_weights(self.weights_t, (l,))
-                       for l in range(self.model.cfg.n_layer)])
+        """weights_t = the current weights' matrices transposed, one layer (or the head) per task."""
+        self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
+                       for part in range(self.model.cfg.n_layer + 1)])
 
     def _reduce_into_grad(self, used: list[Sphere], overwrite: bool, norm: bool) -> None:
         """self.grad (= if overwrite, else +=) the sum of the spheres' gradients, in fixed sphere order.

@@ -13,18 +13,21 @@ from .vecmath import fast_exp, row_max, row_sum
 @kernel
 def crossentropy_forward(probs, losses, logits, targets):
     # losses[n] = -log softmax(logits[n])[targets[n]] = log(sum_j e^(l_j - max)) - (l_y - max):
-    # never the log of a tiny probability; shifting by the row max keeps every e^ in (0, 1]
+    # never the log of a tiny probability; shifting by the row max keeps every e^ in (0, 1].
+    # The exponentials go to a scratch row first: written in place (probs is logits in the
+    # model) the aliasing would keep LLVM from vectorizing them.
     N, V = logits.shape
+    e = np.empty(V, logits.dtype)
     for n in range(N):
         row, p = logits[n], probs[n]
         maxval = row_max(row)
         losses[n] = maxval - row[targets[n]]  # read before p (maybe the same row) is written
         for j in range(V):
-            p[j] = fast_exp(row[j] - maxval)
-        total = row_sum(p)
+            e[j] = fast_exp(row[j] - maxval)
+        total = row_sum(e)
         inv = probs.dtype.type(1.0) / total
         for j in range(V):
-            p[j] *= inv
+            p[j] = e[j] * inv
         losses[n] += np.log(total)
 
 

@@ -30,10 +30,31 @@ def linear_forward(out, inp, weight, bias, residual):
 
 
 @kernel
+def weight_grad(dweight, inp, dout):
+    """dweight = inp^T dout. Shapes: inp [N, K], dout [N, M], dweight [K, M].
+
+    With few rows (N <= 64, one sphere's sequence), OpenBLAS's packed path spends a third of
+    its time zeroing and packing; in tiles of 128 x 64 outputs it takes its small-matrix
+    kernel instead, measured 10-25% faster (docs/benchmarks.md). The tiles only regroup
+    independent outputs: each element's sum over the N rows runs in the same order either way.
+    """
+    N = inp.shape[0]
+    K, M = dweight.shape
+    if N > 64:
+        gemm(True, False, 1.0, inp, dout, 0.0, dweight)
+        return
+    for a in range(0, K, 128):
+        b = min(a + 128, K)
+        for c in range(0, M, 64):
+            d = min(c + 64, M)
+            gemm(True, False, 1.0, inp[:, a:b], dout[:, c:d], 0.0, dweight[a:b, c:d])
+
+
+@kernel
 def linear_backward(dinp, dweight, dbias, dout, inp, weight, weight_t):
     # out = inp W + b  ->  dW = inp^T dout,  db = sum over rows of dout,  dinp = dout W^T
     N, M = dout.shape
-    gemm(True, False, 1.0, inp, dout, 0.0, dweight)
+    weight_grad(dweight, inp, dout)
     dbias[:] = dout[0]
     for n in range(1, N):
         d = dout[n]
@@ -69,6 +90,10 @@ def linear_backward_ref(dinp, dweight, dbias, dout, inp, weight, weight_t):
     dweight[...] = inp.T @ dout
     dbias[...] = dout.sum(axis=0)
     dinp[...] = dout @ (weight_t if weight_t.shape[0] else weight.T)
+
+
+def weight_grad_ref(dweight, inp, dout):
+    dweight[...] = inp.T @ dout
 
 
 def transpose_ref(out, inp):

@@ -27,7 +27,7 @@ from .embedding import embedding_backward, embedding_backward_ref, embedding_for
 from .gelu import gelu_forward_grad, gelu_forward_grad_ref, mul_inplace, mul_inplace_ref
 from .layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
 from .linear import (linear_backward, linear_backward_ref, linear_forward, linear_forward_ref, transpose,
-                     transpose_ref)
+                     transpose_ref, weight_grad, weight_grad_ref)
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -127,8 +127,13 @@ def block_backward(buf, l, x, flat, flat_t, offs, grad, n_head):
 
 @kernel
 def transpose_weights(flat_t, flat, offs, l, n_embd):
-    """flat_t gets layer l's four weight matrices transposed, at their offsets in flat."""
+    """flat_t gets layer l's four weight matrices transposed, at their offsets in flat; for
+    l = n_layer, the token embedding (the tied head's weight) instead."""
     C = n_embd
+    if 4 + 12 * l == offs.size:
+        V = (offs[1] - offs[0]) // C
+        transpose(_mat(flat_t, offs[0], C, V), _mat(flat, offs[0], V, C))
+        return
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
     for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
         transpose(_mat(flat_t, o[k], cols, rows), _mat(flat, o[k], rows, cols))
@@ -137,9 +142,10 @@ def transpose_weights(flat_t, flat, offs, l, n_embd):
 # ---- the model -----------------------------------------------------------------------------
 
 @kernel
-def model_forward(buf, idx, flat, offs, wpe, n_head):
+def model_forward(buf, idx, flat, flat_t, offs, wpe, n_head):
     """Logits into buf.logits [N, V]; every activation saved. wpe [block, C] is the position
-    table in use (the learned one, plus the clock features when enabled)."""
+    table in use (the learned one, plus the clock features when enabled). flat_t: transposed
+    weights (transposed_weights) or empty; with them the tied head is a plain product."""
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -151,14 +157,17 @@ def model_forward(buf, idx, flat, offs, wpe, n_head):
         block_forward(buf, l, x, flat, offs, n_head, True)
         x = buf.residual3[l]
     layernorm_forward(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec(flat, offs[2], C), _vec(flat, offs[3], C), LN_EPS)
-    gemm(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)                       # tied head: lnf wte^T
+    if flat_t.size:                                                              # tied head: lnf wte^T
+        gemm(False, False, 1.0, buf.lnf, _mat(flat_t, offs[0], C, V), 0.0, buf.logits)
+    else:
+        gemm(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
 
 
 @kernel
-def model_forward_loss(buf, idx, targets, mask, flat, offs, wpe, n_head):
+def model_forward_loss(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head):
     """Forward, then per-position losses into buf.losses and probabilities into buf.logits.
     Returns sum(losses * mask) in float64. Shapes: idx, targets [B, T]; mask [N]."""
-    model_forward(buf, idx, flat, offs, wpe, n_head)
+    model_forward(buf, idx, flat, flat_t, offs, wpe, n_head)
     crossentropy_forward(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
     total = 0.0
     for n in range(mask.size):
@@ -171,7 +180,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
     """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole.
     flat_t: transposed weight matrices (see transpose_weights) or empty. Returns
     sum(losses * mask) in float64."""
-    total = model_forward_loss(buf, idx, targets, mask, flat, offs, wpe, n_head)
+    total = model_forward_loss(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -190,7 +199,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
     crossentropy_backward(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)  # probs -> dlogits
     wte, dwte = _mat(flat, offs[0], V, C), _mat(grad, offs[0], V, C)
     # logits = lnf wte^T: the head writes dwte, the embedding adds to it below
-    gemm(True, False, 1.0, buf.logits, buf.lnf, 0.0, dwte)
+    weight_grad(dwte, buf.logits, buf.lnf)
     gemm(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)                      # dlnf
     buf.dresidual[:] = 0.0
     layernorm_backward(buf.dresidual, _vec(grad, offs[2], C), _vec(grad, offs[3], C), buf.dtmp, buf.residual3[L - 1],
@@ -268,12 +277,16 @@ def block_backward_ref(buf, l, x, flat, flat_t, offs, grad, n_head):
 
 def transpose_weights_ref(flat_t, flat, offs, l, n_embd):
     C = n_embd
+    if 4 + 12 * l == offs.size:
+        V = (offs[1] - offs[0]) // C
+        transpose_ref(_mat_ref(flat_t, offs[0], C, V), _mat_ref(flat, offs[0], V, C))
+        return
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
     for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
         transpose_ref(_mat_ref(flat_t, o[k], cols, rows), _mat_ref(flat, o[k], rows, cols))
 
 
-def model_forward_ref(buf, idx, flat, offs, wpe, n_head):
+def model_forward_ref(buf, idx, flat, flat_t, offs, wpe, n_head):
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -286,17 +299,20 @@ def model_forward_ref(buf, idx, flat, offs, wpe, n_head):
         x = buf.residual3[l]
     layernorm_forward_ref(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec_ref(flat, offs[2], C),
                           _vec_ref(flat, offs[3], C), LN_EPS)
-    gemm_ref(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
+    if flat_t.size:
+        gemm_ref(False, False, 1.0, buf.lnf, _mat_ref(flat_t, offs[0], C, V), 0.0, buf.logits)
+    else:
+        gemm_ref(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
 
 
-def model_forward_loss_ref(buf, idx, targets, mask, flat, offs, wpe, n_head):
-    model_forward_ref(buf, idx, flat, offs, wpe, n_head)
+def model_forward_loss_ref(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head):
+    model_forward_ref(buf, idx, flat, flat_t, offs, wpe, n_head)
     crossentropy_forward_ref(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
     return float((buf.losses.astype(np.float64) * mask).sum())
 
 
 def model_forward_backward_ref(buf, idx, targets, mask, scale, flat, flat_t, offs, wpe, n_head, grad):
-    total = model_forward_loss_ref(buf, idx, targets, mask, flat, offs, wpe, n_head)
+    total = model_forward_loss_ref(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -312,7 +328,7 @@ def model_forward_backward_ref(buf, idx, targets, mask, scale, flat, flat_t, off
     buf.dlosses[:] = mask * scale
     crossentropy_backward_ref(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)
     wte, dwte = _mat_ref(flat, offs[0], V, C), _mat_ref(grad, offs[0], V, C)
-    gemm_ref(True, False, 1.0, buf.logits, buf.lnf, 0.0, dwte)
+    weight_grad_ref(dwte, buf.logits, buf.lnf)
     gemm_ref(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)
     buf.dresidual[:] = 0.0
     layernorm_backward_ref(buf.dresidual, _vec_ref(grad, offs[2], C), _vec_ref(grad, offs[3], C), buf.dtmp,

@@ -1,0 +1,190 @@
+"""Training benchmark: cllmd's 12-sphere trainer against the identical PyTorch model, side by side.
+
+    .venv/bin/python benchmarks/bench_train.py --threads 1 2 --steps 40 --rounds 6   # speed, interleaved
+    .venv/bin/python benchmarks/bench_train.py --model default --threads 1 2           # the daemon's default shape
+    .venv/bin/python benchmarks/bench_train.py --checkpointing --threads 1 2           # its time cost
+    .venv/bin/python benchmarks/bench_train.py --quality --steps 2000 --threads 2      # tinyshakespeare val loss
+
+Speed mode builds one cllmd trainer per thread count up front, then runs rounds in which every
+configuration (cllmd and PyTorch, each thread count) takes its turn, so a noisy, shared machine
+affects all alike; it prints median ms/step and tokens/s, the cllmd/PyTorch ratio per thread
+count and the thread scaling, with the load average before and after. Quality mode trains
+nanoGPT's CPU "baby" config at character level (bytes tokenizer) on tinyshakespeare with a
+90/10 split and nanoGPT's shakespeare_char optimizer settings, and reports the validation loss
+(nanoGPT: ~1.88) and the wall time. PyTorch is optional and never a dependency of cllmd.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cllmd.model import Model, ModelConfig
+from cllmd.tokensource import TokenArraySource
+from cllmd.trainer import TrainConfig, Trainer
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAPES = {
+    "baby": dict(vocab_size=257, n_layer=4, n_head=4, n_embd=128, block_size=64),     # nanoGPT's CPU config
+    "default": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=128),  # cllmd.toml defaults
+}
+
+
+def load_source() -> TokenArraySource:
+    if not DATA.exists():
+        sys.exit(f"{DATA} is missing")
+    tokens = np.frombuffer(DATA.read_bytes(), dtype=np.uint8).astype(np.uint16)
+    return TokenArraySource(tokens, 0.1)
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def cllmd_round(trainer: Trainer, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class TorchRunner:
+    """The identical model and AdamW in PyTorch, fed batches from the same kind of source."""
+
+    def __init__(self, cfg: ModelConfig, params, source, batch: int):
+        import torch
+        sys.path.insert(0, str(HERE))
+        from torch_reference import TorchGPT
+        self.torch = torch
+        self.model = TorchGPT(cfg, params)
+        self.opt = self.model.configure_optimizer(1e-3, 0.1)
+        self.source, self.batch, self.T = source, batch, cfg.block_size
+        self.rng = np.random.default_rng(0)
+
+    def round(self, threads: int, steps: int) -> list[float]:
+        torch = self.torch
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            x, y = self.source.sample_batch(self.rng, self.batch, self.T)
+            _, loss = self.model(torch.from_numpy(x), torch.from_numpy(y))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def speed(args) -> dict:
+    cfg = ModelConfig(**SHAPES[args.model])
+    source = load_source()
+    print(f"{args.model} model {SHAPES[args.model]}, batch {args.batch}, {args.rounds} rounds of "
+          f"{args.steps} steps per configuration; {load()}", flush=True)
+    variants = [False, True] if args.checkpointing else [False]
+    trainers = {}
+    for threads in args.threads:
+        for ck in variants:
+            tr = Trainer(Model(cfg, seed=0), source,
+                         TrainConfig(batch_size=args.batch, warmup=10, grad_checkpointing=ck), threads=threads)
+            tr.step()  # warm up (numba cache load, buffers)
+            trainers[threads, ck] = tr
+    ref = None
+    if not args.no_torch:
+        try:
+            ref = TorchRunner(cfg, Model(cfg, seed=0).params, source, args.batch)
+            for threads in args.threads:
+                ref.round(threads, 2)
+        except ImportError:
+            print("PyTorch is not installed: timing cllmd alone", file=sys.stderr)
+    times = {key: [] for key in trainers}
+    ref_times = {threads: [] for threads in args.threads}
+    cpu = {key: 0.0 for key in trainers}
+    for _ in range(args.rounds):  # every configuration takes a turn in every round
+        for key, tr in trainers.items():
+            c0 = time.process_time()
+            times[key] += cllmd_round(tr, args.steps)
+            cpu[key] += time.process_time() - c0
+            if ref is not None and not key[1]:
+                ref_times[key[0]] += ref.round(key[0], args.steps)
+    for tr in trainers.values():
+        tr.close()
+    tokens = args.batch * cfg.block_size
+    results = {}
+    for (threads, ck), ts in times.items():
+        med = statistics.median(ts)
+        row = {"cllmd_ms_per_step": 1e3 * med, "cllmd_tokens_per_second": tokens / med,
+               "cllmd_cpu_ms_per_step": 1e3 * cpu[threads, ck] / len(ts)}
+        if ref is not None and not ck:
+            tmed = statistics.median(ref_times[threads])
+            row.update(torch_ms_per_step=1e3 * tmed, torch_tokens_per_second=tokens / tmed, ratio=tmed / med)
+        results[f"{threads}{' checkpointing' if ck else ''}"] = row
+        label = f"threads={threads}{' checkpointing' if ck else ''}"
+        print(f"{label}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()), flush=True)
+    base = results[str(args.threads[0])]["cllmd_tokens_per_second"]
+    for threads in args.threads[1:]:
+        print(f"cllmd scaling {threads} vs {args.threads[0]} thread(s): "
+              f"{results[str(threads)]['cllmd_tokens_per_second'] / base:.2f}x")
+        if ref is not None:
+            tbase = results[str(args.threads[0])]["torch_tokens_per_second"]
+            print(f"torch scaling {threads} vs {args.threads[0]} thread(s): "
+                  f"{results[str(threads)]['torch_tokens_per_second'] / tbase:.2f}x")
+    if args.checkpointing:
+        for threads in args.threads:
+            a, b = results[str(threads)], results[f"{threads} checkpointing"]
+            print(f"checkpointing time cost at {threads} thread(s): "
+                  f"{b['cllmd_ms_per_step'] / a['cllmd_ms_per_step'] - 1:+.1%} per step")
+    print(load())
+    return results
+
+
+def quality(args) -> dict:
+    source = load_source()
+    # nanoGPT's config/train_shakespeare_char.py: lr 1e-3 cosine to 1e-4 over 2000 steps after
+    # 100 warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1, clipping at 1.0
+    cfg = TrainConfig(batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100, decay_steps=args.steps,
+                      grad_clip=1.0, weight_decay=0.1, beta2=0.99, eval_windows=2400, seed=args.seed)
+    trainer = Trainer(Model(ModelConfig(**SHAPES["baby"]), seed=args.seed), source, cfg, threads=args.threads[0])
+    print(f"baby config, {args.steps} steps, {args.threads[0]} thread(s), seed {args.seed}; {load()}", flush=True)
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        r = trainer.step()
+        if (step + 1) % 250 == 0:
+            print(f"step {step + 1}: train loss {r['loss']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    seconds = time.perf_counter() - t0
+    ev = trainer.evaluate()
+    trainer.close()
+    out = {"steps": args.steps, "val_loss": round(ev["val_loss"], 4), "seconds": round(seconds, 1),
+           "tokens_per_second": round(args.steps * 12 * 64 / seconds), "threads": args.threads[0], "seed": args.seed}
+    print(json.dumps(out))
+    print(load())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--model", choices=sorted(SHAPES), default="baby")
+    p.add_argument("--steps", type=int, default=40, help="steps per round (quality: total steps)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--checkpointing", action="store_true", help="also time trainers with gradient checkpointing")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--quality", action="store_true", help="train the baby config and report val loss")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args()
+    quality(args) if args.quality else speed(args)
+
+
+if __name__ == "__main__":
+    main()
