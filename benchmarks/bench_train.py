@@ -34,6 +34,7 @@ DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAPES = {
     "baby": dict(vocab_size=257, n_layer=4, n_head=4, n_embd=128, block_size=64),     # nanoGPT's CPU config
     "default": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=128),  # cllmd.toml defaults
+    "medium": dict(vocab_size=4096, n_layer=8, n_head=8, n_embd=256, block_size=256),
 }
 
 
@@ -99,6 +100,9 @@ def speed(args) -> dict:
                          TrainConfig(batch_size=args.batch, warmup=10, grad_checkpointing=ck), threads=threads)
             tr.step()  # warm up (numba cache load, buffers)
             trainers[threads, ck] = tr
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    print(f"GIL switch interval {sys.getswitchinterval() * 1e3:g} ms", flush=True)
     ref = None
     if not args.no_torch:
         try:
@@ -180,6 +184,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--checkpointing", action="store_true", help="also time trainers with gradient checkpointing")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--switch-interval", type=float, help="override the GIL switch interval (seconds)")
     p.add_argument("--quality", action="store_true", help="train the baby config and report val loss")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,11 +29,6 @@ from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, split_ro
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "cllmd-checkpoint"
-# Python's GIL hand-over interval while a trainer exists (the default is 5 ms). A sphere holds
-# the GIL only between its kernel calls, but a thread that wants it back after a kernel may
-# wait a whole interval behind another thread's Python code (the convoy effect); with the
-# default, two threads spent part of each step waiting. Measured: docs/benchmarks.md.
-SWITCH_INTERVAL = 5e-5
 
 
 def usable_cores() -> int:
@@ -90,8 +84,6 @@ class Trainer:
         self.model = model
         self.source = source
         self.config = config
-        if sys.getswitchinterval() > SWITCH_INTERVAL:
-            sys.setswitchinterval(SWITCH_INTERVAL)  # process-wide; see SWITCH_INTERVAL
         # every sphere's gradient is one row of a single [12, P] allocation (llm.c style)
         self.sphere_grads = np.zeros((NUM_SPHERES, model.flat.size), dtype=model.dtype)
         # the blocks' weight matrices transposed, refreshed at the start of every step: the

@@ -1,0 +1,206 @@
+"""Memory benchmark: peak RSS of training, each case measured in a fresh child process.
+
+    .venv/bin/python benchmarks/bench_memory.py datastore                  # 1 MB vs 100 MB of tokens
+    .venv/bin/python benchmarks/bench_memory.py checkpointing              # with and without, two shapes
+
+datastore: builds two data stores of synthetic tokens (random ids, documents of ~40 KB, no
+shipped data) holding ~1 MB and ~100 MB, then trains the daemon's default model shape on each
+in a child process (same steps, evaluations included) and compares the children's peak RSS
+(VmHWM): the store is memory-mapped and sampled by windows, so it should stay flat.
+With --release-pages the children read batches through ReleasingStore, which models a fix
+for DataStore: drop the shard pages from the process after each batch (see its docstring).
+checkpointing: trains with and without gradient checkpointing in child processes and reports
+peak RSS, the spheres' activation bytes and the time per step. Children run one after the
+other, alternating, so the figures are not skewed by a neighbour's load.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    "baby": dict(vocab_size=257, n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "default": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "medium": dict(vocab_size=4096, n_layer=8, n_head=8, n_embd=256, block_size=256),
+}
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class ReleasingStore:
+    """A DataStore whose mapped shard pages are released after every batch read.
+
+    Reading a window from a memory map faults in its page, and the kernel maps up to 64 KiB of
+    neighbouring cached pages with it ("fault-around"); those file-backed pages stay counted in
+    the process's RSS until unmapped, so RSS grows with every distinct window sampled, up to the
+    whole store. madvise(MADV_DONTNEED) on a shared file mapping only unmaps them (they stay
+    in the page cache, nothing is written or lost). Benchmark-only: it reaches into the store's
+    private map cache, as a patch to DataStore._windows would.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def _release(self, result):
+        import mmap
+        for mm in list(self.store._maps.values()):
+            mm._mmap.madvise(mmap.MADV_DONTNEED)
+        return result
+
+    def sample_batch(self, *args, **kwargs):
+        return self._release(self.store.sample_batch(*args, **kwargs))
+
+    def eval_windows(self, *args, **kwargs):
+        return self._release(self.store.eval_windows(*args, **kwargs))
+
+
+def child(spec: dict) -> dict:
+    """Runs in the child: train spec["steps"] steps, report memory and time."""
+    import numpy as np
+
+    from cllmd.datastore import DataStore
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+
+    cfg = ModelConfig(**SHAPES[spec["shape"]])
+    if spec.get("store"):
+        source = DataStore(spec["store"], vocab_size=cfg.vocab_size)
+        if spec.get("release_pages"):
+            source = ReleasingStore(source)
+    else:
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 2_000_000).astype(np.uint16)
+        source = TokenArraySource(tokens, 0.1)
+    before = status_kib("VmRSS")
+    trainer = Trainer(Model(cfg, seed=0), source,
+                      TrainConfig(batch_size=12, warmup=10, eval_windows=240,
+                                  grad_checkpointing=spec.get("checkpointing", False)),
+                      threads=spec["threads"])
+    times = []
+    for step in range(spec["steps"]):
+        t0 = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - t0)
+        if spec.get("eval_every") and (step + 1) % spec["eval_every"] == 0:
+            trainer.evaluate()
+    activations = sum(s.workspace.nbytes for s in trainer.spheres if s.workspace is not None)
+    trainer.close()
+    out = {"peak_rss_mib": status_kib("VmHWM") / 1024, "rss_before_trainer_mib": before / 1024,
+           "rss_file_mib": status_kib("RssFile") / 1024, "rss_anon_mib": status_kib("RssAnon") / 1024,
+           "activation_mib": activations / 2**20, "ms_per_step": 1e3 * statistics.median(times[2:] or times)}
+    if spec.get("store"):
+        out["store_tokens"] = int(source.num_tokens("train") + source.num_tokens("val"))
+        source.close()
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"child failed: {r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def build_store(directory: Path, megabytes: float, vocab_size: int) -> int:
+    """A store of ~megabytes of uint16 tokens in documents of ~20k tokens; returns its token count."""
+    import numpy as np
+
+    from cllmd.datastore import DataStore
+    rng = np.random.default_rng(int(megabytes * 1000))
+    target = int(megabytes * 2**20) // 2
+    written = 0
+    with DataStore(directory, vocab_size=vocab_size) as store:
+        i = 0
+        while written < target:
+            n = int(min(target - written, max(200, rng.normal(20_000, 5_000))))
+            tokens = rng.integers(0, vocab_size, n).astype(np.uint16)
+            store.append(tokens, source=f"synthetic-{i}", sha256=hashlib.sha256(b"doc %d" % i).hexdigest())
+            written += n
+            i += 1
+    return written
+
+
+def datastore(args) -> None:
+    shape = SHAPES[args.shape]
+    with tempfile.TemporaryDirectory(prefix="cllmd-bench-memory-") as tmp:
+        sizes = {"1MB": 1.0, "100MB": 100.0}
+        stores = {}
+        for name, mb in sizes.items():
+            t0 = time.perf_counter()
+            tokens = build_store(Path(tmp) / name, mb, shape["vocab_size"])
+            stores[name] = str(Path(tmp) / name)
+            print(f"store {name}: {tokens:,} tokens ({2 * tokens / 2**20:.1f} MiB of uint16) "
+                  f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+        results = {name: [] for name in sizes}
+        for _ in range(args.repeats):  # alternate the two cases
+            for name in sizes:
+                results[name].append(run_child({"shape": args.shape, "store": stores[name], "steps": args.steps,
+                                                "threads": args.threads, "eval_every": args.eval_every,
+                                                "release_pages": args.release_pages}))
+    for name, runs in results.items():
+        peak = statistics.median(r["peak_rss_mib"] for r in runs)
+        each = ", ".join(f"{r['peak_rss_mib']:.1f}" for r in runs)
+        print(f"{name}: peak RSS {peak:.1f} MiB (runs: {each}); "
+              f"at exit file-backed {runs[-1]['rss_file_mib']:.1f} MiB, anonymous {runs[-1]['rss_anon_mib']:.1f} MiB")
+    small = statistics.median(r["peak_rss_mib"] for r in results["1MB"])
+    large = statistics.median(r["peak_rss_mib"] for r in results["100MB"])
+    print(f"100MB / 1MB peak RSS: {large / small:.3f} ({large - small:+.1f} MiB)")
+
+
+def checkpointing(args) -> None:
+    for shape in args.shapes:
+        results = {False: [], True: []}
+        for _ in range(args.repeats):
+            for ck in (False, True):
+                results[ck].append(run_child({"shape": shape, "steps": args.steps, "threads": args.threads,
+                                              "checkpointing": ck}))
+        row = {}
+        for ck, runs in results.items():
+            row[ck] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        a, b = row[False], row[True]
+        print(f"{shape} {SHAPES[shape]}: peak RSS {a['peak_rss_mib']:.1f} -> {b['peak_rss_mib']:.1f} MiB "
+              f"({b['peak_rss_mib'] - a['peak_rss_mib']:+.1f}); activations of the 12 spheres "
+              f"{a['activation_mib']:.1f} -> {b['activation_mib']:.1f} MiB; step {a['ms_per_step']:.1f} -> "
+              f"{b['ms_per_step']:.1f} ms ({b['ms_per_step'] / a['ms_per_step'] - 1:+.1%})", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("datastore", help="peak RSS training on ~1 MB vs ~100 MB of tokens")
+    d.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--eval-every", type=int, default=50)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--repeats", type=int, default=2)
+    d.add_argument("--release-pages", action="store_true", help="read batches through ReleasingStore")
+    c = sub.add_parser("checkpointing", help="peak RSS and step time with and without gradient checkpointing")
+    c.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["baby", "medium"])
+    c.add_argument("--steps", type=int, default=8)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    datastore(args) if args.what == "datastore" else checkpointing(args)
+
+
+if __name__ == "__main__":
+    main()
