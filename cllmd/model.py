@@ -256,14 +256,23 @@ class Model:
         """The position table in use: learned, plus the fixed clock features when enabled."""
         return self.params["wpe"] if self.clock is None else self.params["wpe"] + self.clock
 
-    @staticmethod
-    def _ids(a) -> np.ndarray:
-        return np.ascontiguousarray(a, dtype=np.int64)  # one dtype: one compiled kernel
+    def _ids(self, ws: Workspace, a, what: str) -> np.ndarray:
+        # the kernels trust shapes (numba does not bounds-check): the workspace fixes (B, T)
+        # and the dtype; the kernels themselves refuse ids outside the vocabulary
+        if ws.dtype != self.dtype or ws.grad_flat.size != self.flat.size:
+            raise ValueError(f"workspace ({ws.dtype}, {ws.grad_flat.size} gradients) does not fit this model "
+                             f"({self.dtype}, {self.flat.size} parameters)")
+        a = np.ascontiguousarray(a, dtype=np.int64)  # one dtype: one compiled kernel
+        if a.shape != (ws.B, ws.T):
+            raise ValueError(f"{what} has shape {a.shape}, the workspace is for {(ws.B, ws.T)}")
+        return a
 
     def _weights(self, ws: Workspace, mask, N: int) -> tuple[np.ndarray, float]:
         """Per-position loss weights [N] and their sum (the count of positions that count)."""
         if mask is None:
             return ws.ones, float(N)
+        if np.size(mask) != ws.B * ws.T:
+            raise ValueError(f"mask has {np.size(mask)} entries, the workspace is for {(ws.B, ws.T)}")
         weights = np.ascontiguousarray(np.reshape(mask, N), dtype=ws.dtype)
         return weights, float(weights.sum(dtype=np.float64))
 
@@ -274,8 +283,8 @@ class Model:
 
         idx [B, T] must match the workspace's (B, T). One kernel call (cllmd.kernels.transformer).
         """
-        _forward(ws.buffers, self._ids(idx), self.flat, self._no_transpose, self.offsets, self._positions(),
-                 self.cfg.n_head)
+        _forward(ws.buffers, self._ids(ws, idx, "idx"), self.flat, self._no_transpose, self.offsets,
+                 self._positions(), self.cfg.n_head)
         return ws.logits
 
     def forward(self, idx) -> np.ndarray:
@@ -291,8 +300,8 @@ class Model:
                      mask: np.ndarray | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position."""
         weights, count = self._weights(ws, mask, idx.size)
-        total = _forward_loss(ws.buffers, self._ids(idx), self._ids(targets), weights, self.flat, self._no_transpose,
-                              self.offsets, self._positions(), self.cfg.n_head)
+        total = _forward_loss(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
+                              self.flat, self._no_transpose, self.offsets, self._positions(), self.cfg.n_head)
         return (total / count if count else 0.0), count
 
     def transposed_weights(self, out: np.ndarray | None = None, parts=None) -> np.ndarray:
@@ -329,8 +338,11 @@ class Model:
             return 0.0, 0.0
         scale = 1.0 / (count if normalizer is None else normalizer)
         flat_t = self._no_transpose if weights_t is None else weights_t
-        total = _forward_backward(ws.buffers, self._ids(idx), self._ids(targets), weights, scale, self.flat, flat_t,
-                                  self.offsets, self._positions(), self.cfg.n_head, ws.grad_flat)
+        if flat_t.size and flat_t.shape != self.flat.shape:
+            raise ValueError(f"weights_t has shape {flat_t.shape}, expected {self.flat.shape}")
+        total = _forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
+                                  scale, self.flat, flat_t, self.offsets, self._positions(), self.cfg.n_head,
+                                  ws.grad_flat)
         return total / count, count
 
     def loss_and_grads(self, idx, targets, mask=None,

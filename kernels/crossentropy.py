@@ -19,6 +19,8 @@ def crossentropy_forward(probs, losses, logits, targets):
     N, V = logits.shape
     e = np.empty(V, logits.dtype)
     for n in range(N):
+        if targets[n] < 0 or targets[n] >= V:  # numba does not bounds-check
+            raise IndexError("cross-entropy: target id outside [0, vocab_size)")
         row, p = logits[n], probs[n]
         maxval = row_max(row)
         losses[n] = maxval - row[targets[n]]  # read before p (maybe the same row) is written
@@ -36,6 +38,8 @@ def crossentropy_backward(dlogits, probs, targets, dlosses):
     # loss_n = -log p[n, y_n]  ->  dlogits[n, j] = dlosses[n] * (p[n, j] - [j == y_n]); dlogits may alias probs
     N, V = probs.shape
     for n in range(N):
+        if targets[n] < 0 or targets[n] >= V:  # numba does not bounds-check
+            raise IndexError("cross-entropy: target id outside [0, vocab_size)")
         w = dlosses[n]
         d, p = dlogits[n], probs[n]
         for j in range(V):

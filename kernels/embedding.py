@@ -10,11 +10,16 @@ from ._jit import kernel
 
 @kernel
 def embedding_forward(out, idx, wte, wpe, pos0):
+    # numba does not bounds-check: a bad id or position would read outside the tables
     B, T = idx.shape
-    C = wte.shape[1]
+    V, C = wte.shape
+    if pos0 < 0 or pos0 + T > wpe.shape[0]:
+        raise IndexError("embedding: positions beyond the position table")
     for b in range(B):
         for t in range(T):
             tok = idx[b, t]
+            if tok < 0 or tok >= V:
+                raise IndexError("embedding: token id outside [0, vocab_size)")
             for c in range(C):
                 out[b, t, c] = wte[tok, c] + wpe[pos0 + t, c]
 

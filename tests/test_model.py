@@ -216,3 +216,50 @@ def test_model_matches_pytorch_reference_when_available():
     assert abs(loss - tloss.item()) < 1e-10
     for name, g in grads.items():
         np.testing.assert_allclose(g, tm.w(name).grad.numpy(), rtol=1e-7, atol=1e-10, err_msg=name)
+
+
+def test_model_passes_refuse_mismatched_inputs():
+    cfg = ModelConfig(**TINY)
+    m = Model(cfg)
+    ws = Workspace(cfg, 2, 5)
+    ok = np.zeros((2, 5), dtype=np.int64)
+    with pytest.raises(ValueError, match="workspace is for"):
+        m.forward_into(ws, np.zeros((1, 5), dtype=np.int64))
+    with pytest.raises(ValueError, match="targets has shape"):
+        m.forward_backward(ws, ok, np.zeros((2, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="mask has"):
+        m.forward_loss(ws, ok, ok, mask=np.ones(3))
+    with pytest.raises(ValueError, match="does not fit"):
+        m.forward_into(Workspace(cfg, 2, 5, np.float64), ok)
+    # ids are checked inside the kernels (no bounds checks otherwise): an error, not a stray read
+    with pytest.raises(IndexError, match="token id"):
+        m.forward_into(ws, np.full((2, 5), cfg.vocab_size))
+    with pytest.raises(IndexError, match="target id"):
+        m.forward_backward(ws, ok, np.full((2, 5), -1))
+
+
+def test_model_numpy_path_matches_the_kernels(tmp_path):
+    # without a CBLAS gemm (CLLMD_NO_CBLAS set) the model runs its numpy references
+    import json
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import json, numpy as np\n"
+        "from cllmd.kernels import blas\n"
+        "from cllmd.model import Model, ModelConfig\n"
+        "m = Model(ModelConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=8, block_size=6), seed=4, dtype=np.float64)\n"
+        "rng = np.random.default_rng(9)\n"
+        "loss, g = m.loss_and_grads(rng.integers(0, 13, (2, 6)), rng.integers(0, 13, (2, 6)))\n"
+        "flat = np.concatenate([v.ravel() for v in g.values()]).tolist()\n"
+        "print(json.dumps({'cblas': blas.AVAILABLE, 'loss': loss, 'g': flat}))\n"
+    )
+    runs = {}
+    for flag in ("1", ""):
+        env = {**os.environ, "CLLMD_NO_CBLAS": flag}
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[flag] = json.loads(r.stdout)
+    assert runs["1"]["cblas"] is False and runs[""]["cblas"] is True
+    assert runs["1"]["loss"] == pytest.approx(runs[""]["loss"], rel=1e-12)
+    np.testing.assert_allclose(runs["1"]["g"], runs[""]["g"], rtol=1e-10, atol=1e-13)
