@@ -1,0 +1,436 @@
+"""`cllm chat`: an interactive conversation with the daemon's model, keeping as much history as
+fits the context window, with /system, /reset, /save, /set; Ctrl-C stops an answer, a second
+Ctrl-C (or Ctrl-D) leaves. Also the sampling options shared with `cllm generate`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from cllm.client import Client
+from cllm.fmt import human_count, number, use_color
+
+# --------------------------------------------------------------------------- sampling options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampling argument of `generate`, with the bounds of docs/protocol.md."""
+    type: type
+    lo: float
+    hi: float
+    default: Any
+    help: str
+    lo_open: bool = False
+
+    def parse(self, name: str, text: str | None) -> Any:
+        """A value from its text form; ValueError naming the option and the bounds."""
+        if text is None or text.lower() in ("none", "default", ""):
+            if name == "seed":
+                return None
+            return self.default
+        try:
+            value = self.type(text)
+        except ValueError:
+            kind = "an integer" if self.type is int else "a number"
+            raise ValueError(f"{name} must be {kind}, got {text!r}") from None
+        return self.check(name, value)
+
+    def check(self, name: str, value: Any) -> Any:
+        if value != value or value > self.hi or value < self.lo or (self.lo_open and value == self.lo):
+            low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+            raise ValueError(f"{name} must be {low} and <= {self.hi:g}, got {value}")
+        return value
+
+
+SAMPLING: dict[str, Option] = {
+    "max_tokens": Option(int, 1, 65536, 128, "new tokens at most"),
+    "temperature": Option(float, 0.0, 10.0, 0.8, "sampling temperature; 0 = greedy"),
+    "top_k": Option(int, 0, 2**31 - 1, 0, "keep the k most likely tokens; 0 = off"),
+    "top_p": Option(float, 0.0, 1.0, 1.0, "nucleus sampling mass; 1 = off", lo_open=True),
+    "min_p": Option(float, 0.0, 1.0, 0.0, "drop tokens below min_p x the top probability; 0 = off"),
+    "repeat_penalty": Option(float, 0.0, 10.0, 1.0, "penalty on recent tokens; 1 = off", lo_open=True),
+    "repeat_last_n": Option(int, 0, 2**31 - 1, 64, "recent tokens the penalty looks at; 0 = off"),
+    "seed": Option(int, 0, 2**64 - 1, None, "random seed; default: a fresh one each time"),
+}
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024
+
+
+def check_stops(stops: list[str]) -> list[str]:
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+    for s in stops:
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise ValueError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
+    return stops
+
+
+def unescape(text: str) -> str:
+    """A typed backslash-n or backslash-t becomes a newline or a tab (for stop strings)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+# --------------------------------------------------------------------------- the conversation
+
+USER, ASSISTANT = "User", "Assistant"
+TURN_STOP = f"\n{USER}:"   # the model starting the user's next line ends its answer
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str
+    stopped: bool = False   # the answer was cut by Ctrl-C
+
+
+@dataclass
+class ChatSession:
+    """The conversation and how it becomes a prompt. The prompt is a plain transcript::
+
+        SYSTEM\\n\\n
+        User: ...\\nAssistant: ...\\n      (older turns, as many as fit)
+        User: MESSAGE\\nAssistant:
+
+    Older turns are dropped first so that the prompt fits the context minus the room kept for
+    the answer (min(max_tokens, context / 2)). Token counts come from the daemon's tokenizer,
+    one piece (system block or turn) at a time, cached.
+    """
+    client: Client
+    context: int
+    system: str = ""
+    options: dict = field(default_factory=dict)
+    stops: list[str] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    _counts: dict = field(default_factory=dict, repr=False)
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        if text not in self._counts:
+            self._counts[text] = self.client.request("tokenize", text=text)["count"]
+        return self._counts[text]
+
+    def room(self) -> int:
+        """Tokens the prompt may take: the context minus the room kept for the answer."""
+        max_tokens = self.options.get("max_tokens") or SAMPLING["max_tokens"].default
+        return max(1, self.context - min(max_tokens, self.context // 2))
+
+    @staticmethod
+    def render_turn(t: Turn) -> str:
+        return f"{USER}: {t.user}\n{ASSISTANT}: {t.assistant}\n"
+
+    def system_block(self) -> str:
+        return f"{self.system}\n\n" if self.system else ""
+
+    def build(self, message: str) -> tuple[str, int, int]:
+        """(prompt, its token count, turns left out) for the next message."""
+        head = self.system_block()
+        tail = f"{USER}: {message}\n{ASSISTANT}:"
+        used = self.count(head) + self.count(tail)
+        kept: list[str] = []
+        for t in reversed(self.turns):
+            piece = self.render_turn(t)
+            n = self.count(piece)
+            if used + n > self.room():
+                break
+            kept.append(piece)
+            used += n
+        return head + "".join(reversed(kept)) + tail, used, len(self.turns) - len(kept)
+
+    def generate(self, message: str):
+        """Start the answer to `message`: (Generation, prompt tokens, turns left out)."""
+        prompt, used, dropped = self.build(message)
+        stops = [TURN_STOP] + [s for s in self.stops if s != TURN_STOP]
+        opts = {k: v for k, v in self.options.items() if v is not None}
+        return self.client.generate(prompt, stop=stops[:MAX_STOPS], **opts), used, dropped
+
+    def record(self, message: str, answer: str, stopped: bool = False) -> None:
+        self.turns.append(Turn(message, answer.strip(), stopped))
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "options": self.options, "stops": self.stops,
+                "turns": [asdict(t) for t in self.turns]}
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            self.system = str(data.get("system") or "")
+            self.options = {k: SAMPLING[k].check(k, v) if v is not None else None
+                            for k, v in (data.get("options") or {}).items() if k in SAMPLING}
+            self.stops = check_stops([str(x) for x in data.get("stops") or []])
+            self.turns = [Turn(str(t["user"]), str(t["assistant"]), bool(t.get("stopped")))
+                          for t in data.get("turns") or []]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LoadError(f"cannot load a chat from {path}: {e}") from None
+
+    def save(self, path: Path) -> str:
+        """JSON (for --load) when the name ends in .json, else the plain transcript."""
+        path = Path(path).expanduser()
+        if path.suffix.lower() == ".json":
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = self.system_block() + "".join(self.render_turn(t) for t in self.turns)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return str(path)
+
+
+# --------------------------------------------------------------------------- the interactive loop
+
+HELP = """\
+/system TEXT      set the system prompt (no TEXT: show it; /system none clears it)
+/reset            forget the conversation (the system prompt stays)
+/save FILE        write the conversation (FILE.json: reloadable with --load)
+/set KEY VALUE    change a sampling option (no argument: show them all), e.g. /set temperature 0.7
+                  keys: {keys}, stop
+/show             the prompt the next message would be sent with
+/help             this text; /quit, /exit or Ctrl-D to leave
+Ctrl-C stops an answer; a second Ctrl-C leaves."""
+
+
+class LoadError(ValueError):
+    """A conversation file that cannot be loaded (--load)."""
+
+
+class Leave(Exception):
+    """The user asked to leave (Ctrl-C twice, Ctrl-D, /quit)."""
+
+
+class ChatLoop:
+    """Reads lines, runs commands and streams answers. `interactive`: prompts and hints for a
+    person at a terminal; `as_json`: one JSON object per line out, for scripts."""
+
+    def __init__(self, session: ChatSession, *, out: TextIO = sys.stdout,
+                 read: Callable[[str], str] = input, interactive: bool = True, as_json: bool = False,
+                 model: str = "the model"):
+        self.s = session
+        self.model = model
+        self.out = out
+        self.read = read
+        self.interactive = interactive and not as_json
+        self.as_json = as_json
+        color = self.interactive and use_color(out)
+        self.dim = ("\x1b[2m", "\x1b[0m") if color else ("", "")
+        self.last_was_interrupt = False
+
+    # output helpers
+    def say(self, text: str) -> None:
+        if not self.as_json:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.say(f"{self.dim[0]}{text}{self.dim[1]}")
+
+    def emit(self, obj: dict) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            self.out.flush()
+
+    def run(self) -> int:
+        if self.interactive:
+            self.note(f"cllm chat with {self.model} (context {self.s.context} tokens). "
+                      "/help for commands, Ctrl-D to leave.")
+        while True:
+            try:
+                line = self.read(">>> " if self.interactive else "")
+            except EOFError:
+                if self.interactive:
+                    self.say("")
+                return 0
+            except KeyboardInterrupt:
+                if self.last_was_interrupt:
+                    self.say("")
+                    return 0
+                self.last_was_interrupt = True
+                self.say("")
+                self.note("(Ctrl-C again or Ctrl-D to leave)")
+                continue
+            self.last_was_interrupt = False
+            try:
+                self.handle(line)
+            except Leave:
+                return 0
+
+    def handle(self, line: str) -> None:
+        text = line.strip()
+        if not text:
+            return
+        if text.startswith("/"):
+            self.command(text)
+        else:
+            self.answer(text)
+
+    def command(self, text: str) -> None:
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        name = name.lower()
+        try:
+            message = self._command(name, arg)
+        except ValueError as e:
+            self.say(f"error: {e}")
+            self.emit({"command": name, "ok": False, "error": str(e)})
+            return
+        if message:
+            self.say(message)
+        self.emit({"command": name, "ok": True, "message": message})
+
+    def _command(self, name: str, arg: str) -> str:
+        s = self.s
+        if name in ("/quit", "/exit", "/bye"):
+            raise Leave
+        if name in ("/help", "/?"):
+            return HELP.format(keys=", ".join(SAMPLING))
+        if name == "/system":
+            if not arg:
+                return f"system prompt: {s.system!r}" if s.system else "no system prompt"
+            s.system = "" if arg.lower() == "none" else arg
+            return "system prompt cleared" if not s.system else f"system prompt set ({s.count(s.system_block())} tokens)"
+        if name == "/reset":
+            n = len(s.turns)
+            s.reset()
+            return f"conversation reset ({n} turn{'s' if n != 1 else ''} forgotten)"
+        if name == "/save":
+            if not arg:
+                raise ValueError("/save needs a file name")
+            try:
+                return f"saved to {s.save(Path(arg))}"
+            except OSError as e:
+                raise ValueError(f"cannot write {arg}: {e.strerror or e}") from None
+        if name == "/set":
+            return self._set(arg)
+        if name == "/show":
+            return s.build("<your next message>")[0]
+        raise ValueError(f"unknown command {name} (/help lists them)")
+
+    def _set(self, arg: str) -> str:
+        s = self.s
+        if not arg:
+            shown = {k: s.options.get(k, SAMPLING[k].default) for k in SAMPLING}
+            lines = [f"{k:15} {'-' if v is None else v}" for k, v in shown.items()]
+            lines.append(f"{'stop':15} {', '.join(map(repr, s.stops)) or '-'}")
+            return "\n".join(lines)
+        key, _, value = arg.partition(" ")
+        key = key.replace("-", "_").lower()
+        value = value.strip()
+        if key == "stop":
+            s.stops = [] if value.lower() in ("", "none") else check_stops([unescape(value)])
+            return f"stop = {s.stops!r}"
+        if key not in SAMPLING:
+            raise ValueError(f"unknown setting {key!r} (one of: {', '.join(SAMPLING)}, stop)")
+        if not value:
+            raise ValueError(f"/set {key} needs a value")
+        s.options[key] = SAMPLING[key].parse(key, value)
+        return f"{key} = {s.options[key]}"
+
+    def answer(self, message: str) -> None:
+        s = self.s
+        gen, used, dropped = s.generate(message)
+        if dropped and self.interactive:
+            self.note(f"({dropped} earlier turn{'s' if dropped != 1 else ''} left out to fit the context)")
+        if used > s.context:
+            self.note(f"(the prompt takes {used} tokens, over the context of {s.context}: "
+                      "the model sees only its end)")
+        stopped = False
+        started = False
+        try:
+            for piece in gen:
+                if not started:
+                    piece = piece.lstrip()   # the transcript puts a space after "Assistant:"
+                    started = bool(piece)
+                if piece and not self.as_json:
+                    self.out.write(piece)
+                    self.out.flush()
+        except KeyboardInterrupt:
+            stopped = True
+            try:
+                gen.cancel()   # stops the generation in the daemon and reads its done event
+            except KeyboardInterrupt:
+                raise Leave from None
+        finally:
+            gen.close()
+        stats = gen.stats or {}
+        stopped = stopped or stats.get("stop_reason") == "cancelled"
+        s.record(message, gen.text, stopped)
+        total = min(s.context, (stats.get("tokens_prompt") or used) + (stats.get("tokens_generated") or 0))
+        if self.as_json:
+            self.emit({"user": message, "assistant": gen.text.strip(), "stopped": stopped,
+                       "context_used": total, "context": s.context, **stats})
+            return
+        self.say("")
+        head = "[stopped · " if stopped else "["
+        self.note(f"{head}{human_count(stats.get('tokens_generated', 0))} tokens, "
+                  f"{number(stats.get('tokens_per_second'), '.1f')} tokens/s · "
+                  f"context {total}/{s.context}]")
+        if stopped:
+            # "Ctrl-C stops the current answer and a second Ctrl-C leaves"
+            self.last_was_interrupt = True
+
+
+def history_file() -> Path:
+    base = os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
+    return root / "cllm" / "chat_history"
+
+
+def setup_readline() -> Callable[[], None]:
+    """Line editing, persistent history and /command completion; returns the saver to call on exit."""
+    try:
+        import readline
+    except ImportError:   # not every Python has it; input() still works
+        return lambda: None
+    path = history_file()
+    try:
+        readline.read_history_file(path)
+    except (OSError, UnicodeDecodeError):
+        pass
+    readline.set_history_length(1000)
+    words = ["/system", "/reset", "/save", "/set", "/show", "/help", "/quit", "/exit"] + \
+            [f"/set {k}" for k in [*SAMPLING, "stop"]]
+
+    def complete(text: str, state: int) -> str | None:
+        line = readline.get_line_buffer()
+        hits = [w[len(line) - len(text):] for w in words if w.startswith(line)]
+        return hits[state] if state < len(hits) else None
+
+    readline.set_completer_delims(" ")
+    readline.set_completer(complete)
+    readline.parse_and_bind("tab: complete")
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    return save
+
+
+def run(client: Client, *, system: str = "", options: dict | None = None, stops: list[str] | None = None,
+        load: Path | None = None, as_json: bool = False) -> int:
+    """The `cllm chat` command body (the caller maps exceptions to exit codes)."""
+    model = client.request("status")["model"]
+    context = model["context"]
+    session = ChatSession(client, context)
+    if load is not None:
+        session.load(load)
+    # what the command line gives wins over what the loaded conversation had
+    session.system = system or session.system
+    session.options.update(options or {})
+    session.stops = list(stops or []) or session.stops
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    save_history = setup_readline() if interactive and not as_json else (lambda: None)
+    try:
+        return ChatLoop(session, interactive=interactive, as_json=as_json, model=model.get("name", "?")).run()
+    finally:
+        save_history()
+
+
+__all__ = ["SAMPLING", "Option", "check_stops", "ChatSession", "ChatLoop", "Turn", "LoadError", "run"]

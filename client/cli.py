@@ -1,0 +1,731 @@
+"""The `cllm` command: one table of subcommands speaking the daemon's protocol. Each command
+returns an exit code and errors become exit codes in one place (see EXIT_* and docs/cli.md)."""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cllm import __version__
+from cllm.chat import SAMPLING, check_stops, unescape
+from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
+from cllm.fmt import duration, human_bytes, human_count, number, plural
+
+EXIT_OK = 0            # done
+EXIT_DAEMON = 1        # the daemon answered with an error (or did not answer in time)
+EXIT_USAGE = 2         # bad arguments, or no daemon to talk to
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_BROKEN_PIPE = 141  # stdout closed early, e.g. `cllm generate ... | head` (128 + SIGPIPE)
+
+PASSTHROUGH = ("crawl", "top")   # parse their own arguments
+
+
+class UsageError(Exception):
+    """Bad arguments: one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # one clear line instead of argparse's usage dump
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_globals(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """--socket/--timeout/--json, valid before and after the subcommand (the subcommand's copy
+    has no default, so it never overwrites a value given before it)."""
+    d = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    p.add_argument("--socket", metavar="PATH", default=d(None),
+                   help="the daemon's socket: a path or an ipc:// / tcp:// endpoint "
+                        "(default: $CLLM_SOCKET, else the daemon's runtime directory)")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS", default=d(10.0),
+                   help="seconds to wait for each reply (default 10)")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="machine-readable JSON on stdout")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _sampling_type(name: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return SAMPLING[name].parse(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name
+    return parse
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    for name, opt in SAMPLING.items():
+        default = "fresh each time" if opt.default is None else opt.default
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_sampling_type(name),
+                       metavar="N" if opt.type is int else "X", help=f"{opt.help} (default {default})")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT appears (repeatable; \\n for a newline)")
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    opts = {k: getattr(a, k) for k in SAMPLING if getattr(a, k, None) is not None}
+    try:
+        stops = check_stops([unescape(s) for s in a.stop])
+    except ValueError as e:
+        raise UsageError(f"{a.prog_name}: --stop: {e}") from None
+    if stops:
+        opts["stop"] = stops
+    return opts
+
+
+# --------------------------------------------------------------------------- the command context
+
+class Ctx:
+    """What a command works with: its arguments, a lazily opened Client, and output helpers."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.json = bool(getattr(args, "json", False))
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.args.socket, timeout=self.args.timeout)
+        return self._client
+
+    def request(self, op: str, **args: Any) -> Any:
+        return self.client.request(op, **args)
+
+    def print_json(self, obj: Any) -> None:
+        print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _stdin_text(prog: str, given: str | None, what: str) -> str:
+    if given is not None and given != "-":
+        return given
+    if given is None and sys.stdin.isatty():
+        raise UsageError(f"{prog}: no {what}: give it as an argument or pipe it on stdin")
+    return sys.stdin.read()
+
+
+# --------------------------------------------------------------------------- status and ping
+
+def cmd_status(ctx: Ctx, a) -> int:
+    st = ctx.request("status")
+    if ctx.json:
+        ctx.print_json(st)
+        return EXIT_OK
+    d, m, t, q, s = st["daemon"], st["model"], st["train"], st["queue"], st["serving"]
+    print(f"daemon    cllmd {d.get('version')} (pid {d.get('pid')}), up {duration(d.get('uptime_s'))}, "
+          f"cpu {number(d.get('cpu_percent'), '.0f')}%, rss {human_bytes(d.get('rss_bytes'))}")
+    print(f"model     {m.get('name')}: {human_count(m.get('parameters'))} parameters, "
+          f"context {m.get('context')}, vocabulary {m.get('vocab_size')}")
+    print(_train_line(t))
+    print(f"          loss {number(t.get('loss'))}, val loss {number(t.get('val_loss'))}, "
+          f"perplexity {number(t.get('perplexity'), '.2f')}, lr {number(t.get('lr'), '.2e')}, "
+          f"{human_count(t.get('tokens_per_second'))} tokens/s")
+    current = f" (now: {q['current']})" if q.get("current") else ""
+    print(f"queue     {q.get('incoming', 0)} incoming, {q.get('processing', 0)} processing, "
+          f"{q.get('done', 0)} done, {q.get('failed', 0)} failed{current}")
+    print(f"serving   {s.get('running', 0)} running, {s.get('waiting', 0)} waiting, "
+          f"{human_count(s.get('tokens_per_second'))} tokens/s")
+    return EXIT_OK
+
+
+def _train_line(t: dict) -> str:
+    budget = t.get("budget")
+    extra = ""
+    if budget:
+        extra = f", {human_count(budget)} steps to go (eta {duration(t.get('eta_s'))})"
+    auto = t.get("auto_train")
+    auto_s = "" if auto is None else f", auto-train {'on' if auto else 'off'}"
+    return (f"training  {t.get('state')}, step {t.get('step')}, {human_count(t.get('tokens_seen'))} tokens "
+            f"seen{extra}{auto_s}")
+
+
+def cmd_ping(ctx: Ctx, a) -> int:
+    rtts, info = [], {}
+    for i in range(a.count):
+        if i:
+            time.sleep(a.interval)
+        t0 = time.perf_counter()
+        info = ctx.request("ping")
+        rtt = time.perf_counter() - t0
+        rtts.append(rtt)
+        if not ctx.json:
+            print(f"pong from {info.get('daemon')} (protocol {info.get('version')}): "
+                  f"time={rtt * 1000:.2f} ms")
+    if ctx.json:
+        ctx.print_json({"daemon": info.get("daemon"), "version": info.get("version"),
+                        "rtt_ms": [round(r * 1000, 3) for r in rtts],
+                        "min_ms": round(min(rtts) * 1000, 3), "avg_ms": round(sum(rtts) / len(rtts) * 1000, 3),
+                        "max_ms": round(max(rtts) * 1000, 3)})
+    elif len(rtts) > 1:
+        print(f"{len(rtts)} pings: min/avg/max = {min(rtts) * 1000:.2f}/"
+              f"{sum(rtts) / len(rtts) * 1000:.2f}/{max(rtts) * 1000:.2f} ms")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- generation and chat
+
+def cmd_generate(ctx: Ctx, a) -> int:
+    prompt = _stdin_text("cllm generate", a.prompt, "prompt")
+    opts = _sampling(a)
+    gen = ctx.client.generate(prompt, **opts)
+    out = sys.stdout
+    interrupted = False
+    try:
+        for piece in gen:
+            if not ctx.json:
+                out.write(piece)
+                out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        gen.cancel()   # in the daemon, not just here: read on to its done event
+    finally:
+        gen.close()
+    stats = gen.stats or {}
+    if ctx.json:
+        ctx.print_json({"text": gen.text, **stats})
+    else:
+        if gen.text and not gen.text.endswith("\n") and out.isatty():
+            out.write("\n")
+        out.flush()
+        if not a.quiet:
+            print(f"[{stats.get('tokens_prompt', '?')} prompt tokens, "
+                  f"{stats.get('tokens_generated', 0)} generated in {number(stats.get('seconds'), '.2f')} s, "
+                  f"{number(stats.get('tokens_per_second'), '.1f')} tokens/s, "
+                  f"stop: {stats.get('stop_reason')}]", file=sys.stderr)
+    if stats.get("stop_reason") == "error":
+        print(f"cllm generate: the generation failed: {stats.get('error')}", file=sys.stderr)
+        return EXIT_DAEMON
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def cmd_chat(ctx: Ctx, a) -> int:
+    from cllm import chat
+    opts = _sampling(a)
+    stops = opts.pop("stop", [])
+    try:
+        return chat.run(ctx.client, system=unescape(a.system or ""), options=opts, stops=stops,
+                        load=a.load, as_json=ctx.json)
+    except chat.LoadError as e:
+        raise UsageError(f"cllm chat: {e}") from None
+
+
+# --------------------------------------------------------------------------- training
+
+# The settable keys of train.config.set (docs/protocol.md) and how their values are read.
+TRAIN_KEYS: dict[str, type] = {
+    "lr": float, "min_lr": float, "batch_size": int, "grad_clip": float, "warmup": int,
+    "weight_decay": float, "threads": int, "checkpoint_interval_steps": int,
+    "checkpoint_interval_seconds": float, "eval_interval": int, "auto_train": bool,
+}
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_setting(item: str) -> tuple[str, Any]:
+    """'lr=3e-4' -> ('lr', 0.0003); UsageError naming what is wrong."""
+    key, eq, text = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not eq or not key:
+        raise UsageError(f"cllm train config: expected KEY=VALUE, got {item!r}")
+    if key not in TRAIN_KEYS:
+        raise UsageError(f"cllm train config: unknown key {key!r} (one of: {', '.join(TRAIN_KEYS)})")
+    kind, text = TRAIN_KEYS[key], text.strip()
+    if kind is bool:
+        if text.lower() in TRUE:
+            return key, True
+        if text.lower() in FALSE:
+            return key, False
+        raise UsageError(f"cllm train config: {key} must be true or false, got {text!r}")
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise UsageError(f"cllm train config: {key} must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"cllm train config: {key} must be a finite number, got {text!r}")
+    return key, value
+
+
+def _print_train(t: dict) -> None:
+    print(_train_line(t))
+    print(f"loss      {number(t.get('loss'))}, val loss {number(t.get('val_loss'))}, "
+          f"perplexity {number(t.get('perplexity'), '.2f')}")
+    print(f"lr        {number(t.get('lr'), '.2e')}, grad norm {number(t.get('grad_norm'), '.3f')}, "
+          f"{human_count(t.get('tokens_per_second'))} tokens/s")
+    print(f"threads   {t.get('threads')}, batch {t.get('batch_size', '-')}, "
+          f"{plural(t.get('skipped_steps') or 0, 'skipped step')}")
+    spheres = t.get("spheres") or []
+    if spheres:
+        by_state: dict[str, int] = {}
+        for sp in spheres:
+            by_state[sp.get("state")] = by_state.get(sp.get("state"), 0) + 1
+        print(f"spheres   {len(spheres)}: " + ", ".join(f"{n} {st}" for st, n in sorted(by_state.items())))
+    if t.get("last_error"):
+        print(f"error     {t['last_error']}")
+
+
+def _train_op(op: str) -> Callable[[Ctx, Any], int]:
+    def run(ctx: Ctx, a) -> int:
+        args = {"steps": a.steps} if op == "train.start" and a.steps is not None else {}
+        result = ctx.request(op, **args)
+        if ctx.json:
+            ctx.print_json(result)
+        else:
+            _print_train(result)
+        return EXIT_OK
+    return run
+
+
+def cmd_train_config(ctx: Ctx, a) -> int:
+    changes = dict(parse_setting(item) for item in a.settings)
+    if not changes:
+        cfg = ctx.request("train.config.get")
+        if ctx.json:
+            ctx.print_json(cfg)
+        else:
+            width = max(map(len, cfg), default=0)
+            for k, v in cfg.items():
+                print(f"{k:{width}} = {json.dumps(v)}")
+        return EXIT_OK
+    result = ctx.request("train.config.set", **changes)
+    if ctx.json:
+        ctx.print_json(result)
+    else:
+        for k in changes:
+            print(f"{k} = {json.dumps(result['config'].get(k))}")
+        print(f"(applies at step {result.get('applies_at_step')})")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- the queue
+
+def _queue_candidates(name: str):
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    else:
+        ext = "." + ext
+    yield name
+    for i in range(1, 10_000):
+        yield f"{stem}-{i}{ext}"
+
+
+def _safe_name(path: Path) -> str:
+    name = "".join("_" if ord(c) < 32 or c == "\x7f" else c for c in path.name).lstrip(". ")
+    return name or "unnamed"
+
+
+_RENAME_NOREPLACE = 1   # linux/fs.h
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """rename(2) that never replaces dst: renameat2(RENAME_NOREPLACE) where the C library has it,
+    else a check just before a plain rename. False when dst exists."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2 = fn
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if _renameat2:
+        import ctypes
+        at_fdcwd = -100
+        if _renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.ENOSYS, errno.EINVAL):   # EINVAL: the file system cannot do it
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        return False
+    os.rename(src, dst)
+    return True
+
+
+_renameat2 = None
+
+
+def write_incoming(incoming: Path, name: str, data: bytes) -> str:
+    """The queue contract: write incoming/.NAME.part, fsync, rename it to NAME (the daemon's
+    inotify watch sees the rename), never replacing another file; then fsync the directory.
+    Returns the name used (NAME, or NAME-1.ext, ... when taken)."""
+    part = incoming / f".{name}.part"
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:   # another writer of the same name right now
+        part = incoming / f".{name}.{os.getpid()}.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for cand in _queue_candidates(name):
+            if _rename_noreplace(part, incoming / cand):
+                break
+        else:
+            raise OSError(errno.EEXIST, f"no free name for {name} in {incoming}")
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    dfd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)   # the rename itself durable
+    finally:
+        os.close(dfd)
+    return cand
+
+
+def cmd_queue_add(ctx: Ctx, a) -> int:
+    files = []
+    for f in a.files:
+        p = Path(f)
+        try:
+            data = p.read_bytes()
+        except IsADirectoryError:
+            raise UsageError(f"cllm queue add: {f} is a directory (give files)") from None
+        except OSError as e:
+            raise UsageError(f"cllm queue add: cannot read {f}: {e.strerror or e}") from None
+        if not data:
+            raise UsageError(f"cllm queue add: {f} is empty")
+        files.append((p, data))
+    incoming = None
+    if not a.via_socket:
+        root = Path(a.queue_dir) if a.queue_dir else Path(ctx.request("status")["queue"]["dir"])
+        candidate = root / "incoming"
+        if candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK):
+            incoming = candidate
+        elif a.queue_dir:
+            raise UsageError(f"cllm queue add: {candidate} is not a writable directory")
+    added = []
+    for p, data in files:
+        if incoming is not None:
+            name = write_incoming(incoming, _safe_name(p), data)
+            entry = {"file": str(p), "name": name, "bytes": len(data), "via": "directory",
+                     "path": str(incoming / name)}
+        else:
+            res = ctx.request("queue.add", name=_safe_name(p), data=data)
+            entry = {"file": str(p), "name": res["name"], "bytes": res.get("bytes", len(data)), "via": "socket"}
+        added.append(entry)
+        if not ctx.json:
+            where = entry.get("path") or "the daemon (over the socket)"
+            print(f"queued {p} as {entry['name']} ({human_bytes(entry['bytes'])}) -> {where}")
+    if ctx.json:
+        ctx.print_json({"added": added})
+    return EXIT_OK
+
+
+def cmd_queue_ls(ctx: Ctx, a) -> int:
+    args = {"limit": a.limit}
+    if a.state:
+        args["state"] = a.state
+    res = ctx.request("queue.list", **args)
+    if ctx.json:
+        ctx.print_json(res)
+        return EXIT_OK
+    counts = res.get("counts", {})
+    print("  ".join(f"{st} {counts.get(st, 0)}" for st in ("incoming", "processing", "done", "failed")))
+    now = time.time()
+    for state in ("incoming", "processing", "done", "failed"):
+        if a.state and state != a.state:
+            continue
+        files = [f for f in res.get("files", []) if f.get("state") == state]
+        if not files:
+            continue
+        print(f"\n{state} ({counts.get(state, len(files))})")
+        width = min(40, max(len(f["name"]) for f in files))
+        for f in files:
+            age = duration(now - f["mtime"]) + " ago" if f.get("mtime") else "-"
+            line = f"  {f['name']:{width}}  {human_bytes(f.get('bytes')):>9}  {age:>9}"
+            r = f.get("reason")
+            if r:
+                line += f"  {r.get('reason')} ({plural(r.get('attempts') or 0, 'attempt')})"
+            print(line)
+    if res.get("truncated"):
+        print(f"\n(only the newest {a.limit} files are listed: --limit N for more)")
+    return EXIT_OK
+
+
+def cmd_queue_retry(ctx: Ctx, a) -> int:
+    done = []
+    for name in a.names:
+        done.append(ctx.request("queue.retry", name=name))
+        if not ctx.json:
+            print(f"{name}: back in incoming/ as {done[-1].get('name')}")
+    if ctx.json:
+        ctx.print_json({"retried": done})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- the model and tokens
+
+def cmd_model_info(ctx: Ctx, a) -> int:
+    info = ctx.request("model.info")
+    if ctx.json:
+        ctx.print_json(info)
+        return EXIT_OK
+    cfg = dict(info.get("config") or {})
+    tok = info.get("tokenizer") or {}
+    print(f"name        {info.get('name')}")
+    print(f"path        {info.get('path')}")
+    print(f"parameters  {human_count(info.get('parameters'))} ({info.get('parameters')})")
+    print(f"shape       {cfg.pop('n_layer', '?')} layers, {cfg.pop('n_head', '?')} heads, embedding "
+          f"{cfg.pop('n_embd', '?')}, context {cfg.pop('context', '?')}, vocabulary {cfg.pop('vocab_size', '?')}")
+    cfg.pop("block_size", None)
+    print(f"tokenizer   {tok.get('kind')} ({tok.get('vocab_size')} symbols)")
+    print(f"trained     step {info.get('step')}, {human_count(info.get('tokens_seen'))} tokens seen")
+    if cfg:
+        print("options     " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(cfg.items())))
+    return EXIT_OK
+
+
+def _write_op(op: str, what: str) -> Callable[[Ctx, Any], int]:
+    def run(ctx: Ctx, a) -> int:
+        res = ctx.request(op, timeout=max(ctx.args.timeout, 130.0))   # the daemon waits up to 120 s
+        if ctx.json:
+            ctx.print_json(res)
+        else:
+            print(f"{what} at step {res.get('step')} written to {res.get('path')} "
+                  f"({human_bytes(res.get('bytes'))}, {number(res.get('seconds'), '.2f')} s)")
+        return EXIT_OK
+    return run
+
+
+def cmd_tokenize(ctx: Ctx, a) -> int:
+    text = _stdin_text("cllm tokenize", a.text, "text")
+    res = ctx.request("tokenize", text=text)
+    if ctx.json:
+        ctx.print_json(res)
+    else:
+        print(" ".join(map(str, res["ids"])))
+        print(plural(res["count"], "token"), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_detokenize(ctx: Ctx, a) -> int:
+    res = ctx.request("detokenize", ids=a.ids)
+    if ctx.json:
+        ctx.print_json(res)
+    else:
+        sys.stdout.write(res["text"])
+        if sys.stdout.isatty() and not res["text"].endswith("\n"):
+            sys.stdout.write("\n")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- pass-through commands
+
+def _has_option(argv: list[str], name: str) -> bool:
+    return any(x == name or x.startswith(name + "=") for x in argv)
+
+
+def run_crawl(ctx: Ctx, rest: list[str]) -> int:
+    """`cllm crawl`: the crawler (cllm.crawl), writing into the daemon's own queue directory
+    when this user may, else handing pages to the daemon's queue.add."""
+    from cllm import crawl
+    if _has_option(rest, "-h") or _has_option(rest, "--help"):
+        return crawl.main(rest)
+    if ctx.json and "--json" not in rest:
+        rest = [*rest, "--json"]
+    send = None
+    if not _has_option(rest, "--queue-dir"):
+        try:
+            queue_dir = ctx.request("status")["queue"].get("dir")
+        except DaemonNotRunning:
+            queue_dir = None   # crawl on into the default queue; the daemon picks it up later
+        if queue_dir:
+            rest = ["--queue-dir", queue_dir, *rest]
+
+            def send(name: str, data: bytes) -> str:
+                return ctx.request("queue.add", name=name, data=data)["name"]
+    return crawl.main(rest, send=send)
+
+
+def run_top(ctx: Ctx, rest: list[str]) -> int:
+    from cllm import status
+    head = []
+    if ctx.args.socket and not _has_option(rest, "--socket"):
+        head += ["--socket", ctx.args.socket]
+    if ctx.json and "--json" not in rest:
+        head.append("--json")
+    return status.main([*head, *rest], prog="cllm top")
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
+    i = 0
+    while i < len(argv):
+        x = argv[i]
+        if x in ("--socket", "--timeout"):
+            i += 2
+        elif x.startswith(("--socket=", "--timeout=")) or x == "--json":
+            i += 1
+        elif x in PASSTHROUGH:
+            return argv[:i], x, argv[i + 1:]
+        else:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- the table
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    _add_globals(common, suppress=True)
+    p = Parser(prog="cllm", description="Talk to cllmd, the local self-training language-model daemon.",
+               epilog="Exit codes: 0 ok, 1 error from the daemon, 2 bad arguments or cllmd not running, "
+                      "130 interrupted. See docs/cli.md.")
+    p.add_argument("--version", action="version", version=f"cllm {__version__}")
+    _add_globals(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def add(parent, name: str, help: str, func=None, **kw) -> Parser:
+        sp = parent.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                               parents=[common], **kw)
+        if func is not None:
+            sp.set_defaults(func=func, prog_name=sp.prog)
+        return sp
+
+    add(sub, "status", "model, training, queue and serving at a glance", cmd_status)
+
+    g = add(sub, "generate", "continue a prompt, streaming the text as it comes", cmd_generate)
+    g.add_argument("prompt", nargs="?", help="the text to continue (default, or '-': stdin)")
+    _add_sampling(g)
+    g.add_argument("-q", "--quiet", action="store_true", help="no statistics on stderr")
+
+    c = add(sub, "chat", "an interactive conversation (/help inside for commands)", cmd_chat)
+    c.add_argument("--system", metavar="TEXT", help="the system prompt")
+    c.add_argument("--load", type=Path, metavar="FILE", help="continue a conversation saved with /save FILE.json")
+    _add_sampling(c)
+
+    t = add(sub, "train", "control training: start, stop, pause, resume, status, config")
+    tsub = t.add_subparsers(dest="train_command", metavar="ACTION", parser_class=Parser, required=True)
+    ts = add(tsub, "start", "start training (until stopped, or for --steps)", _train_op("train.start"))
+    ts.add_argument("--steps", type=_int_at_least(1), metavar="N", help="run N steps, then go idle")
+    add(tsub, "stop", "finish the current step and go idle", _train_op("train.stop"))
+    add(tsub, "pause", "hold training after the current step", _train_op("train.pause"))
+    add(tsub, "resume", "continue a paused run", _train_op("train.resume"))
+    add(tsub, "status", "the training snapshot", _train_op("train.status"))
+    tc = add(tsub, "config", "show, or set with KEY=VALUE, the training configuration", cmd_train_config)
+    tc.add_argument("settings", nargs="*", metavar="KEY=VALUE", help=f"keys: {', '.join(TRAIN_KEYS)}")
+
+    q = add(sub, "queue", "the training queue: add, ls, retry")
+    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser, required=True)
+    qa = add(qsub, "add", "queue files for training", cmd_queue_add)
+    qa.add_argument("files", nargs="+", metavar="FILE")
+    qa.add_argument("--queue-dir", metavar="DIR", help="the queue root (default: the daemon's)")
+    qa.add_argument("--via-socket", action="store_true",
+                    help="send the contents over the socket even when incoming/ is writable")
+    ql = add(qsub, "ls", "list queued files by state, with failure reasons", cmd_queue_ls)
+    ql.add_argument("--state", choices=("incoming", "processing", "done", "failed"))
+    ql.add_argument("--limit", type=_int_at_least(1), default=1000, metavar="N",
+                    help="files listed at most, newest first (default 1000)")
+    qr = add(qsub, "retry", "move failed files back to incoming/", cmd_queue_retry)
+    qr.add_argument("names", nargs="+", metavar="NAME")
+
+    m = add(sub, "model", "the model: info, save")
+    msub = m.add_subparsers(dest="model_command", metavar="ACTION", parser_class=Parser, required=True)
+    add(msub, "info", "configuration, size, tokenizer and training progress", cmd_model_info)
+    add(msub, "save", "write the current weights to the model file", _write_op("model.save", "model"))
+    add(sub, "checkpoint", "write a training checkpoint now", _write_op("checkpoint", "checkpoint"))
+
+    tk = add(sub, "tokenize", "token ids and count of a text", cmd_tokenize)
+    tk.add_argument("text", nargs="?", help="the text (default, or '-': stdin)")
+    dt = add(sub, "detokenize", "the text of token ids", cmd_detokenize)
+    dt.add_argument("ids", nargs="+", type=_int_at_least(0), metavar="ID")
+
+    pg = add(sub, "ping", "check the daemon answers, with the round-trip time", cmd_ping)
+    pg.add_argument("-c", "--count", type=_int_at_least(1), default=1, metavar="N", help="pings to send")
+    pg.add_argument("-i", "--interval", type=float, default=0.2, metavar="SECONDS",
+                    help="pause between pings (default 0.2)")
+
+    # Listed here for --help; their arguments are parsed by cllm.crawl and cllm.status.
+    sub.add_parser("crawl", help="crawl web pages politely into the training queue (cllm crawl --help)",
+                   add_help=False)
+    sub.add_parser("top", help="the live view of training and the 12 spheres (cllm-status)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ctx = None
+    try:
+        split = _split_passthrough(argv)
+        if split is not None:
+            head, name, rest = split
+            ctx = Ctx(parser.parse_args(head))
+            return (run_crawl if name == "crawl" else run_top)(ctx, rest)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        ctx = Ctx(args)
+        return args.func(ctx, args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonNotRunning as e:
+        _error(ctx, "not_running", str(e), plain=True)
+        return EXIT_USAGE
+    except RequestError as e:
+        _error(ctx, e.code, e.message)
+        return EXIT_DAEMON
+    except ClientError as e:   # permission denied, refused CURVE key: cannot talk to it
+        _error(ctx, "unreachable", str(e), plain=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would complain again at exit when flushing stdout: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _error(ctx: Ctx | None, code: str, message: str, plain: bool = False) -> None:
+    """Errors on stderr as one line (`cllm: CODE: MESSAGE`), and as JSON on stdout with --json."""
+    print(f"cllm: {message}" if plain else f"cllm: error {code}: {message}", file=sys.stderr)
+    if ctx is not None and ctx.json:
+        print(json.dumps({"error": {"code": code, "message": message}}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
