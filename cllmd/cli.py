@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    sub.add_parser("serve", help="run the daemon in the foreground (the default command); see cllmd serve --help",
+                   add_help=False)
+
     p = sub.add_parser("train", help="train a model offline on files or the default corpus",
                        description="Train a model with the 12-sphere trainer and write a .cllm file.")
     p.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
@@ -478,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] == "serve" or (argv[0].startswith("--") and argv[0] not in ("--help", "--version")):
+        from cllmd.daemon import serve
+        return serve(argv[1:] if argv and argv[0] == "serve" else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,0 +1,358 @@
+"""cllmd serve: wires the stages together and supervises them from the main thread.
+
+The main thread only supervises: signals go onto a queue it drains (TERM and INT stop, HUP
+reloads the configuration, USR1 checkpoints), it checks every worker's heartbeat and pings the
+systemd watchdog only while all are fresh. Training, the queue watcher and the socket loop each
+run on their own thread with a stop event and a heartbeat.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue as stdlib_queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cllmd import __version__, sdnotify
+from cllmd.lockfile import AlreadyRunning, StateLock
+from cllmd.paths import Dirs, PathsError
+from cllmd.settings import SettingsError, add_arguments, load_settings, overrides_from_args
+
+log = logging.getLogger("cllmd.daemon")
+
+STALE_HEARTBEAT_SECONDS = 90.0   # a worker silent this long stops the watchdog pings
+SWITCH_INTERVAL = 5e-5           # see Daemon.start: sphere threads trade the GIL constantly
+
+
+class Heartbeats:
+    """Last beat per worker; the supervisor reads them."""
+
+    def __init__(self):
+        self._beats: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def beater(self, name: str):
+        def beat() -> None:
+            with self._lock:
+                self._beats[name] = time.monotonic()
+        beat()
+        return beat
+
+    def stale(self, limit: float) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            return [n for n, t in self._beats.items() if now - t > limit]
+
+
+class _EventLogHandler(logging.Handler):
+    """Warnings and errors also go to subscribers as "log" events."""
+
+    def __init__(self, server):
+        super().__init__(level=logging.WARNING)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.server.publish("log", {"level": record.levelname.lower(), "logger": record.name,
+                                        "message": record.getMessage()})
+        except Exception:  # noqa: BLE001 - logging must never raise
+            pass
+
+
+class Daemon:
+    def __init__(self, dirs: Dirs, settings, config_overrides: dict):
+        self.dirs = dirs
+        self.settings = settings
+        self.config_overrides = config_overrides
+        self.stop_event = threading.Event()
+        self.signals: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
+        self.heartbeats = Heartbeats()
+        self.threads: list[threading.Thread] = []
+        self.started = time.time()
+        self.queue_current: str | None = None      # the file being ingested
+        self.generation_tokens_per_second = 0.0    # of the last finished generation
+
+    # ---- building the stages -------------------------------------------------------------------
+
+    def _create_default_model(self, queue_add):
+        """First start: a BPE tokenizer and a model sized to learn within minutes; the default
+        corpus goes into the queue so a new user watches it learn."""
+        from cllmd.corpus import ensure_default_corpus
+        from cllmd.model import Model, ModelConfig
+        from cllmd.tokenizer import BytesTokenizer, train_bpe
+        ms = self.settings.model
+        log.info("no model yet: creating the default model (building the default corpus first)")
+        corpus = ensure_default_corpus(self.dirs.cache)
+        tokenizer = BytesTokenizer() if ms.tokenizer == "bytes" else train_bpe(corpus, ms.vocab_size)
+        cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=ms.n_layer, n_head=ms.n_head,
+                          n_embd=ms.n_embd, block_size=ms.block_size, init=ms.init,
+                          clock_positions=ms.clock_positions)
+        model = Model(cfg, seed=self.settings.train.seed, tokenizer=tokenizer,
+                      metadata={"created": time.time(), "created_by": f"cllmd {__version__}"})
+        return model, corpus
+
+    def _train_config(self, base=None):
+        from cllmd.trainer import TrainConfig
+        t = self.settings.train
+        values = dict(batch_size=t.batch_size, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
+                      decay_steps=t.warmup + t.decay_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
+                      eval_interval=t.eval_interval, seed=t.seed)
+        if base is None:
+            return TrainConfig(**values)
+        import dataclasses
+        return dataclasses.replace(base, **{k: v for k, v in values.items() if k != "seed"})
+
+    def _controller_settings(self):
+        from cllmd.training import ControllerSettings
+        t = self.settings.train
+        return ControllerSettings(auto_train=t.auto_train, auto_epochs=t.auto_epochs,
+                                  checkpoint_interval_steps=t.checkpoint_interval_steps,
+                                  checkpoint_interval_seconds=t.checkpoint_interval_seconds,
+                                  snapshot_interval=t.snapshot_interval,
+                                  events_interval=self.settings.server.events_interval)
+
+    def start(self) -> None:
+        from cllmd.api import Api
+        from cllmd.datastore import DataStore
+        from cllmd.model import Model
+        from cllmd.modelfile import read_model_file
+        from cllmd.server import Server
+        from cllmd.trainer import Trainer, usable_cores
+        from cllmd.training import TrainingController
+        from cllmd.trainqueue import TrainingQueue
+
+        # Sphere threads release the GIL for every BLAS and kernel call and take it back right
+        # after; with the default 5 ms switch interval each take-back can wait 5 ms behind the
+        # other thread (the convoy effect), which halves two-thread throughput.
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        s = self.settings
+        self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.dirs.checkpoints / "latest.cllm"
+        threads = s.train.threads or usable_cores()
+        corpus = None
+        if checkpoint.exists() or self.dirs.model.exists():
+            header, _ = read_model_file(checkpoint if checkpoint.exists() else self.dirs.model, verify=False)
+            vocab = header["config"]["vocab_size"]
+        else:
+            model, corpus = self._create_default_model(None)
+            vocab = model.cfg.vocab_size
+        self.store = DataStore(self.dirs.data, vocab_size=vocab)
+        if checkpoint.exists():
+            trainer = Trainer.from_checkpoint(checkpoint, self.store, threads=threads)
+            trainer.update_config(**{k: v for k, v in vars(self._train_config(trainer.config)).items()})
+            log.info("resumed from %s at step %d", checkpoint, trainer.step_num)
+        else:
+            if corpus is None:
+                model = Model.load(self.dirs.model)
+                log.info("loaded %s", self.dirs.model)
+            trainer = Trainer(model, self.store, self._train_config(), threads=threads)
+        self.model_tokenizer = trainer.model.tokenizer
+
+        self.server = Server(self.dirs.socket_endpoint, self.dirs.events_endpoint,
+                             max_message_bytes=s.server.max_message_bytes, workers=s.server.generate_workers,
+                             max_pending=s.server.max_pending_generations, **self._tcp_options())
+        self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
+                                             settings=self._controller_settings(), publish=self.server.publish)
+        self.queue = TrainingQueue(self.dirs.queue, self._ingest, max_file_bytes=s.queue.max_file_bytes,
+                                   max_attempts=s.queue.max_attempts, rescan_seconds=s.queue.rescan_seconds,
+                                   json_fields=s.queue.json_fields,
+                                   on_event=self._queue_event)
+        if corpus is not None:
+            # queue first, model file second: a crash in between re-creates the same model and
+            # the store's sha256 dedup keeps the corpus from being stored twice
+            for path in corpus:
+                self.queue.add(f"default-corpus-{path.name}", path.read_bytes())
+            trainer.model.save(self.dirs.model)
+        self.api = Api(self)
+        self.api.register(self.server)
+        logging.getLogger().addHandler(_EventLogHandler(self.server))
+        self._spawn("server", self.server.serve)
+        self._spawn("queue", self.queue.run)
+        self._spawn("trainer", self.controller.run)
+        sdnotify.ready()
+        sdnotify.status(self.status_line())
+        log.info("cllmd %s serving on %s (events %s); model %.2fM parameters, step %d; %d thread(s)",
+                 __version__, self.dirs.socket, self.dirs.events_socket, trainer.model.num_params / 1e6,
+                 trainer.step_num, trainer.pool.size)
+
+    def _tcp_options(self) -> dict:
+        s = self.settings.server
+        if not s.tcp:
+            return {}
+        import zmq.auth
+        secret = Path(s.curve_secret_key_file)
+        public, secret_key = zmq.auth.load_certificate(secret)
+        if secret_key is None:
+            raise SettingsError(f"{secret}: not a CURVE secret key file")
+        return {"tcp": s.tcp, "curve": (secret_key, public, s.curve_authorized_keys_dir)}
+
+    def _spawn(self, name: str, target) -> None:
+        beat = self.heartbeats.beater(name)
+        t = threading.Thread(target=self._guard, args=(name, target, beat), name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _guard(self, name, target, beat) -> None:
+        try:
+            target(self.stop_event, beat)
+        except Exception:
+            log.exception("the %s thread failed; shutting down so the service manager restarts cllmd", name)
+            self.signals.put("fatal")
+
+    def _queue_event(self, ev: dict) -> None:
+        state = ev.get("state")
+        self.queue_current = ev.get("name") if state == "processing" else None
+        self.server.publish("queue", {"counts": self.queue.counts(), "current": self.queue_current,
+                                      "change": {"name": ev.get("name"), "state": state,
+                                                 "reason": ev.get("reason")}})
+        if state == "failed":
+            self.server.publish("error", {"source": "queue", "message": f"{ev.get('name')}: {ev.get('reason')}"})
+
+    # ---- the ingest stage ----------------------------------------------------------------------
+
+    def _ingest(self, pre, sha256: str) -> dict:
+        """Queue -> tokenizer -> data store; the queue moves the file to done/ after this returns."""
+        import numpy as np
+        existing = self.store.get(sha256)
+        if existing is not None:
+            return {"tokens": existing.tokens, "duplicate": True}
+        tok = self.model_tokenizer
+        ids = tok.encode(pre.text)
+        ids = np.concatenate([ids, np.array([tok.eot_id], dtype=ids.dtype)])
+        doc = self.store.append(ids, source=pre.source or "", sha256=sha256)
+        if doc.split == "train":
+            self.controller.add_tokens(doc.tokens)
+        return {"tokens": doc.tokens, "duplicate": False, "split": doc.split}
+
+    # ---- supervision ---------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        snap = self.controller.trainer.snapshot() if hasattr(self, "controller") else {}
+        counts = self.queue.counts() if hasattr(self, "queue") else {}
+        loss = snap.get("loss")
+        loss_text = f"{loss:.3f}" if isinstance(loss, float) else "-"
+        return (f"step {snap.get('step', 0)}, loss {loss_text}, {self.controller.state if hasattr(self, 'controller') else 'starting'}; "
+                f"queue {counts.get('incoming', 0)} waiting, {counts.get('done', 0)} done, {counts.get('failed', 0)} failed")
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.signals.put(signum))
+
+    def reload(self) -> None:
+        sdnotify.reloading()
+        try:
+            new = load_settings(self.dirs.config_file, self.config_overrides)
+        except SettingsError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            sdnotify.ready()
+            return
+        self.settings = new
+        logging.getLogger().setLevel(new.log.level.upper())
+        t = new.train
+        self.controller.configure({
+            "lr": t.lr, "min_lr": t.min_lr, "batch_size": t.batch_size, "grad_clip": t.grad_clip,
+            "warmup": t.warmup, "decay_steps": t.warmup + t.decay_steps, "weight_decay": t.weight_decay,
+            "eval_interval": t.eval_interval, "threads": t.threads, "auto_train": t.auto_train,
+            "auto_epochs": t.auto_epochs, "checkpoint_interval_steps": t.checkpoint_interval_steps,
+            "checkpoint_interval_seconds": t.checkpoint_interval_seconds, "snapshot_interval": t.snapshot_interval})
+        log.info("configuration reloaded from %s", self.dirs.config_file or "defaults")
+        sdnotify.ready()
+
+    def request_stop(self) -> None:
+        self.signals.put(signal.SIGTERM)
+
+    def supervise(self) -> int:
+        watchdog = sdnotify.watchdog_interval()
+        last_watchdog = last_status = 0.0
+        exit_code = 0
+        while True:
+            try:
+                sig = self.signals.get(timeout=0.25)
+            except stdlib_queue.Empty:
+                sig = None
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("stopping (signal %s)", signal.Signals(sig).name)
+                break
+            if sig == "fatal":
+                exit_code = 1
+                break
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif sig == signal.SIGUSR1:
+                log.info("checkpoint requested (SIGUSR1)")
+                threading.Thread(target=self.controller.request_checkpoint, daemon=True).start()
+            now = time.monotonic()
+            if watchdog and now - last_watchdog >= watchdog:
+                stale = self.heartbeats.stale(STALE_HEARTBEAT_SECONDS)
+                if stale:
+                    log.error("no heartbeat from %s: withholding the watchdog ping", ", ".join(stale))
+                else:
+                    sdnotify.watchdog()
+                    last_watchdog = now
+            if now - last_status >= 2.0:
+                sdnotify.status(self.status_line())
+                last_status = now
+        self.shutdown()
+        return exit_code
+
+    def shutdown(self) -> None:
+        """Graceful: stop taking requests, end generations, finish the step, checkpoint, exit."""
+        sdnotify.stopping()
+        self.stop_event.set()
+        self.queue.wake()
+        for t in self.threads:
+            t.join(timeout=300)
+            if t.is_alive():
+                log.error("thread %s did not stop in time", t.name)
+        self.server.close()
+        self.store.close()
+        log.info("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cllmd serve", description="Run the cllmd daemon in the foreground.")
+    p.add_argument("--state-dir", help="models, checkpoints, data store, queue (default: $STATE_DIRECTORY or $XDG_STATE_HOME/cllmd)")
+    p.add_argument("--runtime-dir", help="sockets (default: $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR/cllmd)")
+    p.add_argument("--cache-dir", help="compiled kernels, default corpus (default: $CACHE_DIRECTORY or $XDG_CACHE_HOME/cllmd)")
+    p.add_argument("--config", help="configuration file (default: /etc/cllmd/cllmd.toml when present)")
+    add_arguments(p)
+    return p
+
+
+def serve(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(threadName)s %(name)s: %(message)s")
+    try:
+        dirs = Dirs.resolve(state_dir=args.state_dir, runtime_dir=args.runtime_dir,
+                            cache_dir=args.cache_dir, config=args.config)
+        overrides = overrides_from_args(args)
+        settings = load_settings(dirs.config_file, overrides)
+        dirs.ensure()
+    except (SettingsError, PathsError) as e:
+        print(f"cllmd: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"cllmd: cannot prepare directories: {e}", file=sys.stderr)
+        return 1
+    logging.getLogger().setLevel(settings.log.level.upper())
+    # numba reads its cache location once, at import: before any kernel is imported
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(dirs.cache / "numba"))
+    lock = StateLock(dirs.state)
+    try:
+        lock.acquire()
+    except AlreadyRunning as e:
+        print(f"cllmd: {e}", file=sys.stderr)
+        return 1
+    daemon = Daemon(dirs, settings, overrides)
+    daemon.install_signals()
+    try:
+        daemon.start()
+    except SettingsError as e:
+        print(f"cllmd: {e}", file=sys.stderr)
+        return 2
+    return daemon.supervise()

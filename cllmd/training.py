@@ -1,0 +1,257 @@
+"""The training controller: runs node zero on its own thread inside the daemon.
+
+It turns new tokens into a step budget (auto-training), obeys start/stop/pause/resume at step
+boundaries, writes checkpoints by step count, by time, on request and on shutdown, publishes a
+weights snapshot for inference every few steps, and reports statistics without ever letting a
+subscriber block a training step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cllmd.model import Model
+from cllmd.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+# train.config.set keys and where they go: the trainer's TrainConfig or the controller itself
+TRAINER_KEYS = {"lr", "min_lr", "batch_size", "grad_clip", "warmup", "decay_steps", "weight_decay", "eval_interval"}
+CONTROLLER_KEYS = {"threads", "checkpoint_interval_steps", "checkpoint_interval_seconds", "auto_train",
+                   "auto_epochs", "snapshot_interval"}
+CONFIG_KEYS = TRAINER_KEYS | CONTROLLER_KEYS
+
+
+@dataclass
+class ControllerSettings:
+    auto_train: bool = True
+    auto_epochs: float = 1.0
+    checkpoint_interval_steps: int = 500
+    checkpoint_interval_seconds: float = 300.0
+    snapshot_interval: int = 20
+    events_interval: float = 1.0
+
+
+class TrainingController:
+    """Owns the Trainer (the only writer of the weights) and the thread that runs it."""
+
+    def __init__(self, trainer: Trainer, *, checkpoint_path: Path, model_path: Path,
+                 settings: ControllerSettings, publish: Callable[[str, dict], None] | None = None):
+        self.trainer = trainer
+        self.checkpoint_path = Path(checkpoint_path)
+        self.model_path = Path(model_path)
+        self.settings = settings
+        self.publish = publish or (lambda topic, payload: None)
+        self.state = "idle"            # idle | running | paused | stopping | stopped
+        self.budget = 0                # steps still to take
+        self.budget_total = 0
+        self.reason = ""               # why the current budget exists (auto / manual)
+        self._cond = threading.Condition()
+        self._paused = False
+        self._checkpoint_waiters: list[threading.Event] = []
+        self._pending_threads: int | None = None
+        self._snapshot = trainer.model.copy()   # what inference reads; replaced, never mutated
+        self._last_checkpoint_step = trainer.step_num
+        self._last_checkpoint_time = time.monotonic()
+        self._last_publish = 0.0
+        self.last_error: str | None = None
+        self.step_seconds = 0.0
+
+    # ---- called from other threads -------------------------------------------------------------
+
+    def inference_model(self) -> Model:
+        """The latest published weights (a private copy: training never changes it)."""
+        return self._snapshot
+
+    def add_tokens(self, tokens: int) -> int:
+        """New training tokens arrived: with auto-training on, extend the budget. Returns steps added."""
+        if not self.settings.auto_train or tokens <= 0:
+            return 0
+        cfg = self.trainer.config
+        steps = math.ceil(self.settings.auto_epochs * tokens / (cfg.batch_size * self.trainer.model.cfg.block_size))
+        with self._cond:
+            if self.budget == 0:
+                self.budget_total = 0
+            self.budget += steps
+            self.budget_total += steps
+            self.reason = self.reason if self.reason == "manual" else "auto"
+            self._cond.notify_all()
+        log.info("%d new tokens: %d training steps added (budget %d)", tokens, steps, self.budget)
+        return steps
+
+    def start(self, steps: int) -> dict:
+        with self._cond:
+            self.budget = self.budget_total = int(steps)
+            self.reason = "manual"
+            self._paused = False
+            self._cond.notify_all()
+        return self.status()
+
+    def stop(self) -> dict:
+        """Ends the current budget at the next step boundary (the daemon keeps serving)."""
+        with self._cond:
+            self.budget = 0
+            self._cond.notify_all()
+        return self.status()
+
+    def pause(self) -> dict:
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+        return self.status()
+
+    def resume(self) -> dict:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+        return self.status()
+
+    def configure(self, changes: dict) -> dict:
+        """Validated by the caller (settings schema); applied at the next step boundary."""
+        unknown = sorted(set(changes) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        trainer_changes = {k: v for k, v in changes.items() if k in TRAINER_KEYS}
+        if trainer_changes:
+            self.trainer.update_config(**trainer_changes)
+        if "threads" in changes:
+            self.trainer.set_threads(changes["threads"] or _usable_cores())
+        for key in CONTROLLER_KEYS - {"threads"}:
+            if key in changes:
+                setattr(self.settings, key, changes[key])
+        with self._cond:
+            self._cond.notify_all()
+        return self.config()
+
+    def config(self) -> dict:
+        cfg = self.trainer.config
+        out = {k: getattr(cfg, k) for k in sorted(TRAINER_KEYS)}
+        out.update({k: getattr(self.settings, k) for k in sorted(CONTROLLER_KEYS - {"threads"})})
+        out["threads"] = self.trainer._pending_threads or self.trainer.pool.size
+        return out
+
+    def request_checkpoint(self, timeout: float | None = None) -> bool:
+        """Asks the training thread for a checkpoint at the next step boundary and waits for it."""
+        done = threading.Event()
+        with self._cond:
+            self._checkpoint_waiters.append(done)
+            self._cond.notify_all()
+        return done.wait(timeout)
+
+    def status(self) -> dict:
+        snap = self.trainer.snapshot()
+        with self._cond:
+            state = self.state  # as the training thread last saw it: "paused" once no step runs
+            budget, total, reason = self.budget, self.budget_total, self.reason
+        eta = budget * self.step_seconds if budget and self.step_seconds else None
+        snap.update({"state": state, "budget": budget, "budget_total": total, "reason": reason,
+                     "step_seconds": self.step_seconds, "eta_s": eta,
+                     "auto_train": self.settings.auto_train, "last_error": self.last_error})
+        return snap
+
+    # ---- the training thread -------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        self.trainer.save_checkpoint(self.checkpoint_path)
+        self.trainer.model.save(self.model_path, metadata={"step": self.trainer.step_num})
+        self._last_checkpoint_step = self.trainer.step_num
+        self._last_checkpoint_time = time.monotonic()
+        seconds = time.perf_counter() - t0
+        log.info("checkpoint at step %d written in %.2fs: %s", self.trainer.step_num, seconds, self.checkpoint_path)
+        self.publish("checkpoint", {"kind": "checkpoint", "step": self.trainer.step_num,
+                                    "path": str(self.checkpoint_path),
+                                    "bytes": self.checkpoint_path.stat().st_size, "seconds": round(seconds, 3)})
+
+    def _checkpoint_due(self) -> bool:
+        s = self.settings
+        steps = self.trainer.step_num - self._last_checkpoint_step
+        if steps <= 0:
+            return False
+        if s.checkpoint_interval_steps and steps >= s.checkpoint_interval_steps:
+            return True
+        return bool(s.checkpoint_interval_seconds) and \
+            time.monotonic() - self._last_checkpoint_time >= s.checkpoint_interval_seconds
+
+    def _has_data(self) -> bool:
+        return self.trainer.source.has_window(self.trainer.model.cfg.block_size, "train")
+
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_publish >= self.settings.events_interval:
+            self._last_publish = now
+            self.publish("train", self.status())
+
+    def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
+        beat = heartbeat or (lambda: None)
+        try:
+            while not stop.is_set():
+                beat()
+                with self._cond:
+                    waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
+                    can_train = self.budget > 0 and not self._paused
+                if waiters:
+                    self._checkpoint_safely()
+                    for w in waiters:
+                        w.set()
+                if not can_train or not self._has_data():
+                    with self._cond:
+                        self.state = "idle" if not self._paused else "paused"
+                        self._cond.wait(timeout=0.5)
+                    self._publish_stats()
+                    continue
+                self.state = "running"
+                self._train_one_step()
+                with self._cond:
+                    self.budget = max(0, self.budget - 1)
+                    finished = self.budget == 0
+                if finished:
+                    log.info("training budget done at step %d (loss %.4f)", self.trainer.step_num,
+                             self.trainer.last.get("loss", float("nan")))
+                    self._snapshot = self.trainer.model.copy()
+                    self._checkpoint_safely()
+                    self._publish_stats(force=True)
+                elif self._checkpoint_due():
+                    self._checkpoint_safely()
+        finally:
+            self.state = "stopping"
+            # the final checkpoint of a graceful stop; a kill -9 loses only the steps since the last
+            if self.trainer.step_num != self._last_checkpoint_step:
+                self._checkpoint_safely()
+            self.state = "stopped"
+            for w in self._checkpoint_waiters:
+                w.set()
+            self.trainer.close()
+
+    def _checkpoint_safely(self) -> None:
+        try:
+            self._checkpoint()
+        except OSError as e:
+            self.last_error = f"checkpoint failed: {e}"
+            log.error("checkpoint failed: %s", e)
+            self.publish("error", {"source": "trainer", "message": self.last_error})
+
+    def _train_one_step(self) -> None:
+        tr = self.trainer
+        t0 = time.perf_counter()
+        r = tr.step()
+        self.step_seconds = time.perf_counter() - t0 if not self.step_seconds else \
+            0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
+        cfg = tr.config
+        if cfg.eval_interval and tr.step_num % cfg.eval_interval == 0 and \
+                tr.source.has_window(tr.model.cfg.block_size, "val"):
+            ev = tr.evaluate()
+            log.info("step %d: loss %.4f, val loss %.4f", tr.step_num, r["loss"], ev["val_loss"])
+        if tr.step_num % max(1, self.settings.snapshot_interval) == 0:
+            self._snapshot = tr.model.copy()
+        self._publish_stats()
+
+
+def _usable_cores() -> int:
+    from cllmd.trainer import usable_cores
+    return usable_cores()

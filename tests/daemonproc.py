@@ -1,0 +1,143 @@
+"""A real cllmd daemon as a subprocess on temporary directories, for tests of any client."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cllm.client import Client
+
+TINY_MODEL = ["--model-tokenizer", "bytes", "--model-n-layer", "1", "--model-n-head", "2",
+              "--model-n-embd", "32", "--model-block-size", "32"]
+QUICK = ["--train-checkpoint-interval-seconds", "2", "--train-eval-interval", "0",
+         "--server-events-interval", "0.2"]
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class NotifyListener:
+    """Stands in for systemd's notification socket: collects the datagrams cllmd sends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.extend(data.decode().splitlines())
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+class Daemon:
+    """A cllmd subprocess on its own temporary directories."""
+
+    def __init__(self, root: Path, *extra, env=None, model: bool = True):
+        self.root = root
+        self.state, self.run, self.cache = root / "state", root / "run", root / "cache"
+        self.log_path = root / "daemon.log"
+        if model and not (self.state / "model.cllm").exists() and not (self.state / "checkpoints").exists():
+            self.make_model()
+        self.args = [sys.executable, "-m", "cllmd.cli", "serve", "--state-dir", str(self.state),
+                     "--runtime-dir", str(self.run), "--cache-dir", str(self.cache), *QUICK, *TINY_MODEL,
+                     *extra]
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+
+    def make_model(self):
+        from cllmd.model import Model, ModelConfig
+        from cllmd.tokenizer import BytesTokenizer
+        self.state.mkdir(parents=True, exist_ok=True)
+        cfg = ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, block_size=32)
+        Model(cfg, seed=0, tokenizer=BytesTokenizer()).save(self.state / "model.cllm")
+
+    def start(self, wait=True):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.client = self.connect()
+        return self
+
+    def connect(self) -> Client:
+        sock = self.run / "cllmd.sock"
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cllmd exited with {self.proc.returncode}:\n{self.output()}")
+            if not sock.exists():
+                return None
+            try:
+                c = Client(socket=str(sock), timeout=5)
+                c.request("ping")
+                return c
+            except Exception:
+                return None
+        return wait_for(up, 90, "the daemon to answer ping")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def queue(self, state) -> list[str]:
+        d = self.state / "queue" / state
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+
+    def stop(self, sig=signal.SIGTERM, timeout=120) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = []
+
+    def make(*extra, env=None, model=True, start=True):
+        d = Daemon(tmp_path, *extra, env=env, model=model)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def drop(daemon, name: str, data: bytes):
+    """Writes a file into incoming/ the way users do: a temporary name, then rename."""
+    incoming = daemon.state / "queue" / "incoming"
+    tmp = incoming / f".{name}.part"
+    tmp.write_bytes(data)
+    os.rename(tmp, incoming / name)
