@@ -3,12 +3,15 @@ fits the context window, with /system, /reset, /save, /set; Ctrl-C stops an answ
 Ctrl-C (or Ctrl-D) leaves. Also the sampling options shared with `cllm generate`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from cllm.client import Client
 from cllm.fmt import human_count, number, use_color
@@ -71,6 +74,30 @@ def check_stops(stops: list[str]) -> list[str]:
 def unescape(text: str) -> str:
     """A typed backslash-n or backslash-t becomes a newline or a tab (for stop strings)."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(gen) -> Iterator[dict]:
+    """While a generation streams, the first Ctrl-C asks the daemon to cancel it: the stream
+    then ends normally, with the pieces already in flight and a done event whose stop_reason
+    is "cancelled", so nothing is lost. A second Ctrl-C raises KeyboardInterrupt. Yields a map
+    whose "interrupted" turns true on the first Ctrl-C."""
+    state = {"interrupted": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def on_sigint(signum, frame):
+        if state["interrupted"] or gen.done:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+        gen.cancel(wait=False)   # only queues the cancel request; the loop reads on
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------------- the conversation
@@ -330,6 +357,20 @@ class ChatLoop:
         s.options[key] = SAMPLING[key].parse(key, value)
         return f"{key} = {s.options[key]}"
 
+    def _show(self, text: str, shown: int) -> int:
+        """Writes text[shown:], leaving out the answer's leading blanks (the transcript puts a
+        space after "Assistant:"); returns the new count."""
+        if self.as_json:
+            return len(text)
+        if shown == 0:
+            start = len(text) - len(text.lstrip())
+            if start == len(text):
+                return 0
+            shown = start
+        self.out.write(text[shown:])
+        self.out.flush()
+        return len(text)
+
     def answer(self, message: str) -> None:
         s = self.s
         gen, used, dropped = s.generate(message)
@@ -338,24 +379,16 @@ class ChatLoop:
         if used > s.context:
             self.note(f"(the prompt takes {used} tokens, over the context of {s.context}: "
                       "the model sees only its end)")
-        stopped = False
-        started = False
+        shown = 0   # characters of gen.text written so far
         try:
-            for piece in gen:
-                if not started:
-                    piece = piece.lstrip()   # the transcript puts a space after "Assistant:"
-                    started = bool(piece)
-                if piece and not self.as_json:
-                    self.out.write(piece)
-                    self.out.flush()
-        except KeyboardInterrupt:
-            stopped = True
-            try:
-                gen.cancel()   # stops the generation in the daemon and reads its done event
-            except KeyboardInterrupt:
-                raise Leave from None
+            with ctrl_c_cancels(gen) as ctrl_c:
+                for _ in gen:
+                    shown = self._show(gen.text, shown)
+        except KeyboardInterrupt:   # a second Ctrl-C while the answer was being stopped
+            raise Leave from None
         finally:
             gen.close()
+        stopped = ctrl_c["interrupted"]
         stats = gen.stats or {}
         stopped = stopped or stats.get("stop_reason") == "cancelled"
         s.record(message, gen.text, stopped)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cllm import __version__
-from cllm.chat import SAMPLING, check_stops, unescape
+from cllm.chat import SAMPLING, check_stops, ctrl_c_cancels, unescape
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, plural
 
@@ -200,17 +200,15 @@ def cmd_generate(ctx: Ctx, a) -> int:
     opts = _sampling(a)
     gen = ctx.client.generate(prompt, **opts)
     out = sys.stdout
-    interrupted = False
     try:
-        for piece in gen:
-            if not ctx.json:
-                out.write(piece)
-                out.flush()
-    except KeyboardInterrupt:
-        interrupted = True
-        gen.cancel()   # in the daemon, not just here: read on to its done event
+        with ctrl_c_cancels(gen) as ctrl_c:   # Ctrl-C cancels in the daemon; the stream then ends
+            for piece in gen:
+                if not ctx.json:
+                    out.write(piece)
+                    out.flush()
     finally:
         gen.close()
+    interrupted = ctrl_c["interrupted"]
     stats = gen.stats or {}
     if ctx.json:
         ctx.print_json({"text": gen.text, **stats})
