@@ -283,6 +283,13 @@ class Client:
         self._reset()
         self._ctx.destroy(linger=0)
 
+    def __del__(self) -> None:
+        # A client dropped without close(): destroy (close sockets, then term) rather than let
+        # the context's own finalizer term() wait forever on sockets that are still open.
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and not ctx.closed:
+            ctx.destroy(linger=0)
+
     def __enter__(self) -> "Client":
         return self
 

@@ -122,7 +122,7 @@ class Daemon:
         from cllmd.modelfile import read_model_file
         from cllmd.server import Server
         from cllmd.trainer import Trainer, usable_cores
-        from cllmd.training import TrainingController
+        from cllmd.training import ReplayMix, TrainingController
         from cllmd.trainqueue import TrainingQueue
 
         # Sphere threads release the GIL for every BLAS and kernel call and take it back right
@@ -141,15 +141,16 @@ class Daemon:
             model, corpus = self._create_default_model(None)
             vocab = model.cfg.vocab_size
         self.store = DataStore(self.dirs.data, vocab_size=vocab)
+        source = ReplayMix(self.store, s.train.replay_fraction)
         if checkpoint.exists():
-            trainer = Trainer.from_checkpoint(checkpoint, self.store, threads=threads)
+            trainer = Trainer.from_checkpoint(checkpoint, source, threads=threads)
             trainer.update_config(**{k: v for k, v in vars(self._train_config(trainer.config)).items()})
             log.info("resumed from %s at step %d", checkpoint, trainer.step_num)
         else:
             if corpus is None:
                 model = Model.load(self.dirs.model)
                 log.info("loaded %s", self.dirs.model)
-            trainer = Trainer(model, self.store, self._train_config(), threads=threads)
+            trainer = Trainer(model, source, self._train_config(), threads=threads)
         self.model_tokenizer = trainer.model.tokenizer
 
         self.server = Server(self.dirs.socket_endpoint, self.dirs.events_endpoint,
@@ -157,6 +158,7 @@ class Daemon:
                              max_pending=s.server.max_pending_generations, **self._tcp_options())
         self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
                                              settings=self._controller_settings(), publish=self.server.publish)
+        self.controller.restore_plan()
         self.queue = TrainingQueue(self.dirs.queue, self._ingest, max_file_bytes=s.queue.max_file_bytes,
                                    max_attempts=s.queue.max_attempts, rescan_seconds=s.queue.rescan_seconds,
                                    json_fields=s.queue.json_fields,
@@ -223,9 +225,10 @@ class Daemon:
         tok = self.model_tokenizer
         ids = tok.encode(pre.text)
         ids = np.concatenate([ids, np.array([tok.eot_id], dtype=ids.dtype)])
+        offset = self.store.num_tokens("train")  # where a train document lands in the stream
         doc = self.store.append(ids, source=pre.source or "", sha256=sha256)
         if doc.split == "train":
-            self.controller.add_tokens(doc.tokens)
+            self.controller.add_tokens(doc.tokens, since=offset)
         return {"tokens": doc.tokens, "duplicate": False, "split": doc.split}
 
     # ---- supervision ---------------------------------------------------------------------------
@@ -259,6 +262,8 @@ class Daemon:
             "eval_interval": t.eval_interval, "threads": t.threads, "auto_train": t.auto_train,
             "auto_epochs": t.auto_epochs, "checkpoint_interval_steps": t.checkpoint_interval_steps,
             "checkpoint_interval_seconds": t.checkpoint_interval_seconds, "snapshot_interval": t.snapshot_interval})
+        if self.controller.mix is not None:
+            self.controller.mix.replay_fraction = t.replay_fraction
         log.info("configuration reloaded from %s", self.dirs.config_file or "defaults")
         sdnotify.ready()
 

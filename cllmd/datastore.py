@@ -506,12 +506,14 @@ class DataStore:
             return any(n > block_size for n in self._lens[self._check_split(split)])
 
     def _windows(self, rng: np.random.Generator, count: int, block_size: int, split: str,
-                 count_name: str = "batch_size") -> tuple[np.ndarray, np.ndarray]:
+                 count_name: str = "batch_size", since: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`count` windows of block_size+1 tokens, uniform over all valid window starts.
 
         A shard of L tokens has L - block_size starts; drawing one integer over the sum of
         them and locating its shard picks shards in proportion to their starts, and a window
         never crosses a shard boundary. Consumes exactly one rng.integers call of `count`.
+        `since` (a token offset in the split's stream, see num_tokens) admits only windows
+        starting at or after it: the newest data; with no such window, all windows count.
         """
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -521,7 +523,13 @@ class DataStore:
         self._check_open()
         with self._state_lock:
             lens = np.array(self._lens[split], dtype=np.int64)
-        starts = np.maximum(lens - block_size, 0)       # valid window starts per shard
+        first = np.zeros_like(lens)                      # first admitted start per shard
+        if since > 0:
+            shard_offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens
+            first = np.clip(since - shard_offsets, 0, None)
+            if int(np.maximum(lens - block_size - first, 0).sum()) == 0:
+                first = np.zeros_like(lens)              # the new data is shorter than a window
+        starts = np.maximum(lens - block_size - first, 0)  # valid window starts per shard
         total = int(starts.sum())
         if total == 0:
             raise ValueError(
@@ -531,7 +539,7 @@ class DataStore:
         picks = rng.integers(0, total, size=count)
         ends = np.cumsum(starts)
         shards = np.searchsorted(ends, picks, side="right")  # shard whose range holds the pick
-        positions = picks - (ends[shards] - starts[shards])
+        positions = picks - (ends[shards] - starts[shards]) + first[shards]
         buf = np.empty((count, block_size + 1), dtype=np.int64)
         with self._state_lock:
             maps = {int(s): self._map(split, int(s), int(lens[s])) for s in np.unique(shards)}
@@ -540,13 +548,14 @@ class DataStore:
         return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int, block_size: int,
-                     split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+                     split: str = "train", since: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Random windows: x, y int64 [B, T] with y[:, t] = x[:, t+1] in the stream.
 
         Reproducible: the same rng state over the same store gives the same batch; the rng is
-        the caller's, so its state can be checkpointed with the model.
+        the caller's, so its state can be checkpointed with the model. since > 0 samples only
+        windows that start at or after that token offset of the split (the newest documents).
         """
-        return self._windows(rng, batch_size, block_size, split)
+        return self._windows(rng, batch_size, block_size, split, since=since)
 
     def eval_windows(self, count: int, block_size: int, split: str = "val",
                      seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ subscriber block a training step.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from cllmd.model import Model
+from cllmd.modelfile import atomic_write
 from cllmd.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,33 @@ TRAINER_KEYS = {"lr", "min_lr", "batch_size", "grad_clip", "warmup", "decay_step
 CONTROLLER_KEYS = {"threads", "checkpoint_interval_steps", "checkpoint_interval_seconds", "auto_train",
                    "auto_epochs", "snapshot_interval"}
 CONFIG_KEYS = TRAINER_KEYS | CONTROLLER_KEYS
+
+
+class ReplayMix:
+    """The trainer's view of the data store: while new data is being learned, a share of every
+    batch comes from the newest documents and the rest is replayed from everything, so earlier
+    knowledge is not forgotten. Otherwise it samples the whole store uniformly."""
+
+    def __init__(self, store, replay_fraction: float):
+        self.store = store
+        self.replay_fraction = replay_fraction
+        self.since = 0          # token offset of the newest data in the train stream; 0 = none
+
+    def fresh_rows(self, batch_size: int) -> int:
+        return max(1, batch_size - int(round(batch_size * self.replay_fraction)))
+
+    def sample_batch(self, rng, batch_size: int, block_size: int, split: str = "train"):
+        if not self.since or split != "train":
+            return self.store.sample_batch(rng, batch_size, block_size, split)
+        fresh = self.fresh_rows(batch_size)
+        x, y = self.store.sample_batch(rng, fresh, block_size, split, since=self.since)
+        if fresh == batch_size:
+            return x, y
+        xr, yr = self.store.sample_batch(rng, batch_size - fresh, block_size, split)
+        return np.concatenate([x, xr]), np.concatenate([y, yr])
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)  # has_window, eval_windows, padded_batch, ...
 
 
 @dataclass
@@ -43,6 +74,8 @@ class TrainingController:
     def __init__(self, trainer: Trainer, *, checkpoint_path: Path, model_path: Path,
                  settings: ControllerSettings, publish: Callable[[str, dict], None] | None = None):
         self.trainer = trainer
+        self.mix = trainer.source if isinstance(trainer.source, ReplayMix) else None
+        self.budget_path = Path(checkpoint_path).with_name("training.json")
         self.checkpoint_path = Path(checkpoint_path)
         self.model_path = Path(model_path)
         self.settings = settings
@@ -62,21 +95,43 @@ class TrainingController:
         self.last_error: str | None = None
         self.step_seconds = 0.0
 
+    def restore_plan(self) -> None:
+        """After a restart: the training budget still owed, as of the last checkpoint."""
+        try:
+            plan = json.loads(self.budget_path.read_text())
+            budget, total = int(plan["budget"]), int(plan["budget_total"])
+            since, reason = int(plan.get("since", 0)), str(plan.get("reason", ""))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable %s: %s", self.budget_path, e)
+            return
+        with self._cond:
+            self.budget, self.budget_total, self.reason = budget, total, reason
+            if self.mix is not None:
+                self.mix.since = since
+        if budget:
+            log.info("resuming the training budget: %d of %d steps left", budget, total)
+
     # ---- called from other threads -------------------------------------------------------------
 
     def inference_model(self) -> Model:
         """The latest published weights (a private copy: training never changes it)."""
         return self._snapshot
 
-    def add_tokens(self, tokens: int) -> int:
-        """New training tokens arrived: with auto-training on, extend the budget. Returns steps added."""
+    def add_tokens(self, tokens: int, since: int = 0) -> int:
+        """New training tokens arrived at offset `since` of the train stream: with auto-training
+        on, extend the budget by auto_epochs passes over them. Returns the steps added."""
         if not self.settings.auto_train or tokens <= 0:
             return 0
         cfg = self.trainer.config
-        steps = math.ceil(self.settings.auto_epochs * tokens / (cfg.batch_size * self.trainer.model.cfg.block_size))
+        rows = self.mix.fresh_rows(cfg.batch_size) if self.mix else cfg.batch_size
+        steps = math.ceil(self.settings.auto_epochs * tokens / (rows * self.trainer.model.cfg.block_size))
         with self._cond:
             if self.budget == 0:
                 self.budget_total = 0
+                if self.mix is not None:
+                    self.mix.since = since  # this budget learns everything from here on
             self.budget += steps
             self.budget_total += steps
             self.reason = self.reason if self.reason == "manual" else "auto"
@@ -86,6 +141,8 @@ class TrainingController:
 
     def start(self, steps: int) -> dict:
         with self._cond:
+            if self.mix is not None:
+                self.mix.since = 0  # a manual run samples the whole store
             self.budget = self.budget_total = int(steps)
             self.reason = "manual"
             self._paused = False
@@ -162,6 +219,10 @@ class TrainingController:
         self.trainer.model.save(self.model_path, metadata={"step": self.trainer.step_num})
         self._last_checkpoint_step = self.trainer.step_num
         self._last_checkpoint_time = time.monotonic()
+        with self._cond:
+            plan = {"step": self.trainer.step_num, "budget": self.budget, "budget_total": self.budget_total,
+                    "reason": self.reason, "since": self.mix.since if self.mix else 0}
+        atomic_write(self.budget_path, json.dumps(plan).encode())
         seconds = time.perf_counter() - t0
         log.info("checkpoint at step %d written in %.2fs: %s", self.trainer.step_num, seconds, self.checkpoint_path)
         self.publish("checkpoint", {"kind": "checkpoint", "step": self.trainer.step_num,
@@ -211,6 +272,8 @@ class TrainingController:
                     self.budget = max(0, self.budget - 1)
                     finished = self.budget == 0
                 if finished:
+                    if self.mix is not None:
+                        self.mix.since = 0
                     log.info("training budget done at step %d (loss %.4f)", self.trainer.step_num,
                              self.trainer.last.get("loss", float("nan")))
                     self._snapshot = self.trainer.model.copy()

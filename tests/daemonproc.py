@@ -96,11 +96,12 @@ class Daemon:
                 raise AssertionError(f"cllmd exited with {self.proc.returncode}:\n{self.output()}")
             if not sock.exists():
                 return None
+            c = Client(socket=str(sock), timeout=5)
             try:
-                c = Client(socket=str(sock), timeout=5)
                 c.request("ping")
                 return c
             except Exception:
+                c.close()  # an unclosed client's context would block in its finalizer later
                 return None
         return wait_for(up, 90, "the daemon to answer ping")
 
@@ -111,10 +112,17 @@ class Daemon:
         d = self.state / "queue" / state
         return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
 
+    def close_client(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+            self.client = None
+
     def stop(self, sig=signal.SIGTERM, timeout=120) -> int:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout)
+        self.close_client()
         self.log.close()
         return self.proc.returncode
 
@@ -130,6 +138,7 @@ def daemon(tmp_path):
 
     yield make
     for d in started:
+        d.close_client()
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()

@@ -313,3 +313,18 @@ def test_daemon_first_start_creates_the_default_model(daemon):
     assert all(n.startswith("default-corpus-") for n in d.queue("done"))
     wait_for(lambda: c.request("train.status")["step"] >= 2, 120, "auto-training on the corpus")
     assert d.stop() == 0
+
+
+def test_daemon_restart_keeps_the_training_budget(daemon):
+    d = daemon("--train-batch-size", "4", "--train-checkpoint-interval-steps", "3")
+    drop(d, "long.txt", "".join(f"sentence {i} of a long document.\n" for i in range(3000)).encode())
+    wait_for(lambda: d.client.request("train.status")["step"] >= 6, 60, "training to run")
+    before = d.client.request("train.status")
+    assert before["budget_total"] > before["step"] + 20
+    assert d.stop() == 0                      # graceful: a final checkpoint records the budget
+    d = daemon()
+    after = d.client.request("train.status")
+    assert after["budget"] > 0 and after["budget_total"] == before["budget_total"]
+    assert after["step"] >= before["step"]
+    wait_for(lambda: d.client.request("train.status")["step"] > after["step"], 60, "training to continue")
+    d.stop()

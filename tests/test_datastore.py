@@ -565,3 +565,24 @@ def test_open_refuses_a_second_opener(tmp_path):
     store.close()
     store.close()
     DataStore(tmp_path, 300).close()
+
+
+def test_datastore_since_samples_only_the_newest_tokens(tmp_path):
+    import hashlib
+    store = DataStore(tmp_path / "s", vocab_size=1000, shard_tokens=500)
+    docs = []
+    for i in range(12):  # several shards; token values tell the documents apart
+        tokens = np.full(120, i, dtype=np.int64)
+        sha = hashlib.sha256(b"doc%d" % i).hexdigest()
+        docs.append(store.append(tokens, source=f"d{i}", sha256=sha))
+    train = [d for d in docs if d.split == "train"]
+    since = store.num_tokens("train") - 2 * 120          # the last two train documents
+    newest = {int(store.read(d)[0]) for d in train[-2:]}
+    x, y = store.sample_batch(np.random.default_rng(0), 64, 16, since=since)
+    assert set(np.unique(x).tolist()) <= newest
+    x_all, _ = store.sample_batch(np.random.default_rng(0), 256, 16)
+    assert len(set(np.unique(x_all).tolist())) > 2
+    # a region shorter than one window falls back to all windows rather than failing
+    x_tiny, _ = store.sample_batch(np.random.default_rng(0), 8, 16, since=store.num_tokens("train") - 3)
+    assert x_tiny.shape == (8, 16)
+    store.close()
