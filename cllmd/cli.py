@@ -158,6 +158,19 @@ def _load_corpus(args):
     return tokenizer, tokens, what
 
 
+def _sphere_table(snap: dict) -> str:
+    """A compact table of node zero and the 12 spheres."""
+    lines = [f"step {snap['step']}: node zero, {snap['threads']} thread(s), batch {snap['batch_size']}, "
+             f"{snap['tokens_per_second']:,.0f} tok/s",
+             " sphere  state        batches    tokens  mean loss  busy%"]
+    for s in snap["spheres"]:
+        total = s["busy_s"] + s["idle_s"]
+        busy = 100.0 * s["busy_s"] / total if total else 0.0
+        loss = f"{s['mean_loss']:.4f}" if s["mean_loss"] is not None else "-"
+        lines.append(f" {s['id']:>6}  {s['state']:<11} {s['batches']:>8} {s['tokens']:>9}  {loss:>9}  {busy:5.1f}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_train(args) -> int:
     import numpy as np
     from cllmd.model import Model, ModelConfig
@@ -223,6 +236,10 @@ def cmd_train(args) -> int:
                 history.append({"step": done, "train_loss": train_loss, "val_loss": ev["val_loss"]})
                 log.info("step %d: train loss %.4f, val loss %.4f (perplexity %.1f)", done, train_loss,
                          ev["val_loss"], ev["perplexity"])
+            if args.spheres and done % args.spheres == 0:
+                if tty:
+                    sys.stderr.write("\n")
+                sys.stderr.write(_sphere_table(trainer.snapshot()))
             if tty:
                 elapsed = time.perf_counter() - t0
                 rate = tokens_trained / elapsed if elapsed else 0.0
@@ -398,23 +415,6 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-# ---- run: the README's main job --------------------------------------------------------------------
-
-
-def cmd_run(args) -> int:
-    """Trains a small model on the default corpus and prints a sample."""
-    from cllmd.paths import Dirs
-    state = Dirs.resolve().state
-    state.mkdir(parents=True, exist_ok=True)
-    out = state / "default-offline.cllm"
-    train_args = build_parser().parse_args(
-        ["train", "--tokenizer", "bpe", "--vocab-size", "2048", "--block-size", "128",
-         "--steps", str(args.steps), "--out", str(out)])
-    cmd_train(train_args)
-    gen_args = build_parser().parse_args(["generate", str(out), "--max-tokens", "200", "--seed", "0", "Return the"])
-    return cmd_generate(gen_args)
-
-
 # ---- the command table -----------------------------------------------------------------------------
 
 
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at this step (the schedule still spans --steps); with --checkpoint, resumable")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--spheres", type=_nonneg_int, default=0, metavar="N",
+                   help="print a table of the 12 spheres every N steps (0 = never)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a .cllm model",
@@ -473,10 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("run", help="the main job: train on the default corpus and print a sample",
-                       description="Train a small model on the built-in corpus, then generate a sample.")
-    p.add_argument("--steps", type=_positive_int, default=600, help="training steps (default 600)")
-    p.set_defaults(run=cmd_run)
     return parser
 
 
