@@ -155,7 +155,8 @@ class Daemon:
 
         self.server = Server(self.dirs.socket_endpoint, self.dirs.events_endpoint,
                              max_message_bytes=s.server.max_message_bytes, workers=s.server.generate_workers,
-                             max_pending=s.server.max_pending_generations, **self._tcp_options())
+                             max_pending=s.server.max_pending_generations,
+                             client_timeout=s.server.stream_timeout, **self._tcp_options())
         self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
                                              settings=self._controller_settings(), publish=self.server.publish)
         self.controller.restore_plan()
@@ -185,7 +186,14 @@ class Daemon:
         s = self.settings.server
         if not s.tcp:
             return {}
+        import socket
+
         import zmq.auth
+        try:  # under the unit's RestrictAddressFamilies=AF_UNIX, libzmq would abort the process
+            socket.socket(socket.AF_INET6 if s.tcp.startswith("tcp://[") else socket.AF_INET).close()
+        except OSError as e:
+            raise SettingsError(f"server.tcp = {s.tcp!r}: this process may not open network sockets "
+                                f"({e.strerror}); under systemd install the TCP drop-in (cllmd-tcp.conf)") from None
         secret = Path(s.curve_secret_key_file)
         public, secret_key = zmq.auth.load_certificate(secret)
         if secret_key is None:

@@ -328,3 +328,47 @@ def test_daemon_restart_keeps_the_training_budget(daemon):
     assert after["step"] >= before["step"]
     wait_for(lambda: d.client.request("train.status")["step"] > after["step"], 60, "training to continue")
     d.stop()
+
+
+def test_daemon_tcp_only_with_curve_keys(daemon, tmp_path):
+    import shutil
+    import zmq.auth
+    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
+    keys.mkdir()
+    authorized.mkdir()
+    zmq.auth.create_certificates(str(keys), "server")
+    friend_public, _ = zmq.auth.create_certificates(str(keys), "friend")
+    shutil.copy(friend_public, authorized)
+    with socket_port() as port:
+        endpoint = f"tcp://127.0.0.1:{port}"
+    d = daemon("--no-train-auto-train", "--server-tcp", endpoint, start=False)
+    refused = subprocess.run(d.args, capture_output=True, text=True, timeout=60)  # keys missing
+    assert refused.returncode == 2 and "server.tcp" in refused.stderr
+    d.args += ["--server-curve-secret-key-file", str(keys / "server.key_secret"),
+               "--server-curve-authorized-keys-dir", str(authorized)]
+    d.start()
+    server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+    friend_public, friend_secret = zmq.auth.load_certificate(str(keys / "friend.key_secret"))
+    from cllm.client import Client
+    friend = Client(socket=endpoint, timeout=5, retries=0, curve=(friend_secret, friend_public, server_public))
+    assert friend.request("ping")["pong"] is True
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    stranger = Client(socket=endpoint, timeout=1, retries=0, curve=(stranger_secret, stranger_public, server_public))
+    with pytest.raises(Exception):
+        stranger.request("ping")
+    friend.close()
+    stranger.close()
+    assert d.stop() == 0
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1 (closed again before the daemon binds it)."""
+
+    def __enter__(self):
+        import socket as socket_module
+        self.s = socket_module.socket()
+        self.s.bind(("127.0.0.1", 0))
+        return self.s.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.s.close()
