@@ -7,11 +7,12 @@ datastore: builds two data stores of synthetic tokens (random ids, documents of 
 shipped data) holding ~1 MB and ~100 MB, then trains the daemon's default model shape on each
 in a child process (same steps, evaluations included) and compares the children's peak RSS
 (VmHWM): the store is memory-mapped and sampled by windows, so it should stay flat.
-With --release-pages the children read batches through ReleasingStore, which models a fix
-for DataStore: drop the shard pages from the process after each batch (see its docstring).
+With --pages release the children read batches through AdvisedStore, which models a fix for
+DataStore: drop the shard pages from the process after each batch (see its docstring);
+--pages random only advises the maps MADV_RANDOM (which turns readahead off).
 checkpointing: trains with and without gradient checkpointing in child processes and reports
-peak RSS, the spheres' activation bytes and the time per step. Children run one after the
-other, alternating, so the figures are not skewed by a neighbour's load.
+peak RSS and the spheres' activation bytes (its time cost is measured interleaved in one
+process by bench_train.py --checkpointing). Children run one after the other, alternating.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-class ReleasingStore:
-    """A DataStore whose mapped shard pages are released after every batch read.
+class AdvisedStore:
+    """A DataStore whose shard maps get madvise advice: "release" drops their pages from the
+    process after every batch read, "random" marks them MADV_RANDOM when first mapped.
 
     Reading a window from a memory map faults in its page, and the kernel maps up to 64 KiB of
     neighbouring cached pages with it ("fault-around"); those file-backed pages stay counted in
@@ -51,8 +53,9 @@ class ReleasingStore:
     private map cache, as a patch to DataStore._windows would.
     """
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, mode: str):
+        self.store, self.mode = store, mode
+        self.advised: set[int] = set()
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -60,7 +63,11 @@ class ReleasingStore:
     def _release(self, result):
         import mmap
         for mm in list(self.store._maps.values()):
-            mm._mmap.madvise(mmap.MADV_DONTNEED)
+            if self.mode == "release":
+                mm._mmap.madvise(mmap.MADV_DONTNEED)
+            elif id(mm) not in self.advised:  # random: advise each new map once
+                mm._mmap.madvise(mmap.MADV_RANDOM)
+                self.advised.add(id(mm))
         return result
 
     def sample_batch(self, *args, **kwargs):
@@ -82,8 +89,8 @@ def child(spec: dict) -> dict:
     cfg = ModelConfig(**SHAPES[spec["shape"]])
     if spec.get("store"):
         source = DataStore(spec["store"], vocab_size=cfg.vocab_size)
-        if spec.get("release_pages"):
-            source = ReleasingStore(source)
+        if spec.get("pages", "keep") != "keep":
+            source = AdvisedStore(source, spec["pages"])
     else:
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 2_000_000).astype(np.uint16)
         source = TokenArraySource(tokens, 0.1)
@@ -152,7 +159,7 @@ def datastore(args) -> None:
             for name in sizes:
                 results[name].append(run_child({"shape": args.shape, "store": stores[name], "steps": args.steps,
                                                 "threads": args.threads, "eval_every": args.eval_every,
-                                                "release_pages": args.release_pages}))
+                                                "pages": args.pages}))
     for name, runs in results.items():
         peak = statistics.median(r["peak_rss_mib"] for r in runs)
         each = ", ".join(f"{r['peak_rss_mib']:.1f}" for r in runs)
@@ -176,8 +183,7 @@ def checkpointing(args) -> None:
         a, b = row[False], row[True]
         print(f"{shape} {SHAPES[shape]}: peak RSS {a['peak_rss_mib']:.1f} -> {b['peak_rss_mib']:.1f} MiB "
               f"({b['peak_rss_mib'] - a['peak_rss_mib']:+.1f}); activations of the 12 spheres "
-              f"{a['activation_mib']:.1f} -> {b['activation_mib']:.1f} MiB; step {a['ms_per_step']:.1f} -> "
-              f"{b['ms_per_step']:.1f} ms ({b['ms_per_step'] / a['ms_per_step'] - 1:+.1%})", flush=True)
+              f"{a['activation_mib']:.1f} -> {b['activation_mib']:.1f} MiB", flush=True)
 
 
 def main() -> None:
@@ -192,7 +198,8 @@ def main() -> None:
     d.add_argument("--eval-every", type=int, default=50)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--repeats", type=int, default=2)
-    d.add_argument("--release-pages", action="store_true", help="read batches through ReleasingStore")
+    d.add_argument("--pages", choices=("keep", "random", "release"), default="keep",
+                   help="madvise advice for the store's maps (see AdvisedStore)")
     c = sub.add_parser("checkpointing", help="peak RSS and step time with and without gradient checkpointing")
     c.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["baby", "medium"])
     c.add_argument("--steps", type=int, default=8)

@@ -49,6 +49,27 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
+def time_phases(trainer: Trainer) -> dict[str, list[float]]:
+    """Wraps node zero's phases of one trainer with timers: {phase: [seconds per call]}."""
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases.setdefault(name, []).append(time.perf_counter() - t0)
+        return wrapper
+
+    trainer._refresh_transposed = timed("transpose weights", trainer._refresh_transposed)
+    trainer._sample = timed("sample batch", trainer._sample)
+    trainer._dispatch = timed("12 spheres", trainer._dispatch)
+    trainer._reduce_into_grad = timed("reduce gradients", trainer._reduce_into_grad)
+    trainer.optimizer.step = timed("AdamW", trainer.optimizer.step)
+    return phases
+
+
 def cllmd_round(trainer: Trainer, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
@@ -100,6 +121,7 @@ def speed(args) -> dict:
                          TrainConfig(batch_size=args.batch, warmup=10, grad_checkpointing=ck), threads=threads)
             tr.step()  # warm up (numba cache load, buffers)
             trainers[threads, ck] = tr
+    phases = {key: time_phases(tr) for key, tr in trainers.items()} if args.phases else {}
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     print(f"GIL switch interval {sys.getswitchinterval() * 1e3:g} ms", flush=True)
@@ -135,6 +157,9 @@ def speed(args) -> dict:
         results[f"{threads}{' checkpointing' if ck else ''}"] = row
         label = f"threads={threads}{' checkpointing' if ck else ''}"
         print(f"{label}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()), flush=True)
+        if args.phases:
+            print("  median ms per step: " + ", ".join(
+                f"{name} {1e3 * statistics.median(v):.2f}" for name, v in phases[threads, ck].items()))
     base = results[str(args.threads[0])]["cllmd_tokens_per_second"]
     for threads in args.threads[1:]:
         print(f"cllmd scaling {threads} vs {args.threads[0]} thread(s): "
@@ -185,6 +210,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="also time trainers with gradient checkpointing")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--switch-interval", type=float, help="override the GIL switch interval (seconds)")
+    p.add_argument("--phases", action="store_true", help="also time node zero's phases of each step")
     p.add_argument("--quality", action="store_true", help="train the baby config and report val loss")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()

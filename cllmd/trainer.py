@@ -86,8 +86,9 @@ class Trainer:
         self.config = config
         # every sphere's gradient is one row of a single [12, P] allocation (llm.c style)
         self.sphere_grads = np.zeros((NUM_SPHERES, model.flat.size), dtype=model.dtype)
-        # the blocks' weight matrices transposed, refreshed at the start of every step: the
-        # spheres' input-gradient gemms run faster on them (see cllmd.kernels.linear)
+        # the weight matrices (blocks' and token embedding) transposed, refreshed at the start
+        # of every step: the spheres' head and input-gradient gemms run faster on them
+        # (Model.transposed_weights, cllmd.kernels.linear)
         self.weights_t = np.zeros_like(model.flat)
         self.spheres = [Sphere(i + 1, model, self.sphere_grads[i]) for i in range(NUM_SPHERES)]
         for s in self.spheres:
