@@ -9,6 +9,7 @@ import itertools
 import logging
 import socket as pysocket
 import time
+import weakref
 from typing import Any, Iterable, Iterator
 
 import zmq
@@ -83,11 +84,23 @@ def _probe(endpoint: str) -> None:
         s.close()
 
 
+# Every live connection of a context: zmq_ctx_term waits forever for a socket whose monitor is
+# still enabled, so a context is only ever terminated after _close_all() closed them properly.
+_CONNS: "weakref.WeakKeyDictionary[zmq.Context, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _close_all(ctx: zmq.Context) -> None:
+    for conn in list(_CONNS.get(ctx, ())):
+        conn.close()
+    ctx.destroy(linger=0)
+
+
 class _Conn:
     """One DEALER socket with a monitor, so a daemon that goes away is noticed at once."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, curve: tuple | None):
         _probe(endpoint)
+        _CONNS.setdefault(ctx, weakref.WeakSet()).add(self)
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -150,6 +163,8 @@ class _Conn:
         return None
 
     def close(self) -> None:
+        if self.sock.closed:
+            return
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:
@@ -281,14 +296,14 @@ class Client:
     def close(self) -> None:
         """Close every socket of this client, its generations' and subscriptions' included."""
         self._reset()
-        self._ctx.destroy(linger=0)
+        _close_all(self._ctx)
 
     def __del__(self) -> None:
-        # A client dropped without close(): destroy (close sockets, then term) rather than let
-        # the context's own finalizer term() wait forever on sockets that are still open.
+        # A client dropped without close(): close its connections (monitors first) and the
+        # context, rather than let the context's finalizer wait forever in term().
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and not ctx.closed:
-            ctx.destroy(linger=0)
+            _close_all(ctx)
 
     def __enter__(self) -> "Client":
         return self
