@@ -100,7 +100,7 @@ class Daemon:
         t = self.settings.train
         values = dict(batch_size=t.batch_size, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
                       decay_steps=t.warmup + t.decay_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
-                      eval_interval=t.eval_interval, seed=t.seed)
+                      eval_interval=t.eval_interval, seed=t.seed, grad_checkpointing=t.grad_checkpointing)
         if base is None:
             return TrainConfig(**values)
         import dataclasses
@@ -268,6 +268,7 @@ class Daemon:
             "lr": t.lr, "min_lr": t.min_lr, "batch_size": t.batch_size, "grad_clip": t.grad_clip,
             "warmup": t.warmup, "decay_steps": t.warmup + t.decay_steps, "weight_decay": t.weight_decay,
             "eval_interval": t.eval_interval, "threads": t.threads, "auto_train": t.auto_train,
+            "grad_checkpointing": t.grad_checkpointing,
             "auto_epochs": t.auto_epochs, "checkpoint_interval_steps": t.checkpoint_interval_steps,
             "checkpoint_interval_seconds": t.checkpoint_interval_seconds, "snapshot_interval": t.snapshot_interval})
         if self.controller.mix is not None:

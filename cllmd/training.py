@@ -25,7 +25,8 @@ from cllmd.trainer import Trainer
 log = logging.getLogger(__name__)
 
 # train.config.set keys and where they go: the trainer's TrainConfig or the controller itself
-TRAINER_KEYS = {"lr", "min_lr", "batch_size", "grad_clip", "warmup", "decay_steps", "weight_decay", "eval_interval"}
+TRAINER_KEYS = {"lr", "min_lr", "batch_size", "grad_clip", "warmup", "decay_steps", "weight_decay", "eval_interval",
+                "grad_checkpointing"}
 CONTROLLER_KEYS = {"threads", "checkpoint_interval_steps", "checkpoint_interval_seconds", "auto_train",
                    "auto_epochs", "snapshot_interval"}
 CONFIG_KEYS = TRAINER_KEYS | CONTROLLER_KEYS
