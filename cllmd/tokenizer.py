@@ -6,6 +6,7 @@ for text that merely contains "<|endoftext|>", and give each token's raw bytes f
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import operator
@@ -104,7 +105,7 @@ def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return pieces
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface. Subclasses fill `_table`: token id -> raw bytes (b"" for specials)."""
 
     kind: str
@@ -112,13 +113,13 @@ class Tokenizer:
     eot_id: int
     _table: list[bytes]
 
+    @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
         """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is ordinary text.
 
         Any str that is valid Unicode round-trips through decode; a str holding a lone
         surrogate (not UTF-8 encodable, so not text) is refused with TokenizerError.
         """
-        raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
@@ -159,8 +160,9 @@ class Tokenizer:
         """All tokens' raw bytes, indexed by id (do not modify)."""
         return self._table
 
+    @abc.abstractmethod
     def to_json(self) -> str:
-        raise NotImplementedError
+        """The self-describing JSON form (tokenizer.json)."""
 
     def save(self, path: os.PathLike | str) -> None:
         """Atomically write the JSON form to `path`, or to `path`/tokenizer.json for a dir."""
