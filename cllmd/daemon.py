@@ -60,7 +60,7 @@ class _EventLogHandler(logging.Handler):
             self.server.publish("log", {"level": record.levelname.lower(), "logger": record.name,
                                         "message": record.getMessage()})
         except Exception:  # noqa: BLE001 - logging must never raise
-            pass
+            self.handleError(record)
 
 
 class Daemon:
