@@ -226,13 +226,13 @@ def render(d: Dashboard, width: int = 80, height: int = 24, *, unicode: bool = T
 
     # row 0: who and how the daemon is doing
     c.fill(0, "title")
-    x = c.put(0, 0, f" cllm-status {__version__} ", "title")
-    if dm:
-        x = c.put(0, x, f"| cllmd {dm.get('version')} pid {dm.get('pid')} | up {duration(dm.get('uptime_s'))} "
-                        f"| cpu {number(dm.get('cpu_percent'), '.0f')}% | rss {human_bytes(dm.get('rss_bytes'))} ",
-                  "title")
     badge = " connected " if d.connected else " disconnected "
-    c.put(0, max(x, width - len(badge)), badge, "title" if d.connected else "bad")
+    head = " cllm-status "
+    if dm:
+        head += (f"| cllmd {dm.get('version')} pid {dm.get('pid')} | up {duration(dm.get('uptime_s'))} "
+                 f"| cpu {number(dm.get('cpu_percent'), '.0f')}% | rss {human_bytes(dm.get('rss_bytes'))} ")
+    c.put(0, 0, head[:max(0, width - len(badge))], "title")
+    c.put(0, max(0, width - len(badge)), badge, "title" if d.connected else "bad")
     if not d.connected:
         c.put(1, 0, f"{d.down_reason} - retrying", "bad")
     elif model:
@@ -384,14 +384,16 @@ def _curses_styles(curses, color: bool) -> dict[str | None, int]:
               "help": A.A_REVERSE, "working": A.A_BOLD, "waiting": A.A_NORMAL, "idle": A.A_DIM,
               "stopped": A.A_UNDERLINE, "other": A.A_UNDERLINE, "ok": A.A_NORMAL, "bad": A.A_BOLD,
               "warn": A.A_BOLD, "accent": A.A_NORMAL}
-    if not color or not curses.has_colors():
+    if not curses.has_colors():
         return styles
-    curses.start_color()
-    try:
+    curses.start_color()   # (curses.wrapper did too) the terminal's own colours for plain text,
+    try:                   # not white on black
         curses.use_default_colors()
         bg = -1
     except curses.error:
         bg = curses.COLOR_BLACK
+    if not color:
+        return styles
     pairs = {"working": curses.COLOR_GREEN, "waiting": curses.COLOR_YELLOW, "idle": curses.COLOR_BLUE,
              "stopped": curses.COLOR_RED, "other": curses.COLOR_MAGENTA, "ok": curses.COLOR_GREEN,
              "bad": curses.COLOR_RED, "warn": curses.COLOR_YELLOW, "accent": curses.COLOR_CYAN}

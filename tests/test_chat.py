@@ -25,9 +25,11 @@ def chatd(tmp_path_factory):
     cfg = ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, block_size=CONTEXT)
     Model(cfg, seed=0, tokenizer=BytesTokenizer()).save(root / "state" / "model.cllm")
     d = Daemon(root, "--no-train-auto-train").start()
-    yield d
-    d.client.close()
-    d.stop()
+    try:
+        yield d
+    finally:
+        d.client.close()
+        d.stop()
 
 
 def sock(d) -> str:

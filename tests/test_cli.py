@@ -28,9 +28,11 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 def d(tmp_path_factory):
     """One daemon for the module (tiny bytes model, context 32, no automatic training)."""
     dm = Daemon(tmp_path_factory.mktemp("clid"), "--no-train-auto-train").start()
-    yield dm
-    dm.client.close()
-    dm.stop()
+    try:
+        yield dm
+    finally:
+        dm.client.close()
+        dm.stop()
 
 
 def run(d, *args, input=None, timeout=60, env=None):
