@@ -23,6 +23,7 @@ TOPICS = ("train", "queue", "checkpoint", "log", "error")
 MIN_REDRAW_S = 0.25        # at most four frames a second
 EVENT_WAIT_S = 0.1         # how long the loop sleeps on the event socket: key latency
 HISTORY = 512              # loss values kept for the sparklines
+RUNNING_POLL_S = 0.25      # stats polls while training runs: the spheres' states
 
 # --------------------------------------------------------------------------- what is known
 
@@ -44,6 +45,7 @@ class Dashboard:
         self.message_until = 0.0
         self.show_help = False
         self.events_seen = 0
+        self.live_states = False   # sphere states known from a stats poll
 
     @property
     def train(self) -> dict:
@@ -52,6 +54,7 @@ class Dashboard:
     def apply_stats(self, stats: dict) -> None:
         self.stats = dict(stats)
         self.connected = True
+        self.live_states = True
         self._note_train(self.train)
 
     def went_away(self, reason: str) -> None:
@@ -65,6 +68,12 @@ class Dashboard:
         when = payload.get("time") or time.time()
         body = {k: v for k, v in payload.items() if k not in ("seq", "time")}
         if topic == "train":
+            polled = {sp.get("id"): sp for sp in self.train.get("spheres") or [] if isinstance(sp, dict)}
+            if self.live_states and polled and isinstance(body.get("spheres"), list):
+                # train events are sent between two steps, when every sphere is idle; what the
+                # spheres are doing comes from the stats polls, sampled while steps run
+                body["spheres"] = [{**sp, "state": polled.get(sp.get("id"), sp).get("state")}
+                                   if isinstance(sp, dict) else sp for sp in body["spheres"]]
             self.stats["train"] = {**self.train, **body}
             self._note_train(self.train)
         elif topic == "queue":
@@ -227,10 +236,11 @@ def render(d: Dashboard, width: int = 80, height: int = 24, *, unicode: bool = T
     # row 0: who and how the daemon is doing
     c.fill(0, "title")
     badge = " connected " if d.connected else " disconnected "
-    head = " cllm-status "
+    head = " cllm-status"
     if dm:
-        head += (f"| cllmd {dm.get('version')} pid {dm.get('pid')} | up {duration(dm.get('uptime_s'))} "
-                 f"| cpu {number(dm.get('cpu_percent'), '.0f')}% | rss {human_bytes(dm.get('rss_bytes'))} ")
+        dot = " · " if unicode else " | "
+        head = dot.join([f" cllmd {dm.get('version')}", f"pid {dm.get('pid')}", f"up {duration(dm.get('uptime_s'))}",
+                         f"cpu {number(dm.get('cpu_percent'), '.0f')}%", f"rss {human_bytes(dm.get('rss_bytes'))}"])
     c.put(0, 0, head[:max(0, width - len(badge))], "title")
     c.put(0, max(0, width - len(badge)), badge, "title" if d.connected else "bad")
     if not d.connected:
@@ -340,7 +350,8 @@ def _draw_help(c: Canvas) -> None:
 
 class Worker(threading.Thread):
     """Talks to the daemon off the drawing thread, on its own Client: a `stats` poll every
-    `interval` seconds and the actions the keys ask for. Results go to `results`."""
+    `interval` seconds (every RUNNING_POLL_S while training runs, for the spheres' states) and
+    the actions the keys ask for. Results go to `results`."""
 
     def __init__(self, socket: str | None, interval: float, results: queue.SimpleQueue):
         super().__init__(name="cllm-status-requests", daemon=True)
@@ -361,11 +372,15 @@ class Worker(threading.Thread):
                 except queue.Empty:
                     job = None
                 if job is None:
-                    next_poll = time.monotonic() + self.interval
+                    every = self.interval
                     try:
-                        self.results.put(("stats", client.request("stats")))
+                        stats = client.request("stats")
+                        self.results.put(("stats", stats))
+                        if (stats.get("train") or {}).get("state") == "running":
+                            every = min(every, RUNNING_POLL_S)
                     except ClientError as e:
                         self.results.put(("down", str(e)))
+                    next_poll = time.monotonic() + every
                     continue
                 label, op, timeout, args = job
                 try:

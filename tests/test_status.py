@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import termios
-import time
 
 import pytest
 
@@ -106,6 +105,22 @@ def test_status_render_fits_80x24_and_grows_with_the_terminal(d):
     assert "disconnected" in down and "cllmd is not running (no socket at /x) - retrying" in down
     ascii_only = "\n".join(render(board, 80, 24, unicode=False).lines())
     assert ascii_only.isascii()
+
+
+def test_status_train_events_keep_the_polled_sphere_states(d):
+    with Client(sock(d)) as c:
+        stats = c.request("stats")
+    stats["train"]["spheres"][0]["state"] = "working"   # as a poll sees it during a step
+    board = Dashboard()
+    board.apply_stats(stats)
+    event = json.loads(json.dumps(stats["train"]))
+    for sp in event["spheres"]:   # as a train event, sent between two steps, sees it
+        sp.update(state="idle", batches=sp["batches"] + 1)
+    board.apply_event("train", {"seq": 1, "time": 1e9, **event, "step": 5, "loss": 2.5})
+    spheres = board.train["spheres"]
+    assert spheres[0]["state"] == "working" and spheres[1]["state"] == "idle"
+    assert spheres[0]["batches"] == stats["train"]["spheres"][0]["batches"] + 1
+    assert board.train["step"] == 5 and list(board.loss) == [2.5]
 
 
 def test_status_live_view_under_a_pty(d, tmp_path):
