@@ -274,10 +274,18 @@ def parse_setting(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _perplexity(t: dict) -> float | None:
+    """exp(val loss) when known, else exp(loss), as the status op reports it."""
+    if t.get("perplexity") is not None:
+        return t["perplexity"]
+    loss = t.get("val_loss") if t.get("val_loss") is not None else t.get("loss")
+    return math.exp(min(loss, 700.0)) if isinstance(loss, (int, float)) else None
+
+
 def _print_train(t: dict) -> None:
     print(_train_line(t))
     print(f"loss      {number(t.get('loss'))}, val loss {number(t.get('val_loss'))}, "
-          f"perplexity {number(t.get('perplexity'), '.2f')}")
+          f"perplexity {number(_perplexity(t), '.2f')}")
     print(f"lr        {number(t.get('lr'), '.2e')}, grad norm {number(t.get('grad_norm'), '.3f')}, "
           f"{human_count(t.get('tokens_per_second'))} tokens/s")
     print(f"threads   {t.get('threads')}, batch {t.get('batch_size', '-')}, "
@@ -564,7 +572,7 @@ def run_crawl(ctx: Ctx, rest: list[str]) -> int:
     if not _has_option(rest, "--queue-dir"):
         try:
             queue_dir = ctx.request("status")["queue"].get("dir")
-        except DaemonNotRunning:
+        except ClientError:   # not running, not ours to reach, not answering
             queue_dir = None   # crawl on into the default queue; the daemon picks it up later
         if queue_dir:
             rest = ["--queue-dir", queue_dir, *rest]
