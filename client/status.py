@@ -514,7 +514,7 @@ class LiveView:
             elif op == "train.config.set":
                 self.d.say(f"threads: {res.get('config', {}).get('threads')} from step {res.get('applies_at_step')}")
             else:
-                self.d.say(f"{label}: training {res.get('state')}")
+                self.d.say(f"{label} requested (training {res.get('state')})")
         elif kind == "failed":
             _, label, op, err = r
             self.d.say(f"{label} failed: {err}", 8.0)
