@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Api:
     def __init__(self, daemon):
         self.d = daemon
+        self.process = psutil.Process()  # one object: cpu_percent measures since its last call
 
     def register(self, server) -> None:
         quick = ["status", "stats", "tokenize", "detokenize", "train.start", "train.stop", "train.pause",
@@ -41,7 +42,7 @@ class Api:
     # ---- status --------------------------------------------------------------------------------
 
     def _daemon(self) -> dict:
-        proc = psutil.Process()
+        proc = self.process
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.d.started, 1),
                 "cpu_percent": proc.cpu_percent(None), "rss_bytes": proc.memory_info().rss}
 

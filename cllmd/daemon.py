@@ -281,7 +281,7 @@ class Daemon:
 
     def supervise(self) -> int:
         watchdog = sdnotify.watchdog_interval()
-        last_watchdog = last_status = 0.0
+        last_watchdog = last_status = last_train_event = 0.0
         exit_code = 0
         while True:
             try:
@@ -307,6 +307,11 @@ class Daemon:
                 else:
                     sdnotify.watchdog()
                     last_watchdog = now
+            if self.controller.state == "running" and \
+                    now - last_train_event >= self.settings.server.events_interval:
+                # published from here, not between steps, so subscribers see the spheres working
+                self.server.publish("train", self.controller.status())
+                last_train_event = now
             if now - last_status >= 2.0:
                 sdnotify.status(self.status_line())
                 last_status = now

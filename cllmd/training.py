@@ -244,6 +244,8 @@ class TrainingController:
         return self.trainer.source.has_window(self.trainer.model.cfg.block_size, "train")
 
     def _publish_stats(self, force: bool = False) -> None:
+        """From the training thread: state changes and idle ticks. While steps run, the daemon's
+        main thread publishes instead (mid-step, so the spheres' live states show)."""
         now = time.monotonic()
         if force or now - self._last_publish >= self.settings.events_interval:
             self._last_publish = now
@@ -313,7 +315,6 @@ class TrainingController:
             log.info("step %d: loss %.4f, val loss %.4f", tr.step_num, r["loss"], ev["val_loss"])
         if tr.step_num % max(1, self.settings.snapshot_interval) == 0:
             self._snapshot = tr.model.copy()
-        self._publish_stats()
 
 
 def _usable_cores() -> int:
