@@ -142,7 +142,8 @@ def stage_cache_root(config: pytest.Config, tmp_path_factory: pytest.TempPathFac
     cache = getattr(config, "cache", None)
     if cache is not None:
         return Path(cache.mkdir("cllmd-package-stage"))
-    return tmp_path_factory.getbasetemp() / "cllmd-package-stage"
+    # not under /tmp: the test containers get a private /tmp and could not see the stage
+    return Path(config.rootpath) / ".pytest-stage" / "cllmd-package-stage"
 
 
 @pytest.fixture(scope="module")
