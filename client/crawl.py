@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import __version__
+from .queuefiles import write_incoming
 
 # Named explicitly so `python -m cllm.crawl` logs under the same name as the imported module.
 log = logging.getLogger("cllm.crawl")
@@ -528,19 +529,7 @@ class QueueWriter:
             raise QueueError(f"sending {name} to the daemon failed: {e}") from e
 
     def _write(self, name: str, data: bytes) -> str:
-        part = self.incoming / f".{name}.part"
-        final = self.incoming / name
-        with open(part, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, final)
-        fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)  # the rename itself durable
-        finally:
-            os.close(fd)
-        return str(final)
+        return str(self.incoming / write_incoming(self.incoming, name, data))
 
 
 def provenance_line(url: str, when: float) -> bytes:

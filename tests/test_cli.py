@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cllm.cli import write_incoming
+from cllm.queuefiles import write_incoming
 from cllm.client import Client
 from tests.daemonproc import Daemon, daemon, drop, wait_for  # noqa: F401 (fixture)
 from tests.ptyterm import cllm
