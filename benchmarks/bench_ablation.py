@@ -28,7 +28,7 @@ VARIANTS = {
 
 def run(options: dict, seed: int, steps: int, threads: int, source) -> float:
     cfg = ModelConfig(**{**SHAPES["baby"], **options})
-    tc = TrainConfig(batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100, decay_steps=steps, beta2=0.99,
+    tc = TrainConfig(batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100, decay_end_step=steps, beta2=0.99,
                      eval_windows=2400, seed=seed)  # nanoGPT's shakespeare_char settings, as bench_train --quality
     trainer = Trainer(Model(cfg, seed=seed), source, tc, threads=threads)
     for _ in range(steps):

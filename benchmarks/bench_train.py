@@ -181,7 +181,7 @@ def quality(args) -> dict:
     source = load_source()
     # nanoGPT's config/train_shakespeare_char.py: lr 1e-3 cosine to 1e-4 over 2000 steps after
     # 100 warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1, clipping at 1.0
-    cfg = TrainConfig(batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100, decay_steps=args.steps,
+    cfg = TrainConfig(batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100, decay_end_step=args.steps,
                       grad_clip=1.0, weight_decay=0.1, beta2=0.99, eval_windows=2400, seed=args.seed)
     trainer = Trainer(Model(ModelConfig(**SHAPES["baby"]), seed=args.seed), source, cfg, threads=args.threads[0])
     print(f"baby config, {args.steps} steps, {args.threads[0]} thread(s), seed {args.seed}; {load()}", flush=True)

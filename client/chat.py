@@ -13,62 +13,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+from cllm.catalogue import MAX_STOPS, SCALAR_SAMPLING, SamplingOption, check_stops, parse_sampling
+from cllm.catalogue import SAMPLING as CATALOGUE_SAMPLING
 from cllm.client import Client
 from cllm.fmt import human_count, number, use_color
 
 # --------------------------------------------------------------------------- sampling options
 
 
-@dataclass(frozen=True)
-class Option:
-    """One sampling argument of `generate`, with the bounds of docs/protocol.md."""
-    type: type
-    lo: float
-    hi: float
-    default: Any
-    help: str
-    lo_open: bool = False
-
-    def parse(self, name: str, text: str | None) -> Any:
-        """A value from its text form; ValueError naming the option and the bounds."""
-        if text is None or text.lower() in ("none", "default", ""):
-            if name == "seed":
-                return None
-            return self.default
-        try:
-            value = self.type(text)
-        except ValueError:
-            kind = "an integer" if self.type is int else "a number"
-            raise ValueError(f"{name} must be {kind}, got {text!r}") from None
-        return self.check(name, value)
-
-    def check(self, name: str, value: Any) -> Any:
-        if value != value or value > self.hi or value < self.lo or (self.lo_open and value == self.lo):
-            low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
-            raise ValueError(f"{name} must be {low} and <= {self.hi:g}, got {value}")
-        return value
+# The scalar sampling options (the list of stop strings is kept apart): the catalogue's.
+SAMPLING: dict[str, SamplingOption] = {k: CATALOGUE_SAMPLING[k] for k in SCALAR_SAMPLING}
 
 
-SAMPLING: dict[str, Option] = {
-    "max_tokens": Option(int, 1, 65536, 128, "new tokens at most"),
-    "temperature": Option(float, 0.0, 10.0, 0.8, "sampling temperature; 0 = greedy"),
-    "top_k": Option(int, 0, 2**31 - 1, 0, "keep the k most likely tokens; 0 = off"),
-    "top_p": Option(float, 0.0, 1.0, 1.0, "nucleus sampling mass; 1 = off", lo_open=True),
-    "min_p": Option(float, 0.0, 1.0, 0.0, "drop tokens below min_p x the top probability; 0 = off"),
-    "repeat_penalty": Option(float, 0.0, 10.0, 1.0, "penalty on recent tokens; 1 = off", lo_open=True),
-    "repeat_last_n": Option(int, 0, 2**31 - 1, 64, "recent tokens the penalty looks at; 0 = off"),
-    "seed": Option(int, 0, 2**64 - 1, None, "random seed; default: a fresh one each time"),
-}
-MAX_STOPS, MAX_STOP_CHARS = 16, 1024
-
-
-def check_stops(stops: list[str]) -> list[str]:
-    if len(stops) > MAX_STOPS:
-        raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
-    for s in stops:
-        if not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise ValueError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
-    return stops
+def check_option(name: str, value: Any) -> Any:
+    """A typed value (from a saved conversation) checked against its option; ValueError."""
+    try:
+        return SAMPLING[name].kind.value(value, from_text=False)
+    except ValueError as e:
+        raise ValueError(f"{name} {e}") from None
 
 
 def unescape(text: str) -> str:
@@ -188,7 +150,7 @@ class ChatSession:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             self.system = str(data.get("system") or "")
-            self.options = {k: SAMPLING[k].check(k, v) if v is not None else None
+            self.options = {k: check_option(k, v) if v is not None else None
                             for k, v in (data.get("options") or {}).items() if k in SAMPLING}
             self.stops = check_stops([str(x) for x in data.get("stops") or []])
             self.turns = [Turn(str(t["user"]), str(t["assistant"]), bool(t.get("stopped")))
@@ -354,7 +316,7 @@ class ChatLoop:
             raise ValueError(f"unknown setting {key!r} (one of: {', '.join(SAMPLING)}, stop)")
         if not value:
             raise ValueError(f"/set {key} needs a value")
-        s.options[key] = SAMPLING[key].parse(key, value)
+        s.options[key] = parse_sampling(key, value)
         return f"{key} = {s.options[key]}"
 
     def _show(self, text: str, shown: int) -> int:
@@ -466,4 +428,4 @@ def run(client: Client, *, system: str = "", options: dict | None = None, stops:
         save_history()
 
 
-__all__ = ["SAMPLING", "Option", "check_stops", "ChatSession", "ChatLoop", "Turn", "LoadError", "run"]
+__all__ = ["SAMPLING", "check_option", "check_stops", "ChatSession", "ChatLoop", "Turn", "LoadError", "run"]

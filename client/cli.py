@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cllm import __version__
-from cllm.chat import SAMPLING, check_stops, ctrl_c_cancels, unescape
+from cllm.catalogue import Kind, check_stops, parse_sampling, renamed_error, runtime_settings
+from cllm.chat import SAMPLING, ctrl_c_cancels, unescape
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, plural
 from cllm.queuefiles import write_incoming
@@ -73,7 +74,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _sampling_type(name: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
-            return SAMPLING[name].parse(name, text)
+            return parse_sampling(name, text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = name
@@ -84,7 +85,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     for name, opt in SAMPLING.items():
         default = "fresh each time" if opt.default is None else opt.default
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=_sampling_type(name),
-                       metavar="N" if opt.type is int else "X", help=f"{opt.help} (default {default})")
+                       metavar=opt.kind.metavar, help=f"{opt.doc} (default {default})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT appears (repeatable; \\n for a newline)")
 
@@ -240,13 +241,8 @@ def cmd_chat(ctx: Ctx, a) -> int:
 
 # --------------------------------------------------------------------------- training
 
-# The settable keys of train.config.set (docs/protocol.md) and how their values are read.
-TRAIN_KEYS: dict[str, type] = {
-    "lr": float, "min_lr": float, "batch_size": int, "grad_clip": float, "warmup": int,
-    "weight_decay": float, "threads": int, "checkpoint_interval_steps": int,
-    "checkpoint_interval_seconds": float, "eval_interval": int, "auto_train": bool,
-}
-TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# The settable keys of train.config.set: the catalogue's runtime settings, each read by its kind.
+TRAIN_KEYS: dict[str, Kind] = {s.name: s.kind for s in runtime_settings()}
 
 
 def parse_setting(item: str) -> tuple[str, Any]:
@@ -256,22 +252,14 @@ def parse_setting(item: str) -> tuple[str, Any]:
     if not eq or not key:
         raise UsageError(f"cllm train config: expected KEY=VALUE, got {item!r}")
     if key not in TRAIN_KEYS:
+        renamed = renamed_error(key)
+        if renamed:
+            raise UsageError(f"cllm train config: {key} {renamed}")
         raise UsageError(f"cllm train config: unknown key {key!r} (one of: {', '.join(TRAIN_KEYS)})")
-    kind, text = TRAIN_KEYS[key], text.strip()
-    if kind is bool:
-        if text.lower() in TRUE:
-            return key, True
-        if text.lower() in FALSE:
-            return key, False
-        raise UsageError(f"cllm train config: {key} must be true or false, got {text!r}")
     try:
-        value = kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise UsageError(f"cllm train config: {key} must be {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise UsageError(f"cllm train config: {key} must be a finite number, got {text!r}")
-    return key, value
+        return key, TRAIN_KEYS[key].value(text.strip())
+    except ValueError as e:
+        raise UsageError(f"cllm train config: {key} {e}") from None
 
 
 def _perplexity(t: dict) -> float | None:

@@ -13,6 +13,7 @@ import time
 
 import psutil
 
+from cllm.catalogue import check_section
 from cllmd import __version__
 from cllmd.protocol import ProtocolError
 
@@ -117,11 +118,9 @@ class Api:
         changes = {k: v for k, v in args.items() if v is not None}
         if not changes:
             raise ProtocolError("bad_request", "nothing to set: give at least one setting")
-        cfg = self.d.controller.config()
-        lr = changes.get("lr", cfg["lr"])
-        min_lr = changes.get("min_lr", cfg["min_lr"])
-        if min_lr > lr:
-            raise ProtocolError("bad_request", f"min_lr ({min_lr}) must not exceed lr ({lr})")
+        problem = check_section("train", {**self.d.controller.config(), **changes})
+        if problem:  # the values are checked one by one already: a rule across them (min_lr <= lr)
+            raise ProtocolError("bad_request", f"train.config.set: {problem}")
         try:
             config = self.d.controller.configure(changes)
         except ValueError as e:
@@ -204,10 +203,7 @@ class Api:
         from cllmd.generate import Generation, SamplingOptions
         a = req.args
         try:
-            opts = SamplingOptions(max_tokens=a["max_tokens"], temperature=float(a["temperature"]),
-                                   top_k=a["top_k"], top_p=float(a["top_p"]), min_p=float(a["min_p"]),
-                                   repeat_penalty=float(a["repeat_penalty"]), repeat_last_n=a["repeat_last_n"],
-                                   seed=a.get("seed"), stop=tuple(a.get("stop") or ()))
+            opts = SamplingOptions.from_args(a)
             gen = Generation(self.d.controller.inference_model(), a["prompt"], opts, cancel=ctx.cancelled)
         except ValueError as e:
             raise ProtocolError("bad_request", str(e)) from None

@@ -6,6 +6,7 @@ codes in one place (main): 0 ok, 1 failure, 2 bad arguments or unreadable input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from cllm.catalogue import default_of
 from cllmd import __version__
 
 log = logging.getLogger("cllmd")
@@ -86,36 +88,25 @@ def _format_eta(seconds: float) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes",
-                   help="bytes: 256 byte symbols (character level); bpe: byte-level BPE trained on the data")
-    g.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default 4096)")
-    g.add_argument("--n-layer", type=_positive_int, default=4, help="transformer blocks (default 4)")
-    g.add_argument("--n-head", type=_positive_int, default=4, help="attention heads (default 4)")
-    g.add_argument("--n-embd", type=_positive_int, default=128, help="embedding width (default 128)")
-    g.add_argument("--block-size", type=_positive_int, default=64, help="context length (default 64)")
-    g.add_argument("--init", choices=["normal", "lattice"], default="normal",
-                   help="token embedding init: normal (GPT-2) or lattice (Vogel spiral features)")
-    g.add_argument("--clock-positions", action="store_true", help="add 12-periodic clock features to positions")
+    from cllmd.settings import add_offline_arguments
+    add_offline_arguments(p, "model")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=_positive_int, default=12, help="sequences per step (default 12)")
+    from cllmd.settings import add_offline_arguments
+    from cllmd.trainer import TrainConfig
+    add_offline_arguments(p, "train", defaults={
+        "decay_end_step": "--steps: the decay spans the run",
+        "min_lr": "0.0001, or --lr when that is lower",
+        "threads": "the usable cores"})
+    own = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # offline-only settings
+    g = p.add_argument_group("offline training")
     g.add_argument("--steps", type=_nonneg_int, default=2000, help="optimizer steps (default 2000)")
-    g.add_argument("--lr", type=_nonneg_float, default=1e-3, help="peak learning rate (default 1e-3)")
-    g.add_argument("--min-lr", type=_nonneg_float, default=1e-4, help="final learning rate of the cosine (default 1e-4)")
-    g.add_argument("--warmup", type=_nonneg_int, default=100, help="linear warmup steps (default 100)")
-    g.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="global gradient norm clip, 0 = off (default 1.0)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW decoupled weight decay (default 0.1)")
-    g.add_argument("--accum-steps", type=_positive_int, default=1, help="micro-steps per optimizer step (default 1)")
-    g.add_argument("--eval-interval", type=_nonneg_int, default=250, help="steps between evaluations, 0 = only at the end")
-    g.add_argument("--eval-windows", type=_positive_int, default=240, help="validation windows per evaluation (default 240)")
+    g.add_argument("--accum-steps", type=_positive_int, default=own["accum_steps"],
+                   help=f"micro-steps per optimizer step (default {own['accum_steps']})")
+    g.add_argument("--eval-windows", type=_positive_int, default=own["eval_windows"],
+                   help=f"validation windows per evaluation (default {own['eval_windows']})")
     g.add_argument("--val-fraction", type=_nonneg_float, default=0.1, help="last fraction of the tokens held out (default 0.1)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="worker threads for the 12 spheres (default: usable cores)")
-    g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute block activations in the backward pass (less memory, ~15%% slower)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for init and sampling (default 1337)")
 
 
 def _build_tokenizer(args, files: list[Path]):
@@ -167,14 +158,16 @@ def cmd_train(args) -> int:
     from cllmd.tokensource import TokenArraySource
     from cllmd.trainer import TrainConfig, Trainer
 
+    from cllmd.settings import offline_values
     if args.val_fraction >= 1:
         raise UsageError("--val-fraction must be below 1")
+    values = offline_values(args, "train")
+    values["decay_end_step"] = args.steps if values["decay_end_step"] is None else values["decay_end_step"]
+    if values["min_lr"] is None:
+        values["min_lr"] = min(default_of("train.min_lr"), values["lr"])
+    threads = values.pop("threads") or None  # None (or 0): the usable cores
     try:
-        train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
-                                warmup=args.warmup, decay_steps=args.steps, grad_clip=args.grad_clip,
-                                weight_decay=args.weight_decay, accum_steps=args.accum_steps,
-                                eval_interval=args.eval_interval, eval_windows=args.eval_windows, seed=args.seed,
-                                grad_checkpointing=args.grad_checkpointing)
+        train_cfg = TrainConfig(**values, accum_steps=args.accum_steps, eval_windows=args.eval_windows)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -189,7 +182,7 @@ def cmd_train(args) -> int:
     if args.resume:
         from cllmd.modelfile import ModelFileError
         try:
-            trainer = Trainer.from_checkpoint(args.resume, source, threads=args.threads)
+            trainer = Trainer.from_checkpoint(args.resume, source, threads=threads)
         except FileNotFoundError:
             raise UsageError(f"no such checkpoint: {args.resume}") from None
         except ModelFileError as e:
@@ -205,7 +198,7 @@ def cmd_train(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         model = Model(cfg, seed=args.seed, tokenizer=tokenizer)
-        trainer = Trainer(model, source, train_cfg, threads=args.threads)
+        trainer = Trainer(model, source, train_cfg, threads=threads)
     log.info("model: %d layers, %d heads, width %d, context %d: %.2fM parameters; %d thread(s) for 12 spheres",
              model.cfg.n_layer, model.cfg.n_head, model.cfg.n_embd, model.cfg.block_size,
              model.num_params / 1e6, trainer.pool.size)
@@ -272,24 +265,29 @@ def cmd_train(args) -> int:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The catalogue's sampling options as flags: the same as `cllm generate`'s."""
+    from cllm.catalogue import SAMPLING, SCALAR_SAMPLING, parse_sampling
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=_nonneg_int, default=200, help="new tokens at most (default 200)")
-    g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="keep the k likeliest tokens, 0 = off")
-    g.add_argument("--top-p", type=_nonneg_float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    g.add_argument("--min-p", type=_nonneg_float, default=0.0, help="drop tokens below min-p x the top probability")
-    g.add_argument("--repeat-penalty", type=_nonneg_float, default=1.0, help="penalize recent tokens, 1 = off")
-    g.add_argument("--repeat-last-n", type=_nonneg_int, default=64, help="window of the repeat penalty (default 64)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    for name in SCALAR_SAMPLING:
+        opt = SAMPLING[name]
+
+        def parse(text: str, name=name):
+            try:
+                return parse_sampling(name, text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        default = "fresh each time" if opt.default is None else opt.default
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=opt.default,
+                       metavar=opt.kind.metavar, help=f"{opt.doc} (default {default})")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this string (repeatable)")
 
 
 def _sampling_options(args):
     from cllmd.generate import SamplingOptions
     try:
-        return SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                               repeat_last_n=args.repeat_last_n, seed=args.seed, stop=tuple(args.stop))
+        return SamplingOptions.from_args(vars(args))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

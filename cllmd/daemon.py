@@ -96,24 +96,24 @@ class Daemon:
         return model, corpus
 
     def _train_config(self, base=None):
+        """TrainConfig from the settings of the catalogue that apply to the trainer; over a
+        checkpoint's config (base), all but the seed, which only counts at the start."""
+        from cllm.catalogue import SETTINGS
         from cllmd.trainer import TrainConfig
-        t = self.settings.train
-        values = dict(batch_size=t.batch_size, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
-                      decay_steps=t.warmup + t.decay_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
-                      eval_interval=t.eval_interval, seed=t.seed, grad_checkpointing=t.grad_checkpointing)
+        values = {s.name: self.settings.get(s.key) for s in SETTINGS.values() if s.applies == "trainer"}
         if base is None:
             return TrainConfig(**values)
         import dataclasses
         return dataclasses.replace(base, **{k: v for k, v in values.items() if k != "seed"})
 
     def _controller_settings(self):
+        import dataclasses
+
         from cllmd.training import ControllerSettings
         t = self.settings.train
-        return ControllerSettings(auto_train=t.auto_train, auto_epochs=t.auto_epochs,
-                                  checkpoint_interval_steps=t.checkpoint_interval_steps,
-                                  checkpoint_interval_seconds=t.checkpoint_interval_seconds,
-                                  snapshot_interval=t.snapshot_interval,
-                                  events_interval=self.settings.server.events_interval)
+        values = {f.name: getattr(t, f.name) for f in dataclasses.fields(ControllerSettings)
+                  if f.name != "events_interval"}
+        return ControllerSettings(**values, events_interval=self.settings.server.events_interval)
 
     def start(self) -> None:
         from cllmd.api import Api
@@ -265,16 +265,9 @@ class Daemon:
             return
         self.settings = new
         logging.getLogger().setLevel(new.log.level.upper())
-        t = new.train
-        self.controller.configure({
-            "lr": t.lr, "min_lr": t.min_lr, "batch_size": t.batch_size, "grad_clip": t.grad_clip,
-            "warmup": t.warmup, "decay_steps": t.warmup + t.decay_steps, "weight_decay": t.weight_decay,
-            "eval_interval": t.eval_interval, "threads": t.threads, "auto_train": t.auto_train,
-            "grad_checkpointing": t.grad_checkpointing,
-            "auto_epochs": t.auto_epochs, "checkpoint_interval_steps": t.checkpoint_interval_steps,
-            "checkpoint_interval_seconds": t.checkpoint_interval_seconds, "snapshot_interval": t.snapshot_interval})
-        if self.controller.mix is not None:
-            self.controller.mix.replay_fraction = t.replay_fraction
+        from cllm.catalogue import runtime_settings
+        self.controller.configure({s.name: new.get(s.key) for s in runtime_settings()})
+        self.controller.settings.events_interval = new.server.events_interval
         log.info("configuration reloaded from %s", self.dirs.config_file or "defaults")
         sdnotify.ready()
 

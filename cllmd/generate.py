@@ -10,49 +10,45 @@ import codecs
 import math
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.gelu import gelu_forward
 from cllmd.kernels.layernorm import layernorm_forward
 from cllmd.model import LN_EPS, Model, Workspace
 
 
+def _option(name: str):
+    return field(default=SAMPLING[name].default)
+
+
 @dataclass
 class SamplingOptions:
-    max_tokens: int = 256
-    temperature: float = 0.8      # 0 = greedy
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # nucleus: smallest set of tokens whose probability reaches top_p
-    min_p: float = 0.0            # drop tokens below min_p * (probability of the likeliest)
-    repeat_penalty: float = 1.0   # > 1 discourages the last repeat_last_n tokens (1 = off)
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()    # generation ends before the first occurrence of any of these
+    """The sampling options of cllm.catalogue.SAMPLING (defaults, bounds and meaning there)."""
+    max_tokens: int = _option("max_tokens")
+    temperature: float = _option("temperature")        # 0 = greedy
+    top_k: int = _option("top_k")                      # 0 = off
+    top_p: float = _option("top_p")    # nucleus: smallest set of tokens whose probability reaches top_p
+    min_p: float = _option("min_p")    # drop tokens below min_p * (probability of the likeliest)
+    repeat_penalty: float = _option("repeat_penalty")  # > 1 discourages the last repeat_last_n tokens
+    repeat_last_n: int = _option("repeat_last_n")
+    seed: int | None = _option("seed")                 # None = a fresh one each time
+    stop: tuple[str, ...] = _option("stop")  # generation ends before the first occurrence of any
     stop_at_eot: bool = True
 
     def __post_init__(self):
         self.stop = tuple(self.stop or ())
-        problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            problems.append(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p < 1:
-            problems.append(f"min_p must lie in [0, 1), got {self.min_p!r}")
-        if not self.repeat_penalty > 0:
-            problems.append(f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
-        if not isinstance(self.repeat_last_n, int) or self.repeat_last_n < 0:
-            problems.append(f"repeat_last_n must be an integer >= 0, got {self.repeat_last_n!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append("stop must be a list of non-empty strings")
+        problems = check_sampling(dataclasses.asdict(self))
         if problems:
             raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_args(cls, args: dict) -> "SamplingOptions":
+        """From generate's validated arguments (or any map holding the catalogue's names)."""
+        return cls(**{k: (tuple(v or ()) if k == "stop" else v) for k, v in args.items() if k in SAMPLING})
 
 
 def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,

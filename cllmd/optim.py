@@ -9,33 +9,26 @@ import numpy as np
 from cllmd.kernels.adamw import adamw_update
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
-    """Linear warmup to lr, then cosine decay to min_lr over decay_steps; min_lr afterwards.
+    """Linear warmup to lr, then cosine decay to min_lr until decay_end_step; min_lr afterwards.
 
     lr is the immutable base rate: the rate at a step is always computed from it, never
     from the previous step's rate (the original's warmup pinned itself at 1e-6 that way).
+    The values are checked where they are set (TrainConfig, against the settings catalogue).
     """
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    decay_steps: int = 2000   # the step at which the cosine reaches min_lr
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
-        if self.warmup < 0 or self.decay_steps < 0:
-            raise ValueError("warmup and decay_steps must be >= 0")
+    lr: float
+    min_lr: float
+    warmup: int
+    decay_end_step: int   # the step at which the cosine reaches min_lr
 
     def __call__(self, step: int) -> float:
         """Rate for step (0-based)."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        if step >= self.decay_steps:
+        if step >= self.decay_end_step:
             return self.min_lr
-        ratio = (step - self.warmup) / max(1, self.decay_steps - self.warmup)
+        ratio = (step - self.warmup) / max(1, self.decay_end_step - self.warmup)
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - self.min_lr)
 
 

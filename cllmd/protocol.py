@@ -8,6 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from cllm.catalogue import (
+    MAX_STOP_CHARS, MAX_STOPS, RENAMED, SAMPLING, SCALAR_SAMPLING, Kind, renamed_error,
+    runtime_settings,
+)
 from cllm.wire import (  # noqa: F401  (re-exported: the daemon imports the codec from here)
     BAD_REQUEST, BUSY, CANCELLED, DEFAULT_MAX_MESSAGE_BYTES, ERROR_CODES, EVENT_TOPICS,
     EVENTS_SOCKET_NAME, IDEMPOTENT_OPS, INTERNAL, NOT_FOUND, PROTOCOL_VERSION, SOCKET_NAME,
@@ -53,6 +57,7 @@ class ArgsSpec:
     must not pass silently); otherwise unknown arguments are ignored, as the protocol says."""
     fields: Mapping[str, Field]
     strict: bool = False
+    renamed: Mapping[str, str] | None = None  # old argument -> the refusal naming the new one
 
 
 _TYPE_NAMES = {str: "a str", int: "an integer", float: "a number", bool: "a boolean",
@@ -145,6 +150,9 @@ def validate_args(spec: ArgsSpec | Mapping[str, Any] | None, args: Mapping[str, 
     out: dict = {}
     if spec.strict:
         unknown = sorted(k for k in args if k not in spec.fields)
+        for name in unknown:
+            if spec.renamed and name in spec.renamed:
+                raise ProtocolError(BAD_REQUEST, f"{where}argument '{name}' {spec.renamed[name]}")
         if unknown:
             raise ProtocolError(BAD_REQUEST, f"{where}unknown argument '{unknown[0]}' "
                                              f"(known: {', '.join(spec.fields)})")
@@ -215,6 +223,19 @@ def _queue_name_error(name: str) -> str | None:
     return None
 
 
+def from_kind(kind: Kind, default: Any, doc: str = "") -> Field:
+    """The argument of a catalogue entry: its kind's type and bounds; the kind's own check
+    refuses what bounds cannot say (an open upper bound, a pattern)."""
+    def check(value: Any) -> str | None:
+        try:
+            kind.value(value, from_text=False)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return Field(kind.wire, default, kind.lo, kind.hi, kind.lo_open, check=check, doc=doc)
+
+
 _ID = (str, int)
 _BIG = 2**31 - 1
 QUEUE_STATES = ("incoming", "processing", "done", "failed")
@@ -226,15 +247,9 @@ OP_SPECS: dict[str, ArgsSpec] = {
     "cancel": ArgsSpec({"id": Field(_ID, doc="id of the request to cancel")}),
     "generate": ArgsSpec({
         "prompt": Field(str, hi=DEFAULT_MAX_MESSAGE_BYTES),
-        "max_tokens": Field(int, 128, 1, 65536),
-        "temperature": Field(float, 0.8, 0.0, 10.0),
-        "top_k": Field(int, 0, 0, _BIG),
-        "top_p": Field(float, 1.0, 0.0, 1.0, lo_open=True),
-        "min_p": Field(float, 0.0, 0.0, 1.0),
-        "repeat_penalty": Field(float, 1.0, 0.0, 10.0, lo_open=True),
-        "repeat_last_n": Field(int, 64, 0, _BIG),
-        "seed": Field(int, None, 0, 2**64 - 1),
-        "stop": Field(ListOf(str, 1, 1024), [], 0, 16),
+        **{name: from_kind(SAMPLING[name].kind, SAMPLING[name].default, SAMPLING[name].doc)
+           for name in SCALAR_SAMPLING},
+        "stop": Field(ListOf(str, 1, MAX_STOP_CHARS), [], 0, MAX_STOPS, doc=SAMPLING["stop"].doc),
         "stream": Field(bool, True),
     }),
     "tokenize": ArgsSpec({"text": Field(str)}),
@@ -245,19 +260,11 @@ OP_SPECS: dict[str, ArgsSpec] = {
     "train.resume": ArgsSpec({}),
     "train.status": ArgsSpec({}),
     "train.config.get": ArgsSpec({}),
-    "train.config.set": ArgsSpec({
-        "lr": Field(float, None, 0.0, 1.0, lo_open=True),
-        "min_lr": Field(float, None, 0.0, 1.0),
-        "batch_size": Field(int, None, 1, 4096),
-        "grad_clip": Field(float, None, 0.0, 1e6),
-        "warmup": Field(int, None, 0, 10**9),
-        "weight_decay": Field(float, None, 0.0, 1.0),
-        "threads": Field(int, None, 1, 12),
-        "checkpoint_interval_steps": Field(int, None, 0, 10**9),
-        "checkpoint_interval_seconds": Field(float, None, 0.0, 1e7),
-        "eval_interval": Field(int, None, 0, 10**9),
-        "auto_train": Field(bool, None),
-    }, strict=True),
+    # the catalogue's runtime settings; train.config.get answers with every one of them
+    "train.config.set": ArgsSpec({s.name: from_kind(s.kind, None, s.doc) for s in runtime_settings()},
+                                 strict=True,
+                                 renamed={old.split(".", 1)[1]: renamed_error(old.split(".", 1)[1])
+                                          for old in RENAMED if old.startswith("train.")}),
     "queue.list": ArgsSpec({
         "state": Field(str, None, choices=QUEUE_STATES),
         "limit": Field(int, 1000, 1, 100_000),

@@ -1,6 +1,7 @@
 """The daemon's configuration: cllmd.toml (stdlib tomllib) overridden by flags.
 
-One schema table, SCHEMA, drives everything: validation, defaults, the --help texts and the
+The settings catalogue (cllm.catalogue.SETTINGS, here SCHEMA) drives everything: validation,
+defaults, the flags of `cllmd serve` and `cllmd train` with their --help texts, and the
 commented default configuration file (render_default_toml).
 """
 
@@ -8,247 +9,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
-import re
 import textwrap
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from cllm.catalogue import (  # noqa: F401  (re-exported: the kinds live with the catalogue)
+    RENAMED, SECTIONS, SETTINGS, GiB, KiB, Kind, MiB, Setting, boolean, check_rules, choice,
+    integer, names, number, renamed_error, size, text,
+)
 
 
 class SettingsError(Exception):
     """A configuration file or override is unreadable, has an unknown key or a bad value."""
 
 
-# --------------------------------------------------------------------------------------------
-# Kinds of values. A kind checks (and normalizes) a value coming from TOML or Python, parses the
-# text of a command-line flag, and renders a value as TOML. `describe` completes the sentence
-# "must be ...", so every refusal reads the same way.
-
-
-@dataclass(frozen=True)
-class Kind:
-    describe: str
-    check: Callable[[Any], Any]  # normalized value, or raises ValueError
-    parse: Callable[[str], Any] | None  # command-line text -> value; None = strings pass through
-    render: Callable[[Any], str]
-    metavar: str
-
-
-def _toml_str(value: str) -> str:
-    # A TOML basic string takes JSON's escapes; \uXXXX keeps the file pure ASCII.
-    return json.dumps(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def boolean() -> Kind:
-    words = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}
-
-    def check(v: Any) -> bool:
-        if not isinstance(v, bool):
-            raise ValueError
-        return v
-
-    def parse(text: str) -> bool:
-        try:
-            return words[text.strip().lower()]
-        except KeyError:
-            raise ValueError from None
-
-    return Kind("true or false", check, parse, lambda v: "true" if v else "false", "BOOL")
-
-
-def integer(lo: int, hi: int | None = None) -> Kind:
-    describe = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
-
-    def check(v: Any) -> int:
-        if not _is_int(v) or v < lo or (hi is not None and v > hi):
-            raise ValueError
-        return v
-
-    return Kind(describe, check, lambda t: int(t.strip()), str, "N")
-
-
-def number(*, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> Kind:
-    bounds = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
-              f"< {lt:g}" if lt is not None else ""]
-    describe = "a number " + " and ".join(b for b in bounds if b)
-
-    def check(v: Any) -> float:
-        if not (_is_int(v) or isinstance(v, float)):
-            raise ValueError
-        x = float(v)
-        if (not math.isfinite(x) or (gt is not None and x <= gt) or (ge is not None and x < ge)
-                or (lt is not None and x >= lt)):
-            raise ValueError
-        return x
-
-    return Kind(describe.strip(), check, lambda t: float(t.strip()), repr, "X")
-
-
-def choice(*options: str) -> Kind:
-    describe = "one of " + ", ".join(repr(o) for o in options)
-
-    def check(v: Any) -> str:
-        if v not in options or not isinstance(v, str):
-            raise ValueError
-        return v
-
-    return Kind(describe, check, None, _toml_str, "{" + ",".join(options) + "}")
-
-
-def text(describe: str = "a string", pattern: str | None = None) -> Kind:
-    rx = re.compile(pattern) if pattern else None
-
-    def check(v: Any) -> str:
-        if not isinstance(v, str) or (rx is not None and not rx.fullmatch(v)):
-            raise ValueError
-        return v
-
-    return Kind(describe, check, None, _toml_str, "TEXT")
-
-
-_SIZE_RX = re.compile(r"\s*(\d+)\s*(k|kib|m|mib|g|gib)?\s*", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
-
-
-def size(lo: int) -> Kind:
-    describe = f'a size >= {lo} bytes: an integer, or a string like "64MiB" (KiB, MiB or GiB)'
-
-    def check(v: Any) -> int:
-        if isinstance(v, str):
-            m = _SIZE_RX.fullmatch(v)
-            if not m:
-                raise ValueError
-            v = int(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]
-        if not _is_int(v) or v < lo:
-            raise ValueError
-        return v
-
-    def render(v: int) -> str:
-        for unit, n in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-            if v % n == 0:
-                return _toml_str(f"{v // n}{unit}")
-        return str(v)
-
-    return Kind(describe, check, None, render, "SIZE")
-
-
-def names() -> Kind:
-    def check(v: Any) -> tuple[str, ...]:
-        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
-            raise ValueError
-        return tuple(v)
-
-    def parse(t: str) -> tuple[str, ...]:
-        return tuple(s.strip() for s in t.split(",") if s.strip())
-
-    return Kind("a non-empty list of non-empty strings", check, parse,
-                lambda v: "[" + ", ".join(_toml_str(s) for s in v) + "]", "A,B,...")
-
-
-# tcp://host:port with a name, an IPv4 address, '*' or a bracketed IPv6 address.
-_TCP = r"|tcp://(\*|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,4})"
-
-
-@dataclass(frozen=True)
-class Key:
-    kind: Kind
-    default: Any
-    doc: str
-
-
-PATH_KEYS = frozenset({"server.curve_secret_key_file", "server.curve_authorized_keys_dir"})
-
-# The schema: "section.key" -> (kind, default, one-line doc). Defaults are sized for a small
-# model that visibly learns within minutes on 2 cores.
-SCHEMA: dict[str, Key] = {
-    # [server]
-    "server.tcp": Key(text('"" or "tcp://HOST:PORT"', _TCP), "",
-                      'also listen on TCP, e.g. "tcp://127.0.0.1:5555"; requires both CURVE '
-                      'settings below; "" = IPC sockets only'),
-    "server.curve_secret_key_file": Key(text("a path"), "",
-                                        "the server's CURVE secret key file (zmq.auth format); "
-                                        "relative paths are taken from this file's directory"),
-    "server.curve_authorized_keys_dir": Key(text("a path"), "",
-                                            "directory of the CURVE public keys of the clients "
-                                            "allowed over TCP"),
-    "server.max_message_bytes": Key(size(4 * KiB), 16 * MiB,
-                                    "largest request accepted; bigger ones are refused"),
-    "server.generate_workers": Key(integer(1, 64), 2, "generations that run at the same time"),
-    "server.max_pending_generations": Key(integer(0, 10_000), 8,
-                                          "generations that may wait for a worker; beyond "
-                                          'this, requests get "busy"'),
-    "server.stream_timeout": Key(number(gt=0), 30.0,
-                                 "seconds a streamed generation waits for a client that stopped "
-                                 "reading before it is cancelled"),
-    "server.events_interval": Key(number(gt=0), 1.0,
-                                  "seconds between trainer statistics events on the PUB socket"),
-    # [model]: used only to create the default model on first start.
-    "model.tokenizer": Key(choice("bpe", "bytes"), "bpe",
-                           "byte-level BPE trained on the default corpus, or plain bytes"),
-    "model.vocab_size": Key(integer(257, 1 << 20), 4096, "BPE vocabulary size (ignored for bytes)"),
-    "model.n_layer": Key(integer(1, 64), 4, "transformer blocks"),
-    "model.n_head": Key(integer(1, 64), 4, "attention heads per block"),
-    "model.n_embd": Key(integer(8, 8192), 128, "embedding width; a multiple of n_head"),
-    "model.block_size": Key(integer(8, 65536), 128, "context length in tokens"),
-    "model.init": Key(choice("normal", "lattice"), "normal",
-                      "token-embedding initialisation: GPT-2's normal(0, 0.02) or the "
-                      "prime/golden-angle lattice"),
-    "model.clock_positions": Key(boolean(), False,
-                                 "add 12-periodic angle features to the position embedding"),
-    # [train]: every key can also be changed at run time with train.config.set.
-    "train.auto_train": Key(boolean(), True, "train whenever new tokens arrive in the data store"),
-    "train.threads": Key(integer(0, 12), 0, "sphere worker threads: 0 = the usable cores, else 1 to 12"),
-    "train.batch_size": Key(integer(1, 4096), 12, "sequences per step, split over the 12 spheres"),
-    "train.lr": Key(number(gt=0), 1e-3, "peak learning rate (AdamW)"),
-    "train.min_lr": Key(number(ge=0), 1e-4, "learning rate at the end of the cosine decay; <= lr"),
-    "train.warmup": Key(integer(0), 100, "steps of linear warmup from 0 to lr"),
-    "train.decay_steps": Key(integer(1), 5000, "steps of cosine decay from lr to min_lr after warmup"),
-    "train.grad_clip": Key(number(ge=0), 1.0, "clip the global gradient norm to this; 0 = no clipping"),
-    "train.weight_decay": Key(number(ge=0), 0.1, "AdamW decoupled weight decay"),
-    "train.eval_interval": Key(integer(0), 200, "steps between validation evaluations; 0 = never"),
-    "train.checkpoint_interval_steps": Key(integer(0), 500,
-                                           "write a checkpoint every this many steps; 0 = not by steps"),
-    "train.checkpoint_interval_seconds": Key(number(ge=0), 300.0,
-                                             "write a checkpoint at least this often while "
-                                             "training; 0 = not by time"),
-    "train.snapshot_interval": Key(integer(1), 20,
-                                   "publish the weights to inference every this many steps"),
-    "train.seed": Key(integer(0, 2**32 - 1), 1337, "random seed for initialisation and batch sampling"),
-    "train.grad_checkpointing": Key(boolean(), False,
-                                    "recompute each block's activations in the backward pass: "
-                                    "60-74% less activation memory, 12-17% slower steps"),
-    "train.auto_epochs": Key(number(gt=0), 1.0,
-                             "auto-training budget: passes over the newly arrived tokens"),
-    "train.replay_fraction": Key(number(ge=0, lt=1), 0.25,
-                                 "share of each auto-training batch replayed from older data, so "
-                                 "earlier knowledge is not forgotten"),
-    # [queue]
-    "queue.max_file_bytes": Key(size(1), 64 * MiB, "larger queued files are refused into failed/"),
-    "queue.max_attempts": Key(integer(1, 100), 3,
-                              "ingestion attempts of a file before it goes to failed/"),
-    "queue.rescan_seconds": Key(number(gt=0), 30.0,
-                                "full rescan of incoming/ this often, besides inotify"),
-    "queue.json_fields": Key(names(), ("text", "content", "body"),
-                             "JSON/JSONL fields taken as a record's text, in order of preference; "
-                             "records without one contribute all their string values"),
-    # [log]
-    "log.level": Key(choice("debug", "info", "warning", "error", "critical"), "info",
-                     "lowest level of the log lines written to stderr"),
-}
-
-SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.split(".", 1)[0] for k in SCHEMA))
+SCHEMA: dict[str, Setting] = SETTINGS  # the settings catalogue (cllm/catalogue.py)
+PATH_KEYS = frozenset(k for k, s in SETTINGS.items() if s.path)
 
 
 def _section_class(section: str) -> type:
@@ -322,14 +100,14 @@ def _apply(values: dict[str, Any], origins: dict[str, str], items: Mapping[str, 
     for key, raw in items.items():
         spec = SCHEMA.get(key)
         if spec is None:
+            renamed = renamed_error(key)
+            if renamed:
+                raise SettingsError(f"{origin}: {key}: {renamed}")
             raise SettingsError(f"{origin}: {key}: unknown key{_suggest(key)}")
-        value = raw
         try:
-            if from_text and isinstance(raw, str) and spec.kind.parse is not None:
-                value = spec.kind.parse(raw)
-            value = spec.kind.check(value)
-        except (ValueError, TypeError, OverflowError):
-            raise SettingsError(f"{origin}: {key}: must be {spec.kind.describe}, got {raw!r}") from None
+            value = spec.kind.value(raw, from_text=from_text)
+        except ValueError as e:
+            raise SettingsError(f"{origin}: {key}: {e}") from None
         if key in PATH_KEYS and value:
             p = Path(value).expanduser()
             value = str(p if p.is_absolute() else (base or Path.cwd()) / p)
@@ -338,19 +116,10 @@ def _apply(values: dict[str, Any], origins: dict[str, str], items: Mapping[str, 
 
 
 def _check_together(values: dict[str, Any], origins: dict[str, str]) -> None:
-    def fail(key: str, reason: str) -> None:
+    broken = check_rules(values)
+    if broken:
+        key, reason = broken
         raise SettingsError(f"{origins[key]}: {key}: {reason}")
-
-    if values["train.min_lr"] > values["train.lr"]:
-        fail("train.min_lr", f"must be <= train.lr ({values['train.lr']!r}), "
-                             f"got {values['train.min_lr']!r}")
-    if values["model.n_embd"] % values["model.n_head"]:
-        fail("model.n_embd", f"must be a multiple of model.n_head ({values['model.n_head']}), "
-                             f"got {values['model.n_embd']}")
-    if values["server.tcp"]:
-        for key in ("server.curve_secret_key_file", "server.curve_authorized_keys_dir"):
-            if not values[key]:
-                fail("server.tcp", f"TCP is only served with CURVE encryption: {key} must be set")
 
 
 def _build(values: Mapping[str, Any]) -> Settings:
@@ -429,28 +198,78 @@ def render_default_toml() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: one flag per key, --section-key-name, help text from the schema.
+# Command line: `cllmd serve` has one flag per key, --section-key-name; `cllmd train` one per
+# offline setting, --key-name. Help texts and defaults come from the catalogue.
 
 
 def flag_name(key: str) -> str:
-    return "--" + key.replace(".", "-").replace("_", "-")
+    return SCHEMA[key].serve_flag
+
+
+class _Renamed(argparse.Action):
+    """A flag of a renamed key: refused with the message naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {renamed_error(self.dest)} "
+                     f"({SCHEMA[RENAMED[self.dest][0]].serve_flag})")
+
+
+def _help(spec: Setting, default_text: str | None = None) -> str:
+    default = spec.kind.render(spec.default) if default_text is None else default_text
+    return f"{spec.doc} (default: {default})".replace("%", "%%")
+
+
+def _add_flag(group, flag: str, dest: str, spec: Setting, default: Any, help_text: str,
+              typed: bool) -> None:
+    if spec.kind.metavar == "BOOL":
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                           default=default, help=help_text)
+        return
+    kind = spec.kind
+
+    def parse(text: str) -> Any:
+        try:
+            return kind.value(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = spec.name  # argparse names the type in its "invalid value" message
+    group.add_argument(flag, dest=dest, metavar=kind.metavar, default=default, help=help_text,
+                       **({"type": parse} if typed else {}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one override flag per schema key (e.g. --train-lr) to `parser`."""
+    """Add one override flag per setting (e.g. --train-lr) to `parser` (`cllmd serve`)."""
     for section in SECTIONS:
         group = parser.add_argument_group(f"[{section}] settings (override cllmd.toml)")
         for key, spec in SCHEMA.items():
-            if not key.startswith(section + "."):
-                continue
-            help_text = f"{spec.doc} (default: {spec.kind.render(spec.default)})"
-            help_text = help_text.replace("%", "%%")
-            if spec.kind.metavar == "BOOL":
-                group.add_argument(flag_name(key), dest=key, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
-            else:
-                group.add_argument(flag_name(key), dest=key, metavar=spec.kind.metavar,
-                                   default=argparse.SUPPRESS, help=help_text)
+            if spec.section == section:
+                # values stay text here: load_settings checks them, naming the key and origin
+                _add_flag(group, spec.serve_flag, key, spec, argparse.SUPPRESS, _help(spec),
+                          typed=False)
+    for old in RENAMED:
+        parser.add_argument("--" + old.replace(".", "-").replace("_", "-"), dest=old, nargs="?",
+                            action=_Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_offline_arguments(parser: argparse.ArgumentParser, section: str,
+                          defaults: Mapping[str, str] | None = None) -> None:
+    """`cllmd train`'s flags (--lr, --n-layer, ...) for the offline settings of one section:
+    values checked by the setting's kind, defaults from the catalogue. `defaults` gives the
+    help text of a default decided by the command instead (name -> text; the value is None)."""
+    group = parser.add_argument_group(f"{section} (as [{section}] in cllmd.toml)")
+    defaults = defaults or {}
+    for spec in SCHEMA.values():
+        if spec.offline and spec.section == section:
+            own = spec.name in defaults
+            _add_flag(group, spec.train_flag, spec.name, spec, None if own else spec.default,
+                      _help(spec, defaults.get(spec.name)), typed=True)
+
+
+def offline_values(namespace: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The values of add_offline_arguments' flags: {name: value} (None: decided by the command)."""
+    return {s.name: getattr(namespace, s.name) for s in SCHEMA.values()
+            if s.offline and s.section == section}
 
 
 def overrides_from_args(namespace: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from cllm.catalogue import check_section, default_of
 from cllmd.kernels.adamw import REDUCE_BLOCK, sum_rows_into
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
@@ -39,42 +40,55 @@ def usable_cores() -> int:
     return max(1, min(MAX_THREADS, n))
 
 
+def _setting(name: str):
+    """A TrainConfig field whose default comes from the settings catalogue (train.NAME)."""
+    return dataclasses.field(default=default_of(f"train.{name}"))
+
+
 @dataclass
 class TrainConfig:
-    batch_size: int = 12
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    decay_steps: int = 2000
-    grad_clip: float = 1.0        # 0 disables clipping
-    weight_decay: float = 0.1
+    """The trainer's settings. Those also in the settings catalogue (cllm/catalogue.py, applies
+    "trainer") take their default, bounds and meaning from it; the rest are offline-only."""
+    batch_size: int = _setting("batch_size")
+    lr: float = _setting("lr")
+    min_lr: float = _setting("min_lr")
+    warmup: int = _setting("warmup")
+    decay_end_step: int = _setting("decay_end_step")
+    grad_clip: float = _setting("grad_clip")
+    weight_decay: float = _setting("weight_decay")
+    eval_interval: int = _setting("eval_interval")
+    grad_checkpointing: bool = _setting("grad_checkpointing")
+    seed: int = _setting("seed")
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     accum_steps: int = 1          # micro-steps summed into one optimizer step
-    eval_interval: int = 200      # 0 disables periodic evaluation
     eval_windows: int = 240       # fixed validation windows per evaluation
     padded: bool = False          # padded batches (one document per row, loss mask) instead of windows
-    grad_checkpointing: bool = False  # recompute block activations in the backward: less memory, 12-17% slower
-    seed: int = 1337
 
     def __post_init__(self):
-        checks = {
-            "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "min_lr": 0 <= self.min_lr <= self.lr,
-            "warmup": self.warmup >= 0, "decay_steps": self.decay_steps >= 0, "grad_clip": self.grad_clip >= 0,
-            "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
-            "eps": self.eps > 0, "accum_steps": self.accum_steps >= 1, "eval_interval": self.eval_interval >= 0,
-            "eval_windows": self.eval_windows >= 1,
-        }
-        checks["grad_checkpointing"] = isinstance(self.grad_checkpointing, bool)
-        checks["padded"] = isinstance(self.padded, bool)
+        problem = check_section("train", dataclasses.asdict(self))
+        if problem:
+            raise ValueError(f"train config: {problem}")
+        checks = {"beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "eps": self.eps > 0,
+                  "accum_steps": self.accum_steps >= 1, "eval_windows": self.eval_windows >= 1,
+                  "padded": isinstance(self.padded, bool)}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
             raise ValueError(f"train config: {k}={getattr(self, k)!r} is out of range")
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """From a checkpoint's train_config; one written before decay_steps became
+        decay_end_step held the same absolute step under the old name."""
+        values = dict(values)
+        if "decay_steps" in values:
+            values.setdefault("decay_end_step", values.pop("decay_steps"))
+        return cls(**values)
+
     def schedule(self) -> Schedule:
-        return Schedule(self.lr, self.min_lr, self.warmup, self.decay_steps)
+        return Schedule(self.lr, self.min_lr, self.warmup, self.decay_end_step)
 
 
 class Trainer:
@@ -304,7 +318,7 @@ class Trainer:
             raise ModelFileError(path, "not a cllmd checkpoint (no optimizer state)")
         model = Model.load(path)
         model.metadata.pop("checkpoint", None)
-        config = TrainConfig(**{**meta["train_config"], **config_changes})
+        config = TrainConfig.from_dict({**meta["train_config"], **config_changes})
         trainer = cls(model, source, config, threads)
         trainer.optimizer.load_state(meta["optimizer"], tensors["optim.m"], tensors["optim.v"])
         trainer.rng.bit_generator.state = json.loads(meta["rng_state"])

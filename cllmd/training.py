@@ -12,24 +12,25 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from cllm.catalogue import default_of, runtime_settings
 from cllmd.model import Model
 from cllmd.modelfile import atomic_write
 from cllmd.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-# train.config.set keys and where they go: the trainer's TrainConfig or the controller itself
-TRAINER_KEYS = {"lr", "min_lr", "batch_size", "grad_clip", "warmup", "decay_steps", "weight_decay", "eval_interval",
-                "grad_checkpointing"}
-CONTROLLER_KEYS = {"threads", "checkpoint_interval_steps", "checkpoint_interval_seconds", "auto_train",
-                   "auto_epochs", "snapshot_interval"}
-CONFIG_KEYS = TRAINER_KEYS | CONTROLLER_KEYS
+# train.config.get/set keys (the catalogue's runtime settings) and where they go: the trainer's
+# TrainConfig or the controller itself
+CONFIG_KEYS = tuple(s.name for s in runtime_settings())
+TRAINER_KEYS = frozenset(s.name for s in runtime_settings() if s.applies == "trainer")
+CONTROLLER_KEYS = frozenset(s.name for s in runtime_settings() if s.applies == "controller")
+assert TRAINER_KEYS | CONTROLLER_KEYS == set(CONFIG_KEYS)
 
 
 class ReplayMix:
@@ -59,14 +60,21 @@ class ReplayMix:
         return getattr(self.store, name)  # has_window, eval_windows, padded_batch, ...
 
 
+def _setting(key: str):
+    return field(default=default_of(key))
+
+
 @dataclass
 class ControllerSettings:
-    auto_train: bool = True
-    auto_epochs: float = 1.0
-    checkpoint_interval_steps: int = 500
-    checkpoint_interval_seconds: float = 300.0
-    snapshot_interval: int = 20
-    events_interval: float = 1.0
+    """The controller's settings (the catalogue's "controller" keys but threads, which the
+    trainer's pool holds), defaults from the catalogue."""
+    auto_train: bool = _setting("train.auto_train")
+    auto_epochs: float = _setting("train.auto_epochs")
+    checkpoint_interval_steps: int = _setting("train.checkpoint_interval_steps")
+    checkpoint_interval_seconds: float = _setting("train.checkpoint_interval_seconds")
+    snapshot_interval: int = _setting("train.snapshot_interval")
+    replay_fraction: float = _setting("train.replay_fraction")
+    events_interval: float = _setting("server.events_interval")
 
 
 class TrainingController:
@@ -76,6 +84,8 @@ class TrainingController:
                  settings: ControllerSettings, publish: Callable[[str, dict], None] | None = None):
         self.trainer = trainer
         self.mix = trainer.source if isinstance(trainer.source, ReplayMix) else None
+        if self.mix is not None:
+            self.mix.replay_fraction = settings.replay_fraction
         self.budget_path = Path(checkpoint_path).with_name("training.json")
         self.checkpoint_path = Path(checkpoint_path)
         self.model_path = Path(model_path)
@@ -170,8 +180,8 @@ class TrainingController:
         return self.status()
 
     def configure(self, changes: dict) -> dict:
-        """Validated by the caller (settings schema); applied at the next step boundary."""
-        unknown = sorted(set(changes) - CONFIG_KEYS)
+        """Validated by the caller (the catalogue); applied at the next step boundary."""
+        unknown = sorted(set(changes) - set(CONFIG_KEYS))
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
         trainer_changes = {k: v for k, v in changes.items() if k in TRAINER_KEYS}
@@ -182,15 +192,21 @@ class TrainingController:
         for key in CONTROLLER_KEYS - {"threads"}:
             if key in changes:
                 setattr(self.settings, key, changes[key])
+        if self.mix is not None:
+            self.mix.replay_fraction = self.settings.replay_fraction
         with self._cond:
             self._cond.notify_all()
         return self.config()
 
     def config(self) -> dict:
+        """Every runtime setting, in catalogue order: train.config.set takes it back as it is."""
         cfg = self.trainer.config
-        out = {k: getattr(cfg, k) for k in sorted(TRAINER_KEYS)}
-        out.update({k: getattr(self.settings, k) for k in sorted(CONTROLLER_KEYS - {"threads"})})
-        out["threads"] = self.trainer._pending_threads or self.trainer.pool.size
+        out = {}
+        for key in CONFIG_KEYS:
+            if key == "threads":
+                out[key] = self.trainer._pending_threads or self.trainer.pool.size
+            else:
+                out[key] = getattr(cfg if key in TRAINER_KEYS else self.settings, key)
         return out
 
     def request_checkpoint(self, timeout: float | None = None) -> bool:

@@ -166,4 +166,4 @@ def test_chat_json_lines_for_scripts_and_load(chatd, tmp_path):
 def test_chat_bad_option_is_a_usage_error(chatd):
     run = subprocess.run(cllm("--socket", sock(chatd), "chat", "--top-p", "0"), capture_output=True, text=True,
                          timeout=30)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "top_p must be > 0" in run.stderr
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "top_p must be a number > 0" in run.stderr

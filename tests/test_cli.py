@@ -101,8 +101,8 @@ def test_cli_not_running_answers_at_once_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--temperature", "11", "x"], "temperature must be >= 0 and <= 10"),
-    (["generate", "--max-tokens", "0", "x"], "max_tokens must be >= 1"),
+    (["generate", "--temperature", "11", "x"], "temperature must be a number >= 0 and <= 10"),
+    (["generate", "--max-tokens", "0", "x"], "max_tokens must be an integer from 1 to 65536"),
     (["generate", "--top-k", "many", "x"], "top_k must be an integer"),
     (["generate", "--stop", "", "x"], "a stop string must have 1 to 1024 characters"),
     (["train", "config", "lr=fast"], "lr must be a number"),

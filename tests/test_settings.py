@@ -51,7 +51,7 @@ def test_settings_refuses_bad_value_naming_file_key_and_reason(tmp_path):
     path = write(tmp_path, '[train]\nlr = "fast"\n')
     with pytest.raises(SettingsError) as e:
         load_settings(path, {})
-    assert str(e.value) == f"{path}: train.lr: must be a number > 0, got 'fast'"
+    assert str(e.value) == f"{path}: train.lr: must be a number > 0 and <= 1, got 'fast'"
 
 
 @pytest.mark.parametrize("body, key, reason", [
@@ -88,7 +88,7 @@ def test_settings_refuses_unknown_sections_and_keys(tmp_path):
 def test_settings_refuses_bad_override_naming_its_origin():
     with pytest.raises(SettingsError) as e:
         load_settings(None, {"train.lr": "fast"})
-    assert str(e.value) == "command line: train.lr: must be a number > 0, got 'fast'"
+    assert str(e.value) == "command line: train.lr: must be a number > 0 and <= 1, got 'fast'"
 
 
 def test_settings_refuses_inconsistent_combinations(tmp_path):

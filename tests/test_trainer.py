@@ -142,7 +142,7 @@ def test_trainer_spheres_report_their_work():
 
 
 def test_trainer_learns_and_evaluates():
-    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=12, lr=3e-3, warmup=10, decay_steps=150, eval_windows=48), threads=2)
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=12, lr=3e-3, warmup=10, decay_end_step=150, eval_windows=48), threads=2)
     first = tr.evaluate()["val_loss"]
     for _ in range(150):
         tr.step()
@@ -169,7 +169,7 @@ def test_trainer_padded_batches_from_the_store(tmp_path):
 
 
 def test_trainer_schedule_and_clipping():
-    s = Schedule(lr=1e-3, min_lr=1e-4, warmup=10, decay_steps=110)
+    s = Schedule(lr=1e-3, min_lr=1e-4, warmup=10, decay_end_step=110)
     assert s(0) == pytest.approx(1e-4) and s(9) == pytest.approx(1e-3)
     assert s(60) == pytest.approx(0.55e-3) and s(110) == s(500) == 1e-4
     assert all(s(i) >= s(i + 1) for i in range(10, 200))

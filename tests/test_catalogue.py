@@ -1,0 +1,211 @@
+"""The catalogues (cllm/catalogue.py) against every surface derived from them: TOML keys, the
+flags of `cllmd serve` and `cllmd train`, the protocol's specs, the client's keys and flags,
+TrainConfig, the controller, SamplingOptions and the docs tables."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cllm import catalogue
+from cllm.catalogue import SAMPLING, SCALAR_SAMPLING, SETTINGS, runtime_settings
+from tests.daemonproc import daemon  # noqa: F401 (fixture)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _parser_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {flag: a for a in parser._actions for flag in a.option_strings}
+
+
+def _subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def test_catalogue_every_setting_on_every_surface(tmp_path):
+    from cllm.cli import TRAIN_KEYS
+    from cllmd import settings as st
+    from cllmd.cli import build_parser as cllmd_parser
+    from cllmd.daemon import build_parser as serve_parser
+    from cllmd.protocol import OP_SPECS
+    from cllmd.trainer import TrainConfig
+    from cllmd.training import CONFIG_KEYS, CONTROLLER_KEYS, TRAINER_KEYS, ControllerSettings
+
+    serve = _parser_actions(serve_parser())
+    train = _parser_actions(_subparser(cllmd_parser(), "train"))
+    set_spec = OP_SPECS["train.config.set"].fields
+    toml_text = st.render_default_toml()
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    controller_fields = {f.name: f for f in dataclasses.fields(ControllerSettings)}
+    for key, s in SETTINGS.items():
+        # the TOML key: in the shipped default file, and a file setting it is read back
+        assert f"\n#{s.name} = {s.kind.render(s.default)}\n" in toml_text, key
+        path = tmp_path / f"{key}.toml"
+        path.write_text(f"[{s.section}]\n{s.name} = {s.kind.render(s.default)}\n")
+        assert st.load_settings(path).get(key) == s.default, key
+        # the `cllmd serve` flag
+        assert serve[s.serve_flag].dest == key, key
+        assert s.doc.replace("%", "%%") in serve[s.serve_flag].help, key
+        # the `cllmd train` flag, with the catalogue's default unless the command decides it
+        if s.offline:
+            flag = train[s.train_flag]
+            assert flag.dest == s.name and flag.default in (s.default, None), key
+        # train.config.get/set, the client's `cllm train config`, the controller's keys
+        if s.runtime:
+            f = set_spec[s.name]
+            assert (f.type, f.lo, f.hi, f.lo_open) == (s.kind.wire, s.kind.lo, s.kind.hi, s.kind.lo_open), key
+            assert TRAIN_KEYS[s.name] is s.kind and s.name in CONFIG_KEYS, key
+            assert s.name in (TRAINER_KEYS if s.applies == "trainer" else CONTROLLER_KEYS), key
+        else:
+            assert s.name not in set_spec and s.name not in TRAIN_KEYS, key
+        # where it applies: TrainConfig's and the controller's fields take the catalogue's default
+        if s.applies == "trainer":
+            assert train_fields[s.name].default == s.default, key
+        if s.applies == "controller" and s.name != "threads":
+            assert controller_fields[s.name].default == s.default, key
+    assert set(set_spec) == {s.name for s in runtime_settings()} == set(CONFIG_KEYS)
+
+
+def test_catalogue_protocol_bounds_agree_with_the_kinds():
+    from cllmd.protocol import OP_SPECS, ProtocolError, validate_args
+    spec = OP_SPECS["train.config.set"]
+    for s in runtime_settings():
+        assert validate_args(spec, {s.name: s.default}, "train.config.set")[s.name] == s.default
+        if s.kind.hi is not None:
+            too_big = s.kind.hi * 2 + 1
+            with pytest.raises(ProtocolError):
+                validate_args(spec, {s.name: too_big}, "train.config.set")
+            with pytest.raises(ValueError):
+                s.kind.value(too_big, from_text=False)
+    with pytest.raises(ProtocolError, match="replay_fraction' must be a number >= 0 and < 1"):
+        validate_args(spec, {"replay_fraction": 1.0}, "train.config.set")
+
+
+def test_catalogue_renamed_key_refused_naming_the_new_one(tmp_path):
+    from cllm.cli import UsageError, parse_setting
+    from cllmd.protocol import OP_SPECS, ProtocolError, validate_args
+    from cllmd.settings import SettingsError, load_settings
+    path = tmp_path / "old.toml"
+    path.write_text("[train]\ndecay_steps = 3000\n")
+    with pytest.raises(SettingsError, match=r"train\.decay_steps: renamed to train\.decay_end_step: .*warmup \+"):
+        load_settings(path)
+    with pytest.raises(ProtocolError, match="'decay_steps' renamed to decay_end_step"):
+        validate_args(OP_SPECS["train.config.set"], {"decay_steps": 3000}, "train.config.set")
+    with pytest.raises(UsageError, match="decay_steps renamed to decay_end_step"):
+        parse_setting("decay_steps=3000")
+
+
+def test_catalogue_min_lr_rule_written_once():
+    from cllmd.settings import SettingsError, load_settings
+    from cllmd.trainer import TrainConfig
+    with pytest.raises(ValueError, match=r"min_lr must be <= lr \(0\.001\)"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(SettingsError, match=r"train\.min_lr: must be <= train\.lr \(0\.001\)"):
+        load_settings(None, {"train.min_lr": 1e-2})
+    assert catalogue.check_section("train", {"lr": 1e-3, "min_lr": 1e-2}) == \
+        "min_lr must be <= lr (0.001), got 0.01"
+
+
+def test_catalogue_checkpoint_with_the_old_decay_key_still_loads():
+    from cllmd.trainer import TrainConfig
+    old = dataclasses.asdict(TrainConfig())
+    old["decay_steps"] = old.pop("decay_end_step") + 1
+    assert TrainConfig.from_dict(old).decay_end_step == TrainConfig().decay_end_step + 1
+
+
+def test_catalogue_sampling_defaults_agree_across_entry_points():
+    from cllm.chat import SAMPLING as CHAT
+    from cllm.cli import build_parser as cllm_parser
+    from cllmd.cli import build_parser as cllmd_parser
+    from cllmd.generate import SamplingOptions
+    from cllmd.protocol import OP_SPECS
+
+    opts = SamplingOptions()
+    spec = OP_SPECS["generate"].fields
+    cllmd_generate = _parser_actions(_subparser(cllmd_parser(), "generate"))
+    cllm = cllm_parser()
+    surfaces = {name: _parser_actions(_subparser(cllm, name)) for name in ("generate", "chat")}
+    for name, opt in SAMPLING.items():
+        default = opt.default
+        assert getattr(opts, name) == (tuple(default) if name == "stop" else default), name
+        assert spec[name].default == (list(default) if name == "stop" else default), name
+        if name == "stop":
+            continue
+        flag = "--" + name.replace("_", "-")
+        assert cllmd_generate[flag].default == default, name
+        assert CHAT[name] is opt, name
+        for actions in surfaces.values():
+            # cllm sends only what was given: the daemon's default applies, and --help says it
+            shown = "fresh each time" if default is None else str(default)
+            assert f"(default {shown})" in actions[flag].help, name
+        shown = "fresh each time" if default is None else str(default)
+        assert f"(default {shown})" in cllmd_generate[flag].help, name
+    assert SamplingOptions(min_p=1.0).min_p == 1.0  # 0 .. 1, as docs/protocol.md says
+    assert set(SCALAR_SAMPLING) | {"stop"} == set(SAMPLING)
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    """The rows of the first markdown table after `heading`, cells stripped of backticks."""
+    start = text.index(heading)
+    rows = []
+    lines = text[start:].splitlines()
+    for line in lines if heading.startswith("|") else lines[1:]:
+        if line.startswith("|"):
+            cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+            if not set(cells[0]) <= {"-"}:
+                rows.append(cells)
+        elif rows:
+            break
+    return rows[1:]  # without the header row
+
+
+def test_catalogue_docs_tables_agree_with_the_code():
+    protocol = (DOCS / "protocol.md").read_text()
+    # train.config.set: every runtime setting, its type and its bounds
+    rows = {r[0]: r for r in _table(protocol, "### `train.config.set`")}
+    assert set(rows) == {s.name for s in runtime_settings()}
+    wire_names = {float: "float", int: "int", bool: "bool"}
+    for s in runtime_settings():
+        name, typ, bounds, meaning = rows[s.name]
+        assert (typ, bounds) == (wire_names[s.kind.wire], s.kind.describe), s.name
+    # generate: the sampling options' defaults
+    gen = {r[0]: r for r in _table(protocol, "### `generate`")}
+    for name, opt in SAMPLING.items():
+        shown = {None: "nil", (): "[]"}.get(opt.default, str(opt.default))
+        assert gen[name][2] == shown, name
+    # docs/cli.md's option table of cllm generate
+    cli = (DOCS / "cli.md").read_text()
+    flags = {re.sub(r" .*", "", r[0]): r for r in _table(cli, "| option | default | meaning |")}
+    for name in SCALAR_SAMPLING:
+        default = SAMPLING[name].default
+        cell = flags["--" + name.replace("_", "-")][1]
+        assert cell.split(" ")[0] == ("fresh" if default is None else f"{default:g}"), name
+
+
+def test_catalogue_shipped_toml_is_read_as_the_defaults():
+    from cllmd.settings import Settings, load_settings
+    shipped = Path(__file__).resolve().parent.parent / "systemd" / "cllmd.toml"
+    assert tomllib.loads(shipped.read_text()) == {s: {} for s in catalogue.SECTIONS}
+    assert load_settings(shipped) == Settings()
+
+
+def test_catalogue_train_config_get_goes_back_through_set(daemon):  # noqa: F811
+    d = daemon("--no-train-auto-train", "--train-threads", "1")
+    c = d.client
+    got = c.request("train.config.get")
+    assert set(got) == {s.name for s in runtime_settings()}
+    result = c.request("train.config.set", **got)
+    assert result["config"] == got
+    assert c.request("train.config.get") == got
+    # a change, then the whole map again: still accepted, still unchanged
+    c.request("train.config.set", lr=5e-4, min_lr=5e-5, decay_end_step=777, snapshot_interval=7)
+    changed = c.request("train.config.get")
+    assert (changed["lr"], changed["decay_end_step"], changed["snapshot_interval"]) == (5e-4, 777, 7)
+    assert c.request("train.config.set", **changed)["config"] == changed
