@@ -109,7 +109,7 @@ class Daemon:
     def _controller_settings(self):
         import dataclasses
 
-        from cllmd.training import ControllerSettings
+        from cllmd.controller import ControllerSettings
         t = self.settings.train
         values = {f.name: getattr(t, f.name) for f in dataclasses.fields(ControllerSettings)
                   if f.name != "events_interval"}
@@ -122,7 +122,7 @@ class Daemon:
         from cllmd.modelfile import read_model_file
         from cllmd.server import Server
         from cllmd.trainer import Trainer, usable_cores
-        from cllmd.training import ReplayMix, TrainingController
+        from cllmd.controller import ReplayMix, TrainingController
         from cllmd.trainqueue import TrainingQueue
 
         # Generation workers and the socket loop share the GIL with node zero while it trains.

@@ -36,7 +36,7 @@ def test_catalogue_every_setting_on_every_surface(tmp_path):
     from cllmd.daemon import build_parser as serve_parser
     from cllmd.protocol import OP_SPECS
     from cllmd.trainer import TrainConfig
-    from cllmd.training import CONFIG_KEYS, CONTROLLER_KEYS, TRAINER_KEYS, ControllerSettings
+    from cllmd.controller import CONFIG_KEYS, CONTROLLER_KEYS, TRAINER_KEYS, ControllerSettings
 
     serve = _parser_actions(serve_parser())
     train = _parser_actions(_subparser(cllmd_parser(), "train"))

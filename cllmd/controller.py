@@ -1,4 +1,5 @@
-"""The training controller: runs node zero on its own thread inside the daemon.
+"""The training controller (controller.py; trainer.py is node zero, trainqueue.py the file
+queue): runs node zero on its own thread inside the daemon.
 
 It turns new tokens into a step budget (auto-training), obeys start/stop/pause/resume at step
 boundaries, writes checkpoints by step count, by time, on request and on shutdown, publishes a
