@@ -74,12 +74,45 @@ def _to_plain(obj: Any) -> Any:
     raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
 
 
+# Arrays (numpy, by duck typing) longer than this are packed a chunk at a time: one packb of
+# millions of items holds the GIL for a quarter of a second, stalling every other thread of the
+# process (the daemon's socket loop among them); between chunks the interpreter can switch.
+ARRAY_CHUNK = 32768
+
+
+def _has_long_array(obj: Any) -> bool:
+    if isinstance(obj, Mapping):
+        return any(_has_long_array(v) for v in obj.values())
+    return hasattr(obj, "tolist") and getattr(obj, "ndim", 0) == 1 and len(obj) > ARRAY_CHUNK
+
+
+def _pack_pieces(obj: Any, packer: msgpack.Packer, out: list[bytes]) -> None:
+    """Append the msgpack encoding of ``obj`` to ``out``; long arrays a chunk at a time."""
+    if isinstance(obj, Mapping):
+        out.append(packer.pack_map_header(len(obj)))
+        for key, value in obj.items():
+            out.append(packer.pack(key))
+            _pack_pieces(value, packer, out)
+    elif hasattr(obj, "tolist") and getattr(obj, "ndim", 0) == 1 and len(obj) > ARRAY_CHUNK:
+        out.append(packer.pack_array_header(len(obj)))
+        for start in range(0, len(obj), ARRAY_CHUNK):
+            chunk = obj[start:start + ARRAY_CHUNK].tolist()
+            # the chunk's items without the array header packb puts in front of them
+            out.append(packer.pack(chunk)[len(packer.pack_array_header(len(chunk))):])
+    else:
+        out.append(packer.pack(obj))
+
+
 def encode(msg: Mapping[str, Any]) -> bytes:
     """One message -> one msgpack frame (str as msgpack str, bytes as msgpack bin, floats 64-bit)."""
     if not isinstance(msg, Mapping):
         raise ProtocolError(INTERNAL, f"a message must be a map, not {type(msg).__name__}")
     try:
-        return msgpack.packb(msg, use_bin_type=True, default=_to_plain)
+        if not _has_long_array(msg):
+            return msgpack.packb(msg, use_bin_type=True, default=_to_plain)
+        out: list[bytes] = []
+        _pack_pieces(msg, msgpack.Packer(use_bin_type=True, default=_to_plain), out)
+        return b"".join(out)
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(INTERNAL, f"cannot encode message: {e}") from e
 

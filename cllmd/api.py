@@ -26,7 +26,7 @@ class Api:
         self.process = psutil.Process()  # one object: cpu_percent measures since its last call
 
     def register(self, server) -> None:
-        quick = ["status", "stats", "tokenize", "detokenize", "train.start", "train.stop", "train.pause",
+        quick = ["status", "stats", "train.start", "train.stop", "train.pause",
                  "train.resume", "train.status", "train.config.get", "train.config.set", "queue.list",
                  "queue.retry", "model.info", "shutdown"]
         for op in quick:
@@ -34,6 +34,10 @@ class Api:
         server.add_pool("control", workers=1, max_pending=32)  # generations never starve these
         for op in ("queue.add", "model.save", "checkpoint"):
             server.register(op, self._handler(op), blocking=True, pool="control")
+        # a 16 MiB text takes seconds to tokenize: never on the socket thread, one at a time
+        server.add_pool("tokens", workers=1, max_pending=4)
+        for op in ("tokenize", "detokenize"):
+            server.register(op, self._handler(op), blocking=True, pool="tokens")
         server.register("generate", self.generate, stream=True)
 
     def _handler(self, op: str):
@@ -78,10 +82,16 @@ class Api:
     def tokenize(self, args) -> dict:
         from cllmd.tokenizer import TokenizerError
         try:
-            ids = [int(i) for i in self.d.model_tokenizer.encode(args["text"])]
+            ids = self.d.model_tokenizer.encode(args["text"])
         except TokenizerError as e:
             raise ProtocolError("bad_request", str(e)) from None
-        return {"ids": ids, "count": len(ids)}
+        # the reply's size, known before anything is built: a msgpack uint takes 1, 2, 3 or 5 bytes
+        packed = len(ids) + int((ids > 127).sum() + (ids > 255).sum() + 2 * (ids > 65535).sum())
+        limit = self.d.server.max_message_bytes
+        if packed + 64 > limit:
+            raise ProtocolError("too_large", f"{len(ids)} token ids take {packed} bytes, over the reply limit "
+                                             f"of {limit} bytes; tokenize the text in parts")
+        return {"count": len(ids), "ids": ids}  # the codec packs the array a chunk at a time
 
     def detokenize(self, args) -> dict:
         from cllmd.tokenizer import TokenizerError

@@ -23,7 +23,7 @@ from cllmd import __version__
 from cllmd.protocol import (
     BAD_REQUEST, BUSY, CANCELLED, INTERNAL, NOT_FOUND, OP_SPECS, PROTOCOL_VERSION, TOO_LARGE,
     UNAVAILABLE, UNKNOWN_OP, ArgsSpec, ProtocolError, Request, as_spec, encode,
-    error_from_exception, make_event, parse_request, reply_error, reply_ok, stream_done,
+    error_from_exception, make_event, parse_request, peek_id, reply_error, reply_ok, stream_done,
     stream_token, validate_args,
 )
 
@@ -34,6 +34,10 @@ POLL_MS = 100               # loop turn when idle: bounds heartbeat and stop lat
 BACKLOG_POLL_MS = 10        # loop turn while some client's queue is full
 RECV_BATCH = 64             # messages taken from one socket per turn, for fairness
 MALFORMED_LOG_EVERY_S = 10  # malformed input is logged at most this often (fuzzers are loud)
+# Messages libzmq queues for one peer before send says EAGAIN and the server's own backlog
+# (counted in bytes, capped) takes over. libzmq's default of 1,000 would let one slow reader
+# hold 1,000 replies of up to max_message_bytes each inside libzmq, out of any cap's reach.
+SEND_HWM = 64
 
 
 @dataclass
@@ -164,14 +168,18 @@ class Server:
     ``tcp_endpoint``), served only with ``curve=(secret_key, public_key, authorized_keys_dir)``
     (Z85 keys; the directory holds the clients' public ``*.key`` certificates).
     ``client_timeout``: seconds a client may leave its replies unread before its requests are
-    cancelled. ``drain_timeout``: seconds running requests get to finish once ``stop`` is set.
+    cancelled. ``backlog_bytes``: bytes of unread replies the server holds for one client
+    (beyond libzmq's SEND_HWM messages) before it drops them, cancels that client's requests and
+    leaves it one ``cancelled`` error per dropped request; default 4 x ``max_message_bytes``.
+    ``drain_timeout``: seconds running requests get to finish once ``stop`` is set.
     """
 
     def __init__(self, endpoint: str, events_endpoint: str, *, max_message_bytes: int,
                  workers: int = 2, max_pending: int = 8, tcp: str | None = None,
                  events_tcp: str | None = None,
                  curve: tuple[bytes | str, bytes | str, str] | None = None,
-                 client_timeout: float = 10.0, drain_timeout: float = 2.0):
+                 client_timeout: float = 10.0, drain_timeout: float = 2.0,
+                 backlog_bytes: int | None = None):
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if (tcp or events_tcp) and curve is None:
@@ -182,6 +190,10 @@ class Server:
         # nothing is allocated); between the limit and the cap they get a too_large reply.
         self.hard_max_bytes = 2 * max_message_bytes + 64 * 1024
         self.client_timeout = client_timeout
+        self.backlog_bytes = backlog_bytes if backlog_bytes is not None else 4 * max_message_bytes
+        if self.backlog_bytes < max_message_bytes:
+            raise ValueError(f"backlog_bytes ({self.backlog_bytes}) must hold at least one message "
+                             f"of max_message_bytes ({max_message_bytes})")
         self.drain_timeout = drain_timeout
 
         self._ctx = zmq.Context()
@@ -197,6 +209,7 @@ class Server:
         self._claim_lock = threading.Lock()
         self._backlog: dict[tuple, collections.deque] = {}   # (route, identity) -> frames
         self._stalled_since: dict[tuple, float] = {}
+        self._backlog_size: dict[tuple, int] = {}          # (route, identity) -> bytes waiting
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._seq: dict[str, int] = {}                 # topic -> last sequence number
         self._seq_lock = threading.Lock()
@@ -233,6 +246,7 @@ class Server:
         s = self._ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unknown peer -> EHOSTUNREACH, full peer -> EAGAIN
         s.setsockopt(zmq.MAXMSGSIZE, self.hard_max_bytes)
+        s.setsockopt(zmq.SNDHWM, SEND_HWM)
         s.setsockopt(zmq.LINGER, 200)
         return s
 
@@ -603,11 +617,15 @@ class Server:
         pending = self._backlog.get(client)
         if pending is not None:        # keep order behind what is already waiting
             pending.append(parts)
+            self._backlog_size[client] += len(frame)
+            if self._backlog_size[client] > self.backlog_bytes:
+                self._overflow(client)
             return
         try:
             self._routers[client[0]][0].send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
             self._backlog[client] = collections.deque([parts])
+            self._backlog_size[client] = len(frame)
             self._stalled_since[client] = time.monotonic()
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
@@ -629,17 +647,40 @@ class Server:
                         self._client_gone(client, "disconnected")
                     pending.clear()
                     break
-                pending.popleft()
+                self._backlog_size[client] -= len(pending.popleft()[-1])
                 self._stalled_since[client] = now
             if not pending:
-                del self._backlog[client]
-                del self._stalled_since[client]
+                self._forget_backlog(client)
             elif now - self._stalled_since[client] > self.client_timeout:
                 log.warning("client %s has read nothing for %.0f s: dropping %d message(s)",
                             client[1].hex(), self.client_timeout, len(pending))
-                del self._backlog[client]
-                del self._stalled_since[client]
+                self._forget_backlog(client)
                 self._client_gone(client, "stalled")
+
+    def _forget_backlog(self, client: tuple) -> None:
+        del self._backlog[client]
+        del self._stalled_since[client]
+        del self._backlog_size[client]
+
+    def _overflow(self, client: tuple) -> None:
+        """A client reads slower than its replies come: drop what waits for it, cancel its
+        requests, and leave it one small error per request whose replies were dropped."""
+        pending, size = self._backlog[client], self._backlog_size[client]
+        ids = list(dict.fromkeys(peek_id(parts[-1]) for parts in pending))
+        log.warning("client %s left %d bytes of replies unread (limit %d): dropping %d message(s)"
+                    " and cancelling its requests", client[1].hex(), size, self.backlog_bytes,
+                    len(pending))
+        envelope = pending[0][1:-1]
+        pending.clear()
+        self._backlog_size[client] = 0
+        self._client_gone(client, "too slow")
+        message = (f"replies were dropped: {size} bytes waited unread for this client, over the "
+                   f"limit of {self.backlog_bytes}; the request was cancelled")
+        answered = {peek_id(parts[-1]) for parts in pending}   # queued jobs cancelled just now
+        for rid in (rid for rid in ids if rid not in answered):
+            frame = self._encode_reply(reply_error(rid, CANCELLED, message))
+            pending.append([client[1], *envelope, frame])
+            self._backlog_size[client] += len(frame)
 
     def _client_gone(self, client: tuple, why: str) -> None:
         route, identity = client

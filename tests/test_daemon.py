@@ -372,3 +372,70 @@ class socket_port:
 
     def __exit__(self, *exc):
         self.s.close()
+
+
+# ---- slow requests and slow readers (issue 11, F1 and F7) ------------------------------------------
+
+
+def _dealer(ctx, d):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{d.run / 'cllmd.sock'}")
+    return s
+
+
+def test_daemon_answers_ping_while_a_big_tokenize_runs(daemon):
+    d = daemon("--no-train-auto-train")
+    rss = lambda: d.client.request("status")["daemon"]["rss_bytes"]  # noqa: E731
+    text = "".join(random.Random(0).choice("abcdefgh ij\n") for _ in range(4 << 20))
+    ctx = zmq.Context()
+    try:
+        big, pinger = _dealer(ctx, d), _dealer(ctx, d)
+        poller = _poller(big, pinger)
+        for s in (big, pinger):  # both connected before the clock starts
+            s.send(msgpack.packb({"v": 1, "id": 0, "op": "ping"}))
+            assert s.poll(10000) and msgpack.unpackb(s.recv())["ok"]
+        idle = rss()
+        for _ in range(2):
+            t0 = time.monotonic()
+            big.send(msgpack.packb({"v": 1, "id": 1, "op": "tokenize", "args": {"text": text}}))
+            latencies, sent, rid, reply = [], None, 10, None
+            while reply is None or sent is not None:
+                if sent is None and reply is None:
+                    rid += 1
+                    pinger.send(msgpack.packb({"v": 1, "id": rid, "op": "ping"}))
+                    sent = time.monotonic()
+                events = dict(poller.poll(30000))
+                assert events, "no reply within 30 s"
+                if pinger in events:
+                    assert msgpack.unpackb(pinger.recv())["id"] == rid
+                    latencies.append(time.monotonic() - sent)
+                    sent = None
+                if big in events:
+                    reply = msgpack.unpackb(big.recv())
+                    took = time.monotonic() - t0
+            assert reply["ok"] and reply["result"]["count"] == len(text)
+            assert reply["result"]["ids"][:3] == list(text[:3].encode())
+            # the pings were answered while the tokenize was being served, not queued behind it
+            # (behind it, one ping waits for nearly all of it)
+            assert len(latencies) >= 2 and max(latencies) < took / 2, (max(latencies), took)
+            del reply
+        # what the tokenize needed is returned: RSS is back near idle (not a multiple of it)
+        assert rss() < idle + (128 << 20)
+    finally:
+        ctx.destroy(0)
+
+
+def _poller(*socks):
+    p = zmq.Poller()
+    for s in socks:
+        p.register(s, zmq.POLLIN)
+    return p
+
+
+def test_daemon_tokenize_too_large_for_one_reply_says_so(daemon):
+    d = daemon("--no-train-auto-train", "--server-max-message-bytes", "65536")
+    with pytest.raises(RequestError) as e:
+        d.client.request("tokenize", text="é" * 16500)   # 33 kB in, 33,000 two-byte ids out
+    assert e.value.code == "too_large" and "in parts" in str(e.value)
+    assert d.client.request("tokenize", text="é" * 100)["count"] == 200

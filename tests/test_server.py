@@ -416,6 +416,29 @@ def test_server_stalled_client_has_its_generation_cancelled(make_harness):
     assert ask(h.dealer(), make_request(1, "ping"))["ok"] is True
 
 
+def test_server_slow_reader_over_its_backlog_bytes_is_cancelled_with_an_error(make_harness, caplog):
+    h = make_harness(client_timeout=60, backlog_bytes=LIMIT)  # the byte cap, not the timeout
+    d = h.dealer(rcvhwm=1)
+    d.send(encode(make_request("g", "generate", {"prompt": "flood", "max_tokens": 65536})))
+    assert h.observed_cancel.wait(30)
+    assert ask(h.dealer(), make_request(1, "ping"))["ok"] is True
+    # the slow reader, reading at last, finds its request cancelled and why
+    errors = []
+    while d.poll(2000):
+        msg = decode(d.recv())
+        if msg.get("ok") is False:
+            errors.append(msg["error"])
+    assert errors and errors[0]["code"] == "cancelled"
+    assert f"over the limit of {LIMIT}" in errors[0]["message"]
+    assert any("left" in r.message and "unread" in r.message for r in caplog.records)
+
+
+def test_server_backlog_must_hold_one_message(tmp_path):
+    with pytest.raises(ValueError, match="backlog_bytes"):
+        Server(f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock", max_message_bytes=LIMIT,
+               backlog_bytes=LIMIT - 1)
+
+
 def test_server_stop_cancels_running_streams_and_drains(make_harness):
     h = make_harness()
     d = h.dealer()
