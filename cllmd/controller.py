@@ -127,6 +127,28 @@ class TrainingController:
 
     # ---- called from other threads -------------------------------------------------------------
 
+    @property
+    def step(self) -> int:
+        return self.trainer.step_num
+
+    @property
+    def model(self) -> Model:
+        """The model being trained: for its configuration and size (inference_model() for its
+        weights)."""
+        return self.trainer.model
+
+    def model_info(self) -> dict:
+        m = self.trainer.model
+        tok = m.tokenizer
+        return {"parameters": m.num_params, "config": m.cfg.to_dict(),
+                "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size} if tok else None,
+                "step": self.trainer.step_num, "tokens_seen": self.trainer.tokens_seen}
+
+    def steps_for(self, tokens: int) -> int:
+        """Steps of one pass over `tokens` training tokens (at least 1)."""
+        cfg = self.trainer.config
+        return max(1, tokens // (cfg.batch_size * self.trainer.model.cfg.block_size))
+
     def inference_model(self) -> Model:
         """The latest published weights (a private copy: training never changes it)."""
         return self._snapshot
@@ -205,7 +227,7 @@ class TrainingController:
         out = {}
         for key in CONFIG_KEYS:
             if key == "threads":
-                out[key] = self.trainer._pending_threads or self.trainer.pool.size
+                out[key] = self.trainer.threads
             else:
                 out[key] = getattr(cfg if key in TRAINER_KEYS else self.settings, key)
         return out

@@ -74,7 +74,6 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.started = time.time()
         self.queue_current: str | None = None      # the file being ingested
-        self.generation_tokens_per_second = 0.0    # of the last finished generation
 
     # ---- building the stages -------------------------------------------------------------------
 
@@ -116,7 +115,7 @@ class Daemon:
         return ControllerSettings(**values, events_interval=self.settings.server.events_interval)
 
     def start(self) -> None:
-        from cllmd.api import Api
+        from cllmd.api import Api, Stages
         from cllmd.datastore import DataStore
         from cllmd.model import Model
         from cllmd.modelfile import read_model_file
@@ -172,7 +171,10 @@ class Daemon:
             for path in corpus:
                 self.queue.add(f"default-corpus-{path.name}", path.read_bytes())
             trainer.model.save(self.dirs.model)
-        self.api = Api(self)
+        self.api = Api(Stages(controller=self.controller, queue=self.queue, store=self.store, server=self.server,
+                              tokenizer=self.model_tokenizer, model_path=self.dirs.model, queue_dir=self.dirs.queue,
+                              started=self.started, request_stop=self.request_stop,
+                              queue_current=lambda: self.queue_current))
         self.api.register(self.server)
         logging.getLogger().addHandler(_EventLogHandler(self.server))
         self._spawn("server", self.server.serve)

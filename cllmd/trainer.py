@@ -136,6 +136,12 @@ class Trainer:
         with self._lock:
             self._pending_threads = threads
 
+    @property
+    def threads(self) -> int:
+        """The pool's thread count, or the one it takes before the next step."""
+        with self._lock:
+            return self._pending_threads or self.pool.size
+
     def update_config(self, **changes) -> TrainConfig:
         """Validated changes (lr, batch_size, grad_clip, warmup, ...), applied at the next step."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainConfig)})
