@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cllmd.kernels import blas
 from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, model_forward, model_forward_backward,
-                                       model_forward_backward_ref, model_forward_loss, model_forward_loss_ref,
-                                       model_forward_ref, transpose_weights, transpose_weights_ref)
+                                       model_forward_loss, transpose_weights)
 
 INIT_STD = 0.02
 
@@ -142,6 +140,9 @@ class Workspace:
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
                  checkpointing: bool = False):
+        # grad_flat: where forward_backward writes gradients when not given another buffer;
+        # allocated on first use (the trainer's workspaces never use it: spheres write into
+        # rows of node zero's gradient sum)
         C, V, NH, L = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_layer
         N = B * T
         Lc = 1 if checkpointing else L
@@ -164,8 +165,18 @@ class Workspace:
             setattr(self, name, array)
         self.ones = np.ones(N, dtype=dtype)  # the loss weights when there is no mask
         self.table = param_table(cfg)
-        self.grad_flat = np.zeros(num_params(cfg), dtype=dtype) if grad_flat is None else grad_flat
-        self.grads = flat_views(self.grad_flat, self.table)
+        self.num_params = num_params(cfg)
+        self._grad_flat = grad_flat
+
+    @property
+    def grad_flat(self) -> np.ndarray:
+        if self._grad_flat is None:
+            self._grad_flat = np.zeros(self.num_params, dtype=self.dtype)
+        return self._grad_flat
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        return flat_views(self.grad_flat, self.table)
 
     @property
     def nbytes(self) -> int:
@@ -182,14 +193,6 @@ def param_offsets(cfg: ModelConfig) -> np.ndarray:
     head = [offsets[n] for n in ("wte", "wpe", "ln_f.weight", "ln_f.bias")]
     layers = [offsets[f"h.{l}.{n}"] for l in range(cfg.n_layer) for n in LAYER]
     return np.array(head + layers, dtype=np.int64)
-
-
-if blas.AVAILABLE:
-    _forward, _forward_loss, _forward_backward = model_forward, model_forward_loss, model_forward_backward
-    _transpose = transpose_weights
-else:  # no CBLAS gemm reachable from numba: the numpy references (slower, same results)
-    _forward, _forward_loss, _forward_backward = model_forward_ref, model_forward_loss_ref, model_forward_backward_ref
-    _transpose = transpose_weights_ref
 
 
 class Model:
@@ -259,8 +262,8 @@ class Model:
     def _ids(self, ws: Workspace, a, what: str) -> np.ndarray:
         # the kernels trust shapes (numba does not bounds-check): the workspace fixes (B, T)
         # and the dtype; the kernels themselves refuse ids outside the vocabulary
-        if ws.dtype != self.dtype or ws.grad_flat.size != self.flat.size:
-            raise ValueError(f"workspace ({ws.dtype}, {ws.grad_flat.size} gradients) does not fit this model "
+        if ws.dtype != self.dtype or ws.num_params != self.flat.size:
+            raise ValueError(f"workspace ({ws.dtype}, {ws.num_params} gradients) does not fit this model "
                              f"({self.dtype}, {self.flat.size} parameters)")
         a = np.ascontiguousarray(a, dtype=np.int64)  # one dtype: one compiled kernel
         if a.shape != (ws.B, ws.T):
@@ -283,7 +286,7 @@ class Model:
 
         idx [B, T] must match the workspace's (B, T). One kernel call (cllmd.kernels.transformer).
         """
-        _forward(ws.buffers, self._ids(ws, idx, "idx"), self.flat, self._no_transpose, self.offsets,
+        model_forward(ws.buffers, self._ids(ws, idx, "idx"), self.flat, self._no_transpose, self.offsets,
                  self._positions(), self.cfg.n_head)
         return ws.logits
 
@@ -300,7 +303,7 @@ class Model:
                      mask: np.ndarray | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position."""
         weights, count = self._weights(ws, mask, idx.size)
-        total = _forward_loss(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
+        total = model_forward_loss(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
                               self.flat, self._no_transpose, self.offsets, self._positions(), self.cfg.n_head)
         return (total / count if count else 0.0), count
 
@@ -315,13 +318,14 @@ class Model:
         if out is None:
             out = np.zeros_like(self.flat)
         for part in range(self.cfg.n_layer + 1) if parts is None else parts:
-            _transpose(out, self.flat, self.offsets, part, self.cfg.n_embd)
+            transpose_weights(out, self.flat, self.offsets, part, self.cfg.n_embd)
         return out
 
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
                          mask: np.ndarray | None = None, normalizer: float | None = None,
-                         weights_t: np.ndarray | None = None) -> tuple[float, float]:
-        """Loss and gradients of one batch into ws.grads.
+                         weights_t: np.ndarray | None = None, grad: np.ndarray | None = None) -> tuple[float, float]:
+        """Loss and gradients of one batch into grad (a flat [P] buffer, written whole), by
+        default ws.grad_flat (ws.grads are its named views).
 
         The loss is the mean cross-entropy over the positions where mask is 1 (all of them when
         mask is None); masked positions contribute neither loss nor gradient. ws.grads receives
@@ -332,17 +336,19 @@ class Model:
         Returns (mean loss, number of counted positions).
         """
         weights, count = self._weights(ws, mask, idx.size)
+        grad = ws.grad_flat if grad is None else grad
+        if grad.shape != self.flat.shape or grad.dtype != self.dtype:
+            raise ValueError(f"grad has shape {grad.shape} and dtype {grad.dtype}, expected {self.flat.shape} {self.dtype}")
         if count == 0.0:
             self.forward_loss(ws, idx, targets, mask)
-            ws.grad_flat[:] = 0.0
+            grad[:] = 0.0
             return 0.0, 0.0
         scale = 1.0 / (count if normalizer is None else normalizer)
         flat_t = self._no_transpose if weights_t is None else weights_t
         if flat_t.size and flat_t.shape != self.flat.shape:
             raise ValueError(f"weights_t has shape {flat_t.shape}, expected {self.flat.shape}")
-        total = _forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
-                                  scale, self.flat, flat_t, self.offsets, self._positions(), self.cfg.n_head,
-                                  ws.grad_flat)
+        total = model_forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
+                                  scale, self.flat, flat_t, self.offsets, self._positions(), self.cfg.n_head, grad)
         return total / count, count
 
     def loss_and_grads(self, idx, targets, mask=None,

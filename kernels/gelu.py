@@ -1,6 +1,8 @@
 """GELU with the tanh approximation (GPT-2's), forward and backward, with numpy references.
 
 gelu(x) = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi). Shapes: any (flattened).
+The formula and its derivative are written once (_gelu_and_derivative), for the working dtype
+and a tanh; the kernels loop over it and the references apply it to whole arrays.
 float32 evaluates tanh with a rational approximation (|error| < 4e-7, about 3 ulp) because it
 vectorizes where libm's tanhf does not (~8x faster); float64, used for gradient checks, is exact.
 gelu_forward_grad also returns gelu'(x), sharing the one tanh: the model keeps the derivative
@@ -37,78 +39,54 @@ def tanh_f32(x):
     return x * p / q
 
 
-@kernel
-def _gelu_forward_f32(out, inp):
-    x_flat = inp.reshape(-1)
-    o_flat = out.reshape(-1)
-    k = np.float32(GELU_K)
-    for i in range(x_flat.size):
-        x = x_flat[i]
-        th = tanh_f32(k * (x + np.float32(0.044715) * x * x * x))
-        o_flat[i] = np.float32(0.5) * x * (np.float32(1.0) + th)
+def _gelu_and_derivative(dt, tanh):
+    """The formula, once: x -> (gelu(x), gelu'(x)) with constants of dtype dt (so float32 stays
+    float32 inside kernels) and the given tanh; x a scalar in a kernel or an array in numpy."""
+    k, a, three_a, half, one = dt(GELU_K), dt(0.044715), dt(3.0 * 0.044715), dt(0.5), dt(1.0)
+
+    def gelu_and_derivative(x):
+        th = tanh(k * (x + a * x * x * x))
+        # d/dx: 0.5 (1 + th) + 0.5 x (1 - th^2) k (1 + 3 * 0.044715 x^2)
+        return half * x * (one + th), half * (one + th) + half * x * (one - th * th) * k * (one + three_a * x * x)
+
+    return gelu_and_derivative
+
+
+def gelu_scalar(x):
+    """(gelu(x), gelu'(x)) of one element, inside kernels (float32: the rational tanh)."""
+    raise NotImplementedError("gelu_scalar runs inside numba kernels only")
+
+
+@overload(gelu_scalar, inline="always")
+def _gelu_scalar_impl(x):
+    if x == types.float32:
+        return _gelu_and_derivative(np.float32, tanh_f32)
+    return _gelu_and_derivative(np.float64, np.tanh)
 
 
 @kernel
-def _gelu_backward_f32(dinp, inp, dout):
-    x_flat = inp.reshape(-1)
-    d_flat = dout.reshape(-1)
-    di_flat = dinp.reshape(-1)
-    k = np.float32(GELU_K)
-    half = np.float32(0.5)
-    one = np.float32(1.0)
+def gelu_forward(out, inp):
+    x_flat, o_flat = inp.reshape(-1), out.reshape(-1)
     for i in range(x_flat.size):
-        x = x_flat[i]
-        th = tanh_f32(k * (x + np.float32(0.044715) * x * x * x))
-        grad = half * (one + th) + half * x * (one - th * th) * k * (one + np.float32(3.0 * 0.044715) * x * x)
-        di_flat[i] = grad * d_flat[i]
+        o_flat[i] = gelu_scalar(x_flat[i])[0]
 
 
 @kernel
-def _gelu_forward_exact(out, inp):
-    x_flat = inp.reshape(-1)
-    o_flat = out.reshape(-1)
+def gelu_backward(dinp, inp, dout):
+    # dinp may alias dout (each element is read before it is written)
+    x_flat, d_flat, di_flat = inp.reshape(-1), dout.reshape(-1), dinp.reshape(-1)
     for i in range(x_flat.size):
-        x = x_flat[i]
-        o_flat[i] = 0.5 * x * (1.0 + np.tanh(GELU_K * (x + 0.044715 * x * x * x)))
+        di_flat[i] = gelu_scalar(x_flat[i])[1] * d_flat[i]
 
 
 @kernel
-def _gelu_backward_exact(dinp, inp, dout):
-    x_flat = inp.reshape(-1)
-    d_flat = dout.reshape(-1)
-    di_flat = dinp.reshape(-1)
+def gelu_forward_grad(out, dgelu, inp):
+    """out = gelu(inp), dgelu = gelu'(inp); dgelu may alias inp (read before written)."""
+    x_flat, o_flat, g_flat = inp.reshape(-1), out.reshape(-1), dgelu.reshape(-1)
     for i in range(x_flat.size):
-        x = x_flat[i]
-        th = np.tanh(GELU_K * (x + 0.044715 * x * x * x))
-        grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
-        di_flat[i] = grad * d_flat[i]
-
-
-@kernel
-def _gelu_forward_grad_f32(out, dgelu, inp):
-    x_flat = inp.reshape(-1)
-    o_flat = out.reshape(-1)
-    g_flat = dgelu.reshape(-1)
-    k = np.float32(GELU_K)
-    half = np.float32(0.5)
-    one = np.float32(1.0)
-    for i in range(x_flat.size):
-        x = x_flat[i]
-        th = tanh_f32(k * (x + np.float32(0.044715) * x * x * x))
-        o_flat[i] = half * x * (one + th)
-        g_flat[i] = half * (one + th) + half * x * (one - th * th) * k * (one + np.float32(3.0 * 0.044715) * x * x)
-
-
-@kernel
-def _gelu_forward_grad_exact(out, dgelu, inp):
-    x_flat = inp.reshape(-1)
-    o_flat = out.reshape(-1)
-    g_flat = dgelu.reshape(-1)
-    for i in range(x_flat.size):
-        x = x_flat[i]
-        th = np.tanh(GELU_K * (x + 0.044715 * x * x * x))
-        o_flat[i] = 0.5 * x * (1.0 + th)
-        g_flat[i] = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
+        g, d = gelu_scalar(x_flat[i])
+        o_flat[i] = g
+        g_flat[i] = d
 
 
 @kernel
@@ -119,56 +97,20 @@ def mul_inplace(x, a):
         x_flat[i] *= a_flat[i]
 
 
-# gelu_forward / gelu_backward / gelu_forward_grad pick the float32 or exact version by dtype,
-# from Python and, through the overloads below, from inside other kernels (resolved when those
-# compile).
-
-def gelu_forward_grad(out, dgelu, inp):
-    """out = gelu(inp), dgelu = gelu'(inp); dgelu may alias inp (read before written)."""
-    (_gelu_forward_grad_f32 if inp.dtype == np.float32 else _gelu_forward_grad_exact)(out, dgelu, inp)
-
-def gelu_forward(out, inp):
-    (_gelu_forward_f32 if inp.dtype == np.float32 else _gelu_forward_exact)(out, inp)
-
-
-def gelu_backward(dinp, inp, dout):
-    # d/dx of the forward line: 0.5 (1 + th) + 0.5 x (1 - th^2) k (1 + 3 * 0.044715 x^2).
-    # dinp may alias dout (each element is read before it is written).
-    (_gelu_backward_f32 if inp.dtype == np.float32 else _gelu_backward_exact)(dinp, inp, dout)
-
-
-@overload(gelu_forward)
-def _gelu_forward_impl(out, inp):
-    f = _gelu_forward_f32 if inp.dtype == types.float32 else _gelu_forward_exact
-    return lambda out, inp: f(out, inp)
-
-
-@overload(gelu_backward)
-def _gelu_backward_impl(dinp, inp, dout):
-    f = _gelu_backward_f32 if inp.dtype == types.float32 else _gelu_backward_exact
-    return lambda dinp, inp, dout: f(dinp, inp, dout)
-
-
-@overload(gelu_forward_grad)
-def _gelu_forward_grad_impl(out, dgelu, inp):
-    f = _gelu_forward_grad_f32 if inp.dtype == types.float32 else _gelu_forward_grad_exact
-    return lambda out, dgelu, inp: f(out, dgelu, inp)
+def _gelu_ref(inp):
+    return _gelu_and_derivative(inp.dtype.type, np.tanh)(inp)
 
 
 def gelu_forward_ref(out, inp):
-    out[...] = 0.5 * inp * (1.0 + np.tanh(GELU_K * (inp + 0.044715 * inp**3)))
+    out[...] = _gelu_ref(inp)[0]
 
 
 def gelu_backward_ref(dinp, inp, dout):
-    th = np.tanh(GELU_K * (inp + 0.044715 * inp**3))
-    dinp[...] = dout * (0.5 * (1.0 + th) + 0.5 * inp * (1.0 - th * th) * GELU_K * (1.0 + 3 * 0.044715 * inp**2))
+    dinp[...] = dout * _gelu_ref(inp)[1]
 
 
 def gelu_forward_grad_ref(out, dgelu, inp):
-    th = np.tanh(GELU_K * (inp + 0.044715 * inp**3))
-    deriv = 0.5 * (1.0 + th) + 0.5 * inp * (1.0 - th * th) * GELU_K * (1.0 + 3 * 0.044715 * inp**2)
-    out[...] = 0.5 * inp * (1.0 + th)
-    dgelu[...] = deriv
+    out[...], dgelu[...] = _gelu_ref(inp)
 
 
 def mul_inplace_ref(x, a):

@@ -1,10 +1,11 @@
-"""The whole model's forward and backward passes, each one nogil kernel, with numpy references.
+"""The whole model's forward and backward passes, each one nogil kernel, written once.
 
 A trainer sphere's micro-batch runs in a single call that never returns to Python, so spheres
 on different threads do not queue for the GIL between operations. The passes are written
 layer by layer from the op kernels of this package (layernorm, linear, attention, gelu,
-cross-entropy, embedding); the _ref versions, same signatures, chain the numpy references
-and are the fallback when no CBLAS gemm was found (blas.AVAILABLE).
+cross-entropy, embedding), each checked against its numpy reference; the passes themselves
+are checked by finite differences and against PyTorch (tests/test_model.py). Without a CBLAS
+gemm they run on the naive one (cllmd.kernels.blas).
 
 Shapes: B, T, C, NH, hs = C / NH, V, L; N = B * T. Parameters and gradients: flat buffers
 laid out as cllmd.model.param_table; offs locates them: offs[0:4] = wte [V, C], wpe [block, C],
@@ -18,16 +19,13 @@ from collections import namedtuple
 import numpy as np
 
 from ._jit import kernel
-from .attention import (attention_backward, attention_backward_ref, attention_forward,
-                        attention_forward_ref)
-from .blas import gemm, gemm_ref
-from .crossentropy import (crossentropy_backward, crossentropy_backward_ref, crossentropy_forward,
-                           crossentropy_forward_ref)
-from .embedding import embedding_backward, embedding_backward_ref, embedding_forward, embedding_forward_ref
-from .gelu import gelu_forward_grad, gelu_forward_grad_ref, mul_inplace, mul_inplace_ref
-from .layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
-from .linear import (linear_backward, linear_backward_ref, linear_forward, linear_forward_ref, transpose,
-                     transpose_ref, weight_grad, weight_grad_ref)
+from .attention import attention_backward, attention_forward
+from .blas import gemm
+from .crossentropy import crossentropy_backward, crossentropy_forward
+from .embedding import embedding_backward, embedding_forward
+from .gelu import gelu_forward_grad, mul_inplace
+from .layernorm import layernorm_backward, layernorm_forward
+from .linear import linear_backward, linear_forward, transpose, weight_grad
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -212,131 +210,4 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
             block_forward(buf, l, x_in, flat, offs, n_head, False)
         block_backward(buf, l, x_in, flat, flat_t, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
-    return total
-
-
-# ---- numpy references (same signatures) ---------------------------------------------------------
-
-def _vec_ref(flat, off, n):
-    return flat[off:off + n]
-
-
-def _mat_ref(flat, off, rows, cols):
-    return flat[off:off + rows * cols].reshape(rows, cols)
-
-
-def _mat_ref_t(flat_t, off, rows, cols):
-    return flat_t[off:off + rows * cols].reshape(rows, cols) if flat_t.size else flat_t[:0].reshape(0, 0)
-
-
-def block_forward_ref(buf, l, x, flat, offs, n_head, write_output):
-    la = l % buf.ln1.shape[0]
-    N, C = x.shape
-    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
-    ln1, qkv, atty, res2 = buf.ln1[la], buf.qkv[la], buf.atty[la], buf.residual2[la]
-    layernorm_forward_ref(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec_ref(flat, o[0], C),
-                          _vec_ref(flat, o[1], C), LN_EPS)
-    linear_forward_ref(qkv.reshape(N, 3 * C), ln1, _mat_ref(flat, o[2], C, 3 * C), _vec_ref(flat, o[3], 3 * C),
-                       buf.empty)
-    attention_forward_ref(atty, buf.att[la], qkv, n_head)
-    linear_forward_ref(res2, atty.reshape(N, C), _mat_ref(flat, o[4], C, C), _vec_ref(flat, o[5], C), x)
-    ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
-    layernorm_forward_ref(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec_ref(flat, o[6], C),
-                          _vec_ref(flat, o[7], C), LN_EPS)
-    linear_forward_ref(buf.dfch, ln2, _mat_ref(flat, o[8], C, 4 * C), _vec_ref(flat, o[9], 4 * C), buf.empty)
-    gelu_forward_grad_ref(fch_gelu, fch, buf.dfch)
-    if write_output:
-        linear_forward_ref(buf.residual3[l], fch_gelu, _mat_ref(flat, o[10], 4 * C, C), _vec_ref(flat, o[11], C),
-                           res2)
-
-
-def block_backward_ref(buf, l, x, flat, flat_t, offs, grad, n_head):
-    la = l % buf.ln1.shape[0]
-    N, C = x.shape
-    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
-    qkv = buf.qkv[la]
-    B, T = qkv.shape[:2]
-    dx, dtmp = buf.dresidual, buf.dtmp
-    W = lambda k, rows, cols: _mat_ref(flat, o[k], rows, cols)      # noqa: E731
-    Wt = lambda k, rows, cols: _mat_ref_t(flat_t, o[k], cols, rows)  # noqa: E731
-    dW = lambda k, rows, cols: _mat_ref(grad, o[k], rows, cols)     # noqa: E731
-    db = lambda k, n: _vec_ref(grad, o[k], n)                       # noqa: E731
-    linear_backward_ref(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, buf.fch_gelu[la], W(10, 4 * C, C),
-                        Wt(10, 4 * C, C))
-    mul_inplace_ref(buf.dfch, buf.fch[la])
-    linear_backward_ref(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, buf.ln2[la], W(8, C, 4 * C), Wt(8, C, 4 * C))
-    layernorm_backward_ref(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec_ref(flat, o[6], C),
-                           buf.ln2_mean[la], buf.ln2_rstd[la])
-    linear_backward_ref(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape(N, C), W(4, C, C), Wt(4, C, C))
-    attention_backward_ref(buf.dqkv, dtmp.reshape(B, T, C), qkv, buf.att[la], n_head)
-    linear_backward_ref(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape(N, 3 * C), buf.ln1[la],
-                        W(2, C, 3 * C), Wt(2, C, 3 * C))
-    layernorm_backward_ref(dx, db(0, C), db(1, C), dtmp, x, _vec_ref(flat, o[0], C), buf.ln1_mean[la],
-                           buf.ln1_rstd[la])
-
-
-def transpose_weights_ref(flat_t, flat, offs, l, n_embd):
-    C = n_embd
-    if 4 + 12 * l == offs.size:
-        V = (offs[1] - offs[0]) // C
-        transpose_ref(_mat_ref(flat_t, offs[0], C, V), _mat_ref(flat, offs[0], V, C))
-        return
-    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
-    for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
-        transpose_ref(_mat_ref(flat_t, o[k], cols, rows), _mat_ref(flat, o[k], rows, cols))
-
-
-def model_forward_ref(buf, idx, flat, flat_t, offs, wpe, n_head):
-    B, T = idx.shape
-    N, C = buf.encoded.shape
-    L = buf.residual3.shape[0]
-    V = buf.logits.shape[1]
-    wte = _mat_ref(flat, offs[0], V, C)
-    embedding_forward_ref(buf.encoded.reshape(B, T, C), idx, wte, wpe, 0)
-    x = buf.encoded
-    for l in range(L):
-        block_forward_ref(buf, l, x, flat, offs, n_head, True)
-        x = buf.residual3[l]
-    layernorm_forward_ref(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec_ref(flat, offs[2], C),
-                          _vec_ref(flat, offs[3], C), LN_EPS)
-    if flat_t.size:
-        gemm_ref(False, False, 1.0, buf.lnf, _mat_ref(flat_t, offs[0], C, V), 0.0, buf.logits)
-    else:
-        gemm_ref(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
-
-
-def model_forward_loss_ref(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head):
-    model_forward_ref(buf, idx, flat, flat_t, offs, wpe, n_head)
-    crossentropy_forward_ref(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
-    return float((buf.losses.astype(np.float64) * mask).sum())
-
-
-def model_forward_backward_ref(buf, idx, targets, mask, scale, flat, flat_t, offs, wpe, n_head, grad):
-    total = model_forward_loss_ref(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head)
-    B, T = idx.shape
-    N, C = buf.encoded.shape
-    L = buf.residual3.shape[0]
-    V = buf.logits.shape[1]
-    Lc = buf.ln1.shape[0]
-    for l in range(L):
-        o = offs[4 + 12 * l:4 + 12 * (l + 1)]
-        for k in (0, 1, 6, 7):
-            grad[o[k]:o[k] + C] = 0.0
-    grad[offs[1]:offs[1] + wpe.size] = 0.0
-    grad[offs[2]:offs[2] + C] = 0.0
-    grad[offs[3]:offs[3] + C] = 0.0
-    buf.dlosses[:] = mask * scale
-    crossentropy_backward_ref(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)
-    wte, dwte = _mat_ref(flat, offs[0], V, C), _mat_ref(grad, offs[0], V, C)
-    weight_grad_ref(dwte, buf.logits, buf.lnf)
-    gemm_ref(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)
-    buf.dresidual[:] = 0.0
-    layernorm_backward_ref(buf.dresidual, _vec_ref(grad, offs[2], C), _vec_ref(grad, offs[3], C), buf.dtmp,
-                           buf.residual3[L - 1], _vec_ref(flat, offs[2], C), buf.lnf_mean, buf.lnf_rstd)
-    for l in range(L - 1, -1, -1):
-        x_in = buf.residual3[l - 1] if l else buf.encoded
-        if Lc < L and l < L - 1:
-            block_forward_ref(buf, l, x_in, flat, offs, n_head, False)
-        block_backward_ref(buf, l, x_in, flat, flat_t, offs, grad, n_head)
-    embedding_backward_ref(dwte, _mat_ref(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape(B, T, C), idx, 0)
     return total

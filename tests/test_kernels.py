@@ -53,6 +53,19 @@ def test_kernels_gelu_matches_reference(dtype):
     assert np.all(np.abs(a - r) <= TOL[dtype]["rtol"] * np.abs(r) + TOL[dtype]["atol"] + slack * np.abs(dout))
 
 
+def test_kernels_gelu_derivative_matches_finite_differences():
+    x = np.linspace(-6.0, 6.0, 241)
+    out, deriv, up, down = (np.empty_like(x) for _ in range(4))
+    gelu.gelu_forward_grad(out, deriv, x)
+    h = 1e-6
+    gelu.gelu_forward(up, x + h)
+    gelu.gelu_forward(down, x - h)
+    np.testing.assert_allclose(deriv, (up - down) / (2 * h), rtol=1e-7, atol=1e-8)
+    # GPT-2's formula, as its paper writes it
+    expected = [0.5 * v * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3))) for v in x]
+    np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-15)
+
+
 def test_kernels_tanh_f32_is_accurate():
     x = np.linspace(-20, 20, 200001).astype(np.float32)
     err = max(abs(float(gelu.tanh_f32(v)) - math.tanh(float(v))) for v in x[::97])
@@ -181,7 +194,7 @@ def test_kernels_sum_rows_is_fixed_order_and_chunk_independent():
     np.testing.assert_array_equal(a, expected + rows[0])
 
 
-def test_kernels_gemm_matches_numpy_for_every_transpose_and_stride():
+def test_kernels_gemm_and_naive_gemm_match_numpy_for_every_transpose_and_stride():
     assert blas.AVAILABLE, "numpy's BLAS should expose a CBLAS gemm on this platform"
     rng = np.random.default_rng(10)
     for dtype in DTYPES:
@@ -199,6 +212,13 @@ def test_kernels_gemm_matches_numpy_for_every_transpose_and_stride():
                 blas.gemm(ta, tb, 1.0, a, b, 0.0, c)
                 blas.gemm_ref(ta, tb, 1.0, a, b, 0.0, r)
                 np.testing.assert_allclose(c, r, **TOL[dtype])
+                for beta in (2.0, 0.0):  # the naive fallback, on the same operands
+                    n, r = c0.copy(), c0.copy()
+                    if beta == 0.0:
+                        n[...] = np.nan
+                    blas.gemm_naive(ta, tb, 0.5, a, b, beta, n)
+                    blas.gemm_ref(ta, tb, 0.5, a, b, beta, r)
+                    np.testing.assert_allclose(n, r, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -300,7 +320,9 @@ def test_kernels_gelu_forward_grad_matches_reference_and_backward(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-def test_kernels_transformer_passes_match_reference(dtype, checkpointing):
+def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(dtype, checkpointing):
+    # the whole pass is written once (its oracle: finite differences and PyTorch, tests/test_model.py);
+    # here its variants agree, and its head matches the cross-entropy reference
     from cllmd.model import Model, ModelConfig, Workspace
     cfg = ModelConfig(vocab_size=19, n_layer=3, n_head=2, n_embd=8, block_size=7, clock_positions=True)
     m = Model(cfg, seed=2, dtype=dtype)
@@ -312,42 +334,45 @@ def test_kernels_transformer_passes_match_reference(dtype, checkpointing):
     wpe = m.params["wpe"] + m.clock
     flat_t = m.transposed_weights()
     outs = []
-    for fb, weights_t in ((transformer.model_forward_backward, flat_t),
-                          (transformer.model_forward_backward, m.flat[:0]),
-                          (transformer.model_forward_backward_ref, m.flat[:0])):
-        ws = Workspace(cfg, B, T, dtype, checkpointing=checkpointing)
+    for weights_t, ck in ((flat_t, checkpointing), (m.flat[:0], checkpointing), (m.flat[:0], not checkpointing)):
+        ws = Workspace(cfg, B, T, dtype, checkpointing=ck)
         ws.grad_flat[:] = np.nan  # every gradient must be written
-        total = fb(ws.buffers, idx, targets, mask, 0.25, m.flat, weights_t, m.offsets, wpe, cfg.n_head, ws.grad_flat)
+        total = transformer.model_forward_backward(ws.buffers, idx, targets, mask, 0.25, m.flat, weights_t,
+                                                   m.offsets, wpe, cfg.n_head, ws.grad_flat)
         outs.append((total, ws.losses.copy(), ws.residual3.copy(), ws.grad_flat.copy()))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-6)
-    for got in outs[:2]:
-        assert got[0] == pytest.approx(outs[2][0], rel=tol["rtol"])
-        for x, y in zip(got[1:], outs[2][1:]):
+    assert not np.isnan(outs[0][3]).any()
+    for got in outs[1:]:
+        assert got[0] == pytest.approx(outs[0][0], rel=tol["rtol"])
+        for x, y in zip(got[1:], outs[0][1:]):
             np.testing.assert_allclose(x, y, **tol)
-    # forward and loss only: the same losses as the passes above
+    # forward only: logits whose cross-entropy (numpy reference) gives the losses above
     ws = Workspace(cfg, B, T, dtype)
-    total = transformer.model_forward_loss(ws.buffers, idx, targets, mask, m.flat, flat_t, m.offsets, wpe, cfg.n_head)
-    total_r = transformer.model_forward_loss_ref(ws.buffers, idx, targets, mask, m.flat, m.flat[:0], m.offsets, wpe,
-                                                 cfg.n_head)
-    assert total == pytest.approx(total_r, rel=tol["rtol"]) and total == pytest.approx(outs[2][0], rel=tol["rtol"])
-    # forward only: the same logits as the pass above, and the reference's
-    ws, ws_r = Workspace(cfg, B, T, dtype), Workspace(cfg, B, T, dtype)
-    transformer.model_forward(ws.buffers, idx, m.flat, m.flat[:0], m.offsets, wpe, cfg.n_head)
-    transformer.model_forward_ref(ws_r.buffers, idx, m.flat, flat_t, m.offsets, wpe, cfg.n_head)
-    np.testing.assert_allclose(ws.logits, ws_r.logits, **tol)
+    transformer.model_forward(ws.buffers, idx, m.flat, flat_t, m.offsets, wpe, cfg.n_head)
+    probs, losses = np.empty_like(ws.logits), np.empty(B * T, dtype)
+    crossentropy.crossentropy_forward_ref(probs, losses, ws.logits.copy(), targets.reshape(-1))
+    np.testing.assert_allclose(losses, outs[0][1], **tol)
+    assert float((losses.astype(np.float64) * mask).sum()) == pytest.approx(outs[0][0], rel=tol["rtol"])
+    # forward and loss only: the same total
+    ws = Workspace(cfg, B, T, dtype)
+    total = transformer.model_forward_loss(ws.buffers, idx, targets, mask, m.flat, m.flat[:0], m.offsets, wpe,
+                                           cfg.n_head)
+    assert total == pytest.approx(outs[0][0], rel=tol["rtol"])
 
 
-def test_kernels_transpose_weights_matches_reference():
+def test_kernels_transpose_weights_transposes_each_matrix_in_place():
     from cllmd.model import Model, ModelConfig
     cfg = ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=20, block_size=5)
     m = Model(cfg, seed=3)
-    a, r = np.zeros_like(m.flat), np.zeros_like(m.flat)
+    a = np.zeros_like(m.flat)
     for part in range(cfg.n_layer + 1):  # the layers, then the token embedding
         transformer.transpose_weights(a, m.flat, m.offsets, part, cfg.n_embd)
-        transformer.transpose_weights_ref(r, m.flat, m.offsets, part, cfg.n_embd)
-    np.testing.assert_array_equal(a, r)
     np.testing.assert_array_equal(a, m.transposed_weights())
-    C = cfg.n_embd
-    o = m.offsets[4 + 12 + 8]  # layer 1, mlp.c_fc.weight [C, 4C]
-    np.testing.assert_array_equal(a[o:o + 4 * C * C].reshape(4 * C, C), m.params["h.1.mlp.c_fc.weight"].T)
-    np.testing.assert_array_equal(a[:11 * C].reshape(C, 11), m.params["wte"].T)
+    expected = np.zeros_like(m.flat)
+    at = 0
+    for name, shape in m.table:
+        n = math.prod(shape)
+        if len(shape) == 2 and name != "wpe":  # the weight matrices and the tied head's wte
+            expected[at:at + n] = m.params[name].T.reshape(-1)
+        at += n
+    np.testing.assert_array_equal(a, expected)
