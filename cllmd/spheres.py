@@ -41,10 +41,9 @@ class SphereStats:
 class Sphere:
     """One worker sphere: its micro-batch slot, workspace, gradients and statistics."""
 
-    def __init__(self, sphere_id: int, model: Model, grad_flat: np.ndarray):
+    def __init__(self, sphere_id: int, model: Model):
         self.id = sphere_id
         self.model = model
-        self.grad_flat = grad_flat  # this sphere's row of node zero's [12, P] gradient array
         self.workspace: Workspace | None = None
         self.checkpointing = False  # recompute block activations in the backward (less memory)
         self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
@@ -69,12 +68,12 @@ class Sphere:
         ws = self.workspace
         if ws is None or (ws.B, ws.T, ws.checkpointing) != (B, T, self.checkpointing):
             self.workspace = None  # let the old buffers go before the new ones are allocated
-            ws = self.workspace = Workspace(self.model.cfg, B, T, self.model.dtype, grad_flat=self.grad_flat,
-                                            checkpointing=self.checkpointing)
+            ws = self.workspace = Workspace(self.model.cfg, B, T, self.model.dtype, checkpointing=self.checkpointing)
         return ws
 
-    def compute(self, forward_only: bool) -> None:
-        """Gradient of the *sum* of the slot's token losses (node zero normalizes after reducing)."""
+    def compute(self, forward_only: bool, grad: np.ndarray | None = None) -> None:
+        """Gradient of the *sum* of the slot's token losses into grad, a row of node zero's
+        gradient sum (node zero normalizes after reducing); forward_only: the losses alone."""
         B, T = self.idx.shape
         ws = self.ensure_workspace(B, T)
         self._set_state("working")
@@ -83,7 +82,7 @@ class Sphere:
                 self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask)
             else:
                 self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
-                                                          weights_t=self.weights_t)
+                                                          weights_t=self.weights_t, grad=grad)
         finally:
             self._set_state("waiting")
         loss, count = self.result

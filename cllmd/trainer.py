@@ -1,11 +1,12 @@
 """Node zero: the control sphere that drives the 12 worker spheres through training steps.
 
-Each step node zero samples the global batch, splits it by rows into 12 micro-batches, waits
-until every sphere has finished, sums their gradients in fixed sphere order, normalizes by the
+Each step node zero samples the global batch, splits it by rows into 12 micro-batches, and
+the spheres' gradients are committed into its sum in fixed sphere order as they finish
+(cllmd.reduction: a few recycled rows, not one per sphere); node zero then normalizes by the
 token count, skips the step on NaN/Inf, clips by global norm and applies AdamW. Because the
 reduction order never depends on which thread ran which sphere, the same seed and data give
 bit-identical weights with any thread count. Node zero's own passes (transposed weights,
-reduction, AdamW) are cut at fixed places and shared over the same thread pool.
+AdamW) are cut at fixed places and shared over the same thread pool.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cllm.catalogue import check_section, default_of
-from cllmd.kernels.adamw import REDUCE_BLOCK, sum_rows_into
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
+from cllmd.reduction import OrderedGradientSum
 from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, split_rows
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,11 @@ class Trainer:
         self.model = model
         self.source = source
         self.config = config
-        # every sphere's gradient is one row of a single [12, P] allocation (llm.c style)
-        self.sphere_grads = np.zeros((NUM_SPHERES, model.flat.size), dtype=model.dtype)
         # the weight matrices (blocks' and token embedding) transposed, refreshed at the start
         # of every step: the spheres' head and input-gradient gemms run faster on them
         # (Model.transposed_weights, cllmd.kernels.linear)
         self.weights_t = np.zeros_like(model.flat)
-        self.spheres = [Sphere(i + 1, model, self.sphere_grads[i]) for i in range(NUM_SPHERES)]
+        self.spheres = [Sphere(i + 1, model) for i in range(NUM_SPHERES)]
         for s in self.spheres:
             s.weights_t = self.weights_t
             s.checkpointing = config.grad_checkpointing
@@ -114,10 +113,11 @@ class Trainer:
         self.optimizer = AdamW(model.flat, model.table, weight_decay=config.weight_decay,
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.rng = np.random.default_rng(config.seed)
-        # node zero's reduction buffer: after a step, the sum over the batch of the token
-        # losses' gradients (divide by last["tokens"] for the mean; clipping not applied)
-        self.grad = np.zeros_like(model.flat)
-        self._sumsq = np.zeros(-(-model.flat.size // REDUCE_BLOCK), dtype=np.float64)  # per reduction block
+        # node zero's gradient sum, committed in sphere order from one row per thread (plus
+        # the sum itself for the first sphere): after a step, grad is the sum over the batch
+        # of the token losses' gradients (divide by last["tokens"] for the mean; not clipped)
+        self.gradsum = OrderedGradientSum(model.flat.size, model.dtype, rows=self.pool.size)
+        self.grad = self.gradsum.grad
         self.step_num = 0          # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0
         self.tokens_seen = 0
@@ -161,6 +161,7 @@ class Trainer:
             n, self._pending_threads = self._pending_threads, None
         if n is not None and n != self.pool.size:
             self.pool.resize(n)
+            self.gradsum.resize(n)
             log.info("trainer now runs its 12 spheres on %d thread(s)", n)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -171,8 +172,12 @@ class Trainer:
         x, y = self.source.sample_batch(self.rng, B, T, "train")
         return x, y, None
 
-    def _dispatch(self, x, y, mask, forward_only: bool) -> list[Sphere]:
-        """Fills the spheres' slots by rows, runs them, returns the spheres that had work."""
+    def _dispatch(self, x, y, mask, forward_only: bool, overwrite: bool = True, norm: bool = False) -> list[Sphere]:
+        """Fills the spheres' slots by rows, runs them, returns the spheres that had work.
+
+        With gradients, each sphere's is committed into self.grad in sphere order as it
+        finishes (= for the first sphere if overwrite, += otherwise; norm: then fill the
+        per-block sums of squares)."""
         used = []
         for sphere, (a, b) in zip(self.spheres, split_rows(x.shape[0])):
             if a == b:
@@ -182,30 +187,31 @@ class Trainer:
             sphere.targets = np.ascontiguousarray(y[a:b])
             sphere.mask = None if mask is None else np.ascontiguousarray(mask[a:b])
             used.append(sphere)
-        self.pool.run([lambda s=s: s.compute(forward_only) for s in used])
+        if forward_only:
+            self.pool.run([lambda s=s: s.compute(True) for s in used])
+            return used
+        gradsum = self.gradsum
+        gradsum.begin([s.id for s in used], overwrite, norm)
+
+        def task(sphere):
+            row = gradsum.take(sphere.id)
+            if row is None:  # another sphere failed: its error is the step's
+                return
+            try:
+                sphere.compute(False, grad=row)
+            except BaseException:
+                gradsum.give_back(row)
+                gradsum.abort()
+                raise
+            gradsum.give(sphere.id, row)
+
+        self.pool.run([lambda s=s: task(s) for s in used])
         return used
 
     def _refresh_transposed(self) -> None:
         """weights_t = the current weights' matrices transposed, one layer (or the head) per task."""
         self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
                        for part in range(self.model.cfg.n_layer + 1)])
-
-    def _reduce_into_grad(self, used: list[Sphere], overwrite: bool, norm: bool) -> None:
-        """self.grad (= if overwrite, else +=) the sum of the spheres' gradients, in fixed sphere order.
-
-        The flat range is cut into chunks reduced in parallel; every element is still summed
-        in sphere order, so the result does not depend on the chunking or the thread count.
-        With norm, self._sumsq receives per-block sums of squares of the result (fixed blocks).
-        """
-        n = self.grad.size
-        rows = np.array([s.id - 1 for s in used], dtype=np.int64)
-        blocks = -(-n // REDUCE_BLOCK)
-        chunks = max(1, min(2 * self.pool.size, blocks // 16))
-        bounds = [min(n, REDUCE_BLOCK * (blocks * i // chunks)) for i in range(chunks + 1)]
-        sumsq = self._sumsq if norm else self._sumsq[:0]
-        self.pool.run([lambda a=bounds[i], b=bounds[i + 1]: sum_rows_into(self.grad, self.sphere_grads, rows, a, b,
-                                                                        overwrite, sumsq)
-                       for i in range(chunks)])
 
     def step(self) -> dict:
         """One optimizer step (accum_steps micro-steps); returns its figures."""
@@ -218,16 +224,16 @@ class Trainer:
         count = 0.0
         for micro in range(cfg.accum_steps):
             x, y, mask = self._sample(cfg.batch_size, T)
-            used = self._dispatch(x, y, mask, forward_only=False)
+            # accumulation adds, never overwrites (the first micro-step starts the sum)
+            used = self._dispatch(x, y, mask, forward_only=False, overwrite=micro == 0,
+                                  norm=micro == cfg.accum_steps - 1)
             for s in used:
                 loss_sum += s.result[0] * s.result[1]
                 count += s.result[1]
-            # accumulation adds, never overwrites (the first micro-step starts the sum)
-            self._reduce_into_grad(used, overwrite=micro == 0, norm=micro == cfg.accum_steps - 1)
         lr = cfg.schedule()(self.step_num)
         loss = loss_sum / count if count else float("nan")
         # the norm of the mean gradient: ||sum|| / count, from the fixed per-block partials
-        grad_norm = math.sqrt(float(self._sumsq.sum())) / count if count else float("nan")
+        grad_norm = math.sqrt(float(self.gradsum.sumsq.sum())) / count if count else float("nan")
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
             # clipping as cllmd.optim.clip_by_global_norm, folded with 1/count into AdamW

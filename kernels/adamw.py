@@ -1,4 +1,4 @@
-"""AdamW update over a flat parameter range, and the fixed-order gradient reduction.
+"""AdamW update over a flat parameter range, and the ordered commit of a gradient row.
 
 Shapes: param, grad, m, v [P] (views of the flat buffers); step is 1-based. Weight decay is
 decoupled (Loshchilov & Hutter): param -= lr * wd * param, applied with the Adam step.
@@ -41,37 +41,31 @@ def adamw_update_ref(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, ste
 
 
 @kernel
-def sum_rows_into(out, rows, used, start, stop, overwrite, sumsq):
-    """out[start:stop] (= if overwrite, else +=) rows[s, start:stop] for s in used, in that order.
+def add_row_into(out, row, add, sumsq):
+    """out += row when add (element by element); then, if sumsq is not empty, sumsq[i] = the
+    sum of squares (float64) of out's block i of REDUCE_BLOCK elements.
 
-    Element by element, always in the order of used, so the result does not depend on how the
-    range is cut. Shapes: out [P]; rows [S, P] (one gradient per sphere); used [k] rows, k >= 1.
-    If sumsq is not empty, sumsq[i] = sum of squares (float64) of out's block i for the blocks
-    of REDUCE_BLOCK elements in the range (start must then be a multiple of REDUCE_BLOCK):
-    partial sums at fixed places, so the global norm is the same however the work is split.
+    Node zero commits each sphere's gradient row with one call, in sphere order, so every
+    element of out receives the rows in that order. The squares are taken per fixed block
+    (while it is in cache, in the pass of the last row): partial sums at fixed places, so the
+    global norm does not depend on how anything was split. Shapes: out, row [P]; sumsq [ceil(P / REDUCE_BLOCK)] or [0].
     """
-    for a in range(start, stop, REDUCE_BLOCK):
-        b = min(a + REDUCE_BLOCK, stop)
+    n = out.size
+    for a in range(0, n, REDUCE_BLOCK):
+        b = min(a + REDUCE_BLOCK, n)
         o = out[a:b]
-        first = 0
-        if overwrite:
-            o[:] = rows[used[0], a:b]
-            first = 1
-        for j in range(first, used.size):
-            r = rows[used[j], a:b]
+        if add:
+            r = row[a:b]
             for i in range(o.size):  # 0-based: lets LLVM drop the negative-index check and vectorize
                 o[i] += r[i]
         if sumsq.size:
             sumsq[a // REDUCE_BLOCK] = row_sumsq64(o)
 
 
-def sum_rows_into_ref(out, rows, used, start, stop, overwrite, sumsq):
-    if overwrite:
-        out[start:stop] = rows[used[0], start:stop]
-        used = used[1:]
-    for s in used:
-        out[start:stop] += rows[s, start:stop]
+def add_row_into_ref(out, row, add, sumsq):
+    if add:
+        out += row
     if sumsq.size:
-        for a in range(start, stop, REDUCE_BLOCK):
-            block = out[a:min(a + REDUCE_BLOCK, stop)].astype(np.float64)
+        for a in range(0, out.size, REDUCE_BLOCK):
+            block = out[a:a + REDUCE_BLOCK].astype(np.float64)
             sumsq[a // REDUCE_BLOCK] = np.dot(block, block)

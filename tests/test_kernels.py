@@ -174,24 +174,27 @@ def test_kernels_adamw_matches_reference(dtype):
         np.testing.assert_allclose(a, r, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10)
 
 
-def test_kernels_sum_rows_is_fixed_order_and_chunk_independent():
+def test_kernels_add_row_into_adds_in_commit_order_and_squares_fixed_blocks():
     rng = np.random.default_rng(7)
     P = 3 * adamw.REDUCE_BLOCK + 1007
-    rows = rand(rng, (12, P), np.float32)
-    used = np.array([0, 3, 4, 11])
+    rows = rand(rng, (4, P), np.float32)
     blocks = -(-P // adamw.REDUCE_BLOCK)
-    a, r = np.full(P, np.nan, np.float32), np.full(P, np.nan, np.float32)  # overwrite: never read
+    a, r = rows[0].copy(), rows[0].copy()
     sq_a, sq_r = np.zeros(blocks), np.zeros(blocks)
-    cut = 2 * adamw.REDUCE_BLOCK
-    adamw.sum_rows_into(a, rows, used, 0, cut, True, sq_a)
-    adamw.sum_rows_into(a, rows, used, cut, P, True, sq_a)
-    adamw.sum_rows_into_ref(r, rows, used, 0, P, True, sq_r)
-    np.testing.assert_array_equal(a, r)  # bit-identical, however the range is chunked
-    np.testing.assert_allclose(sq_a, sq_r, rtol=1e-6)
-    expected = ((rows[0] + rows[3]) + rows[4]) + rows[11]  # in sphere order
+    for k in range(1, 4):
+        last = k == 3
+        adamw.add_row_into(a, rows[k], True, sq_a if last else sq_a[:0])
+        adamw.add_row_into_ref(r, rows[k], True, sq_r if last else sq_r[:0])
+    expected = rows[0].copy()
+    for k in range(1, 4):  # the same additions, in the same order: equal bits
+        expected += rows[k]
     np.testing.assert_array_equal(a, expected)
-    adamw.sum_rows_into(a, rows, used[:1], 0, P, False, sq_a[:0])  # accumulate: adds
-    np.testing.assert_array_equal(a, expected + rows[0])
+    np.testing.assert_array_equal(r, expected)
+    np.testing.assert_allclose(sq_a, sq_r, rtol=1e-6)
+    assert float(sq_a.sum()) == pytest.approx(float(np.dot(expected.astype(np.float64), expected)), rel=1e-6)
+    before = a.copy()
+    adamw.add_row_into(a, a, False, sq_a)  # squares only (the first sphere wrote into the sum)
+    np.testing.assert_array_equal(a, before)
 
 
 def test_kernels_gemm_and_naive_gemm_match_numpy_for_every_transpose_and_stride():

@@ -47,6 +47,69 @@ def test_trainer_weights_bit_identical_across_thread_counts():
         assert losses == results[0][1]
 
 
+def test_trainer_gradient_rows_grow_with_threads_not_spheres():
+    for threads in (1, 2, 3):
+        tr, _ = _train(threads, steps=2, batch=24)  # all 12 spheres busy, two rows each
+        assert not hasattr(tr, "sphere_grads")
+        assert 1 <= tr.gradsum.rows_allocated <= threads, (threads, tr.gradsum.rows_allocated)
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=24, warmup=2), threads=3)
+    tr.step()
+    tr.set_threads(1)
+    tr.step()
+    tr.close()
+    assert tr.gradsum.rows_allocated == 1  # the surplus rows are let go when the pool shrinks
+
+
+def test_trainer_ordered_sum_adds_rows_in_sphere_order_whatever_the_finishing_order():
+    import threading
+    import time
+
+    from cllmd.reduction import OrderedGradientSum
+    rng = np.random.default_rng(3)
+    grads = {k: rng.normal(size=5000).astype(np.float32) for k in range(1, 13)}
+    expected = grads[1].copy()
+    for k in range(2, 13):
+        expected += grads[k]
+    for seed in range(3):
+        gs = OrderedGradientSum(5000, np.float32, rows=2)
+        gs.begin(list(range(1, 13)), overwrite=True, norm=True)
+        delays = np.random.default_rng(seed).random(13) * 0.004
+
+        def worker(ids):
+            for k in ids:
+                row = gs.take(k)
+                time.sleep(delays[k])
+                row[:] = grads[k]
+                gs.give(k, row)
+
+        work = [list(range(1, 13))[i::3] for i in range(3)]
+        threads = [threading.Thread(target=worker, args=(w,)) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        np.testing.assert_array_equal(gs.grad, expected)
+        assert gs.rows_allocated <= 2
+        assert float(gs.sumsq.sum()) == pytest.approx(float(np.dot(expected.astype(np.float64), expected)), rel=1e-6)
+
+
+def test_trainer_a_failing_sphere_fails_the_step_and_the_next_step_works():
+    tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=24, warmup=2), threads=2)
+    sphere = tr.spheres[4]
+    original = sphere.compute
+
+    def broken(forward_only, grad=None):
+        raise RuntimeError("sphere 5 broke")
+
+    sphere.compute = broken
+    with pytest.raises(RuntimeError, match="sphere 5 broke"):
+        tr.step()
+    sphere.compute = original
+    tr.step()
+    tr.close()
+    assert tr.gradsum.rows_allocated <= 2
+
+
 def test_trainer_gradient_checkpointing_changes_nothing_but_memory():
     base, base_losses = _train(2)
     ck, ck_losses = _train(3, grad_checkpointing=True)
