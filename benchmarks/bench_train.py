@@ -65,7 +65,6 @@ def time_phases(trainer: Trainer) -> dict[str, list[float]]:
     trainer._refresh_transposed = timed("transpose weights", trainer._refresh_transposed)
     trainer._sample = timed("sample batch", trainer._sample)
     trainer._dispatch = timed("12 spheres", trainer._dispatch)
-    trainer._reduce_into_grad = timed("reduce gradients", trainer._reduce_into_grad)
     trainer.optimizer.step = timed("AdamW", trainer.optimizer.step)
     return phases
 
