@@ -1,0 +1,313 @@
+"""The cllm-http server: aiohttp routes for the OpenAI-compatible API, health, metrics and the
+dashboard, the bearer-token check, and the `cllm-http` command.
+
+aiohttp, because it is one well-kept package that serves HTTP/1.1 with streamed responses and
+notices a client that went away (handler cancellation), with nothing else to install.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cllm import __version__
+from cllm.client import ClientError, DaemonNotRunning, RequestError
+from cllm.http import openai_api as oai
+from cllm.http.bridge import Bridge
+
+log = logging.getLogger("cllm.http")
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435   # Ollama's 11434, plus one
+TOKEN_ENV, TOKEN_FILE_ENV = "CLLM_HTTP_TOKEN", "CLLM_HTTP_TOKEN_FILE"
+CREDENTIAL = "cllm-http-token"    # systemd LoadCredential= name
+MAX_BODY = 16 * 1024 * 1024 + 65536
+STATIC = Path(__file__).with_name("static")
+
+BRIDGE = web.AppKey("bridge", Bridge)
+TOKEN = web.AppKey("token", str)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(err: oai.ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status)
+
+
+def daemon_error(e: Exception) -> oai.ApiError:
+    """A failure of the daemon or of reaching it, in OpenAI's shape."""
+    if isinstance(e, DaemonNotRunning):
+        return oai.ApiError(503, str(e), type="server_error", code="daemon_unavailable")
+    if isinstance(e, RequestError):
+        status = {"bad_request": 400, "busy": 429, "not_found": 404, "too_large": 413,
+                  "unavailable": 503, "timeout": 504}.get(e.code, 500)
+        kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+        return oai.ApiError(status, f"cllmd: {e.message}", type=kind, code=e.code)
+    return oai.ApiError(503, f"cannot reach cllmd: {e}", type="server_error", code="daemon_unavailable")
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except oai.ApiError as e:
+        return error_response(e)
+    except (ClientError, RequestError) as e:
+        return error_response(daemon_error(e))
+
+
+# --------------------------------------------------------------------------- auth
+
+
+OPEN_PATHS = ("/", "/favicon.ico")   # the page's own bytes; every figure it shows needs the token
+
+
+def authorized(request: web.Request) -> bool:
+    token = request.app[TOKEN]
+    if not token:
+        return True
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+@web.middleware
+async def auth(request: web.Request, handler):
+    if request.path in OPEN_PATHS or request.path.startswith("/static/") or authorized(request):
+        return await handler(request)
+    resp = error_response(oai.ApiError(401, "a valid bearer token is required (Authorization: "
+                                            "Bearer TOKEN)", code="invalid_api_key"))
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="cllm-http"'
+    return resp
+
+
+# --------------------------------------------------------------------------- OpenAI API
+
+
+async def read_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise oai.invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = await request.app[BRIDGE].models()
+    return web.json_response({"object": "list", "data": [oai.model_object(m) for m in models]})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await run_job(request, oai.completion_job)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await run_job(request, oai.chat_job)
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+def sse(obj: Any) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def run_job(request: web.Request, make_job) -> web.StreamResponse:
+    bridge = request.app[BRIDGE]
+    body = await read_json(request)
+    names = [m["name"] for m in await bridge.models()]
+    job = make_job(body, names)
+    stream = bridge.generate(job.prompt, job.args)
+    metrics = request.app.get(METRICS)
+    try:
+        if not job.stream:
+            pieces = [p async for p in stream]
+            text = "".join(pieces)
+            if job.kind == "chat":
+                text = text.strip()
+            if metrics:
+                metrics.generation_done(stream)
+            return web.json_response(oai.response(job, text, stream.stats or {}))
+        return await stream_job(request, job, stream)
+    except (ClientError, RequestError) as e:
+        if metrics:
+            metrics.generation_failed(e)
+        raise
+    finally:
+        stream.cancel()   # a no-op once it ended; else the client went away: stop the daemon
+
+
+async def stream_job(request: web.Request, job: oai.Job, stream) -> web.StreamResponse:
+    resp: web.StreamResponse | None = None
+    metrics = request.app.get(METRICS)
+    first = True
+    try:
+        async for piece in stream:
+            if job.kind == "chat" and first:
+                piece = piece.lstrip()   # the template ends in "Assistant:"; the answer starts after a space
+                if not piece:
+                    continue
+            if resp is None:
+                resp = web.StreamResponse(headers=SSE_HEADERS)
+                await resp.prepare(request)
+            await resp.write(sse(oai.chunk(job, piece, first=first)))
+            first = False
+    except (ClientError, RequestError) as e:
+        if resp is None:
+            raise
+        if metrics:
+            metrics.generation_failed(e)
+        await resp.write(sse(daemon_error(e).body()))
+        await resp.write(sse("[DONE]"))
+        return resp
+    if resp is None:
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        if job.kind == "chat":
+            await resp.write(sse(oai.chunk(job, "", first=True)))
+    stats = stream.stats or {}
+    await resp.write(sse(oai.chunk(job, None, stats=stats)))
+    if job.include_usage:
+        await resp.write(sse(oai.chunk(job, stats=stats, usage_only=True)))
+    await resp.write(sse("[DONE]"))
+    if metrics:
+        metrics.generation_done(stream)
+    await resp.write_eof()
+    return resp
+
+
+# --------------------------------------------------------------------------- health
+
+
+HEALTH_STATES = {"running": "training", "stopping": "training", "paused": "paused", "idle": "ready"}
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 {status: ready | training | paused}; 503 {status: loading | unreachable} while the
+    daemon starts or cannot be reached."""
+    try:
+        status = await request.app[BRIDGE].request("status", timeout=2.0)
+    except DaemonNotRunning as e:
+        return web.json_response({"status": "unreachable", "error": str(e)}, status=503)
+    except RequestError as e:
+        state = "loading" if e.code in ("unavailable", "timeout") else "unreachable"
+        return web.json_response({"status": state, "error": str(e)}, status=503)
+    except ClientError as e:
+        return web.json_response({"status": "unreachable", "error": str(e)}, status=503)
+    train = status.get("train") or {}
+    return web.json_response({"status": HEALTH_STATES.get(train.get("state"), "ready"),
+                              "step": train.get("step"), "model": (status.get("model") or {}).get("name"),
+                              "daemon": (status.get("daemon") or {}).get("version")})
+
+
+# --------------------------------------------------------------------------- the application
+
+METRICS = web.AppKey("metrics", object)
+
+
+def make_app(bridge: Bridge, token: str = "") -> web.Application:
+    app = web.Application(middlewares=[errors, auth], client_max_size=MAX_BODY)
+    app[BRIDGE] = bridge
+    app[TOKEN] = token
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/health", health)
+
+    async def start(app: web.Application) -> None:
+        bridge.start()
+
+    async def stop(app: web.Application) -> None:
+        bridge.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+# --------------------------------------------------------------------------- cllm-http
+
+
+def read_token(token_file: str | None, env=os.environ) -> str:
+    """The bearer token: --token-file, else $CLLM_HTTP_TOKEN_FILE, else the systemd credential
+    cllm-http-token, else $CLLM_HTTP_TOKEN; "" when none is set. Surrounding whitespace is
+    dropped; an empty file is an error (it would silently turn auth off)."""
+    path = token_file or env.get(TOKEN_FILE_ENV)
+    if not path and env.get("CREDENTIALS_DIRECTORY"):
+        cred = Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL
+        path = str(cred) if cred.exists() else None
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"cllm-http: cannot read the token file {path}: {e}")
+        if not token:
+            raise SystemExit(f"cllm-http: the token file {path} is empty")
+        return token
+    return env.get(TOKEN_ENV, "").strip()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cllm-http", description=(
+        "The HTTP face of cllmd: an OpenAI-compatible API, /health, /metrics (Prometheus) and a "
+        "live dashboard, talking to the daemon over ZeroMQ. See docs/http.md."))
+    p.add_argument("--host", default=os.environ.get("CLLM_HTTP_HOST", DEFAULT_HOST),
+                   help=f"address to bind (default {DEFAULT_HOST}; beyond loopback a token is required)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("CLLM_HTTP_PORT", DEFAULT_PORT)),
+                   help=f"port to bind (default {DEFAULT_PORT})")
+    p.add_argument("--socket", help="the daemon's socket (default: found as `cllm` finds it)")
+    p.add_argument("--token-file", help=f"file holding the bearer token (or ${TOKEN_FILE_ENV}, "
+                                        f"or ${TOKEN_ENV} with the token itself)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--version", action="version", version=f"cllm-http {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="cllm-http: %(levelname)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not 0 < args.port < 65536:
+        print(f"cllm-http: --port must be 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    token = read_token(args.token_file)
+    if not token and not is_loopback(args.host):
+        print(f"cllm-http: refusing to bind {args.host} without a token: set ${TOKEN_ENV}, "
+              f"${TOKEN_FILE_ENV} or --token-file (only loopback may go without one)", file=sys.stderr)
+        return 2
+    app = make_app(Bridge(args.socket), token)
+    log.info("listening on http://%s:%d/ (%s)", args.host, args.port,
+             "bearer token required" if token else "no token: loopback only")
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True,
+                    shutdown_timeout=5, access_log=None)
+    except OSError as e:
+        print(f"cllm-http: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
