@@ -9,7 +9,7 @@ cllm.chat), TrainConfig's and the controller's defaults, the reload mapping and 
 To add a setting: add one Setting(...) line to SETTINGS, in its section, with its kind (which
 carries the bounds), default, one-line doc, unit and where it applies:
   - "trainer": a field of cllmd.trainer.TrainConfig of the same name (add the field there as
-    `name: type = default_of("train.name")`);
+    `name: type = field_of("train.name")`);
   - "controller": an attribute of the training controller's settings (same, in controller.py);
   - "daemon", "generation", "gateway": read by that stage from its Settings section.
 runtime=True puts a train.* setting into train.config.get/set, `cllm train config` and the
@@ -351,6 +351,11 @@ def default_of(key: str) -> Any:
     return SETTINGS[key].default
 
 
+def field_of(key: str) -> Any:
+    """A dataclass field whose default is the setting's (TrainConfig, ControllerSettings)."""
+    return field(default=SETTINGS[key].default)
+
+
 def runtime_settings() -> list[Setting]:
     """The train.config.get/set keys, in catalogue order."""
     return [s for s in SETTINGS.values() if s.runtime]
@@ -472,7 +477,8 @@ SAMPLING: dict[str, SamplingOption] = {
     "repeat_last_n": SamplingOption(integer(0, 2**31 - 1), 64,
                                     "recent tokens the penalty looks at; 0 = off"),
     "seed": SamplingOption(integer(0, 2**64 - 1), None,
-                           "random seed; default: a fresh one each time", nullable=True),
+                           "random seed: the same seed and options give the same text",
+                           nullable=True),
     "stop": SamplingOption(stops(), (), "stop when one of these appears; not included in the text"),
 }
 
@@ -509,3 +515,47 @@ def parse_sampling(name: str, text: str | None) -> Any:
         return opt.kind.value(text)
     except ValueError as e:
         raise ValueError(f"{name} {e}") from None
+
+
+def unescape(text: str) -> str:
+    """A typed backslash-n or backslash-t becomes a newline or a tab (stop strings, prompts)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_sampling_arguments(parser: Any, *, with_defaults: bool) -> None:
+    """The sampling options as flags (--max-tokens, ..., --stop), for `cllm generate`, `cllm
+    chat` and `cllmd generate`. with_defaults=False leaves the options not given at None, so a
+    client sends only those and the daemon's defaults (the same) apply."""
+    import argparse
+
+    def typed(name: str) -> Callable[[str], Any]:
+        def parse(text: str) -> Any:
+            try:
+                return parse_sampling(name, text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        parse.__name__ = name
+        return parse
+
+    for name in SCALAR_SAMPLING:
+        opt = SAMPLING[name]
+        shown = "fresh each time" if opt.default is None else opt.default
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typed(name),
+                            default=opt.default if with_defaults else None,
+                            metavar=opt.kind.metavar, help=f"{opt.doc} (default {shown})")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when TEXT appears, which is left out of the text "
+                             f"(repeatable, up to {MAX_STOPS}; \\n for a newline)")
+
+
+def sampling_from_args(namespace: Any) -> dict[str, Any]:
+    """The options add_sampling_arguments' flags gave (None ones left out), stop strings
+    unescaped and checked; ValueError naming --stop."""
+    opts = {k: getattr(namespace, k) for k in SCALAR_SAMPLING if getattr(namespace, k, None) is not None}
+    try:
+        stop = check_stops([unescape(t) for t in getattr(namespace, "stop", None) or []])
+    except ValueError as e:
+        raise ValueError(f"--stop: {e}") from None
+    if stop:
+        opts["stop"] = stop
+    return opts

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
-from cllm.catalogue import MAX_STOPS, SCALAR_SAMPLING, SamplingOption, check_stops, parse_sampling
+from cllm.catalogue import (  # noqa: F401  (unescape: re-exported)
+    MAX_STOPS, SCALAR_SAMPLING, SamplingOption, check_stops, parse_sampling, unescape,
+)
 from cllm.catalogue import SAMPLING as CATALOGUE_SAMPLING
 from cllm.client import Client
 from cllm.fmt import human_count, number, use_color
@@ -31,11 +33,6 @@ def check_option(name: str, value: Any) -> Any:
         return SAMPLING[name].kind.value(value, from_text=False)
     except ValueError as e:
         raise ValueError(f"{name} {e}") from None
-
-
-def unescape(text: str) -> str:
-    """A typed backslash-n or backslash-t becomes a newline or a tab (for stop strings)."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 @contextlib.contextmanager

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cllm import __version__
-from cllm.catalogue import Kind, check_stops, parse_sampling, renamed_error, runtime_settings
-from cllm.chat import SAMPLING, ctrl_c_cancels, unescape
+from cllm.catalogue import (
+    Kind, add_sampling_arguments, renamed_error, runtime_settings, sampling_from_args, unescape,
+)
+from cllm.chat import ctrl_c_cancels
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, plural
 from cllm.queuefiles import write_incoming
@@ -71,34 +73,15 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _sampling_type(name: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return parse_sampling(name, text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = name
-    return parse
-
-
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    for name, opt in SAMPLING.items():
-        default = "fresh each time" if opt.default is None else opt.default
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_sampling_type(name),
-                       metavar=opt.kind.metavar, help=f"{opt.doc} (default {default})")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when TEXT appears (repeatable; \\n for a newline)")
+    add_sampling_arguments(p, with_defaults=False)  # the daemon's defaults, the catalogue's
 
 
 def _sampling(a: argparse.Namespace) -> dict:
-    opts = {k: getattr(a, k) for k in SAMPLING if getattr(a, k, None) is not None}
     try:
-        stops = check_stops([unescape(s) for s in a.stop])
+        return sampling_from_args(a)
     except ValueError as e:
-        raise UsageError(f"{a.prog_name}: --stop: {e}") from None
-    if stops:
-        opts["stop"] = stops
-    return opts
+        raise UsageError(f"{a.prog_name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- the command context

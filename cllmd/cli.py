@@ -266,28 +266,15 @@ def cmd_train(args) -> int:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The catalogue's sampling options as flags: the same as `cllm generate`'s."""
-    from cllm.catalogue import SAMPLING, SCALAR_SAMPLING, parse_sampling
-    g = p.add_argument_group("sampling")
-    for name in SCALAR_SAMPLING:
-        opt = SAMPLING[name]
-
-        def parse(text: str, name=name):
-            try:
-                return parse_sampling(name, text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-
-        default = "fresh each time" if opt.default is None else opt.default
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=opt.default,
-                       metavar=opt.kind.metavar, help=f"{opt.doc} (default {default})")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop before this string (repeatable)")
+    from cllm.catalogue import add_sampling_arguments
+    add_sampling_arguments(p.add_argument_group("sampling"), with_defaults=True)
 
 
 def _sampling_options(args):
+    from cllm.catalogue import sampling_from_args
     from cllmd.generate import SamplingOptions
     try:
-        return SamplingOptions.from_args(vars(args))
+        return SamplingOptions.from_args(sampling_from_args(args))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

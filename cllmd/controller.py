@@ -13,13 +13,13 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from cllm.catalogue import default_of, runtime_settings
+from cllm.catalogue import field_of, runtime_settings
 from cllmd.model import Model
 from cllmd.modelfile import atomic_write
 from cllmd.trainer import Trainer
@@ -61,21 +61,17 @@ class ReplayMix:
         return getattr(self.store, name)  # has_window, eval_windows, padded_batch, ...
 
 
-def _setting(key: str):
-    return field(default=default_of(key))
-
-
 @dataclass
 class ControllerSettings:
     """The controller's settings (the catalogue's "controller" keys but threads, which the
     trainer's pool holds), defaults from the catalogue."""
-    auto_train: bool = _setting("train.auto_train")
-    auto_epochs: float = _setting("train.auto_epochs")
-    checkpoint_interval_steps: int = _setting("train.checkpoint_interval_steps")
-    checkpoint_interval_seconds: float = _setting("train.checkpoint_interval_seconds")
-    snapshot_interval: int = _setting("train.snapshot_interval")
-    replay_fraction: float = _setting("train.replay_fraction")
-    events_interval: float = _setting("server.events_interval")
+    auto_train: bool = field_of("train.auto_train")
+    auto_epochs: float = field_of("train.auto_epochs")
+    checkpoint_interval_steps: int = field_of("train.checkpoint_interval_steps")
+    checkpoint_interval_seconds: float = field_of("train.checkpoint_interval_seconds")
+    snapshot_interval: int = field_of("train.snapshot_interval")
+    replay_fraction: float = field_of("train.replay_fraction")
+    events_interval: float = field_of("server.events_interval")
 
 
 class TrainingController:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cllm.catalogue import check_section, default_of
+from cllm.catalogue import check_section, field_of
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
@@ -41,25 +41,20 @@ def usable_cores() -> int:
     return max(1, min(MAX_THREADS, n))
 
 
-def _setting(name: str):
-    """A TrainConfig field whose default comes from the settings catalogue (train.NAME)."""
-    return dataclasses.field(default=default_of(f"train.{name}"))
-
-
 @dataclass
 class TrainConfig:
     """The trainer's settings. Those also in the settings catalogue (cllm/catalogue.py, applies
     "trainer") take their default, bounds and meaning from it; the rest are offline-only."""
-    batch_size: int = _setting("batch_size")
-    lr: float = _setting("lr")
-    min_lr: float = _setting("min_lr")
-    warmup: int = _setting("warmup")
-    decay_end_step: int = _setting("decay_end_step")
-    grad_clip: float = _setting("grad_clip")
-    weight_decay: float = _setting("weight_decay")
-    eval_interval: int = _setting("eval_interval")
-    grad_checkpointing: bool = _setting("grad_checkpointing")
-    seed: int = _setting("seed")
+    batch_size: int = field_of("train.batch_size")
+    lr: float = field_of("train.lr")
+    min_lr: float = field_of("train.min_lr")
+    warmup: int = field_of("train.warmup")
+    decay_end_step: int = field_of("train.decay_end_step")
+    grad_clip: float = field_of("train.grad_clip")
+    weight_decay: float = field_of("train.weight_decay")
+    eval_interval: int = field_of("train.eval_interval")
+    grad_checkpointing: bool = field_of("train.grad_checkpointing")
+    seed: int = field_of("train.seed")
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
