@@ -422,8 +422,8 @@ def check_section(section: str, values: Mapping[str, Any]) -> str | None:
             return f"{spec.name} {e}"
     broken = check_rules(full)
     if broken:
-        key, reason = broken
-        return f"{key.split('.', 1)[1]} {reason}".replace("train.", "")
+        key, reason = broken  # said with bare names, as the values came
+        return f"{key.split('.', 1)[1]} {reason}".replace(f"{section}.", "")
     return None
 
 

@@ -209,3 +209,35 @@ def test_catalogue_train_config_get_goes_back_through_set(daemon):  # noqa: F811
     changed = c.request("train.config.get")
     assert (changed["lr"], changed["decay_end_step"], changed["snapshot_interval"]) == (5e-4, 777, 7)
     assert c.request("train.config.set", **changed)["config"] == changed
+
+
+def _other_value(s):
+    """A valid value of a runtime setting other than its default."""
+    if s.kind.wire is bool:
+        return not s.default
+    if s.kind.wire is int:
+        return s.default + 1 if s.kind.hi is None or s.default + 1 <= s.kind.hi else s.default - 1
+    return s.default / 2 if s.default else 0.5
+
+
+def test_catalogue_reload_applies_every_runtime_setting_from_the_file(daemon, tmp_path):  # noqa: F811
+    import signal
+
+    from cllmd.settings import load_settings
+    from tests.daemonproc import QUICK, wait_for
+    given = {a[len("--train-"):].replace("-", "_") for a in QUICK if a.startswith("--train-")}
+    config = tmp_path / "cllmd.toml"
+    config.write_text("[train]\nauto_train = false\n")
+    d = daemon("--config", str(config))
+    before = d.client.request("train.config.get")
+    changed = {s.name: _other_value(s) for s in runtime_settings() if s.name not in given}
+    changed["auto_train"] = True  # the file said false: back to the default is a change too
+    config.write_text("[train]\n" + "".join(f"{k} = {SETTINGS['train.' + k].kind.render(v)}\n"
+                                            for k, v in changed.items()))
+    load_settings(config)  # a valid file, min_lr <= lr included
+    d.proc.send_signal(signal.SIGHUP)
+    after = wait_for(lambda: (c := d.client.request("train.config.get"))["auto_train"] and c, 30, "the reload")
+    for name, value in changed.items():
+        assert after[name] == pytest.approx(value), name
+    for name in given:  # the command line still beats the file
+        assert after[name] == before[name], name
