@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Iterable
 
 from cllm import __version__
+from cllm.catalogue import SETTINGS
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, sparkline, unicode_ok, use_color
 
@@ -554,9 +555,10 @@ class LiveView:
             if not isinstance(threads, int):
                 self.d.say("thread count not known yet")
                 return None
-            want = max(1, min(12, threads + (1 if ch in ("+", "=") else -1)))
+            most = SETTINGS["train.threads"].kind.hi  # 0 means "the usable cores": not a step
+            want = max(1, min(most, threads + (1 if ch in ("+", "=") else -1)))
             if want == threads:
-                self.d.say(f"threads stay at {threads} (1 to 12)")
+                self.d.say(f"threads stay at {threads} (1 to {most})")
             else:
                 self.worker.ask("threads", "train.config.set", threads=want)
                 self.d.say(f"threads -> {want}...")
