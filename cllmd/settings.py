@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import textwrap
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -30,33 +29,17 @@ PATH_KEYS = frozenset(k for k, s in SETTINGS.items() if s.path)
 
 
 def _section_class(section: str) -> type:
-    fields = []
-    for key, spec in SCHEMA.items():
-        sec, name = key.split(".", 1)
-        if sec == section:
-            fields.append((name, type(spec.default), dataclasses.field(default=spec.default)))
+    fields = [(spec.name, type(spec.default), dataclasses.field(default=spec.default))
+              for spec in SCHEMA.values() if spec.section == section]
     return dataclasses.make_dataclass(f"{section.capitalize()}Settings", fields, frozen=True)
 
 
-ServerSettings = _section_class("server")
-ModelSettings = _section_class("model")
-TrainSettings = _section_class("train")
-QueueSettings = _section_class("queue")
-LogSettings = _section_class("log")
-_SECTION_CLASSES = {"server": ServerSettings, "model": ModelSettings, "train": TrainSettings,
-                    "queue": QueueSettings, "log": LogSettings}
-assert set(_SECTION_CLASSES) == set(SECTIONS)
+# One frozen dataclass per section of the catalogue (a new section needs nothing here).
+_SECTION_CLASSES: dict[str, type] = {section: _section_class(section) for section in SECTIONS}
 
 
-@dataclass(frozen=True)
-class Settings:
+class _SettingsBase:
     """All settings, one frozen dataclass per section: settings.train.lr."""
-
-    server: Any = dataclasses.field(default_factory=ServerSettings)
-    model: Any = dataclasses.field(default_factory=ModelSettings)
-    train: Any = dataclasses.field(default_factory=TrainSettings)
-    queue: Any = dataclasses.field(default_factory=QueueSettings)
-    log: Any = dataclasses.field(default_factory=LogSettings)
 
     def get(self, key: str) -> Any:
         """The value of a dotted key, e.g. get("train.lr")."""
@@ -84,6 +67,13 @@ class Settings:
         _apply(values, origins, overrides, origin, base=None)
         _check_together(values, origins)
         return _build(values)
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(section, Any, dataclasses.field(default_factory=cls))
+                 for section, cls in _SECTION_CLASSES.items()],
+    bases=(_SettingsBase,), frozen=True)
+Settings.__doc__ = _SettingsBase.__doc__
 
 
 def validate(key: str, value: Any, origin: str = "override") -> Any:
@@ -122,7 +112,7 @@ def _check_together(values: dict[str, Any], origins: dict[str, str]) -> None:
         raise SettingsError(f"{origins[key]}: {key}: {reason}")
 
 
-def _build(values: Mapping[str, Any]) -> Settings:
+def _build(values: Mapping[str, Any]) -> "Settings":
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in values.items():
         section, name = key.split(".", 1)
