@@ -14,9 +14,11 @@ carries the bounds), default, one-line doc, unit and where it applies:
   - "daemon", "generation", "gateway": read by that stage from its Settings section.
 runtime=True puts a train.* setting into train.config.get/set, `cllm train config` and the
 reload mapping; offline=True gives `cllmd train` a flag for it. A rule involving several keys
-goes into RULES. Then regenerate systemd/cllmd.toml (python -m cllmd.settings) and add the
-row to the docs table the test names. Renaming a key whose meaning changes: add the old key to
-RENAMED so that it is refused with a message naming the new one.
+goes into RULES. Then regenerate systemd/cllmd.toml (python -m cllmd.settings) and the table
+of docs/service.md (python -m cllmd.settings --docs); a runtime one also gets its row under
+train.config.set in docs/protocol.md (tests/test_catalogue.py says what is missing).
+Renaming a key whose meaning changes: add the old key to RENAMED, so that it is refused with a
+message naming the new one.
 To add a sampling option: one SamplingOption line in SAMPLING (and the field in
 cllmd.generate.SamplingOptions, which takes its default from here).
 """

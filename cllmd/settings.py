@@ -272,8 +272,20 @@ def keys(section: str | None = None) -> Iterable[str]:
     return [k for k in SCHEMA if section is None or k.startswith(section + ".")]
 
 
+def render_docs_table() -> str:
+    """The settings table of docs/service.md: every key, its default, bounds, unit, stage."""
+    rows = ["| key | default | must be | unit | read by | runtime | meaning |",
+            "|---|---|---|---|---|---|---|"]
+    for spec in SCHEMA.values():
+        cells = (f"`{spec.key}`", f"`{spec.kind.render(spec.default)}`", spec.kind.describe,
+                 spec.unit, spec.applies, "yes" if spec.runtime else "", spec.doc)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
-    # `python -m cllmd.settings > systemd/cllmd.toml` regenerates the shipped default file.
+    # `python -m cllmd.settings > systemd/cllmd.toml` regenerates the shipped default file,
+    # `python -m cllmd.settings --docs` the settings table of docs/service.md.
     import sys
 
-    sys.stdout.write(render_default_toml())
+    sys.stdout.write(render_docs_table() if sys.argv[1:] == ["--docs"] else render_default_toml())

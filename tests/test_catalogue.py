@@ -241,3 +241,9 @@ def test_catalogue_reload_applies_every_runtime_setting_from_the_file(daemon, tm
         assert after[name] == pytest.approx(value), name
     for name in given:  # the command line still beats the file
         assert after[name] == before[name], name
+
+
+def test_catalogue_service_docs_table_is_current():
+    from cllmd.settings import render_docs_table
+    text = (DOCS / "service.md").read_text()
+    assert render_docs_table() in text, "regenerate docs/service.md's table: python -m cllmd.settings --docs"
