@@ -11,7 +11,7 @@ With --pages release the children read batches through AdvisedStore, which model
 DataStore: drop the shard pages from the process after each batch (see its docstring);
 --pages random only advises the maps MADV_RANDOM (which turns readahead off).
 checkpointing: trains with and without gradient checkpointing in child processes and reports
-peak RSS and the spheres' activation bytes (its time cost is measured interleaved in one
+peak RSS and the threads' workspace bytes (its time cost is measured interleaved in one
 process by bench_train.py --checkpointing). Children run one after the other, alternating.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         if spec.get("eval_every") and (step + 1) % spec["eval_every"] == 0:
             trainer.evaluate()
-    activations = sum(s.workspace.nbytes for s in trainer.spheres if s.workspace is not None)
+    activations = trainer.workspaces.nbytes
     trainer.close()
     out = {"peak_rss_mib": status_kib("VmHWM") / 1024, "rss_before_trainer_mib": before / 1024,
            "rss_file_mib": status_kib("RssFile") / 1024, "rss_anon_mib": status_kib("RssAnon") / 1024,
@@ -182,7 +182,7 @@ def checkpointing(args) -> None:
             row[ck] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         a, b = row[False], row[True]
         print(f"{shape} {SHAPES[shape]}: peak RSS {a['peak_rss_mib']:.1f} -> {b['peak_rss_mib']:.1f} MiB "
-              f"({b['peak_rss_mib'] - a['peak_rss_mib']:+.1f}); activations of the 12 spheres "
+              f"({b['peak_rss_mib'] - a['peak_rss_mib']:+.1f}); activations (the threads' workspaces) "
               f"{a['activation_mib']:.1f} -> {b['activation_mib']:.1f} MiB", flush=True)
 
 

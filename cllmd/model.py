@@ -130,43 +130,76 @@ def clock_features(block_size: int, n_embd: int, scale: float = INIT_STD) -> np.
     return scale * features[:, :n_embd]
 
 
-class Workspace:
-    """Activations and gradients for one (B, T): allocated once, reused every step.
+HEAD_CHUNK_BYTES = 32 << 20  # the fused head's logits chunk: [R, V] of at most this (>= 64 rows)
 
-    Each trainer sphere owns one, so spheres never share writable memory. With checkpointing,
-    per-layer activations keep one slot instead of n_layer: the backward recomputes each
-    block's activations from its input (the residual stream, kept for every layer).
+
+def head_chunk_rows(vocab_size: int, dtype=np.float32) -> int:
+    """Rows R of the fused head's logits chunk: 32 MiB of them, at least 64 (at V = 50257 in
+    float32, 166 rows instead of a [1024, V] block of 206 MB per sequence)."""
+    return max(64, HEAD_CHUNK_BYTES // (vocab_size * np.dtype(dtype).itemsize))
+
+
+class Workspace:
+    """Activations for up to B rows of T positions: one allocation, carved into named buffers.
+
+    A trainer thread owns one and runs every sphere it takes in it (use(B) re-carves it for a
+    smaller micro-batch), so the activation memory grows with the threads, not the spheres.
+    With checkpointing, per-layer activations keep one slot instead of n_layer: the backward
+    recomputes each block's activations from its input (the residual stream, kept for every
+    layer). head_rows: the fused head's chunk of logits (None: all B * T rows, as
+    Model.forward_into needs; the trainer passes head_chunk_rows).
     """
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, head_rows: int | None = None):
         # grad_flat: where forward_backward writes gradients when not given another buffer;
         # allocated on first use (the trainer's workspaces never use it: spheres write into
         # rows of node zero's gradient sum)
-        C, V, NH, L = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_layer
-        N = B * T
-        Lc = 1 if checkpointing else L
-        self.B, self.T, self.dtype, self.checkpointing = B, T, np.dtype(dtype), bool(checkpointing)
-        e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
-        self.buffers = Buffers(
-            encoded=e(N, C),
-            ln1=e(Lc, N, C), ln1_mean=e(Lc, N), ln1_rstd=e(Lc, N),
-            qkv=e(Lc, B, T, 3 * C), att=e(Lc, B, NH, T, T), atty=e(Lc, B, T, C), residual2=e(Lc, N, C),
-            ln2=e(Lc, N, C), ln2_mean=e(Lc, N), ln2_rstd=e(Lc, N),
-            fch=e(Lc, N, 4 * C), fch_gelu=e(Lc, N, 4 * C),
-            residual3=e(L, N, C),
-            lnf=e(N, C), lnf_mean=e(N), lnf_rstd=e(N),
-            logits=e(N, V),  # becomes probabilities, then dlogits, in place
-            losses=e(N), dlosses=e(N),
-            dresidual=e(N, C), dtmp=e(N, C), dqkv=e(B, T, 3 * C), dfch=e(N, 4 * C),
-            empty=e(0, C),
-        )
-        for name, array in zip(Buffers._fields, self.buffers):
-            setattr(self, name, array)
-        self.ones = np.ones(N, dtype=dtype)  # the loss weights when there is no mask
+        self.cfg, self.T, self.dtype, self.checkpointing = cfg, T, np.dtype(dtype), bool(checkpointing)
+        self.capacity, self.head_rows = B, head_rows
+        self._arena = np.empty(sum(-(-math.prod(shape) // 16) * 16 for shape in self._shapes(B).values()),
+                               dtype=self.dtype)
+        self._ones = np.ones(B * T, dtype=self.dtype)
+        self.use(B)
         self.table = param_table(cfg)
         self.num_params = num_params(cfg)
         self._grad_flat = grad_flat
+
+    def _shapes(self, B: int) -> dict[str, tuple[int, ...]]:
+        cfg, T = self.cfg, self.T
+        C, V, NH, L = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_layer
+        N = B * T
+        Lc = 1 if self.checkpointing else L
+        R = N if self.head_rows is None else max(1, min(N, self.head_rows))
+        return dict(
+            encoded=(N, C),
+            ln1=(Lc, N, C), ln1_mean=(Lc, N), ln1_rstd=(Lc, N),
+            qkv=(Lc, B, T, 3 * C), att=(Lc, B, NH, T, T), atty=(Lc, B, T, C), residual2=(Lc, N, C),
+            ln2=(Lc, N, C), ln2_mean=(Lc, N), ln2_rstd=(Lc, N),
+            fch=(Lc, N, 4 * C), fch_gelu=(Lc, N, 4 * C),
+            residual3=(L, N, C),
+            lnf=(N, C), lnf_mean=(N,), lnf_rstd=(N,),
+            logits=(R, V),  # a chunk of rows: logits, then probabilities, then dlogits, in place
+            losses=(N,), dlosses=(N,),
+            dresidual=(N, C), dtmp=(N, C), dqkv=(B, T, 3 * C), dfch=(N, 4 * C),
+            empty=(0, C),
+        )
+
+    def use(self, B: int) -> "Workspace":
+        """Carves the buffers for B rows (B <= capacity), each contiguous, from the one allocation."""
+        if not 1 <= B <= self.capacity:
+            raise ValueError(f"workspace holds 1 to {self.capacity} rows, asked for {B}")
+        views, at = {}, 0
+        for name, shape in self._shapes(B).items():
+            n = math.prod(shape)
+            views[name] = self._arena[at:at + n].reshape(shape)
+            at += -(-n // 16) * 16  # 64-byte steps in float32
+        self.buffers = Buffers(**views)
+        for name, array in zip(Buffers._fields, self.buffers):
+            setattr(self, name, array)
+        self.B = B
+        self.ones = self._ones[:B * self.T]  # the loss weights when there is no mask
+        return self
 
     @property
     def grad_flat(self) -> np.ndarray:
@@ -180,8 +213,8 @@ class Workspace:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of activation buffers (the gradient buffer not included)."""
-        return sum(a.nbytes for a in self.buffers) + self.ones.nbytes
+        """Bytes of the activation buffers (the gradient buffer not included)."""
+        return self._arena.nbytes + self._ones.nbytes
 
 
 def param_offsets(cfg: ModelConfig) -> np.ndarray:
@@ -284,8 +317,11 @@ class Model:
     def forward_into(self, ws: Workspace, idx: np.ndarray) -> np.ndarray:
         """Forward pass saving every activation in ws; returns logits [B*T, V] (a view of ws).
 
-        idx [B, T] must match the workspace's (B, T). One kernel call (cllmd.kernels.transformer).
+        idx [B, T] must match the workspace's (B, T), whose head must hold all B * T rows
+        (head_rows None). One kernel call (cllmd.kernels.transformer).
         """
+        if ws.logits.shape[0] != ws.B * ws.T:
+            raise ValueError(f"workspace's head holds {ws.logits.shape[0]} rows of logits, not all {ws.B * ws.T}")
         model_forward(ws.buffers, self._ids(ws, idx, "idx"), self.flat, self._no_transpose, self.offsets,
                  self._positions(), self.cfg.n_head)
         return ws.logits

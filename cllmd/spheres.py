@@ -1,8 +1,10 @@
-"""The 12 worker spheres and the persistent thread pool that runs them.
+"""The 12 worker spheres, the persistent thread pool that runs them, and the threads' workspaces.
 
-A sphere owns a micro-batch slot, its own activation and gradient buffers and its statistics.
-Any pool thread may run any sphere: threads take whichever task is next from one shared queue
-(work stealing), and the submitter waits until every task has finished, not merely been taken.
+A sphere owns a micro-batch slot and its statistics. Any pool thread may run any sphere:
+threads take whichever task is next from one shared queue (work stealing), and the submitter
+waits until every task has finished, not merely been taken. The activation buffers belong to
+the threads (ThreadWorkspaces), and the gradient rows to node zero's sum (cllmd.reduction),
+so memory grows with the threads, not the spheres.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cllmd.model import Model, Workspace
+from cllmd.model import Model, Workspace, head_chunk_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +41,18 @@ class SphereStats:
 
 
 class Sphere:
-    """One worker sphere: its micro-batch slot, workspace, gradients and statistics."""
+    """One worker sphere: its micro-batch slot and statistics."""
 
     def __init__(self, sphere_id: int, model: Model):
         self.id = sphere_id
         self.model = model
-        self.workspace: Workspace | None = None
-        self.checkpointing = False  # recompute block activations in the backward (less memory)
         self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
         self.stats = SphereStats()
         self.lock = threading.Lock()
         # the slot, filled by node zero before each step
         self.idx = self.targets = self.mask = None
         self.result: tuple[float, float] = (0.0, 0.0)  # (mean loss, counted tokens)
+        self.losses: np.ndarray | None = None  # per-position losses of the last forward-only pass
 
     def _set_state(self, state: str) -> None:
         now = time.monotonic()
@@ -64,22 +65,16 @@ class Sphere:
             self.stats.state = state
             self.stats.last_change = now
 
-    def ensure_workspace(self, B: int, T: int) -> Workspace:
-        ws = self.workspace
-        if ws is None or (ws.B, ws.T, ws.checkpointing) != (B, T, self.checkpointing):
-            self.workspace = None  # let the old buffers go before the new ones are allocated
-            ws = self.workspace = Workspace(self.model.cfg, B, T, self.model.dtype, checkpointing=self.checkpointing)
-        return ws
-
-    def compute(self, forward_only: bool, grad: np.ndarray | None = None) -> None:
+    def compute(self, forward_only: bool, ws: Workspace, grad: np.ndarray | None = None) -> None:
         """Gradient of the *sum* of the slot's token losses into grad, a row of node zero's
-        gradient sum (node zero normalizes after reducing); forward_only: the losses alone."""
-        B, T = self.idx.shape
-        ws = self.ensure_workspace(B, T)
+        gradient sum (node zero normalizes after reducing), using the running thread's
+        workspace ws (carved for the slot's rows); forward_only: the losses alone."""
+        ws.use(self.idx.shape[0])
         self._set_state("working")
         try:
             if forward_only:
                 self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask)
+                self.losses = ws.losses.copy()
             else:
                 self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
                                                           weights_t=self.weights_t, grad=grad)
@@ -106,6 +101,51 @@ class Sphere:
             return {"id": self.id, "state": s.state, "batches": s.batches, "tokens": s.tokens,
                     "mean_loss": s.mean_loss, "recent_loss": s.recent_loss,
                     "busy_s": round(busy, 3), "idle_s": round(idle, 3)}
+
+
+class ThreadWorkspaces:
+    """One Workspace per pool thread, for whichever spheres it runs (not one per sphere).
+
+    A thread's workspace holds the largest micro-batch asked of it and is carved for smaller
+    ones; it is replaced when the shape or the checkpointing setting changes, and let go when
+    its thread leaves the pool. The head's logits are chunked (head_chunk_rows).
+    """
+
+    def __init__(self, model: Model, checkpointing: bool = False):
+        self.model = model
+        self.checkpointing = checkpointing  # read at the next get(): a changed setting reallocates
+        self._by_thread: dict[int, Workspace] = {}
+        self._lock = threading.Lock()
+        self.allocations = 0  # workspaces ever allocated
+
+    def get(self, B: int, T: int, capacity: int = 0) -> Workspace:
+        """The calling thread's workspace, holding at least max(B, capacity) rows of T."""
+        key = threading.get_ident()
+        ws = self._by_thread.get(key)
+        if ws is None or ws.T != T or ws.checkpointing != self.checkpointing or ws.capacity < B:
+            with self._lock:
+                self._by_thread.pop(key, None)  # let the old buffers go before the new ones exist
+            ws = None
+            cfg, dtype = self.model.cfg, self.model.dtype
+            ws = Workspace(cfg, max(B, capacity), T, dtype, checkpointing=self.checkpointing,
+                           head_rows=head_chunk_rows(cfg.vocab_size, dtype))
+            with self._lock:
+                self._by_thread[key] = ws
+                self.allocations += 1
+        return ws
+
+    def release(self, thread_ident: int) -> None:
+        """A thread left the pool: its workspace goes."""
+        with self._lock:
+            self._by_thread.pop(thread_ident, None)
+
+    def all(self) -> list[Workspace]:
+        with self._lock:
+            return list(self._by_thread.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ws.nbytes for ws in self.all())
 
 
 class _Latch:
@@ -139,7 +179,8 @@ class SpherePool:
     stop token, new ones start. BLAS must run one thread per worker (the trainer sets that).
     """
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, on_exit=None):
+        self._on_exit = on_exit  # called with a worker's thread ident as it leaves the pool
         self._tasks: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -167,6 +208,8 @@ class SpherePool:
         while True:
             task = self._tasks.get()
             if task is None:
+                if self._on_exit is not None:
+                    self._on_exit(threading.get_ident())
                 return
             fn, latch = task
             try:

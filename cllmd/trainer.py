@@ -26,7 +26,7 @@ from cllm.catalogue import check_section, field_of
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
-from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, split_rows
+from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, ThreadWorkspaces, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ class Trainer:
         self.spheres = [Sphere(i + 1, model) for i in range(NUM_SPHERES)]
         for s in self.spheres:
             s.weights_t = self.weights_t
-            s.checkpointing = config.grad_checkpointing
-        self.pool = SpherePool(threads or usable_cores())
+        # activations belong to the running threads, not the spheres
+        self.workspaces = ThreadWorkspaces(model, checkpointing=config.grad_checkpointing)
+        self.pool = SpherePool(threads or usable_cores(), on_exit=self.workspaces.release)
         # one BLAS thread per worker thread, so N workers really use N cores
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.optimizer = AdamW(model.flat, model.table, weight_decay=config.weight_decay,
@@ -147,8 +148,7 @@ class Trainer:
             self.config = new
             self.optimizer.weight_decay = new.weight_decay
             self.optimizer.beta1, self.optimizer.beta2, self.optimizer.eps = new.beta1, new.beta2, new.eps
-            for s in self.spheres:  # a sphere reallocates its workspace at its next micro-batch
-                s.checkpointing = new.grad_checkpointing
+            self.workspaces.checkpointing = new.grad_checkpointing  # threads reallocate at their next sphere
         return new
 
     def _apply_pending(self) -> None:
@@ -174,6 +174,8 @@ class Trainer:
         finishes (= for the first sphere if overwrite, += otherwise; norm: then fill the
         per-block sums of squares)."""
         used = []
+        T = x.shape[1]
+        most = max(b - a for a, b in split_rows(x.shape[0]))  # the workspaces hold the largest slot
         for sphere, (a, b) in zip(self.spheres, split_rows(x.shape[0])):
             if a == b:
                 sphere._set_state("sitting_out")
@@ -182,8 +184,11 @@ class Trainer:
             sphere.targets = np.ascontiguousarray(y[a:b])
             sphere.mask = None if mask is None else np.ascontiguousarray(mask[a:b])
             used.append(sphere)
+        def workspace(sphere):
+            return self.workspaces.get(sphere.idx.shape[0], T, capacity=most)
+
         if forward_only:
-            self.pool.run([lambda s=s: s.compute(True) for s in used])
+            self.pool.run([lambda s=s: s.compute(True, workspace(s)) for s in used])
             return used
         gradsum = self.gradsum
         gradsum.begin([s.id for s in used], overwrite, norm)
@@ -193,7 +198,7 @@ class Trainer:
             if row is None:  # another sphere failed: its error is the step's
                 return
             try:
-                sphere.compute(False, grad=row)
+                sphere.compute(False, workspace(sphere), grad=row)
             except BaseException:
                 gradsum.give_back(row)
                 gradsum.abort()
@@ -269,7 +274,7 @@ class Trainer:
                 loss_sum += s.result[0] * s.result[1]
                 count += s.result[1]
                 groups = s.targets.reshape(-1) % NUM_SPHERES
-                group_sum += np.bincount(groups, weights=s.workspace.losses, minlength=NUM_SPHERES)
+                group_sum += np.bincount(groups, weights=s.losses, minlength=NUM_SPHERES)
                 group_count += np.bincount(groups, minlength=NUM_SPHERES)
         for s in self.spheres:
             if s.stats.state == "waiting":

@@ -12,7 +12,9 @@ laid out as cllmd.model.param_table; offs locates them: offs[0:4] = wte [V, C], 
 ln_f.weight, ln_f.bias; offs[4 + 12 l + k] = layer l's k-th tensor in table order (LAYER
 below). Activations: a Buffers tuple; per-layer activations have a leading axis of L, or of 1
 with gradient checkpointing, when a block's activations are recomputed from its input (the
-residual stream, always kept per layer) just before its backward.
+residual stream, always kept per layer) just before its backward. The head and the
+cross-entropy run fused, R rows at a time (R = buf.logits.shape[0]), so the [N, V] logits
+never exist unless R = N (model_forward, which returns them, needs that).
 """
 from collections import namedtuple
 
@@ -43,7 +45,7 @@ Buffers = namedtuple("Buffers", [
     "fch", "fch_gelu",                  # [Lc, N, 4C] gelu'(pre-activation), gelu(pre-activation)
     "residual3",                        # [L, N, C] block outputs (the checkpoints)
     "lnf", "lnf_mean", "lnf_rstd",      # [N, C], [N]
-    "logits",                           # [N, V] logits, then probabilities, then dlogits
+    "logits",                           # [R, V] one chunk of R rows of logits, then probabilities, then dlogits
     "losses", "dlosses",                # [N]
     "dresidual", "dtmp",                # [N, C] backward scratch
     "dqkv",                             # [B, T, 3C]
@@ -140,37 +142,79 @@ def transpose_weights(flat_t, flat, offs, l, n_embd):
 # ---- the model -----------------------------------------------------------------------------
 
 @kernel
-def model_forward(buf, idx, flat, flat_t, offs, wpe, n_head):
-    """Logits into buf.logits [N, V]; every activation saved. wpe [block, C] is the position
-    table in use (the learned one, plus the clock features when enabled). flat_t: transposed
-    weights (transposed_weights) or empty; with them the tied head is a plain product."""
+def trunk_forward(buf, idx, flat, offs, wpe, n_head):
+    """Embeddings, the blocks and the final LayerNorm into buf.lnf [N, C]; every activation saved.
+    wpe [block, C] is the position table in use (the learned one, plus the clock features)."""
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
-    V = buf.logits.shape[1]
-    wte = _mat(flat, offs[0], V, C)
-    embedding_forward(buf.encoded.reshape((B, T, C)), idx, wte, wpe, 0)
+    V = (offs[1] - offs[0]) // C
+    embedding_forward(buf.encoded.reshape((B, T, C)), idx, _mat(flat, offs[0], V, C), wpe, 0)
     x = buf.encoded
     for l in range(L):
         block_forward(buf, l, x, flat, offs, n_head, True)
         x = buf.residual3[l]
     layernorm_forward(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec(flat, offs[2], C), _vec(flat, offs[3], C), LN_EPS)
-    if flat_t.size:                                                              # tied head: lnf wte^T
-        gemm(False, False, 1.0, buf.lnf, _mat(flat_t, offs[0], C, V), 0.0, buf.logits)
+
+
+@kernel
+def _head_logits(logits, x, flat, flat_t, offs):
+    """logits [R, V] = x [R, C] wte^T (the tied head); a plain product on the transposed copy."""
+    R, V = logits.shape
+    C = x.shape[1]
+    if flat_t.size:
+        gemm(False, False, 1.0, x, _mat(flat_t, offs[0], C, V), 0.0, logits)
     else:
-        gemm(False, True, 1.0, buf.lnf, wte, 0.0, buf.logits)
+        gemm(False, True, 1.0, x, _mat(flat, offs[0], V, C), 0.0, logits)
+
+
+@kernel
+def model_forward(buf, idx, flat, flat_t, offs, wpe, n_head):
+    """Logits into buf.logits [N, V] (a workspace whose head chunk is all N rows); every
+    activation saved. flat_t: transposed weights (transposed_weights) or empty."""
+    trunk_forward(buf, idx, flat, offs, wpe, n_head)
+    if buf.logits.shape[0] != buf.lnf.shape[0]:
+        raise ValueError("model_forward: the workspace's head holds fewer rows than the batch")
+    _head_logits(buf.logits, buf.lnf, flat, flat_t, offs)
+
+
+@kernel
+def head_loss(buf, targets, mask, flat, flat_t, offs, backward, scale, grad):
+    """The tied head and the cross-entropy, fused, R rows at a time: per-position losses into
+    buf.losses; returns sum(losses * mask) in float64. With backward, also the head's
+    gradients: grad's wte (written, = then +=) and d lnf into buf.dtmp, for the loss
+    scale * sum(losses * mask). Shapes: targets, mask [N]; a chunk's logits [R, V]."""
+    N, C = buf.lnf.shape
+    R, V = buf.logits.shape
+    wte = _mat(flat, offs[0], V, C)
+    total = 0.0
+    for r0 in range(0, N, R):
+        r1 = min(r0 + R, N)
+        lg, x = buf.logits[:r1 - r0], buf.lnf[r0:r1]
+        _head_logits(lg, x, flat, flat_t, offs)
+        crossentropy_forward(lg, buf.losses[r0:r1], lg, targets[r0:r1])               # logits -> probs
+        for n in range(r0, r1):
+            total += np.float64(buf.losses[n]) * mask[n]
+        if backward:
+            for n in range(r0, r1):
+                buf.dlosses[n] = mask[n] * scale
+            crossentropy_backward(lg, lg, targets[r0:r1], buf.dlosses[r0:r1])          # probs -> dlogits
+            # logits = lnf wte^T: dwte = dlogits^T lnf over all rows (the embedding adds to it later)
+            dwte = _mat(grad, offs[0], V, C)
+            if r0 == 0:
+                weight_grad(dwte, lg, x)
+            else:
+                gemm(True, False, 1.0, lg, x, 1.0, dwte)
+            gemm(False, False, 1.0, lg, wte, 0.0, buf.dtmp[r0:r1])                     # dlnf
+    return total
 
 
 @kernel
 def model_forward_loss(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head):
-    """Forward, then per-position losses into buf.losses and probabilities into buf.logits.
-    Returns sum(losses * mask) in float64. Shapes: idx, targets [B, T]; mask [N]."""
-    model_forward(buf, idx, flat, flat_t, offs, wpe, n_head)
-    crossentropy_forward(buf.logits, buf.losses, buf.logits, targets.reshape(-1))
-    total = 0.0
-    for n in range(mask.size):
-        total += np.float64(buf.losses[n]) * mask[n]
-    return total
+    """Forward and per-position losses into buf.losses; returns sum(losses * mask) in float64.
+    Shapes: idx, targets [B, T]; mask [N]."""
+    trunk_forward(buf, idx, flat, offs, wpe, n_head)
+    return head_loss(buf, targets.reshape(-1), mask, flat, flat_t, offs, False, 1.0, flat[:0])
 
 
 @kernel
@@ -178,7 +222,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
     """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole.
     flat_t: transposed weight matrices (see transpose_weights) or empty. Returns
     sum(losses * mask) in float64."""
-    total = model_forward_loss(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head)
+    trunk_forward(buf, idx, flat, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -192,13 +236,8 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
     grad[offs[1]:offs[1] + wpe.size] = 0.0
     grad[offs[2]:offs[2] + C] = 0.0
     grad[offs[3]:offs[3] + C] = 0.0
-    for n in range(N):
-        buf.dlosses[n] = mask[n] * scale
-    crossentropy_backward(buf.logits, buf.logits, targets.reshape(-1), buf.dlosses)  # probs -> dlogits
-    wte, dwte = _mat(flat, offs[0], V, C), _mat(grad, offs[0], V, C)
-    # logits = lnf wte^T: the head writes dwte, the embedding adds to it below
-    weight_grad(dwte, buf.logits, buf.lnf)
-    gemm(False, False, 1.0, buf.logits, wte, 0.0, buf.dtmp)                      # dlnf
+    total = head_loss(buf, targets.reshape(-1), mask, flat, flat_t, offs, True, scale, grad)  # dwte, dlnf
+    dwte = _mat(grad, offs[0], V, C)
     buf.dresidual[:] = 0.0
     layernorm_backward(buf.dresidual, _vec(grad, offs[2], C), _vec(grad, offs[3], C), buf.dtmp, buf.residual3[L - 1],
                        _vec(flat, offs[2], C), buf.lnf_mean, buf.lnf_rstd)

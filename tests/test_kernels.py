@@ -325,7 +325,8 @@ def test_kernels_gelu_forward_grad_matches_reference_and_backward(dtype):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(dtype, checkpointing):
     # the whole pass is written once (its oracle: finite differences and PyTorch, tests/test_model.py);
-    # here its variants agree, and its head matches the cross-entropy reference
+    # here its variants agree (transposed weights, checkpointing, the head in chunks of rows),
+    # and its head matches the cross-entropy reference
     from cllmd.model import Model, ModelConfig, Workspace
     cfg = ModelConfig(vocab_size=19, n_layer=3, n_head=2, n_embd=8, block_size=7, clock_positions=True)
     m = Model(cfg, seed=2, dtype=dtype)
@@ -337,8 +338,11 @@ def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(
     wpe = m.params["wpe"] + m.clock
     flat_t = m.transposed_weights()
     outs = []
-    for weights_t, ck in ((flat_t, checkpointing), (m.flat[:0], checkpointing), (m.flat[:0], not checkpointing)):
-        ws = Workspace(cfg, B, T, dtype, checkpointing=ck)
+    variants = ((flat_t, checkpointing, None), (m.flat[:0], checkpointing, None), (m.flat[:0], not checkpointing, None),
+                (flat_t, checkpointing, 5), (m.flat[:0], checkpointing, 1))  # the fused head in chunks of 5, 1 rows
+    for weights_t, ck, head_rows in variants:
+        ws = Workspace(cfg, B, T, dtype, checkpointing=ck, head_rows=head_rows)
+        assert ws.logits.shape == (head_rows or B * T, cfg.vocab_size)
         ws.grad_flat[:] = np.nan  # every gradient must be written
         total = transformer.model_forward_backward(ws.buffers, idx, targets, mask, 0.25, m.flat, weights_t,
                                                    m.offsets, wpe, cfg.n_head, ws.grad_flat)

@@ -90,6 +90,18 @@ def test_model_checkpointing_workspace_is_smaller():
     assert ckpt.nbytes < 0.5 * full.nbytes
 
 
+def test_model_chunked_head_gradients_match_finite_differences():
+    cfg = ModelConfig(**TINY)
+    m = _perturbed(cfg)
+    rng = np.random.default_rng(11)
+    idx, targets = rng.integers(0, 13, (3, 5)), rng.integers(0, 13, (3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float64)
+    m._workspace = Workspace(cfg, 3, 5, np.float64, head_rows=4)  # 15 rows of logits, 4 at a time
+    rel, where = _max_rel_error(m, idx, targets, mask)
+    assert m._workspace.logits.shape == (4, 13)
+    assert rel < 1e-5, f"max relative error {rel:.2e} at {where}"
+
+
 def test_model_transposed_weights_give_the_same_gradients():
     cfg = ModelConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=8, block_size=6)
     m = _perturbed(cfg)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,22 +48,37 @@ def test_trainer_weights_bit_identical_across_thread_counts():
         assert losses == results[0][1]
 
 
-def test_trainer_gradient_rows_grow_with_threads_not_spheres():
+def test_trainer_gradient_rows_and_workspaces_grow_with_threads_not_spheres():
     for threads in (1, 2, 3):
-        tr, _ = _train(threads, steps=2, batch=24)  # all 12 spheres busy, two rows each
-        assert not hasattr(tr, "sphere_grads")
+        tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=24, warmup=2, eval_windows=48),
+                     threads=threads)
+        for _ in range(2):
+            tr.step()  # all 12 spheres busy, two rows each
+        tr.evaluate()
+        assert not hasattr(tr, "sphere_grads") and not hasattr(tr.spheres[0], "workspace")
         assert 1 <= tr.gradsum.rows_allocated <= threads, (threads, tr.gradsum.rows_allocated)
+        workspaces = tr.workspaces.all()
+        assert 1 <= len(workspaces) <= threads and tr.workspaces.allocations <= threads
+        assert all(ws.capacity == 2 for ws in workspaces)
+        tr.close()
+        deadline = time.monotonic() + 10
+        while tr.workspaces.all() and time.monotonic() < deadline:  # the threads leave as they wake
+            time.sleep(0.01)
+        assert tr.workspaces.all() == []  # threads leaving the pool let their workspaces go
     tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=24, warmup=2), threads=3)
     tr.step()
     tr.set_threads(1)
     tr.step()
-    tr.close()
     assert tr.gradsum.rows_allocated == 1  # the surplus rows are let go when the pool shrinks
+    deadline = time.monotonic() + 10
+    while len(tr.workspaces.all()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(tr.workspaces.all()) == 1
+    tr.close()
 
 
 def test_trainer_ordered_sum_adds_rows_in_sphere_order_whatever_the_finishing_order():
     import threading
-    import time
 
     from cllmd.reduction import OrderedGradientSum
     rng = np.random.default_rng(3)
@@ -98,7 +114,7 @@ def test_trainer_a_failing_sphere_fails_the_step_and_the_next_step_works():
     sphere = tr.spheres[4]
     original = sphere.compute
 
-    def broken(forward_only, grad=None):
+    def broken(forward_only, ws, grad=None):
         raise RuntimeError("sphere 5 broke")
 
     sphere.compute = broken
@@ -112,17 +128,21 @@ def test_trainer_a_failing_sphere_fails_the_step_and_the_next_step_works():
 
 def test_trainer_gradient_checkpointing_changes_nothing_but_memory():
     base, base_losses = _train(2)
-    ck, ck_losses = _train(3, grad_checkpointing=True)
+    ck = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=13, warmup=2, grad_checkpointing=True),
+                 threads=3)
+    ck_losses = [ck.step()["loss"] for _ in range(4)]
     assert np.array_equal(ck.model.flat, base.model.flat) and ck_losses == base_losses
-    assert all(s.workspace.checkpointing and s.workspace.ln1.shape[0] == 1 for s in ck.spheres)
-    # switched on while training runs: the spheres reallocate their workspaces at the next step
+    assert ck.workspaces.all() and all(ws.checkpointing and ws.ln1.shape[0] == 1 for ws in ck.workspaces.all())
+    ck.close()
+    # switched on while training runs: the threads reallocate their workspaces at the next step
     tr = Trainer(Model(CFG, seed=0), _source(), TrainConfig(batch_size=13, warmup=2), threads=2)
     tr.step()
+    assert not any(ws.checkpointing for ws in tr.workspaces.all())
     tr.update_config(grad_checkpointing=True)
     for _ in range(3):
         tr.step()
+    assert tr.workspaces.all() and all(ws.checkpointing for ws in tr.workspaces.all())
     tr.close()
-    assert all(s.workspace.checkpointing for s in tr.spheres)
     assert np.array_equal(tr.model.flat, base.model.flat)
 
 
