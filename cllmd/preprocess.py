@@ -1,16 +1,21 @@
-"""Turn a queued file into clean UTF-8 text for the tokenizer, by its format (file extension).
+"""Turn a queued file into clean UTF-8 text for the tokenizer, by its format (name and content).
 
 Follows the queue contract: an optional `#cllm-source <url-or-name> <ISO-8601 time>` first line,
-UTF-8 (BOM allowed) or UTF-16 with a BOM; text, HTML, JSON, JSON Lines, CSV and XML.
+UTF-8 (BOM allowed) or UTF-16 with a BOM, or the encoding an XML/HTML file declares; text, HTML,
+JSON, JSON Lines, CSV, TSV and XML, each optionally gzip-compressed. What is not prose (images,
+archives, SVG, roff sources, data without words) is refused with the reason.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
 import re
+import zlib
+from collections import OrderedDict
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,11 +26,28 @@ DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 
 FORMATS: dict[str, str] = {
     ".txt": "text", ".md": "text", ".rst": "text", ".text": "text",
-    ".html": "html", ".htm": "html",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
     ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".csv": "csv", ".xml": "xml",
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".xml": "xml",
 }
+# One line per format, for `cllm queue add --help` and docs/cli.md (client/cli.py keeps a copy
+# it may import without numpy: tests/test_preprocess.py checks the two agree).
+FORMAT_HELP = (
+    "plain text (.txt .md .rst .text, or any name whose content is prose)",
+    "HTML (.html .htm .xhtml; navigation, headers, footers, sidebars dropped; <main> preferred)",
+    "JSON (.json), JSON Lines (.jsonl .ndjson): text/content/body fields, else sentences",
+    "CSV (.csv), TSV (.tsv .tab): the text columns",
+    "XML (.xml; a DOCTYPE without entity declarations is fine)",
+    "any of these gzip-compressed (.gz), up to the queue's size limit once decompressed",
+)
 PROVENANCE = "#cllm-source "
+GZIP_MAGIC = b"\x1f\x8b"
+# Binary formats named in the refusal, so "binary data" says what the file is.
+_MAGIC = ((b"%PDF-", "a PDF document"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"GIF8", "a GIF image"), (b"PK\x03\x04", "a ZIP archive (or an office document)"),
+          (b"\x7fELF", "an ELF executable"), (b"BZh", "bzip2-compressed data"),
+          (b"\xfd7zXZ\x00", "xz-compressed data"), (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+          (b"ustar", "a tar archive"))
 
 
 class PreprocessError(ValueError):
@@ -47,11 +69,98 @@ def format_of(name: str) -> str:
     return FORMATS.get(ext, "text")
 
 
-def preprocess(name: str, data: bytes, *,
-               json_fields: Iterable[str] = DEFAULT_JSON_FIELDS) -> Preprocessed:
-    """Decode, strip the provenance line, extract the text of `data` by the format of `name`."""
+def _sniff(name: str, text: str) -> str:
+    """The format by name, checked against the content: a file with no known extension is looked
+    at (markup, JSON, roff, SVG), and an SVG is refused whatever it is called."""
     fmt = format_of(name)
-    text = decode(data)
+    head = text.lstrip("\ufeff \t\n")[:4096]
+    low = head.lower()
+    if name.lower().endswith(".svg") or re.search(r"<svg[\s>]", low[:2048]) and fmt in ("text", "xml"):
+        raise PreprocessError("not prose: an SVG image (vector graphics: path data, not text)")
+    dot = name.rfind(".")
+    if fmt != "text" or (dot > 0 and name[dot:].lower() in FORMATS):
+        return fmt
+    if re.match(r"(<!--.*?-->\s*)*<!doctype html|<html[\s>]", low, re.S):
+        return "html"
+    if low.startswith("<?xml") or re.match(r"<!doctype [a-z]|<[a-z][\w:.-]*[\s>/]", low):
+        return "xml"
+    if head[:1] in "{[":
+        try:
+            json.loads(text)
+            return "json"
+        except (ValueError, RecursionError):
+            pass
+    lines = [ln for ln in head.split("\n")[:200] if ln.strip()]
+    roff = sum(1 for ln in lines if re.match(r"\.[A-Za-z]{1,2}(\s|$)|'\\\"|\.\\\"", ln))
+    if lines and (lines[0].startswith(("'\\\"", ".\\\"", ".TH ")) or roff >= max(3, len(lines) // 3)):
+        raise PreprocessError("not prose: roff source (a man page); feed its rendered text "
+                              "(man -P cat NAME > NAME.txt) instead")
+    return "text"
+
+
+_WORDY = re.compile(r"[^\W\d_]")   # a letter of any script
+
+
+def _check_prose(text: str) -> None:
+    """Plain text must read as language: mostly letters, and words (not one endless token)."""
+    sample = text[:65536]
+    visible = sum(1 for c in sample if not c.isspace())
+    if visible < 200:
+        return
+    letters = len(_WORDY.findall(sample))
+    if letters < 0.4 * visible:
+        raise PreprocessError(f"not prose: only {100 * letters // visible}% of its characters are "
+                              f"letters (numbers, path data or a table?)")
+    longest = max((len(t) for t in sample.split()), default=0)
+    if longest > 1000:
+        raise PreprocessError(f"not prose: a run of {longest} characters without a blank "
+                              f"(encoded data such as base64?)")
+
+
+def gunzip(data: bytes, max_bytes: int) -> bytes:
+    """Decompress gzip data (several members allowed), refusing more than ``max_bytes`` out."""
+    out, d, rest = [], zlib.decompressobj(16 + zlib.MAX_WBITS), data
+    size = 0
+    try:
+        while rest:
+            chunk = d.decompress(rest, max_bytes + 1 - size)
+            size += len(chunk)
+            out.append(chunk)
+            if size > max_bytes:
+                raise PreprocessError(f"gzip-compressed data larger than {max_bytes} bytes once "
+                                      f"decompressed (the queue's size limit)")
+            rest = d.unconsumed_tail
+            if d.eof:
+                rest = d.unused_data
+                if not rest.startswith(GZIP_MAGIC):
+                    break   # the end, or trailing garbage after the last member (ignored, as gzip does)
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    except zlib.error as e:
+        raise PreprocessError(f"gzip-compressed data is corrupt: {e}") from None
+    if not d.eof:
+        raise PreprocessError("gzip-compressed data is truncated")
+    return b"".join(out)
+
+
+def preprocess(name: str, data: bytes, *,
+               json_fields: Iterable[str] = DEFAULT_JSON_FIELDS,
+               max_bytes: int = 64 * 1024 * 1024,
+               repeats: "RepeatedLines | None" = None) -> Preprocessed:
+    """Decode, strip the provenance line, extract the text of `data` by its format.
+
+    ``max_bytes`` caps what a gzip-compressed file may decompress to. ``repeats``, when given,
+    remembers the lines of earlier documents per site and drops those that repeat across them
+    (page furniture that markup alone does not reveal).
+    """
+    if data.startswith(GZIP_MAGIC):
+        data = gunzip(data, max_bytes)
+        if name.lower().endswith((".gz", ".tgz")):
+            name = name[:-3] if name.lower().endswith(".gz") else name[:-4] + ".tar"
+    for magic, what in _MAGIC:
+        if data.startswith(magic) or (magic == b"ustar" and data[257:262] == magic):
+            raise PreprocessError(f"binary data: {what}")
+    text = decode(data, declared=_declared_encoding(data, format_of(name)))
+    fmt = _sniff(name, text.partition("\n")[2] if text.startswith(PROVENANCE) else text)
     # \r\n (Windows) and lone \r (old Mac) both become \n before anything looks at lines.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -62,7 +171,10 @@ def preprocess(name: str, data: bytes, *,
         first_line = 2  # error messages count lines of the file, not of what is left
 
     if fmt == "text":
+        _check_prose(text)
         out = text
+    elif fmt == "tsv":
+        out = csv_text(text, first_line, delimiter="\t")
     elif fmt == "html":
         out = html_text(text)
     elif fmt == "json":
@@ -74,15 +186,37 @@ def preprocess(name: str, data: bytes, *,
     else:
         out = xml_text(text, first_line)
 
+    if repeats is not None and out.strip():
+        out = repeats.filter(source, out)
     if not out.strip():
         what = "the text is empty or only whitespace" if fmt == "text" else \
             f"no text content in the {fmt.upper()}"
+        if fmt == "json" or fmt == "jsonl":
+            what += f" (no {'/'.join(json_fields)} field and no string of two or more words)"
         raise PreprocessError(f"empty after preprocessing: {what}")
     return Preprocessed(text=out, source=source, format=fmt, source_time=source_time)
 
 
-def decode(data: bytes) -> str:
-    """UTF-8 (with or without BOM) or UTF-16/32 with a BOM, to str; refuses binary data."""
+_XML_DECL = re.compile(rb"\A(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
+_META_CHARSET = re.compile(rb"<meta[^>]+charset\s*=\s*[\"']?([A-Za-z0-9._-]+)", re.I)
+
+
+def _declared_encoding(data: bytes, fmt: str) -> str | None:
+    """The encoding an XML declaration or an HTML <meta charset> names, if any."""
+    head = data[:2048]
+    m = _XML_DECL.match(head) or (_META_CHARSET.search(head) if fmt == "html" else None)
+    if m is None:
+        return None
+    label = m.group(1).decode("ascii")
+    try:
+        return codecs.lookup(label).name
+    except LookupError:
+        raise PreprocessError(f"the file declares encoding {label!r}, which is unknown") from None
+
+
+def decode(data: bytes, declared: str | None = None) -> str:
+    """UTF-8 (with or without BOM) or UTF-16/32 with a BOM, to str; refuses binary data.
+    ``declared``: the encoding the file itself names (XML/HTML), used when it has no BOM."""
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
                        (codecs.BOM_UTF8, "utf-8"),
                        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
@@ -91,6 +225,8 @@ def decode(data: bytes) -> str:
             break
     else:
         body, skip, codec = data, 0, "utf-8"
+        if declared and declared not in ("utf-8", "utf-16", "utf-32") and b"\0" not in body[:4096]:
+            codec = declared   # UTF-16/32 need their BOM; an ASCII-compatible label is honoured
 
     if codec == "utf-8":
         nul = body.find(b"\0")
@@ -151,15 +287,44 @@ _LINE = frozenset({
 _CELL = frozenset({"td", "th"})
 
 
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+                   "param", "source", "track", "wbr"})
+# Page furniture: navigation, banners, footers, sidebars, search boxes, and Sphinx's ¶ links.
+_FURNITURE_TAGS = frozenset({"nav", "header", "footer", "aside", "menu"})
+_FURNITURE_ROLES = frozenset({"navigation", "banner", "contentinfo", "complementary", "search",
+                              "menu", "menubar", "toolbar"})
+_FURNITURE_CLASS = re.compile(r"(?:^|[\s_-])(?:side-?bar\w*|sphinxsidebar\w*|related|headerlink|"
+                              r"breadcrumbs?|navbar|nav|navigation|footer|skip-?link|"
+                              r"cookie\w*|share|social)(?:$|[\s_-])", re.I)
+_MAIN_HINT = re.compile(r"<main[\s>]|\srole\s*=\s*[\"']?main\b|<article[\s>]", re.I)
+
+
+def _is_furniture(tag: str, attrs: dict) -> bool:
+    if tag in _FURNITURE_TAGS or (attrs.get("role") or "").lower() in _FURNITURE_ROLES:
+        return True
+    names = f"{attrs.get('class') or ''} {attrs.get('id') or ''}".strip()
+    return bool(names) and bool(_FURNITURE_CLASS.search(names))
+
+
+def _is_main(tag: str, attrs: dict) -> bool:
+    return tag in ("main", "article") or (attrs.get("role") or "").lower() == "main"
+
+
 class _HTMLText(HTMLParser):
     # The output is a list of pieces: ordinary text (blanks collapsed), preformatted text (kept
     # as is) and breaks (1 = new line, 2 = empty line), which are merged when they meet.
+    # Open elements are kept on a stack (an end tag closes everything opened inside it, as
+    # browsers do with unclosed <p> and <li>), each marked skipped and/or main, so text is kept
+    # only outside skipped elements and, when the page has a main region, inside it.
 
-    def __init__(self) -> None:
+    def __init__(self, main_only: bool = False) -> None:
         super().__init__(convert_charrefs=True)  # entities are decoded inside handle_data
         self.pieces: list[str] = []
         self.pending_break = 0
+        self.main_only = main_only
+        self.open: list[tuple[str, bool, bool]] = []   # (tag, skipped, main)
         self.skip_depth = 0
+        self.main_depth = 0
         self.pre_depth = 0
 
     def _break(self, n: int) -> None:
@@ -173,11 +338,18 @@ class _HTMLText(HTMLParser):
         self.pending_break = 0
         self.pieces.append(s)
 
+    def _hidden(self) -> bool:
+        return bool(self.skip_depth) or (self.main_only and not self.main_depth)
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP:
-            self.skip_depth += 1
-        elif tag == "pre":
-            self.pre_depth += 1
+        if tag not in _VOID:
+            a = dict(attrs)
+            skipped = tag in _SKIP or _is_furniture(tag, a)
+            main = _is_main(tag, a)
+            self.open.append((tag, skipped, main))
+            self.skip_depth += skipped
+            self.main_depth += main
+            self.pre_depth += tag == "pre"
         if tag in _PARAGRAPH:
             self._break(2)
         elif tag in _LINE:
@@ -186,15 +358,20 @@ class _HTMLText(HTMLParser):
             self._emit_space()
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        # <br/>, <hr/>: a start without an end. A self-closed <script/> would never be closed.
-        if tag not in _SKIP and tag != "pre":
-            self.handle_starttag(tag, attrs)
+        # <br/>, <hr/>: a start without an end. A self-closed <div/> opens nothing.
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID:
+            self.handle_endtag(tag)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag == "pre":
-            self.pre_depth = max(0, self.pre_depth - 1)
+        if any(t == tag for t, _, _ in self.open):   # a stray end tag closes nothing
+            while self.open:
+                t, skipped, main = self.open.pop()
+                self.skip_depth -= skipped
+                self.main_depth -= main
+                self.pre_depth -= t == "pre"
+                if t == tag:
+                    break
         if tag in _PARAGRAPH:
             self._break(2)
         elif tag in _LINE:
@@ -205,7 +382,7 @@ class _HTMLText(HTMLParser):
             self.pieces.append(" ")
 
     def handle_data(self, data: str) -> None:
-        if self.skip_depth:
+        if self._hidden():
             return
         if self.pre_depth:
             self._emit(data)
@@ -220,7 +397,16 @@ class _HTMLText(HTMLParser):
 
 
 def html_text(text: str) -> str:
-    parser = _HTMLText()
+    """The page's text without its furniture (navigation, header, footer, sidebars, scripts);
+    only its main region (<main>, role="main", <article>) when it has one with text in it."""
+    out = ""
+    if _MAIN_HINT.search(text):
+        out = _html_pass(text, main_only=True)
+    return out if out.strip() else _html_pass(text, main_only=False)
+
+
+def _html_pass(text: str, main_only: bool) -> str:
+    parser = _HTMLText(main_only)
     parser.feed(text)
     parser.close()
     # Ordinary text never starts a line with blanks (handle_data strips them); blanks before a
@@ -229,24 +415,90 @@ def html_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", out).strip()
 
 
+# ------------------------------------------------------------------------ boilerplate across pages
+
+
+class RepeatedLines:
+    """Drops lines that earlier documents of the same site already carried many times: the page
+    furniture markup does not mark (a copyright line, "Previous topic", a version picker).
+
+    The site is the host of a document's http(s) source (its provenance line); documents from
+    elsewhere pass unchanged. A line is dropped once ``min_pages`` earlier documents of the site
+    held it. Memory is bounded: ``max_lines`` line hashes per site, ``max_sites`` sites (the
+    least recently seen go first). It lives as long as the daemon: a restart starts afresh.
+    """
+
+    def __init__(self, min_pages: int = 4, max_lines: int = 200_000, max_sites: int = 256):
+        self.min_pages, self.max_lines, self.max_sites = min_pages, max_lines, max_sites
+        self._sites: OrderedDict[str, dict[bytes, int]] = OrderedDict()
+
+    @staticmethod
+    def site_of(source: str) -> str | None:
+        m = re.match(r"https?://([^/?#]+)", source, re.I)
+        return m.group(1).lower() if m else None
+
+    def filter(self, source: str, text: str) -> str:
+        site = self.site_of(source)
+        if site is None:
+            return text
+        counts = self._sites.pop(site, None)
+        if counts is None:
+            counts = {}
+            while len(self._sites) >= self.max_sites:
+                self._sites.popitem(last=False)
+        self._sites[site] = counts
+        kept, seen = [], set()
+        for line in text.split("\n"):
+            key = line.strip()
+            if not key:
+                kept.append(line)
+                continue
+            h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            if h not in seen:
+                seen.add(h)
+                if counts.get(h, 0) < self.min_pages:
+                    kept.append(line)
+            elif counts.get(h, 0) < self.min_pages:
+                kept.append(line)
+        for h in seen:
+            counts[h] = counts.get(h, 0) + 1
+        if len(counts) > self.max_lines:   # forget the lines seen once: they are most of them
+            for h in [h for h, n in counts.items() if n == 1]:
+                del counts[h]
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+
+
 # ------------------------------------------------------------------------------------ JSON
 
 
+_TWO_WORDS = re.compile(r"[^\W\d_]\w*[^\S\n]+\W*[^\W\d_]")
+
+
 def _strings(value: Any, fields: tuple[str, ...]) -> Iterator[str]:
+    """The text of a JSON value. Strings at the top level or in top-level arrays are text, and a
+    record (object) with a text field (``fields``, in order of preference) gives that field's
+    strings, all of them. Inside a record without one, only strings of two or more words count:
+    single tokens there are values such as types, enum members, ids, URLs and dates (a JSON
+    schema is all "object", "string", "#/definitions/x"), not language."""
     # Depth-first, in document order, without recursion: deeply nested input cannot overflow.
-    stack = [value]
+    # Each value carries where it sits: "top", inside a "text" field, or in a "record" without one.
+    stack: list[tuple[Any, str]] = [(value, "top")]
     while stack:
-        v = stack.pop()
+        v, where = stack.pop()
         if isinstance(v, str):
-            if v.strip():
+            if v.strip() and (where != "record" or _TWO_WORDS.search(v)):
                 yield v
         elif isinstance(v, list):
-            stack.extend(reversed(v))
+            stack.extend((x, where) for x in reversed(v))
         elif isinstance(v, dict):
             # A preferred field that is null or blank does not hide the record's other strings.
             preferred = next((f for f in fields if v.get(f) not in (None, "", [], {})
                               and not (isinstance(v[f], str) and not v[f].strip())), None)
-            stack.extend(reversed([v[preferred]] if preferred is not None else list(v.values())))
+            if preferred is not None:
+                stack.append((v[preferred], "text"))
+            else:
+                inner = "text" if where == "text" else "record"
+                stack.extend((x, inner) for x in reversed(list(v.values())))
 
 
 def _loads(text: str, what: str, line_offset: int) -> Any:
@@ -292,19 +544,19 @@ def _is_texty(cell: str) -> bool:
     return bool(cell) and not _NUMERIC.fullmatch(cell)
 
 
-def csv_text(text: str, first_line: int = 1) -> str:
+def csv_text(text: str, first_line: int = 1, delimiter: str = ",") -> str:
     """Rows as lines, the cells of the text columns joined by tabs.
 
     A column is a text column when some cell below the header holds more than a number; with a
     single row every column counts. Numeric-only columns (ids, scores) carry no language.
     """
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter)
     rows: list[list[str]] = []
     try:
         for row in reader:
             rows.append(row)
     except csv.Error as e:
-        raise PreprocessError(f"malformed CSV at line {reader.line_num + first_line - 1}: {e}") from None
+        raise PreprocessError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} at line {reader.line_num + first_line - 1}: {e}") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         return ""
@@ -322,16 +574,17 @@ def csv_text(text: str, first_line: int = 1) -> str:
 
 # ------------------------------------------------------------------------------------- XML
 
-_DTD = re.compile(r"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+_ENTITY = re.compile(r"<!ENTITY", re.IGNORECASE)
 
 
 def xml_text(text: str, first_line: int = 1) -> str:
-    """The text nodes, element boundaries as blanks; DTDs are refused (no entity expansion)."""
-    m = _DTD.search(text)
+    """The text nodes, element boundaries as blanks. A DOCTYPE is fine; entity declarations are
+    refused (no entity expansion), and expat never fetches an external DTD."""
+    m = _ENTITY.search(text)
     if m:
-        # A DTD can declare entities that expand exponentially ("billion laughs") or read files.
+        # Declared entities can expand exponentially ("billion laughs") or read files.
         line = text.count("\n", 0, m.start()) + first_line
-        raise PreprocessError(f"XML with a DTD is refused (<!{m.group(1).upper()} on line {line})")
+        raise PreprocessError(f"XML that declares entities is refused (<!ENTITY on line {line})")
     # expat decodes from bytes itself; handing it UTF-8 bytes with the declaration removed keeps a
     # declared encoding="..." from contradicting the text we already decoded.
     body = re.sub(r"\A\s*<\?xml[^>]*\?>", lambda m: "\n" * m.group(0).count("\n"), text)

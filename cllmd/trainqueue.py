@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import inotify_simple
 from inotify_simple import flags as inflags
 
-from .preprocess import DEFAULT_JSON_FIELDS, PreprocessError, Preprocessed, preprocess
+from .preprocess import DEFAULT_JSON_FIELDS, PreprocessError, Preprocessed, RepeatedLines, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class TrainingQueue:
         self.rescan_seconds = rescan_seconds
         self.on_event = on_event
         self.json_fields = tuple(json_fields)
+        self.repeats = RepeatedLines()   # lines repeated across a site's pages are furniture
         self.retry_backoff = retry_backoff  # seconds before the 2nd attempt, doubling after
         # A rescan leaves files younger than this alone: one written in place (not renamed in)
         # may still be open; its IN_CLOSE_WRITE will bring it.
@@ -277,7 +278,8 @@ class TrainingQueue:
         self._emit(name=pname, state="processing", attempt=attempt)
 
         try:
-            pre = preprocess(pname, self._read(path), json_fields=self.json_fields)
+            pre = preprocess(pname, self._read(path), json_fields=self.json_fields,
+                             max_bytes=self.max_file_bytes, repeats=self.repeats)
         except (BadInput, PreprocessError) as e:
             self._fail(pname, str(e), attempt)
             return

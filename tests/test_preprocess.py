@@ -1,6 +1,7 @@
 """Preprocessing of queued files by format, encoding and provenance line."""
 
 import codecs
+import re
 
 import pytest
 
@@ -56,6 +57,8 @@ def test_preprocess_encodings_bom_and_utf16():
 
 def test_preprocess_refuses_binary_and_undecodable():
     with pytest.raises(PreprocessError, match=r"binary data: NUL byte at offset 8"):
+        preprocess("img.txt", b"\x88PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(PreprocessError, match=r"binary data: a PNG image"):
         preprocess("img.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     with pytest.raises(PreprocessError,
                        match=r"not valid UTF-8: byte 0xe9 at offset 3 \(invalid continuation byte\)"):
@@ -91,9 +94,9 @@ def test_preprocess_json_prefers_text_fields():
     data = b'''[{"id": 1, "title": "ignored", "text": "first doc"},
                {"title": "no text field", "tags": ["a", "b"], "n": 3},
                {"content": {"nested": "deep"}}, "bare string"]'''
-    assert text_of("d.json", data) == "first doc\nno text field\na\nb\ndeep\nbare string"
+    assert text_of("d.json", data) == "first doc\nno text field\ndeep\nbare string"
     assert text_of("d.json", b'{"body": "b", "title": "t"}', json_fields=("title",)) == "t"
-    assert text_of("d.json", b'{"text": null, "content": " ", "title": "t"}') == "t"
+    assert text_of("d.json", b'{"text": null, "content": " ", "title": "a title"}') == "a title"
 
 
 def test_preprocess_jsonl_each_line():
@@ -134,9 +137,170 @@ def test_preprocess_xml_text_nodes():
 @pytest.mark.parametrize("data", [
     b'<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;">]>'
     b"<r>&lol2;</r>",
-    b'<!DOCTYPE r SYSTEM "file:///etc/passwd"><r/>',
+    b'<!DOCTYPE r SYSTEM "file:///etc/passwd" [<!ENTITY x SYSTEM "file:///etc/passwd">]><r>&x;</r>',
     b"<r><!ENTITY x 'y'></r>",
 ])
-def test_preprocess_xml_refuses_dtd_and_entities(data):
-    with pytest.raises(PreprocessError, match=r"XML with a DTD is refused \(<!(DOCTYPE|ENTITY) on line"):
+def test_preprocess_xml_refuses_entity_declarations(data):
+    with pytest.raises(PreprocessError, match=r"XML that declares entities is refused \(<!ENTITY on line"):
         preprocess("x.xml", data)
+
+
+# ---- real-world shapes (issue 11) ---------------------------------------------------------------
+
+# The skeleton of a page Sphinx (alabaster / classic themes) writes for docs.python.org-like sites.
+SPHINX_PAGE = """<!DOCTYPE html>
+<html lang="en" data-content_root="../">
+  <head><meta charset="utf-8" /><title>json — JSON encoder and decoder &#8212; Python 3.13 documentation</title>
+    <link rel="stylesheet" href="../_static/pygments.css" /><script src="../_static/doctools.js"></script>
+  </head><body>
+    <div class="related" role="navigation" aria-label="Related">
+      <h3>Navigation</h3>
+      <ul><li class="right"><a href="../genindex.html" title="General Index" accesskey="I">index</a></li>
+        <li class="nav-item nav-item-0"><a href="../index.html">Python 3.13 documentation</a> &#187;</li></ul>
+    </div>
+    <div class="document">
+      <div class="documentwrapper"><div class="bodywrapper">
+        <div class="body" role="main">
+  <section id="module-json">
+  <h1><code class="xref py py-mod docutils literal notranslate"><span class="pre">json</span></code> — JSON encoder and decoder<a class="headerlink" href="#module-json" title="Link to this heading">¶</a></h1>
+  <p><a class="reference external" href="https://json.org">JSON (JavaScript Object Notation)</a> is a lightweight data interchange format.</p>
+  <section id="basic-usage"><h2>Basic Usage<a class="headerlink" href="#basic-usage" title="Link to this heading">¶</a></h2>
+  <dl class="py function"><dt class="sig sig-object py" id="json.dump"><span class="sig-name descname"><span class="pre">dump</span></span>(<em>obj</em>)<a class="headerlink" href="#json.dump" title="Link to this definition">¶</a></dt>
+  <dd><p>Serialize <em>obj</em> as a JSON formatted stream.</p></dd></dl>
+  </section></section>
+        </div>
+      </div></div>
+      <div class="sphinxsidebar" role="navigation" aria-label="Main">
+        <div class="sphinxsidebarwrapper"><h3><a href="../contents.html">Table of Contents</a></h3>
+          <ul><li><a class="reference internal" href="#">json — JSON encoder and decoder</a></li></ul>
+          <div id="searchbox" style="display: none" role="search"><h3 id="searchlabel">Quick search</h3>
+            <form class="search" action="../search.html" method="get"><input type="text" name="q" /></form></div>
+        </div>
+      </div>
+      <div class="clearer"></div>
+    </div>
+    <div class="footer" role="contentinfo">&#169; Copyright 2001 Python Software Foundation. Built with Sphinx.</div>
+  </body></html>"""
+
+
+def test_preprocess_html_sphinx_page_keeps_the_body_only():
+    out = text_of("json.html", SPHINX_PAGE.encode())
+    assert out == ("json — JSON encoder and decoder\n\n"
+                   "JSON (JavaScript Object Notation) is a lightweight data interchange format.\n\n"
+                   "Basic Usage\n\ndump(obj)\n\nSerialize obj as a JSON formatted stream.")
+    for furniture in ("Navigation", "Quick search", "Copyright", "Table of Contents", "¶", "index"):
+        assert furniture not in out
+
+
+def test_preprocess_html_without_a_main_region_drops_nav_header_footer_aside():
+    page = b"""<html><body><header><a href="/">Home</a> | <a href="/blog">Blog</a></header>
+<nav><ul><li>Archive</li></ul></nav><div id="sidebar">Tags: x y</div>
+<h1>A post</h1><p>The words of the post.</p><aside>Related posts</aside>
+<div class="cookie-banner">We use cookies</div><footer>(c) 2026 me</footer></body></html>"""
+    assert text_of("p.html", page) == "A post\n\nThe words of the post."
+    # a page whose <article> holds nothing does not lose its text
+    assert text_of("q.html", b"<body><article></article><p>still here</p></body>") == "still here"
+
+
+def test_preprocess_drops_lines_repeated_across_a_sites_pages():
+    from cllmd.preprocess import RepeatedLines
+    repeats = RepeatedLines(min_pages=3)
+    footer = "Previous topic\nNext topic\nThis page is licensed under CC-BY-SA."
+    outs = []
+    for i in range(6):
+        data = (f"#cllm-source https://docs.example.org/p{i}.html 2026-01-01T00:00:00Z\n"
+                f"Page {i} has its own words, number {i}.\n{footer}\n").encode()
+        outs.append(preprocess(f"p{i}.txt", data, repeats=repeats).text)
+    assert "licensed" in outs[2] and "licensed" not in outs[3] and "licensed" not in outs[5]
+    assert outs[5] == "Page 5 has its own words, number 5."
+    # another site, and files with no web source, are not affected
+    other = b"#cllm-source https://other.example/x 2026-01-01T00:00:00Z\nPrevious topic\n"
+    assert preprocess("o.txt", other, repeats=repeats).text == "Previous topic"
+    assert preprocess("n.txt", b"Previous topic\n", repeats=repeats).text == "Previous topic\n"
+
+
+# The head of Debian's /etc/fonts/fonts.conf: a DOCTYPE naming an external DTD, no entities.
+FONTS_CONF = b"""<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">
+<!-- /etc/fonts/fonts.conf file to configure system font access -->
+<fontconfig>
+\t<description>Default configuration file</description>
+\t<dir>/usr/share/fonts</dir>
+</fontconfig>
+"""
+
+
+def test_preprocess_xml_with_a_doctype_and_no_entities_is_read():
+    assert text_of("fonts.conf.xml", FONTS_CONF) == "Default configuration file\n/usr/share/fonts"
+    # and by content, under a name with no known extension
+    pre = preprocess("fonts.conf", FONTS_CONF)
+    assert pre.format == "xml" and pre.text.startswith("Default configuration")
+
+
+def test_preprocess_xml_honours_its_declared_encoding():
+    data = '<?xml version="1.0" encoding="ISO-8859-1"?>\n<r>café crème</r>'.encode("latin-1")
+    assert text_of("x.xml", data) == "café crème"
+    html = '<html><head><meta charset="windows-1252"></head><body><p>“quoted”</p></body></html>'
+    assert text_of("p.html", html.encode("cp1252")) == "“quoted”"
+    with pytest.raises(PreprocessError, match="declares encoding 'klingon'"):
+        preprocess("x.xml", b'<?xml version="1.0" encoding="klingon"?><r/>')
+
+
+# A JSON Schema (draft-07), as found under /usr/share: no text field, a few descriptions.
+JSON_SCHEMA = b"""{
+  "$schema": "http://json-schema.org/draft-07/schema#",
+  "$id": "https://example.com/product.schema.json",
+  "title": "Product",
+  "description": "A product from the catalog of an online shop.",
+  "type": "object",
+  "properties": {
+    "productId": {"description": "The unique identifier for a product", "type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "uniqueItems": true}
+  },
+  "required": ["productId"]
+}"""
+
+
+def test_preprocess_json_schema_gives_its_sentences_not_its_keywords():
+    out = text_of("product.schema.json", JSON_SCHEMA)
+    assert out == "A product from the catalog of an online shop.\nThe unique identifier for a product"
+    with pytest.raises(PreprocessError, match="no text/content/body field and no string of two"):
+        preprocess("t.json", b'{"type": "object", "required": ["a"], "$ref": "#/defs/x"}')
+
+
+def test_preprocess_gzip_is_decompressed_within_the_cap():
+    import gzip
+    assert text_of("notes.txt.gz", gzip.compress(b"some notes\n")) == "some notes\n"
+    pre = preprocess("page.html.gz", gzip.compress(b"<p>a page</p>"))
+    assert (pre.format, pre.text) == ("html", "a page")
+    with pytest.raises(PreprocessError, match="larger than 1000 bytes once decompressed"):
+        preprocess("bomb.txt.gz", gzip.compress(b"a" * 100_000), max_bytes=1000)
+    packed = gzip.compress(b"hello world, " * 100)
+    with pytest.raises(PreprocessError, match="gzip-compressed data is truncated"):
+        preprocess("cut.gz", packed[:30])
+    with pytest.raises(PreprocessError, match="gzip-compressed data is corrupt"):
+        preprocess("bad.gz", packed[:12] + b"\xff" * 20 + packed[32:])
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("icon.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><path d="M10 10 L20 20"/></svg>', "an SVG image"),
+    ("drawing", b'<?xml version="1.0"?>\n<svg width="10"><path d="M1 2"/></svg>', "an SVG image"),
+    ("ls.1", b'.\\" Man page\n.TH LS 1\n.SH NAME\nls \\- list\n.SH SYNOPSIS\n.B ls\n', "roff source"),
+    ("points.dat", (b"12.5 13.25 -7.0 8e3\n" * 40), "only 6% of its characters are letters"),
+    ("blob.b64", b"QUJD" * 600, "a run of 2400 characters without a blank"),
+    ("doc.pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "binary data: a PDF document"),
+    ("a.zip", b"PK\x03\x04\x14\x00", "binary data: a ZIP archive"),
+])
+def test_preprocess_refuses_what_is_not_prose_with_the_reason(name, data, reason):
+    with pytest.raises(PreprocessError, match=re.escape(reason)):
+        preprocess(name, data)
+
+
+def test_preprocess_tsv_keeps_the_text_columns():
+    data = b"id\tword\tgloss\n1\tchat\ta cat, in French\n2\tchien\ta dog\n"
+    assert text_of("d.tsv", data) == "word\tgloss\nchat\ta cat, in French\nchien\ta dog"
+
+
+def test_preprocess_sniffs_markup_and_json_under_unknown_names():
+    assert preprocess("page", b"<!DOCTYPE html><p>hello there</p>").format == "html"
+    assert preprocess("data", b'[{"text": "a record"}]').text == "a record"

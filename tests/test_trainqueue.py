@@ -131,7 +131,7 @@ def test_queue_scan_fails_bad_files_with_reasons(tmp_path):
     assert q.scan() == 8
     assert names(tmp_path, "done") == ["good.txt"]
     expected = {
-        "binary.txt": "binary data: NUL byte at offset 6",
+        "binary.txt": "binary data: a GIF image",
         "latin1.txt": "not valid UTF-8: byte 0xe9 at offset 3",
         "empty.txt": "empty after preprocessing",
         "big.txt": "too large: 101 bytes, the limit is 100",
