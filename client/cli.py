@@ -18,7 +18,7 @@ from cllm.catalogue import (
 from cllm.chat import ctrl_c_cancels
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, plural
-from cllm.queuefiles import write_incoming
+from cllm.queuefiles import formats_help, write_incoming
 
 EXIT_OK = 0            # done
 EXIT_DAEMON = 1        # the daemon answered with an error (or did not answer in time)
@@ -311,17 +311,41 @@ def _safe_name(path: Path) -> str:
     return name or "unnamed"
 
 
+def _files_under(paths: list[str]) -> list[Path]:
+    """The files named, a directory standing for the regular files under it (sorted; hidden
+    names and symbolic links inside it are left out)."""
+    out: list[Path] = []
+    for f in paths:
+        p = Path(f)
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = []
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                q = Path(root) / n
+                if not n.startswith(".") and not q.is_symlink() and q.is_file():
+                    found.append(q)
+        if not found:
+            raise UsageError(f"cllm queue add: no files under {f}")
+        out.extend(found)
+    return out
+
+
 def cmd_queue_add(ctx: Ctx, a) -> int:
     files = []
-    for f in a.files:
-        p = Path(f)
+    from_dir = any(Path(f).is_dir() for f in a.files)
+    for p in _files_under(a.files):
+        f = str(p)
         try:
             data = p.read_bytes()
-        except IsADirectoryError:
-            raise UsageError(f"cllm queue add: {f} is a directory (give files)") from None
         except OSError as e:
             raise UsageError(f"cllm queue add: cannot read {f}: {e.strerror or e}") from None
         if not data:
+            if from_dir:   # one empty file in a tree does not stop the others
+                print(f"cllm queue add: skipping {f}: empty", file=sys.stderr)
+                continue
             raise UsageError(f"cllm queue add: {f} is empty")
         files.append((p, data))
     incoming = None
@@ -350,8 +374,13 @@ def cmd_queue_add(ctx: Ctx, a) -> int:
     return EXIT_OK
 
 
+QUEUE_LS_LIMIT = 20        # a screenful; --limit N or --all for more
+QUEUE_LS_ALL = 100_000     # the protocol's largest queue.list limit
+
+
 def cmd_queue_ls(ctx: Ctx, a) -> int:
-    args = {"limit": a.limit}
+    limit = QUEUE_LS_ALL if a.all else a.limit
+    args = {"limit": limit}
     if a.state:
         args["state"] = a.state
     res = ctx.request("queue.list", **args)
@@ -377,7 +406,7 @@ def cmd_queue_ls(ctx: Ctx, a) -> int:
                 line += f"  {r.get('reason')} ({plural(r.get('attempts') or 0, 'attempt')})"
             print(line)
     if res.get("truncated"):
-        print(f"\n(only the newest {a.limit} files are listed: --limit N for more)")
+        print(f"\n(only the newest {limit} files are listed: --limit N or --all for more)")
     return EXIT_OK
 
 
@@ -545,15 +574,17 @@ def build_parser() -> Parser:
 
     q = add(sub, "queue", "the training queue: add, ls, retry")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser, required=True)
-    qa = add(qsub, "add", "queue files for training", cmd_queue_add)
-    qa.add_argument("files", nargs="+", metavar="FILE")
+    qa = add(qsub, "add", "queue files (or every file under a directory) for training", cmd_queue_add,
+             epilog="Formats:\n" + formats_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    qa.add_argument("files", nargs="+", metavar="FILE|DIR")
     qa.add_argument("--queue-dir", metavar="DIR", help="the queue root (default: the daemon's)")
     qa.add_argument("--via-socket", action="store_true",
                     help="send the contents over the socket even when incoming/ is writable")
     ql = add(qsub, "ls", "list queued files by state, with failure reasons", cmd_queue_ls)
     ql.add_argument("--state", choices=("incoming", "processing", "done", "failed"))
-    ql.add_argument("--limit", type=_int_at_least(1), default=1000, metavar="N",
-                    help="files listed at most, newest first (default 1000)")
+    ql.add_argument("--limit", type=_int_at_least(1), default=QUEUE_LS_LIMIT, metavar="N",
+                    help=f"files listed at most, newest first (default {QUEUE_LS_LIMIT})")
+    ql.add_argument("--all", action="store_true", help=f"list every file (up to {QUEUE_LS_ALL:,})")
     qr = add(qsub, "retry", "move failed files back to incoming/", cmd_queue_retry)
     qr.add_argument("names", nargs="+", metavar="NAME")
 

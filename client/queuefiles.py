@@ -9,6 +9,36 @@ import errno
 import os
 from pathlib import Path
 
+# What the daemon's preprocessing (cllmd.preprocess) reads, by extension; a name it does not
+# know is judged by its content. Declared here, on the client side of the queue contract, so
+# that `cllm queue add --help` lists it without importing the daemon.
+FORMATS: dict[str, str] = {
+    ".txt": "text", ".md": "text", ".rst": "text", ".text": "text",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+    ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".xml": "xml",
+}
+_FORMAT_NOTES = {
+    "text": "plain text; also any other name whose content reads as prose",
+    "html": "HTML, without navigation, headers, footers and sidebars; <main> when there is one",
+    "json": "JSON: text/content/body fields, else the strings of two or more words",
+    "jsonl": "JSON Lines, each line as for JSON",
+    "csv": "CSV: the text columns", "tsv": "TSV: the text columns",
+    "xml": "XML: the text nodes (a DOCTYPE is fine, entity declarations are refused)",
+}
+
+
+def formats_help() -> str:
+    """The accepted formats, one line each, for help texts."""
+    lines = []
+    for fmt, note in _FORMAT_NOTES.items():
+        exts = " ".join(e for e, f in FORMATS.items() if f == fmt)
+        lines.append(f"  {exts:<22} {note}")
+    lines.append("  any of them + .gz      gzip-compressed, up to the queue's size limit unpacked")
+    lines.append("Refused with the reason: binary files, SVG, roff (man page) sources, data "
+                 "without words.")
+    return "\n".join(lines)
+
 
 def _queue_candidates(name: str):
     stem, dot, ext = name.rpartition(".")

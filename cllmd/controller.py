@@ -177,26 +177,41 @@ class TrainingController:
             self.reason = "manual"
             self._paused = False
             self._cond.notify_all()
-        return self.status()
+        return self._after_command()
 
     def stop(self) -> dict:
         """Ends the current budget at the next step boundary (the daemon keeps serving)."""
         with self._cond:
             self.budget = 0
             self._cond.notify_all()
-        return self.status()
+        return self._after_command()
 
     def pause(self) -> dict:
         with self._cond:
             self._paused = True
             self._cond.notify_all()
-        return self.status()
+        return self._after_command()
 
     def resume(self) -> dict:
         with self._cond:
             self._paused = False
             self._cond.notify_all()
-        return self.status()
+        return self._after_command()
+
+    def _target_state(self) -> str:
+        """The state the training thread goes to at its next step boundary (under _cond)."""
+        if self._paused:
+            return "paused"
+        return "running" if self.budget > 0 and self._has_data() else "idle"
+
+    def _after_command(self) -> dict:
+        """The status a command leads to: the training thread reaches it at its next step
+        boundary, so its own ``state`` would still say what held before the command."""
+        snap = self.status()
+        with self._cond:
+            if self.state not in ("stopping", "stopped"):
+                snap["state"] = self._target_state()
+        return snap
 
     def configure(self, changes: dict) -> dict:
         """Validated by the caller (the catalogue); applied at the next step boundary."""
@@ -300,8 +315,9 @@ class TrainingController:
                         w.set()
                 if not can_train or not self._has_data():
                     with self._cond:
-                        self.state = "idle" if not self._paused else "paused"
-                        self._cond.wait(timeout=0.5)
+                        self.state = self._target_state()
+                        if self.state != "running":   # else a command came in just now
+                            self._cond.wait(timeout=0.5)
                     self._publish_stats()
                     continue
                 self.state = "running"

@@ -15,31 +15,17 @@ import io
 import json
 import re
 import zlib
-from collections import OrderedDict
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any, Iterable, Iterator
 
+from cllm.queuefiles import FORMATS  # noqa: F401  (the queue contract declares the formats)
+
 DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 
-FORMATS: dict[str, str] = {
-    ".txt": "text", ".md": "text", ".rst": "text", ".text": "text",
-    ".html": "html", ".htm": "html", ".xhtml": "html",
-    ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".xml": "xml",
-}
-# One line per format, for `cllm queue add --help` and docs/cli.md (client/cli.py keeps a copy
-# it may import without numpy: tests/test_preprocess.py checks the two agree).
-FORMAT_HELP = (
-    "plain text (.txt .md .rst .text, or any name whose content is prose)",
-    "HTML (.html .htm .xhtml; navigation, headers, footers, sidebars dropped; <main> preferred)",
-    "JSON (.json), JSON Lines (.jsonl .ndjson): text/content/body fields, else sentences",
-    "CSV (.csv), TSV (.tsv .tab): the text columns",
-    "XML (.xml; a DOCTYPE without entity declarations is fine)",
-    "any of these gzip-compressed (.gz), up to the queue's size limit once decompressed",
-)
 PROVENANCE = "#cllm-source "
 GZIP_MAGIC = b"\x1f\x8b"
 # Binary formats named in the refusal, so "binary data" says what the file is.

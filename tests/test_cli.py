@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -228,8 +229,20 @@ def test_cli_queue_add_writes_into_incoming_or_sends(d, tmp_path):
     (tmp_path / "empty.txt").touch()
     r = run(d, "queue", "add", str(tmp_path / "empty.txt"))
     assert r.returncode == 2 and "is empty" in r.stderr
-    r = run(d, "queue", "add", str(tmp_path))
-    assert r.returncode == 2 and "is a directory" in r.stderr
+    # a directory stands for the files under it (hidden ones and links left out, empty ones skipped)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text(TEXT.replace("man", "woman"))
+    (tree / "sub" / "b.md").write_text(TEXT.replace("man", "cat"))
+    (tree / ".hidden.txt").write_text("secret")
+    (tree / "nothing.txt").touch()
+    os.symlink(f, tree / "link.txt")
+    r = run(d, "--json", "queue", "add", str(tree))
+    assert r.returncode == 0 and "skipping" in r.stderr and "nothing.txt" in r.stderr
+    assert [e["file"] for e in json.loads(r.stdout)["added"]] == [str(tree / "a.txt"), str(tree / "sub" / "b.md")]
+    r = run(d, "queue", "add", str(tmp_path / "tree" / "sub" / "none"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    assert "Formats:" in run(d, "queue", "add", "--help").stdout
 
 
 def test_cli_write_incoming_renames_a_part_file_and_never_replaces(tmp_path):
@@ -261,6 +274,13 @@ def test_cli_queue_ls_shows_failures_and_retry(d, tmp_path):
     assert as_json(d, "queue", "retry", "blob.bin")["retried"] == [{"name": "blob.bin"}]
     wait_for(lambda: "blob.bin" in d.queue("failed") and not d.queue("incoming"), 30, "the retried file to fail again")
     assert as_json(d, "queue", "ls", "--limit", "1")["truncated"] is True
+    # bounded by default; --all lifts the bound
+    for i in range(25):
+        write_incoming(d.state / "queue" / "incoming", f"many-{i}.txt", f"file number {i} of many\n".encode() * 5)
+    wait_for(lambda: sum(n.startswith("many-") for n in d.queue("done")) == 25, 60, "25 files done")
+    assert len(as_json(d, "queue", "ls")["files"]) == 20
+    assert "--all for more" in run(d, "queue", "ls").stdout
+    assert len(as_json(d, "queue", "ls", "--all")["files"]) >= 26
 
 
 def test_cli_train_control_and_config(d, tmp_path):
@@ -277,14 +297,15 @@ def test_cli_train_control_and_config(d, tmp_path):
     assert new["config"]["threads"] == 1 and new["config"]["auto_train"] is False
     assert run(d, "train", "config", "warmup=5").stdout.startswith("warmup = 5\n(applies at step ")
 
-    assert as_json(d, "train", "start", "--steps", "100000")["budget"] > 0
+    started = as_json(d, "train", "start", "--steps", "100000")
+    assert started["budget"] > 0 and started["state"] == "running"   # what it leads to, not what was
     wait_for(lambda: as_json(d, "train", "status")["step"] > 2, 60, "training to run")
-    as_json(d, "train", "pause")
+    assert as_json(d, "train", "pause")["state"] == "paused"
     wait_for(lambda: as_json(d, "train", "status")["state"] == "paused", 30, "pause")
     assert "training  paused" in run(d, "train", "status").stdout
-    as_json(d, "train", "resume")
+    assert as_json(d, "train", "resume")["state"] == "running"
     wait_for(lambda: as_json(d, "train", "status")["state"] == "running", 30, "resume")
-    as_json(d, "train", "stop")
+    assert as_json(d, "train", "stop")["state"] == "idle"
     st = wait_for(lambda: (s := as_json(d, "train", "status"))["state"] == "idle" and s, 30, "stop")
     assert st["loss"] > 0 and len(st["spheres"]) == 12
     text = run(d, "train", "status").stdout
@@ -331,3 +352,17 @@ def test_cli_top_once_is_cllm_status(d):
     assert r.returncode == 0 and "node 0" in r.stdout and "queue" in r.stdout
     stats = as_json(d, "top")
     assert len(stats["train"]["spheres"]) == 12
+
+
+def test_cli_generate_on_a_terminal_puts_the_statistics_on_a_line_of_their_own(d):
+    from tests.ptyterm import Pty
+    for prompt in ("ab", "a\n"):
+        t = Pty(cllm("--socket", str(d.run / "cllmd.sock"), "generate", prompt, "--max-tokens", "12",
+                     "--temperature", "1", "--seed", "3"))
+        try:
+            assert t.wait() == 0
+            out = t.text()
+        finally:
+            t.close()
+        stats = re.search(r"\[\d+ prompt tokens, \d+ generated", out)
+        assert stats and stats.start() > 0 and out[stats.start() - 1] == "\n", repr(out)
