@@ -286,7 +286,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"{args.model}: the model carries no tokenizer")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     opts = _sampling_options(args)
-    gen = Generation(model, prompt, opts)
+    gen = Generation(model, prompt, opts, weights=args.weights)
     pieces = []
     try:
         for piece in gen:
@@ -425,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .cllm file")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     _add_sampling_args(p)
-    p.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
+    p.add_argument("--weights", choices=("float32", "int8"), default="float32",
+                   help="multiply by float32 weights or int8 ones quantized at load (default float32)")
+    p.add_argument("--json", action="store_true",
+                   help="print the text and statistics (tokens_per_second, time_to_first_token, "
+                        "prompt_tokens_per_second, ...) as JSON")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", description="Tokenizer tools.")

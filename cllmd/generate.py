@@ -1,8 +1,11 @@
-"""Text generation with a KV cache: sampling options, stop strings and UTF-8 safe streaming.
+"""Text generation with a KV cache: weights, decoding passes, sampling, stop strings, UTF-8 streaming.
 
-Each new token costs one position's work: the prompt is run once through the full forward pass
-(prefill) and its keys and values are kept; every further token attends to the cache. When the
-context is full, the window slides: the last half is kept and prefilled again.
+Each new token costs one position's work: the prompt's positions go through one pass of matrix
+products (filling the KV cache), and every further token attends to the cache. When the
+context is full, the window slides: the last half is kept and run again. One pass may hold
+positions of many sequences (Decoder.forward): the daemon decodes its active requests
+together, reading each weight once per step for all of them. Weights are float32 or int8
+(per-group quantized, cllmd.kernels.q8).
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import numpy as np
 
 from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.gelu import gelu_forward
+from cllmd.kernels.kvattention import kv_attention
 from cllmd.kernels.layernorm import layernorm_forward
-from cllmd.model import LN_EPS, Model, Workspace
+from cllmd.kernels.q8 import GROUP, Q8Weight, q8_matmul, quantize_rows
+from cllmd.model import LN_EPS, Model
 
 
 def _option(name: str):
@@ -79,79 +84,163 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
     return int(rng.choice(probs.size, p=probs))
 
 
-class KVCache:
-    """Keys and values of every layer for one sequence: [L, NH, block_size, hs] each."""
+WEIGHT_KINDS = ("float32", "int8")
 
-    def __init__(self, model: Model):
+
+class InferenceWeights:
+    """The weight matrices decoding multiplies by, as float32 (BLAS) or int8 (cllmd.kernels.q8).
+
+    linear(name, x, out): out = x @ W[name] + b[name] for x [N, K]; head(x, out): the tied
+    output layer, out = x @ wte^T. The int8 form quantizes every matrix once, here; a model's
+    forms are kept on it (for_model), so requests on the same weights share them.
+    """
+
+    def __init__(self, model: Model, kind: str = "float32"):
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, got {kind!r}")
+        if kind == "int8" and model.dtype != np.float32:
+            raise ValueError(f"int8 weights need a float32 model, this one is {model.dtype}")
+        self.model, self.kind = model, kind
+        P = model.params
+        names = [f"h.{l}.{n}" for l in range(model.cfg.n_layer)
+                 for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        self.bias = {n: P[n + ".bias"] for n in names}
+        if kind == "float32":
+            self.matrices = {n: P[n + ".weight"] for n in names}
+            self.head_t = P["wte"].T                                   # [C, V], a view
+        else:
+            self.matrices = {n: Q8Weight(P[n + ".weight"]) for n in names}
+            self.head_q = Q8Weight(P["wte"].T)
+
+    @classmethod
+    def for_model(cls, model: Model, kind: str = "float32") -> "InferenceWeights":
+        cache = model.__dict__.setdefault("_inference_weights", {})
+        if kind not in cache:
+            cache[kind] = cls(model, kind)
+        return cache[kind]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the matrices decoding reads for every token (the head included)."""
+        if self.kind == "float32":
+            return sum(m.nbytes for m in self.matrices.values()) + self.model.params["wte"].nbytes
+        return sum(m.nbytes for m in self.matrices.values()) + self.head_q.nbytes
+
+    def _q8(self, w: Q8Weight, x: np.ndarray) -> np.ndarray:
+        N = x.shape[0]
+        xu = np.empty((N, w.Kp), np.uint8)
+        xs = np.empty((N, w.Kp // GROUP), np.float32)
+        quantize_rows(xu, xs, x)
+        out = np.empty((N, w.Mp), np.float32)
+        q8_matmul(out, xu, xs, w)
+        return out if w.Mp == w.M else np.ascontiguousarray(out[:, :w.M])
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        w = self.matrices[name]
+        out = x @ w if self.kind == "float32" else self._q8(w, x)
+        out += self.bias[name]
+        return out
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.head_t if self.kind == "float32" else self._q8(self.head_q, x)
+
+
+class KVCache:
+    """Keys and values of every layer for one sequence: [L, NH, capacity, hs] each.
+
+    capacity defaults to the model's context; a sequence that will never need it all (prompt
+    plus max_tokens shorter than the context) may take less: KV memory is the serving bound.
+    """
+
+    def __init__(self, model: Model, capacity: int | None = None):
         cfg = model.cfg
         hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, cfg.n_head, cfg.block_size, hs)
+        self.capacity = cfg.block_size if capacity is None else max(1, min(int(capacity), cfg.block_size))
+        shape = (cfg.n_layer, cfg.n_head, self.capacity, hs)
         self.k = np.zeros(shape, dtype=model.dtype)
         self.v = np.zeros(shape, dtype=model.dtype)
         self.length = 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(model: Model, capacity: int) -> int:
+        cfg = model.cfg
+        return 2 * cfg.n_layer * cfg.n_embd * min(capacity, cfg.block_size) * model.dtype.itemsize
+
 
 class Decoder:
-    """Runs the model position by position against a KV cache (B = 1)."""
+    """Runs the model over new positions of one or more sequences against their KV caches.
 
-    def __init__(self, model: Model):
+    forward() is one pass of matrix products for every new position of every sequence given:
+    a prompt (many positions of one sequence), one decoding step of a batch (one position of
+    each), or both mixed. Only attention is per sequence. Each row's arithmetic is the same
+    whatever else is in the pass (int8 exactly; float32 up to BLAS's blocking of a product).
+    """
+
+    def __init__(self, model: Model, weights: str = "float32"):
         self.model = model
         self.cfg = model.cfg
-        self.cache = KVCache(model)
-        C = self.cfg.n_embd
-        dt = model.dtype
-        self._ln = np.empty((1, C), dt)
-        self._mean = np.empty(1, dt)
-        self._rstd = np.empty(1, dt)
-        self._fc = np.empty((1, 4 * C), dt)
-        self._fc_gelu = np.empty((1, 4 * C), dt)
+        self.weights = InferenceWeights.for_model(model, weights)
+        self.cache: KVCache | None = None   # the single-sequence API's cache (prefill, step)
         self.wpe = model.params["wpe"] if model.clock is None else model.params["wpe"] + model.clock
+
+    def forward(self, caches: list[KVCache], tokens: list[list[int]]) -> np.ndarray:
+        """Appends tokens[i] to caches[i]; returns the logits after each one's last token [S, V]."""
+        cfg, P, W = self.cfg, self.model.params, self.weights
+        C, NH = cfg.n_embd, cfg.n_head
+        hs = C // NH
+        spans, n = [], 0
+        for cache, toks in zip(caches, tokens):
+            if not toks or cache.length + len(toks) > cache.capacity:
+                raise ValueError(f"{len(toks)} new positions do not fit a cache holding {cache.length} "
+                                 f"of {cache.capacity}")
+            spans.append((n, n + len(toks), cache.length))
+            n += len(toks)
+        ids = np.fromiter((t for toks in tokens for t in toks), np.int64, n)
+        pos = np.concatenate([np.arange(first, first + b - a) for a, b, first in spans])
+        x = P["wte"][ids] + self.wpe[pos]                              # (N, C)
+        ln = np.empty_like(x)
+        mean, rstd = np.empty(n, x.dtype), np.empty(n, x.dtype)
+        y = np.empty_like(x)
+        for l in range(cfg.n_layer):
+            p = f"h.{l}."
+            layernorm_forward(ln, mean, rstd, x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
+            qkv = W.linear(p + "attn.c_attn", ln)                      # (N, 3C)
+            for cache, (a, b, first) in zip(caches, spans):
+                cache.k[l, :, first:first + b - a] = qkv[a:b, C:2 * C].reshape(b - a, NH, hs).transpose(1, 0, 2)
+                cache.v[l, :, first:first + b - a] = qkv[a:b, 2 * C:].reshape(b - a, NH, hs).transpose(1, 0, 2)
+                kv_attention(y[a:b], np.ascontiguousarray(qkv[a:b, :C]), cache.k[l], cache.v[l], first)
+            x += W.linear(p + "attn.c_proj", y)
+            layernorm_forward(ln, mean, rstd, x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
+            fc = W.linear(p + "mlp.c_fc", ln)
+            gelu_forward(fc, fc)
+            x += W.linear(p + "mlp.c_proj", fc)
+        last = np.array([b - 1 for _, b, _ in spans])
+        xl = np.ascontiguousarray(x[last])
+        lnl = np.empty_like(xl)
+        layernorm_forward(lnl, mean[:len(last)], rstd[:len(last)], xl, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)
+        for cache, (a, b, _) in zip(caches, spans):
+            cache.length += b - a
+        return W.head(lnl)                                             # tied head (S, V)
+
+    def advance(self, seqs: list["Sequence"]) -> list[list[str]]:
+        """One pass for every sequence given (none done): each one's new text pieces."""
+        logits = self.forward([s.cache for s in seqs], [s.feed() for s in seqs])
+        return [s.advance(row) for s, row in zip(seqs, logits)]
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Resets the cache to tokens (at most block_size of them); returns the last logits [V]."""
-        cfg, m = self.cfg, self.model
-        T = len(tokens)
-        ws = Workspace(cfg, 1, T, m.dtype)
-        logits = m.forward_into(ws, np.asarray([tokens], dtype=np.int64))
-        C, NH = cfg.n_embd, cfg.n_head
-        hs = C // NH
-        for l in range(cfg.n_layer):
-            qkv = ws.qkv[l, 0]                                         # (T, 3C)
-            self.cache.k[l, :, :T] = qkv[:, C:2 * C].reshape(T, NH, hs).transpose(1, 0, 2)
-            self.cache.v[l, :, :T] = qkv[:, 2 * C:].reshape(T, NH, hs).transpose(1, 0, 2)
-        self.cache.length = T
-        return logits[T - 1].copy()
+        if self.cache is None:
+            self.cache = KVCache(self.model)
+        self.cache.length = 0
+        return self.forward([self.cache], [list(tokens)])[0]
 
     def step(self, token: int) -> np.ndarray:
         """Appends one token at the next position; returns its logits [V]."""
-        cfg, P = self.cfg, self.model.params
-        pos = self.cache.length
-        C, NH = cfg.n_embd, cfg.n_head
-        hs = C // NH
-        scale = 1.0 / math.sqrt(hs)
-        x = (P["wte"][token] + self.wpe[pos])[None, :]                 # (1, C)
-        for l in range(cfg.n_layer):
-            p = f"h.{l}."
-            layernorm_forward(self._ln, self._mean, self._rstd, x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
-            qkv = self._ln[0] @ P[p + "attn.c_attn.weight"] + P[p + "attn.c_attn.bias"]   # (3C,)
-            q = qkv[:C].reshape(NH, hs)
-            self.cache.k[l, :, pos] = qkv[C:2 * C].reshape(NH, hs)
-            self.cache.v[l, :, pos] = qkv[2 * C:].reshape(NH, hs)
-            keys = self.cache.k[l, :, :pos + 1]                        # (NH, n, hs)
-            values = self.cache.v[l, :, :pos + 1]
-            scores = np.matmul(keys, q[:, :, None])[:, :, 0] * scale   # (NH, n)
-            scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-            scores /= scores.sum(axis=1, keepdims=True)
-            y = np.matmul(scores[:, None, :], values)[:, 0, :]         # (NH, hs)
-            x = x + (y.reshape(1, C) @ P[p + "attn.c_proj.weight"] + P[p + "attn.c_proj.bias"])
-            layernorm_forward(self._ln, self._mean, self._rstd, x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
-            np.matmul(self._ln, P[p + "mlp.c_fc.weight"], out=self._fc)
-            self._fc += P[p + "mlp.c_fc.bias"]
-            gelu_forward(self._fc_gelu, self._fc)
-            x = x + (self._fc_gelu @ P[p + "mlp.c_proj.weight"] + P[p + "mlp.c_proj.bias"])
-        layernorm_forward(self._ln, self._mean, self._rstd, x, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)
-        self.cache.length = pos + 1
-        return P["wte"] @ self._ln[0]                                  # tied head (V,)
+        return self.forward([self.cache], [[int(token)]])[0]
 
 
 class StopMatcher:
@@ -192,8 +281,10 @@ class GenerationStats:
     tokens_prompt: int = 0
     tokens_generated: int = 0
     seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    tokens_per_second: float = 0.0
+    prefill_seconds: float = 0.0          # the prompt's pass
+    time_to_first_token: float = 0.0      # from the start to the first token sampled
+    prompt_tokens_per_second: float = 0.0
+    tokens_per_second: float = 0.0        # generated tokens / the time after the prompt's pass
     stop_reason: str = ""         # max_tokens | eot | stop | cancelled
     token_ids: list[int] = field(default_factory=list)
 
@@ -203,30 +294,119 @@ class GenerationStats:
         return d
 
 
-class Generation:
-    """An iterator of text pieces (never splitting a UTF-8 character); .stats when it ends."""
+def prompt_ids(model: Model, prompt) -> list[int]:
+    """The prompt as token ids (text through the model's tokenizer); never empty."""
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        ids = [int(i) for i in tok.encode(prompt)]
+    else:
+        ids = [int(i) for i in prompt]
+        if any(not 0 <= i < model.cfg.vocab_size for i in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {model.cfg.vocab_size})")
+    if not ids:
+        if tok is None or tok.eot_id is None:
+            raise ValueError("empty prompt and no end-of-text token to start from")
+        ids = [tok.eot_id]  # an empty prompt starts a fresh document
+    return ids
+
+
+class Sequence:
+    """One request's decoding state, advanced one pass at a time by whoever runs the model.
+
+    feed() gives the positions to run next (the prompt's context first, then one token, or the
+    last half of the context again when the window slides); advance(logits) takes the logits
+    after them, samples, and returns the text pieces that became safe to emit. A Generation
+    runs one Sequence alone; the daemon's batcher runs many in one pass (cllmd.batching).
+    """
 
     def __init__(self, model: Model, prompt, opts: SamplingOptions | None = None,
                  cancel: threading.Event | None = None):
         self.model = model
         self.opts = opts or SamplingOptions()
         self.cancel_event = cancel or threading.Event()
+        ids = prompt_ids(model, prompt)
         tok = model.tokenizer
-        if isinstance(prompt, str):
-            if tok is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
-            ids = [int(i) for i in tok.encode(prompt)]
-        else:
-            ids = [int(i) for i in prompt]
-            if any(not 0 <= i < model.cfg.vocab_size for i in ids):
-                raise ValueError(f"prompt token ids must lie in [0, {model.cfg.vocab_size})")
         self.eot_id = tok.eot_id if tok is not None else None
-        if not ids:
-            if self.eot_id is None:
-                raise ValueError("empty prompt and no end-of-text token to start from")
-            ids = [self.eot_id]  # an empty prompt starts a fresh document
+        self.block = model.cfg.block_size
+        self.history = list(ids)
+        self.cache = KVCache(model, min(self.block, len(ids) + self.opts.max_tokens))
         self.stats = GenerationStats(tokens_prompt=len(ids))
-        self._gen = self._run(ids)
+        self.rng = np.random.default_rng(self.opts.seed)
+        self.table = tok.token_bytes_table() if tok is not None else None
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.matcher = StopMatcher(self.opts.stop)
+        self.done = False
+        self._next = ids[-self.block:]
+        self._t0 = time.perf_counter()
+
+    def feed(self) -> list[int]:
+        """The token ids of the next pass; the cache is reset first when they restart it."""
+        if self.cache.length + len(self._next) > self.cache.capacity or self.cache.length == 0:
+            self.cache.length = 0
+        return self._next
+
+    def advance(self, logits: np.ndarray) -> list[str]:
+        """Takes the logits after the fed positions; returns the pieces to emit (done set at the end)."""
+        opts, stats = self.opts, self.stats
+        now = time.perf_counter()
+        if not stats.prefill_seconds:
+            stats.prefill_seconds = now - self._t0
+            stats.prompt_tokens_per_second = len(self._next) / stats.prefill_seconds
+        if self.cancel_event.is_set():
+            return self._finish("cancelled")
+        if stats.tokens_generated >= opts.max_tokens:
+            return self._finish("max_tokens")
+        token = sample_next(logits, opts, self.rng, self.history)
+        if not stats.time_to_first_token:
+            stats.time_to_first_token = time.perf_counter() - self._t0
+        if opts.stop_at_eot and token == self.eot_id:
+            return self._finish("eot")
+        self.history.append(token)
+        stats.token_ids.append(token)
+        stats.tokens_generated += 1
+        pieces = []
+        if self.table is not None:
+            piece, stopped = self.matcher.feed(self.utf8.decode(self.table[token]))
+            if piece:
+                pieces.append(piece)
+            if stopped:
+                return pieces + self._finish("stop")
+        if stats.tokens_generated >= opts.max_tokens:
+            return pieces + self._finish("max_tokens")
+        if self.cache.length == self.block:
+            self._next = self.history[-(self.block // 2):]  # context full: slide, keeping the last half
+        else:
+            self._next = [token]
+        return pieces
+
+    def _finish(self, reason: str) -> list[str]:
+        self.done = True
+        stats = self.stats
+        stats.stop_reason = reason
+        stats.seconds = time.perf_counter() - self._t0
+        decode_seconds = stats.seconds - stats.prefill_seconds
+        stats.tokens_per_second = stats.tokens_generated / decode_seconds if decode_seconds > 0 else 0.0
+        tail = ""
+        if reason != "stop" and self.table is not None:
+            tail = self.matcher.flush() + self.utf8.decode(b"", final=True)
+        return [tail] if tail else []
+
+
+class Generation:
+    """An iterator of text pieces (never splitting a UTF-8 character); .stats when it ends.
+
+    weights: "float32" or "int8" (cllmd.kernels.q8; quantized once per model object).
+    """
+
+    def __init__(self, model: Model, prompt, opts: SamplingOptions | None = None,
+                 cancel: threading.Event | None = None, weights: str = "float32"):
+        self.model = model
+        self.decoder = Decoder(model, weights)
+        self.seq = Sequence(model, prompt, opts, cancel)
+        self.opts, self.stats, self.cancel_event = self.seq.opts, self.seq.stats, self.seq.cancel_event
+        self._gen = self._run()
 
     def __iter__(self):
         return self
@@ -240,56 +420,17 @@ class Generation:
     def text(self) -> str:
         return "".join(self)
 
-    def _run(self, ids: list[int]):
-        opts, stats, model = self.opts, self.stats, self.model
-        block = model.cfg.block_size
-        rng = np.random.default_rng(opts.seed)
-        decoder = Decoder(model)
-        table = model.tokenizer.token_bytes_table() if model.tokenizer is not None else None
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(opts.stop)
-        context = ids[-block:]
-        t0 = time.perf_counter()
-        logits = decoder.prefill(context)
-        stats.prefill_seconds = time.perf_counter() - t0
-        history = list(ids)
-        reason = "max_tokens"
+    def _run(self):
+        seq = self.seq
         try:
-            for _ in range(opts.max_tokens):
-                if self.cancel_event.is_set():
-                    reason = "cancelled"
-                    break
-                token = sample_next(logits, opts, rng, history)
-                if opts.stop_at_eot and token == self.eot_id:
-                    reason = "eot"
-                    break
-                history.append(token)
-                stats.token_ids.append(token)
-                stats.tokens_generated += 1
-                if table is not None:
-                    piece, stopped = matcher.feed(utf8.decode(table[token]))
-                    if piece:
-                        yield piece
-                    if stopped:
-                        reason = "stop"
-                        break
-                if decoder.cache.length == block:
-                    # context full: slide the window, keeping the last half (prefilled again)
-                    context = history[-(block // 2):]
-                    logits = decoder.prefill(context)
-                else:
-                    logits = decoder.step(token)
-            if reason != "stop" and table is not None:
-                tail = matcher.flush() + utf8.decode(b"", final=True)
-                if tail:
-                    yield tail
+            while not seq.done:
+                yield from self.decoder.advance([seq])[0]
         finally:
-            stats.stop_reason = reason
-            stats.seconds = time.perf_counter() - t0
-            decode_seconds = stats.seconds - stats.prefill_seconds
-            stats.tokens_per_second = stats.tokens_generated / decode_seconds if decode_seconds > 0 else 0.0
+            if not seq.done:  # closed early by the consumer
+                seq._finish("cancelled")
 
 
-def generate(model: Model, prompt, cancel: threading.Event | None = None, **options) -> Generation:
-    """Convenience: Generation(model, prompt, SamplingOptions(**options))."""
-    return Generation(model, prompt, SamplingOptions(**options), cancel)
+def generate(model: Model, prompt, cancel: threading.Event | None = None, weights: str = "float32",
+             **options) -> Generation:
+    """Convenience: Generation(model, prompt, SamplingOptions(**options), cancel, weights)."""
+    return Generation(model, prompt, SamplingOptions(**options), cancel, weights)

@@ -44,6 +44,19 @@ def test_cllmd_generate_streams_and_reports(trained):
     assert r2.returncode == 0 and "tok/s" in r2.stderr
 
 
+def test_cllmd_generate_int8_reports_speeds(trained):
+    _, out, _, _ = trained
+    r = cllmd("generate", out, "Line 5:", "--max-tokens", "12", "--temperature", "0", "--weights", "int8", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert 0 < result["time_to_first_token"] <= result["seconds"]
+    assert result["prompt_tokens_per_second"] > 0 and result["tokens_prompt"] > 1
+    if result["tokens_generated"] > 1:
+        assert result["tokens_per_second"] > 0
+    bad = cllmd("generate", out, "x", "--weights", "int4")
+    assert bad.returncode != 0 and "int4" in bad.stderr
+
+
 def test_cllmd_tokenize_and_inspect(trained):
     _, out, _, _ = trained
     r = cllmd("tokenize", "--model", out, "all the world", "--json")

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from cllmd.generate import Generation, SamplingOptions, StopMatcher, generate, sample_next
+from cllmd.generate import Decoder, Generation, SamplingOptions, StopMatcher, generate, sample_next
 from cllmd.model import Model, ModelConfig
 from cllmd.tokenizer import BytesTokenizer
 
@@ -136,3 +136,111 @@ def test_generate_rejects_bad_options():
         SamplingOptions(temperature=-1)
     with pytest.raises(ValueError, match="stop"):
         SamplingOptions(stop=("",))
+
+
+# ---- the prompt in one pass, int8 weights, batched decoding ------------------------------------------
+
+def _logits_token_by_token(model, weights, ids):
+    dec = Decoder(model, weights)
+    out = [dec.prefill(ids[:1])]
+    out += [dec.step(t) for t in ids[1:]]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_prompt_pass_equals_token_by_token(model, weights):
+    ids = [int(i) for i in model.tokenizer.encode("To be or not")]
+    steps = _logits_token_by_token(model, weights, ids)
+    dec = Decoder(model, weights)
+    prompt = dec.prefill(ids)
+    assert dec.cache.length == len(ids)
+    if weights == "int8":  # each row's arithmetic does not depend on the others: exactly equal
+        np.testing.assert_array_equal(prompt, steps[-1])
+    else:                  # BLAS may block a product of many rows differently from one row
+        np.testing.assert_allclose(prompt, steps[-1], rtol=1e-5, atol=1e-5)
+    # the whole prompt pass agrees with the training forward at every position (float32)
+    if weights == "float32":
+        np.testing.assert_allclose(steps, model.forward(np.array([ids]))[0], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_logits_close_to_float32(model):
+    """int8 weights and activations (groups of 32): logits within 3% of the logits' range."""
+    ids = [int(i) for i in model.tokenizer.encode("The quick fox")]
+    f32 = _logits_token_by_token(model, "float32", ids)
+    i8 = _logits_token_by_token(model, "int8", ids)
+    spread = f32.max() - f32.min()
+    assert np.abs(i8 - f32).max() <= 0.03 * spread
+    assert (i8.argmax(axis=1) == f32.argmax(axis=1)).mean() >= 0.75
+
+
+def test_q8_kernel_matches_reference():
+    from cllmd.kernels import q8
+    rng = np.random.default_rng(3)
+    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 16, 9)]:   # padding of K and M included
+        W = rng.normal(size=(K, M)).astype(np.float32)
+        w = q8.Q8Weight(W)
+        assert np.abs(w.dequantized() - W).max() <= np.abs(W).max() / 127 * 0.5 + 1e-6
+        x = rng.normal(size=(N, K)).astype(np.float32)
+        xu = np.empty((N, w.Kp), np.uint8)
+        xs = np.empty((N, w.Kp // q8.GROUP), np.float32)
+        q8.quantize_rows(xu, xs, x)
+        out = np.empty((N, w.Mp), np.float32)
+        q8.q8_matmul(out, xu, xs, w)
+        ref = q8.q8_matmul_ref(xu, xs, w)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        generic = np.empty_like(out)  # the no-VNNI path gives the same sums
+        q8._matmul_generic(generic, xu, xs, w.wq, w.wc, w.ws)
+        np.testing.assert_allclose(generic, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert np.abs(out[:, :M] - x @ W).max() <= 0.02 * np.abs(x @ W).max()
+        one = np.empty((1, w.Mp), np.float32)  # a row alone gives exactly its row of the batch
+        q8.q8_matmul(one, xu[-1:], xs[-1:], w)
+        np.testing.assert_array_equal(one[0], out[-1])
+
+
+def test_kv_attention_matches_reference():
+    from cllmd.kernels.kvattention import kv_attention, kv_attention_ref
+    rng = np.random.default_rng(4)
+    NH, cap, hs, first, N = 3, 20, 8, 5, 6
+    k = rng.normal(size=(NH, cap, hs)).astype(np.float32)
+    v = rng.normal(size=(NH, cap, hs)).astype(np.float32)
+    q = rng.normal(size=(N, NH * hs)).astype(np.float32)
+    out, ref = np.empty_like(q), np.empty((N, NH * hs))
+    kv_attention(out, q, k, v, first)
+    kv_attention_ref(ref, q, k, v, first)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_rejects_bad_weights_and_overflow(model):
+    with pytest.raises(ValueError, match="weights must be one of"):
+        Decoder(model, "int4")
+    dec = Decoder(model)
+    with pytest.raises(ValueError, match="do not fit"):
+        dec.prefill(list(range(model.cfg.block_size + 1)))
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_batched_decoding_gives_each_request_its_own_tokens(model, weights):
+    """Sequences decoded together (one pass per step, joining late, leaving early, sliding
+    their windows) produce exactly the tokens each produces alone: greedy and seeded sampling."""
+    from cllmd.generate import Sequence
+    requests = [("The cat", dict(temperature=0, max_tokens=30)),
+                ("A", dict(temperature=1.0, top_k=20, seed=7, max_tokens=12)),
+                ("Hello there", dict(temperature=0.9, top_p=0.9, seed=11, max_tokens=25)),
+                ("xyz", dict(temperature=0.7, repeat_penalty=1.3, seed=3, max_tokens=5))]
+    alone = []
+    for prompt, o in requests:
+        g = Generation(model, prompt, SamplingOptions(stop_at_eot=False, **o), weights=weights)
+        alone.append((g.text(), g.stats.token_ids))
+    dec = Decoder(model, weights)
+    seqs = [Sequence(model, p, SamplingOptions(stop_at_eot=False, **o)) for p, o in requests]
+    texts = ["" for _ in seqs]
+    active, step = [], 0
+    while step == 0 or active:
+        if step < len(seqs):      # one request joins at each of the first steps
+            active.append(seqs[step])
+        for s, pieces in zip(active, dec.advance(active)):
+            texts[seqs.index(s)] += "".join(pieces)
+        active = [s for s in active if not s.done]
+        step += 1
+    assert [(t, s.stats.token_ids) for t, s in zip(texts, seqs)] == alone
+    assert [s.stats.stop_reason for s in seqs] == ["max_tokens"] * 4
