@@ -187,8 +187,9 @@ class Decoder:
         self.cache: KVCache | None = None   # the single-sequence API's cache (prefill, step)
         self.wpe = model.params["wpe"] if model.clock is None else model.params["wpe"] + model.clock
 
-    def forward(self, caches: list[KVCache], tokens: list[list[int]]) -> np.ndarray:
-        """Appends tokens[i] to caches[i]; returns the logits after each one's last token [S, V]."""
+    def forward(self, caches: list[KVCache], tokens: list[list[int]], every: bool = False) -> np.ndarray:
+        """Appends tokens[i] to caches[i]; returns the logits after each one's last token [S, V]
+        (every=True: after every token given, [N, V] in order, e.g. to measure perplexity)."""
         cfg, P, W = self.cfg, self.model.params, self.weights
         C, NH = cfg.n_embd, cfg.n_head
         hs = C // NH
@@ -218,7 +219,7 @@ class Decoder:
             fc = W.linear(p + "mlp.c_fc", ln)
             gelu_forward(fc, fc)
             x += W.linear(p + "mlp.c_proj", fc)
-        last = np.array([b - 1 for _, b, _ in spans])
+        last = np.arange(n) if every else np.array([b - 1 for _, b, _ in spans])
         xl = np.ascontiguousarray(x[last])
         lnl = np.empty_like(xl)
         layernorm_forward(lnl, mean[:len(last)], rstd[:len(last)], xl, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)

@@ -154,7 +154,7 @@ def test_prompt_pass_equals_token_by_token(model, weights):
     dec = Decoder(model, weights)
     prompt = dec.prefill(ids)
     assert dec.cache.length == len(ids)
-    if weights == "int8":  # each row's arithmetic does not depend on the others: exactly equal
+    if weights == "int8":  # below GEMM_ROWS positions each row's arithmetic is its own: exactly equal
         np.testing.assert_array_equal(prompt, steps[-1])
     else:                  # BLAS may block a product of many rows differently from one row
         np.testing.assert_allclose(prompt, steps[-1], rtol=1e-5, atol=1e-5)
@@ -197,17 +197,24 @@ def test_q8_kernel_matches_reference():
         np.testing.assert_array_equal(one[0], out[-1])
 
 
-def test_kv_attention_matches_reference():
-    from cllmd.kernels.kvattention import kv_attention, kv_attention_ref
+@pytest.mark.parametrize("N", [1, 6, 20], ids=["step", "rows", "gemm"])
+def test_kv_attention_matches_reference(N):
+    from cllmd.kernels.kvattention import kv_attention, kv_attention_ref, kv_attention_rows
     rng = np.random.default_rng(4)
-    NH, cap, hs, first, N = 3, 20, 8, 5, 6
+    NH, cap, hs, first = 3, 40, 8, 5
     k = rng.normal(size=(NH, cap, hs)).astype(np.float32)
     v = rng.normal(size=(NH, cap, hs)).astype(np.float32)
     q = rng.normal(size=(N, NH * hs)).astype(np.float32)
-    out, ref = np.empty_like(q), np.empty((N, NH * hs))
+    out, rows, ref = np.empty_like(q), np.empty_like(q), np.empty((N, NH * hs))
     kv_attention(out, q, k, v, first)
+    kv_attention_rows(rows, q, k, v, first)
     kv_attention_ref(ref, q, k, v, first)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows, ref, rtol=1e-5, atol=1e-5)
+    for i in range(N):  # a row alone (one decoding step at its position) gives exactly its row
+        one = np.empty((1, NH * hs), np.float32)
+        kv_attention_rows(one, q[i:i + 1], k, v, first + i)
+        np.testing.assert_array_equal(one[0], rows[i])
 
 
 def test_decoder_rejects_bad_weights_and_overflow(model):
