@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_memory.py datastore                  # 1 MB vs 100 MB of tokens
     .venv/bin/python benchmarks/bench_memory.py checkpointing              # with and without, two shapes
+    .venv/bin/python benchmarks/bench_memory.py gpt2 --shape gpt2-256-bytes  # GPT-2 shapes against PyTorch
 
 datastore: builds two data stores of synthetic tokens (random ids, documents of ~40 KB, no
 shipped data) holding ~1 MB and ~100 MB, then trains the daemon's default model shape on each
@@ -10,6 +11,9 @@ in a child process (same steps, evaluations included) and compares the children'
 With --pages release the children read batches through AdvisedStore, which models a fix for
 DataStore: drop the shard pages from the process after each batch (see its docstring);
 --pages random only advises the maps MADV_RANDOM (which turns readahead off).
+gpt2: GPT-2 family shapes (small's at block 256 with bytes, gpt2, gpt2-medium, gpt2-large),
+cllmd's trainer and the same model in PyTorch eager float32, each in its own child process,
+alternating: peak RSS from the first step on, and tokens/s (median step after the first).
 checkpointing: trains with and without gradient checkpointing in child processes and reports
 peak RSS and the threads' workspace bytes (its time cost is measured interleaved in one
 process by bench_train.py --checkpointing). Children run one after the other, alternating.
@@ -31,6 +35,11 @@ SHAPES = {
     "baby": dict(vocab_size=257, n_layer=4, n_head=4, n_embd=128, block_size=64),
     "default": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=128),
     "medium": dict(vocab_size=4096, n_layer=8, n_head=8, n_embd=256, block_size=256),
+    # the GPT-2 family: small's shape at block 256 with the bytes vocabulary (issue 12's), then real ones
+    "gpt2-256-bytes": dict(vocab_size=257, n_layer=12, n_head=12, n_embd=768, block_size=256),
+    "gpt2": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(vocab_size=50257, n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(vocab_size=50257, n_layer=36, n_head=20, n_embd=1280, block_size=1024),
 }
 
 
@@ -75,6 +84,87 @@ class AdvisedStore:
 
     def eval_windows(self, *args, **kwargs):
         return self._release(self.store.eval_windows(*args, **kwargs))
+
+
+def reset_peak_rss() -> None:
+    """Starts VmHWM afresh from the current RSS (Linux >= 4.0: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def gpt2_child(spec: dict) -> dict:
+    """Runs in the child: spec["impl"] ("cllmd" or "torch") trains spec["steps"] steps of the
+    shape at spec["batch"] on spec["threads"] threads; peak RSS counts from the first step
+    (after the model and optimizer exist), time per step is the median after the first."""
+    import numpy as np
+
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+
+    cfg = ModelConfig(**SHAPES[spec["shape"]])
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 2_000_000).astype(np.uint16)
+    source = TokenArraySource(tokens, 0.1)
+    setup_t0 = time.perf_counter()
+    if spec["impl"] == "cllmd":
+        trainer = Trainer(Model(cfg, seed=0), source,
+                          TrainConfig(batch_size=spec["batch"], warmup=10,
+                                      grad_checkpointing=spec.get("checkpointing", False)),
+                          threads=spec["threads"])
+        run = trainer.step
+    else:
+        import gc
+
+        import torch
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_train import TorchRunner
+        model = Model(cfg, seed=0)
+        runner = TorchRunner(cfg, model.params, source, spec["batch"])
+        del model
+        gc.collect()
+        torch.set_num_threads(spec["threads"])
+        run = lambda: runner.round(spec["threads"], 1)  # noqa: E731
+    setup_s = time.perf_counter() - setup_t0
+    rss_setup = status_kib("VmRSS")
+    reset_peak_rss()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    out = {"impl": spec["impl"], "peak_rss_mib": status_kib("VmHWM") / 1024, "rss_setup_mib": rss_setup / 1024,
+           "s_per_step": statistics.median(times[1:] or times), "steps": len(times), "setup_s": setup_s,
+           "tokens_per_step": spec["batch"] * cfg.block_size}
+    if spec["impl"] == "cllmd":
+        out["gradient_rows"] = trainer.gradsum.rows_allocated
+        out["workspace_mib"] = trainer.workspaces.nbytes / 2**20
+        trainer.close()
+    out["tokens_per_second"] = out["tokens_per_step"] / out["s_per_step"]
+    return out
+
+
+def gpt2(args) -> None:
+    """Alternating children, cllmd then PyTorch, args.repeats times; medians."""
+    results: dict[str, list[dict]] = {"cllmd": [], "torch": []}
+    impls = ["cllmd"] + ([] if args.no_torch else ["torch"])
+    print(f"{args.shape} {SHAPES[args.shape]}, batch {args.batch}, {args.threads} threads, {args.steps} steps "
+          f"per child{', checkpointing' if args.checkpointing else ''}; load average %.2f %.2f %.2f"
+          % os.getloadavg(), flush=True)
+    for _ in range(args.repeats):
+        for impl in impls:
+            r = run_child({"gpt2": True, "impl": impl, "shape": args.shape, "batch": args.batch,
+                           "threads": args.threads, "steps": args.steps, "checkpointing": args.checkpointing})
+            results[impl].append(r)
+            print(f"  {impl}: " + ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in r.items() if k != "impl"), flush=True)
+    med = {impl: {k: statistics.median(r[k] for r in runs) for k in ("peak_rss_mib", "tokens_per_second")}
+           for impl, runs in results.items() if runs}
+    for impl, m in med.items():
+        print(f"{impl}: peak RSS {m['peak_rss_mib']:,.0f} MiB, {m['tokens_per_second']:,.1f} tokens/s")
+    if "torch" in med:
+        c, t = med["cllmd"], med["torch"]
+        print(f"cllmd / PyTorch: tokens/s {c['tokens_per_second'] / t['tokens_per_second']:.2f}x, "
+              f"peak RSS {c['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
+    print("load average %.2f %.2f %.2f" % os.getloadavg())
 
 
 def child(spec: dict) -> dict:
@@ -188,7 +278,8 @@ def checkpointing(args) -> None:
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        print(json.dumps(child(json.loads(sys.argv[2]))))
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(gpt2_child(spec) if spec.get("gpt2") else child(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -205,8 +296,16 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=8)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--repeats", type=int, default=2)
+    g = sub.add_parser("gpt2", help="GPT-2 family shapes: peak RSS and tokens/s, cllmd and PyTorch alternating")
+    g.add_argument("--shape", choices=[k for k in SHAPES if k.startswith("gpt2")], default="gpt2-256-bytes")
+    g.add_argument("--batch", type=int, default=12)
+    g.add_argument("--steps", type=int, default=3, help="steps per child (the first is not timed)")
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=1)
+    g.add_argument("--checkpointing", action="store_true")
+    g.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
-    datastore(args) if args.what == "datastore" else checkpointing(args)
+    {"datastore": datastore, "checkpointing": checkpointing, "gpt2": gpt2}[args.what](args)
 
 
 if __name__ == "__main__":

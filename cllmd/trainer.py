@@ -31,6 +31,8 @@ from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, ThreadWo
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "cllmd-checkpoint"
+# tokens per sphere up to which the spheres use a transposed copy of the weights (see Trainer)
+TRANSPOSED_MAX_TOKENS = 128
 
 
 def usable_cores() -> int:
@@ -95,12 +97,11 @@ class Trainer:
         self.source = source
         self.config = config
         # the weight matrices (blocks' and token embedding) transposed, refreshed at the start
-        # of every step: the spheres' head and input-gradient gemms run faster on them
-        # (Model.transposed_weights, cllmd.kernels.linear)
-        self.weights_t = np.zeros_like(model.flat)
+        # of every step where a sphere has at most TRANSPOSED_MAX_TOKENS tokens: there the
+        # spheres' head and input-gradient gemms run faster on them (Model.transposed_weights,
+        # cllmd.kernels.linear); above, they cost P floats for nothing measurable
+        self.weights_t: np.ndarray | None = None
         self.spheres = [Sphere(i + 1, model) for i in range(NUM_SPHERES)]
-        for s in self.spheres:
-            s.weights_t = self.weights_t
         # activations belong to the running threads, not the spheres
         self.workspaces = ThreadWorkspaces(model, checkpointing=config.grad_checkpointing)
         self.pool = SpherePool(threads or usable_cores(), on_exit=self.workspaces.release)
@@ -209,9 +210,18 @@ class Trainer:
         return used
 
     def _refresh_transposed(self) -> None:
-        """weights_t = the current weights' matrices transposed, one layer (or the head) per task."""
-        self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
-                       for part in range(self.model.cfg.n_layer + 1)])
+        """weights_t = the current weights' matrices transposed, one layer (or the head) per
+        task, when this step's spheres are small enough for them to pay; else none."""
+        tokens = -(-self.config.batch_size // NUM_SPHERES) * self.model.cfg.block_size
+        if tokens > TRANSPOSED_MAX_TOKENS:
+            self.weights_t = None
+        else:
+            if self.weights_t is None:
+                self.weights_t = np.zeros_like(self.model.flat)
+            self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
+                           for part in range(self.model.cfg.n_layer + 1)])
+        for s in self.spheres:
+            s.weights_t = self.weights_t
 
     def step(self) -> dict:
         """One optimizer step (accum_steps micro-steps); returns its figures."""

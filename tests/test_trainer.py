@@ -77,6 +77,17 @@ def test_trainer_gradient_rows_and_workspaces_grow_with_threads_not_spheres():
     tr.close()
 
 
+def test_trainer_uses_transposed_weights_only_for_small_spheres(monkeypatch):
+    import cllmd.trainer
+    small, small_losses = _train(2)
+    assert small.weights_t is not None  # 2 rows of 12 tokens per sphere
+    monkeypatch.setattr(cllmd.trainer, "TRANSPOSED_MAX_TOKENS", 12)
+    large, large_losses = _train(2)
+    assert large.weights_t is None and all(s.weights_t is None for s in large.spheres)
+    np.testing.assert_allclose(large_losses, small_losses, rtol=1e-5)  # other gemms, same maths
+    np.testing.assert_allclose(large.model.flat, small.model.flat, rtol=1e-4, atol=1e-6)
+
+
 def test_trainer_ordered_sum_adds_rows_in_sphere_order_whatever_the_finishing_order():
     import threading
 
