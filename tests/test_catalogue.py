@@ -247,3 +247,35 @@ def test_catalogue_service_docs_table_is_current():
     from cllmd.settings import render_docs_table
     text = (DOCS / "service.md").read_text()
     assert render_docs_table() in text, "regenerate docs/service.md's table: python -m cllmd.settings --docs"
+
+
+def test_catalogue_state_dir_with_an_old_checkpoint_still_resumes(daemon, tmp_path):  # noqa: F811
+    """A checkpoint written before decay_steps became decay_end_step: the daemon resumes it."""
+    import numpy as np
+
+    from cllmd.model import Model, ModelConfig
+    from cllmd.modelfile import read_model_file, write_model_file
+    from cllmd.tokenizer import BytesTokenizer
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+    tokens = np.frombuffer(b"all the world's a stage, and all the men and women merely players. " * 40,
+                           dtype=np.uint8).astype(np.uint32)
+    model = Model(ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, block_size=32), seed=0,
+                  tokenizer=BytesTokenizer())
+    trainer = Trainer(model, TokenArraySource(tokens), TrainConfig(batch_size=2, decay_end_step=50), threads=1)
+    for _ in range(3):
+        trainer.step()
+    path = tmp_path / "state" / "checkpoints" / "latest.cllm"
+    path.parent.mkdir(parents=True)
+    trainer.save_checkpoint(path)
+    trainer.close()
+    header, tensors = read_model_file(path)
+    meta = header["metadata"]
+    config = meta["checkpoint"]["train_config"]
+    config["decay_steps"] = config.pop("decay_end_step")  # as the old trainer wrote it
+    write_model_file(path, {k: np.asarray(v) for k, v in tensors.items()}, config=header["config"],
+                     tokenizer=header["tokenizer"], metadata=meta)
+    assert "decay_steps" in read_model_file(path)[0]["metadata"]["checkpoint"]["train_config"]
+    d = daemon("--no-train-auto-train", model=False)
+    assert d.client.request("train.status")["step"] == 3
+    assert d.client.request("train.config.get")["decay_end_step"] == SETTINGS["train.decay_end_step"].default
