@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -18,6 +17,8 @@ from cllm.catalogue import (  # noqa: F401  (unescape: re-exported)
 )
 from cllm.catalogue import SAMPLING as CATALOGUE_SAMPLING
 from cllm.client import Client
+from cllm import layout
+from cllm.durable import atomic_path, atomic_write
 from cllm.fmt import human_count, number, use_color
 
 # --------------------------------------------------------------------------- sampling options
@@ -162,9 +163,7 @@ class ChatSession:
             text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         else:
             text = self.system_block() + "".join(self.render_turn(t) for t in self.turns)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, text, mode=0o644)  # a transcript the user asked for, like any file
         return str(path)
 
 
@@ -367,9 +366,7 @@ class ChatLoop:
 
 
 def history_file() -> Path:
-    base = os.environ.get("XDG_STATE_HOME")
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
-    return root / "cllm" / "chat_history"
+    return layout.client_state_dir() / "chat_history"
 
 
 def setup_readline() -> Callable[[], None]:
@@ -398,8 +395,9 @@ def setup_readline() -> Callable[[], None]:
 
     def save() -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                readline.write_history_file(tmp)
         except OSError:
             pass
     return save

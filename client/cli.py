@@ -18,7 +18,7 @@ from cllm.catalogue import (
 from cllm.chat import ctrl_c_cancels
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, plural
-from cllm.queuefiles import formats_help, write_incoming
+from cllm.layout import formats_help, sanitize_name, write_incoming
 
 EXIT_OK = 0            # done
 EXIT_DAEMON = 1        # the daemon answered with an error (or did not answer in time)
@@ -306,11 +306,6 @@ def cmd_train_config(ctx: Ctx, a) -> int:
 
 # --------------------------------------------------------------------------- the queue
 
-def _safe_name(path: Path) -> str:
-    name = "".join("_" if ord(c) < 32 or c == "\x7f" else c for c in path.name).lstrip(". ")
-    return name or "unnamed"
-
-
 def _files_under(paths: list[str]) -> list[Path]:
     """The files named, a directory standing for the regular files under it (sorted; hidden
     names and symbolic links inside it are left out)."""
@@ -359,11 +354,11 @@ def cmd_queue_add(ctx: Ctx, a) -> int:
     added = []
     for p, data in files:
         if incoming is not None:
-            name = write_incoming(incoming, _safe_name(p), data)
+            name = write_incoming(incoming, sanitize_name(p.name), data)
             entry = {"file": str(p), "name": name, "bytes": len(data), "via": "directory",
                      "path": str(incoming / name)}
         else:
-            res = ctx.request("queue.add", name=_safe_name(p), data=data)
+            res = ctx.request("queue.add", name=sanitize_name(p.name), data=data)
             entry = {"file": str(p), "name": res["name"], "bytes": res.get("bytes", len(data)), "via": "socket"}
         added.append(entry)
         if not ctx.json:

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cllm.layout import events_endpoint_for, find_socket
 from cllm.wire import (
-    CANCELLED, IDEMPOTENT_OPS, ProtocolError, encode, events_endpoint_for, find_socket,
-    make_request, parse_event, parse_reply,
+    CANCELLED, IDEMPOTENT_OPS, ProtocolError, encode, make_request, parse_event, parse_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class _Conn:
 class Client:
     """A connection to cllmd. Not thread-safe: use one Client per thread.
 
-    ``socket``: a path or an ipc:// / tcp:// endpoint, else found by ``cllm.wire.find_socket``.
+    ``socket``: a path or an ipc:// / tcp:// endpoint, else found by ``cllm.layout.find_socket``.
     ``timeout``: seconds to wait for each reply; ``retries``: extra attempts for idempotent ops.
     ``events``: the events endpoint (defaults to cllmd-events.sock beside an ipc socket).
     ``curve``: (client secret key, client public key, server public key) for tcp:// endpoints.

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import __version__
-from .queuefiles import write_incoming
+from . import layout
 
 # Named explicitly so `python -m cllm.crawl` logs under the same name as the imported module.
 log = logging.getLogger("cllm.crawl")
@@ -445,24 +445,12 @@ class QueueError(Exception):
 
 
 def default_queue_dir() -> Path:
-    """The daemon's queue root, resolved like the daemon does: $STATE_DIRECTORY/queue (systemd),
-    else /var/lib/cllmd/queue when it exists and is writable, else $XDG_STATE_HOME/cllmd/queue."""
-    state_directory = os.environ.get("STATE_DIRECTORY")
-    if state_directory:
-        return Path(state_directory.split(":")[0]) / "queue"
-    system = Path("/var/lib/cllmd/queue")
-    if system.is_dir() and os.access(system, os.W_OK | os.X_OK):
-        return system
-    return _xdg_state_home() / "cllmd" / "queue"
-
-
-def _xdg_state_home() -> Path:
-    value = os.environ.get("XDG_STATE_HOME")
-    return Path(value) if value and os.path.isabs(value) else Path.home() / ".local" / "state"
+    """The daemon's queue root, found as every client finds it (cllm.layout.find_queue_dir)."""
+    return layout.find_queue_dir()
 
 
 def default_state_file() -> Path:
-    return _xdg_state_home() / "cllm" / "crawl.sqlite"
+    return layout.client_state_dir() / "crawl.sqlite"
 
 
 def _make_dirs(path: Path, depth: int) -> None:
@@ -479,7 +467,7 @@ def _make_dirs(path: Path, depth: int) -> None:
 
 
 class QueueWriter:
-    """Hands pages to the training queue: written to incoming/.NAME.part, fsynced, renamed to
+    """Hands pages to the training queue: written to a hidden temporary file, fsynced, renamed to
     incoming/NAME (the queue contract), or given to `send(name, data)` (the daemon's queue.add)
     when the directory cannot be written."""
 
@@ -529,7 +517,7 @@ class QueueWriter:
             raise QueueError(f"sending {name} to the daemon failed: {e}") from e
 
     def _write(self, name: str, data: bytes) -> str:
-        return str(self.incoming / write_incoming(self.incoming, name, data))
+        return str(self.incoming / layout.write_incoming(self.incoming, name, data))
 
 
 def provenance_line(url: str, when: float) -> bytes:

@@ -15,9 +15,6 @@ import msgpack
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-SOCKET_NAME = "cllmd.sock"
-EVENTS_SOCKET_NAME = "cllmd-events.sock"
-SYSTEM_RUNTIME_DIR = "/run/cllmd"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_ID_CHARS = 256
 
@@ -342,56 +339,3 @@ def parse_event(frames: list[bytes]) -> tuple[str, dict]:
     check_version(msg)
     payload = {k: v for k, v in msg.items() if k not in ("v", "topic")}
     return topic, payload
-
-
-# --------------------------------------------------------------------------- where the sockets are
-
-def default_runtime_dir(env: Mapping[str, str] | None = None) -> str:
-    """Where the daemon puts its sockets: $RUNTIME_DIRECTORY (systemd), $XDG_RUNTIME_DIR/cllmd,
-    else /tmp/cllmd-<uid>."""
-    env = os.environ if env is None else env
-    if env.get("RUNTIME_DIRECTORY"):
-        # systemd may pass several colon-separated directories; the first is ours.
-        return env["RUNTIME_DIRECTORY"].split(":")[0]
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], "cllmd")
-    return f"/tmp/cllmd-{os.getuid()}"
-
-
-def endpoints(runtime_dir: str) -> tuple[str, str]:
-    """(request endpoint, events endpoint) of a daemon whose runtime directory is given."""
-    return (f"ipc://{os.path.join(runtime_dir, SOCKET_NAME)}",
-            f"ipc://{os.path.join(runtime_dir, EVENTS_SOCKET_NAME)}")
-
-
-def find_socket(socket: str | None = None, env: Mapping[str, str] | None = None,
-                system_runtime_dir: str = SYSTEM_RUNTIME_DIR) -> str:
-    """The daemon's request endpoint as a client finds it (first match wins):
-
-    1. ``socket`` (an argument, e.g. ``--socket``), 2. ``$CLLM_SOCKET``,
-    3. ``$RUNTIME_DIRECTORY/cllmd.sock``, 4. ``/run/cllmd/cllmd.sock`` if it exists,
-    5. ``$XDG_RUNTIME_DIR/cllmd/cllmd.sock``, 6. ``/tmp/cllmd-<uid>/cllmd.sock``.
-    A plain path is returned as ``ipc://<path>``; ``ipc://`` and ``tcp://`` endpoints pass through.
-    """
-    env = os.environ if env is None else env
-    chosen = socket or env.get("CLLM_SOCKET")
-    if not chosen:
-        system = os.path.join(system_runtime_dir, SOCKET_NAME)
-        if env.get("RUNTIME_DIRECTORY"):
-            chosen = os.path.join(default_runtime_dir(env), SOCKET_NAME)
-        elif os.path.exists(system):
-            chosen = system
-        else:
-            chosen = os.path.join(default_runtime_dir(env), SOCKET_NAME)
-    if "://" in chosen:
-        return chosen
-    return "ipc://" + os.path.abspath(chosen)
-
-
-def events_endpoint_for(endpoint: str) -> str | None:
-    """The events socket beside an ipc request socket; None for tcp (it must be given)."""
-    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
-        return "ipc://" + os.path.join(os.path.dirname(endpoint[len("ipc://"):]),
-                                       EVENTS_SOCKET_NAME)
-    return None
-

@@ -22,7 +22,7 @@ from cllm.catalogue import check_section
 from cllmd import __version__
 from cllmd.protocol import BAD_REQUEST, NOT_FOUND, TOO_LARGE, ProtocolError
 from cllmd.tokenizer import TokenizerError
-from cllmd.trainqueue import FileTooLarge, NotInQueue, QueueError
+from cllmd.queuedir import FileTooLarge, NotInQueue, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Stages:
     """What the operations may use of the running daemon: the stages it wired, by their public
     methods, and the few figures the daemon keeps for them."""
     controller: Any        # cllmd.controller.TrainingController
-    queue: Any             # cllmd.trainqueue.TrainingQueue
+    queue: Any             # cllmd.queuedir.QueueDir
     store: Any             # cllmd.datastore.DataStore
     server: Any            # cllmd.server.Server (pool statistics)
     tokenizer: Any         # the model's tokenizer

@@ -1,5 +1,5 @@
-"""The training controller (controller.py; trainer.py is node zero, trainqueue.py the file
-queue): runs node zero on its own thread inside the daemon.
+"""The training controller (controller.py; trainer.py is node zero, queuedir.py and watcher.py
+the file queue): runs node zero on its own thread inside the daemon.
 
 It turns new tokens into a step budget (auto-training), obeys start/stop/pause/resume at step
 boundaries, writes checkpoints by step count, by time, on request and on shutdown, publishes a
@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from cllm.catalogue import field_of, runtime_settings
+from cllm.durable import atomic_write
 from cllmd.model import Model
-from cllmd.modelfile import atomic_write
 from cllmd.trainer import Trainer
 
 log = logging.getLogger(__name__)

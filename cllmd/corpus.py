@@ -22,7 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cllmd.modelfile import atomic_write
+from cllm import layout
+from cllm.durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -290,14 +291,8 @@ def build_default_corpus(directory: os.PathLike | str, *,
 
 
 def default_cache_dir() -> Path:
-    """$CACHE_DIRECTORY (systemd), else $XDG_CACHE_HOME/cllmd, else ~/.cache/cllmd."""
-    systemd = os.environ.get("CACHE_DIRECTORY")
-    if systemd:
-        return Path(systemd.split(":")[0])  # systemd lists several as a:b
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "cllmd"
-    return Path.home() / ".cache" / "cllmd"
+    """$CACHE_DIRECTORY (systemd), else $XDG_CACHE_HOME/cllmd (cllm.layout.cache_dir)."""
+    return layout.cache_dir()
 
 
 def _complete_corpus(directory: Path, root: Path) -> list[Path] | None:

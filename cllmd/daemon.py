@@ -122,7 +122,9 @@ class Daemon:
         from cllmd.server import Server
         from cllmd.trainer import Trainer, usable_cores
         from cllmd.controller import ReplayMix, TrainingController
-        from cllmd.trainqueue import TrainingQueue
+        from cllmd.queuedir import QueueDir
+        from cllmd.retry import RetryPolicy
+        from cllmd.watcher import QueueWatcher
 
         # Generation workers and the socket loop share the GIL with node zero while it trains.
         # With Python's default 5 ms switch interval a generation thread coming back from a
@@ -161,10 +163,10 @@ class Daemon:
         self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
                                              settings=self._controller_settings(), publish=self.server.publish)
         self.controller.restore_plan()
-        self.queue = TrainingQueue(self.dirs.queue, self._ingest, max_file_bytes=s.queue.max_file_bytes,
-                                   max_attempts=s.queue.max_attempts, rescan_seconds=s.queue.rescan_seconds,
-                                   json_fields=s.queue.json_fields,
-                                   on_event=self._queue_event)
+        self.queue = QueueDir(self.dirs.queue, max_file_bytes=s.queue.max_file_bytes,
+                              on_event=self._queue_event)
+        self.watcher = QueueWatcher(self.queue, self._ingest, retry=RetryPolicy(s.queue.max_attempts),
+                                    rescan_seconds=s.queue.rescan_seconds, json_fields=s.queue.json_fields)
         if corpus is not None:
             # queue first, model file second: a crash in between re-creates the same model and
             # the store's sha256 dedup keeps the corpus from being stored twice
@@ -178,7 +180,7 @@ class Daemon:
         self.api.register(self.server)
         logging.getLogger().addHandler(_EventLogHandler(self.server))
         self._spawn("server", self.server.serve)
-        self._spawn("queue", self.queue.run)
+        self._spawn("queue", self.watcher.run)
         self._spawn("trainer", self.controller.run)
         sdnotify.ready()
         sdnotify.status(self.status_line())
@@ -319,7 +321,7 @@ class Daemon:
         """Graceful: stop taking requests, end generations, finish the step, checkpoint, exit."""
         sdnotify.stopping()
         self.stop_event.set()
-        self.queue.wake()
+        self.watcher.wake()
         for t in self.threads:
             t.join(timeout=300)
             if t.is_alive():

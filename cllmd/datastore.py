@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cllm.durable import atomic_write, fsync_dir, sweep_temps
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
@@ -62,14 +64,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:05d}.bin"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -184,9 +178,12 @@ class DataStore:
 
     def _open_meta(self) -> None:
         path = self._path(META_NAME)
-        tmp = path + ".tmp"
-        if os.path.exists(tmp):  # a crash while creating the store left it behind
-            os.unlink(tmp)
+        # Under the store's lock: a crash while creating the store (or replacing meta.json)
+        # left its temporary file behind.
+        sweep_temps(self.directory)
+        legacy_tmp = path + ".tmp"  # the temporary name of versions before cllm.durable
+        if os.path.exists(legacy_tmp):
+            os.unlink(legacy_tmp)
         if not os.path.exists(path):
             leftovers = [n for n in os.listdir(self.directory)
                          if n == INDEX_NAME or _SHARD_RE.match(n)]
@@ -196,13 +193,7 @@ class DataStore:
                     f"but no {META_NAME}: refusing to guess its vocabulary")
             meta = self._meta()
             crc = f"{zlib.crc32(json.dumps(meta, sort_keys=True).encode()):08x}"
-            text = json.dumps({"meta": meta, "crc32": crc}, sort_keys=True, indent=1) + "\n"
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            atomic_write(path, json.dumps({"meta": meta, "crc32": crc}, sort_keys=True, indent=1) + "\n")
             logger.info("created data store %s (vocab %d, %s tokens)", self.directory,
                         self.vocab_size, self.dtype.name)
             return
@@ -235,7 +226,7 @@ class DataStore:
         created = not os.path.exists(path)
         fd = self._index_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if created:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         good = 0           # byte offset just past the last good record
         bad_at = None      # first torn/corrupt line
         with os.fdopen(os.dup(fd), "rb") as f:
@@ -336,7 +327,7 @@ class DataStore:
                                "(torn tail: tokens written but never indexed)",
                                self.directory, name, have, want)
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     # ---- appending ----------------------------------------------------------------------
 
@@ -374,7 +365,7 @@ class DataStore:
         created = not os.path.exists(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if created:
-            _fsync_dir(self.directory)  # the new name must survive too, not only its bytes
+            fsync_dir(self.directory)  # the new name must survive too, not only its bytes
         self._write_fds[split] = (shard, fd)
         return fd
 

@@ -1,24 +1,24 @@
 """The `.cllm` model file: magic, version, checksummed msgpack header, 64-byte aligned tensors.
 
 Tensors load as read-only `np.memmap` views without copying; every write is atomic. The byte
-layout is specified in docs/model-format.md; `atomic_file` is shared by other persistent writers.
+layout is specified in docs/model-format.md; writes go through cllm.durable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import secrets
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import msgpack
 import numpy as np
+
+from cllm.durable import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -47,55 +47,6 @@ class ModelFileError(ValueError):
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes (shared with checkpoints, the data store index, tokenizer.json, the corpus)
-# --------------------------------------------------------------------------------------------
-
-
-def fsync_dir(directory: os.PathLike | str) -> None:
-    """fsync a directory so that a rename inside it survives a power loss."""
-    fd = os.open(os.fspath(directory), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: os.PathLike | str) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces `path` only if the block completes.
-
-    The data goes to a temporary file in the same directory, which is flushed, fsynced and
-    renamed over `path`; then the directory is fsynced. On an exception the temporary file is
-    removed and `path` is left exactly as it was.
-    """
-    path = Path(path)
-    directory = path.parent
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    # 0o666 before umask, like open(): the final file gets the usual permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
-def atomic_write(path: os.PathLike | str, data: bytes | Callable[[IO[bytes]], Any]) -> None:
-    """Atomically replace `path` with `data` (bytes-like) or with what `data(file)` writes."""
-    with atomic_file(path) as f:
-        if callable(data):
-            data(f)
-        else:
-            f.write(data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,5 +281,5 @@ def read_model_file(path: os.PathLike | str, *,
 
 __all__ = [
     "ALIGNMENT", "DTYPES", "FORMAT_VERSION", "MAGIC", "PREAMBLE_SIZE", "ModelFileError",
-    "atomic_file", "atomic_write", "fsync_dir", "read_model_file", "write_model_file",
+    "read_model_file", "write_model_file",
 ]

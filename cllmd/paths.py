@@ -1,6 +1,7 @@
 """Where cllmd keeps its state, sockets, cache and configuration.
 
-Resolution order: explicit flag > systemd's *_DIRECTORY variables > XDG base directories.
+Resolution order: explicit flag > systemd's *_DIRECTORY variables > XDG base directories (the
+rules themselves live in cllm.layout, shared with the clients).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from cllm import layout
+
 log = logging.getLogger(__name__)
 
-APP = "cllmd"
+APP = layout.APP
 CONFIG_NAME = "cllmd.toml"
 SYSTEM_CONFIG = Path("/etc/cllmd") / CONFIG_NAME
 # State and runtime hold the model, the queue and the sockets: group-readable only, because the
@@ -24,19 +27,6 @@ DIR_MODE = 0o750
 
 class PathsError(Exception):
     """A directory cannot be used (wrong owner, not a directory, cannot be created)."""
-
-
-def _systemd_dir(env: Mapping[str, str], var: str) -> Path | None:
-    # systemd passes one path per StateDirectory= entry, ':'-separated; ours is the first.
-    value = env.get(var, "")
-    first = value.split(":", 1)[0]
-    return Path(first) if first else None
-
-
-def _xdg_dir(env: Mapping[str, str], var: str) -> Path | None:
-    # The XDG spec says relative values are invalid and must be ignored.
-    value = env.get(var, "")
-    return Path(value) if value and os.path.isabs(value) else None
 
 
 def _flag(value: str | os.PathLike[str] | None) -> Path | None:
@@ -67,28 +57,13 @@ class Dirs:
     ) -> "Dirs":
         """Apply the resolution order; `env` defaults to os.environ (tests pass their own)."""
         env = os.environ if env is None else env
-        home = Path(env.get("HOME") or Path.home())
-
-        state = (
-            _flag(state_dir)
-            or _systemd_dir(env, "STATE_DIRECTORY")
-            or (_xdg_dir(env, "XDG_STATE_HOME") or home / ".local" / "state") / APP
-        )
-        runtime = _flag(runtime_dir) or _systemd_dir(env, "RUNTIME_DIRECTORY")
-        if runtime is None:
-            xdg_runtime = _xdg_dir(env, "XDG_RUNTIME_DIR")
-            # Without a per-user runtime dir (no login session), fall back to a uid-named dir in
-            # /tmp; ensure() refuses it if someone else created it first.
-            runtime = xdg_runtime / APP if xdg_runtime else Path(f"/tmp/{APP}-{os.getuid()}")
-        cache = (
-            _flag(cache_dir)
-            or _systemd_dir(env, "CACHE_DIRECTORY")
-            or (_xdg_dir(env, "XDG_CACHE_HOME") or home / ".cache") / APP
-        )
-
+        state = _flag(state_dir) or layout.state_dir(env)
+        # ensure() refuses the /tmp fallback of runtime_dir() if someone else created it first.
+        runtime = _flag(runtime_dir) or layout.runtime_dir(env)
+        cache = _flag(cache_dir) or layout.cache_dir(env)
         config_file = _flag(config)
         if config_file is None:
-            conf_dir = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
+            conf_dir = layout.configuration_dir(env)
             if conf_dir is not None and (conf_dir / CONFIG_NAME).is_file():
                 config_file = conf_dir / CONFIG_NAME
             elif system_config.is_file():
@@ -98,15 +73,15 @@ class Dirs:
     # Derived paths: the one place their layout is written down.
     @property
     def socket(self) -> Path:
-        return self.runtime / "cllmd.sock"
+        return self.runtime / layout.SOCKET_NAME
 
     @property
     def events_socket(self) -> Path:
-        return self.runtime / "cllmd-events.sock"
+        return self.runtime / layout.EVENTS_SOCKET_NAME
 
     @property
     def queue(self) -> Path:
-        return self.state / "queue"
+        return self.state / layout.QUEUE_DIR
 
     @property
     def model(self) -> Path:

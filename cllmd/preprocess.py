@@ -22,7 +22,7 @@ from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any, Iterable, Iterator
 
-from cllm.queuefiles import FORMATS  # noqa: F401  (the queue contract declares the formats)
+from cllm.layout import FORMATS  # noqa: F401  (the queue contract declares the formats)
 
 DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 

@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllmd.modelfile import atomic_write
+from cllm.durable import atomic_write
 
 log = logging.getLogger(__name__)
 

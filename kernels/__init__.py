@@ -1,4 +1,5 @@
-"""Numba kernels for the CLLM, each beside its numpy reference version.
+"""cllmd.kernels (the directory kernels/): numba kernels for the CLLM, each beside its numpy
+reference version.
 
 Importing this package points numba's on-disk cache at cllmd's cache directory
 ($NUMBA_CACHE_DIR, else $CACHE_DIRECTORY/numba under systemd, else $XDG_CACHE_HOME/cllmd/numba),
@@ -9,6 +10,8 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+
+from cllm import layout
 
 
 def _sources_digest() -> str:
@@ -22,13 +25,7 @@ def _sources_digest() -> str:
 
 
 def _numba_cache_dir() -> str:
-    base = os.environ.get("NUMBA_CACHE_DIR")
-    if not base:
-        base = os.environ.get("CACHE_DIRECTORY")  # systemd's CacheDirectory=
-        if not base:
-            xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-            base = os.path.join(xdg, "cllmd")
-        base = os.path.join(base, "numba")
+    base = os.environ.get("NUMBA_CACHE_DIR") or str(layout.cache_dir() / "numba")
     digest = _sources_digest()
     # a child process inherits the digested path: do not nest another level
     return base if os.path.basename(os.path.normpath(base)) == digest else os.path.join(base, digest)

@@ -5,7 +5,7 @@ from cllmd.api import ERROR_CODES, protocol_errors
 from cllmd.protocol import ERROR_CODES as WIRE_CODES
 from cllmd.protocol import ProtocolError
 from cllmd.tokenizer import TokenizerError
-from cllmd.trainqueue import FileTooLarge, NotInQueue, QueueError
+from cllmd.queuedir import FileTooLarge, NotInQueue, QueueError
 
 
 @pytest.mark.parametrize("exc, code", [

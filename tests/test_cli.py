@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cllm.queuefiles import write_incoming
 from cllm.client import Client
+from cllm.layout import write_incoming
 from tests.daemonproc import Daemon, daemon, drop, wait_for  # noqa: F401 (fixture)
 from tests.ptyterm import cllm
 
@@ -243,20 +243,6 @@ def test_cli_queue_add_writes_into_incoming_or_sends(d, tmp_path):
     r = run(d, "queue", "add", str(tmp_path / "tree" / "sub" / "none"))
     assert r.returncode == 2 and "cannot read" in r.stderr
     assert "Formats:" in run(d, "queue", "add", "--help").stdout
-
-
-def test_cli_write_incoming_renames_a_part_file_and_never_replaces(tmp_path):
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    assert write_incoming(incoming, "notes.txt", b"one") == "notes.txt"
-    assert write_incoming(incoming, "notes.txt", b"two") == "notes-1.txt"
-    assert write_incoming(incoming, "README", b"three") == "README"
-    assert write_incoming(incoming, "README", b"four") == "README-1"
-    assert sorted(os.listdir(incoming)) == ["README", "README-1", "notes-1.txt", "notes.txt"]   # no .part left
-    assert (incoming / "notes.txt").read_bytes() == b"one" and (incoming / "notes-1.txt").read_bytes() == b"two"
-    # a stale .part of an earlier crash does not stop the next writer
-    (incoming / ".x.txt.part").write_bytes(b"stale")
-    assert write_incoming(incoming, "x.txt", b"new") == "x.txt" and (incoming / "x.txt").read_bytes() == b"new"
 
 
 def test_cli_queue_ls_shows_failures_and_retry(d, tmp_path):

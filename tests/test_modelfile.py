@@ -20,8 +20,6 @@ from cllmd.modelfile import (
     MAGIC,
     PREAMBLE_SIZE,
     ModelFileError,
-    atomic_file,
-    atomic_write,
     read_model_file,
     write_model_file,
 )
@@ -271,26 +269,6 @@ def test_modelfile_missing_file_names_it(tmp_path):
     path = tmp_path / "absent.cllm"
     with pytest.raises(ModelFileError, match=r"absent\.cllm: cannot read"):
         read_model_file(path)
-
-
-def test_atomic_file_exception_keeps_old_file_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "state.bin"
-    path.write_bytes(b"old contents")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_file(path) as f:
-            f.write(b"new partial contents" * 1000)
-            raise RuntimeError("boom")
-    assert path.read_bytes() == b"old contents"
-    assert os.listdir(tmp_path) == ["state.bin"]
-
-
-def test_atomic_write_replaces_content(tmp_path):
-    path = tmp_path / "index.json"
-    atomic_write(path, b"one")
-    assert path.read_bytes() == b"one"
-    atomic_write(path, lambda f: f.write(b"two"))
-    assert path.read_bytes() == b"two"
-    assert os.listdir(tmp_path) == ["index.json"]
 
 
 def test_modelfile_write_failing_midway_keeps_old_file(tmp_path):

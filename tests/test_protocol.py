@@ -375,41 +375,6 @@ def test_protocol_module_reexports_the_wire_codec():
     assert protocol.encode is wire.encode and protocol.ProtocolError is wire.ProtocolError
 
 
-# --------------------------------------------------------------------------- where the sockets are
-
-def test_find_socket_order(tmp_path):
-    system = tmp_path / "run-cllmd"
-    uid = __import__("os").getuid()
-    env = {}
-    assert wire.find_socket(env=env, system_runtime_dir=str(system)) == \
-        f"ipc:///tmp/cllmd-{uid}/cllmd.sock"
-    env["XDG_RUNTIME_DIR"] = "/run/user/5"
-    assert wire.find_socket(env=env, system_runtime_dir=str(system)) == \
-        "ipc:///run/user/5/cllmd/cllmd.sock"
-    system.mkdir()
-    (system / "cllmd.sock").touch()
-    assert wire.find_socket(env=env, system_runtime_dir=str(system)) == \
-        f"ipc://{system}/cllmd.sock"
-    env["RUNTIME_DIRECTORY"] = "/run/svc:/run/other"
-    assert wire.find_socket(env=env, system_runtime_dir=str(system)) == \
-        "ipc:///run/svc/cllmd.sock"
-    env["CLLM_SOCKET"] = "tcp://10.0.0.1:5555"
-    assert wire.find_socket(env=env, system_runtime_dir=str(system)) == "tcp://10.0.0.1:5555"
-    assert wire.find_socket("rel/x.sock", env=env) == f"ipc://{Path('rel/x.sock').resolve()}"
-
-
-def test_default_runtime_dir_and_endpoints():
-    uid = __import__("os").getuid()
-    assert wire.default_runtime_dir({}) == f"/tmp/cllmd-{uid}"
-    assert wire.default_runtime_dir({"XDG_RUNTIME_DIR": "/run/user/1"}) == "/run/user/1/cllmd"
-    assert wire.default_runtime_dir({"RUNTIME_DIRECTORY": "/run/cllmd",
-                                     "XDG_RUNTIME_DIR": "/x"}) == "/run/cllmd"
-    assert wire.endpoints("/run/cllmd") == ("ipc:///run/cllmd/cllmd.sock",
-                                            "ipc:///run/cllmd/cllmd-events.sock")
-    assert wire.events_endpoint_for("ipc:///a/b/cllmd.sock") == "ipc:///a/b/cllmd-events.sock"
-    assert wire.events_endpoint_for("tcp://h:1") is None
-
-
 def test_random_frames_never_escape_as_other_exceptions():
     rng = random.Random(7)
     for _ in range(300):

@@ -23,7 +23,7 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 class Bridge:
-    """``socket``: the daemon's request endpoint as cllm.wire.find_socket takes it (None:
+    """``socket``: the daemon's request endpoint as cllm.layout.find_socket takes it (None:
     the usual search). Call ``start()`` inside the running loop, ``close()`` at the end."""
 
     def __init__(self, socket: str | None = None, *, max_streams: int = MAX_STREAMS):

@@ -1,4 +1,5 @@
-"""The training queue on a real inotify-watched directory, with real ingest functions."""
+"""The queue watcher on a real inotify-watched directory (cllmd.watcher over cllmd.queuedir),
+with real ingest functions."""
 
 import json
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cllmd.trainqueue import FileTooLarge, NotInQueue, TrainingQueue
+from cllmd.queuedir import FileTooLarge, NotInQueue, QueueDir
+from cllmd.retry import RetryPolicy
+from cllmd.watcher import QueueWatcher
 
 
 def wait_for(predicate, what, timeout=20.0):
@@ -51,10 +54,23 @@ class ListStore:
         return sorted(t for _, _, t in self.docs)
 
 
+class Queue:
+    """The daemon's composition: the directory state machine and its watcher."""
+
+    def __init__(self, root, ingest, *, max_file_bytes=10_000, max_attempts=3, on_event=None,
+                 retry_backoff=0.05, **kw):
+        self.dir = QueueDir(root, max_file_bytes=max_file_bytes, on_event=on_event)
+        self.watcher = QueueWatcher(self.dir, ingest,
+                                    retry=RetryPolicy(max_attempts, backoff=retry_backoff), **kw)
+
+    def __getattr__(self, name):  # add, retry, list, counts / run, wake, scan, recover
+        return getattr(self.dir if hasattr(self.dir, name) else self.watcher, name)
+
+
 def make_queue(root, ingest, events=None, **kw):
     opts = dict(max_file_bytes=10_000, max_attempts=3, rescan_seconds=3600, retry_backoff=0.05)
     opts.update(kw)
-    return TrainingQueue(root, ingest, on_event=None if events is None else events.append, **opts)
+    return Queue(root, ingest, on_event=None if events is None else events.append, **opts)
 
 
 @contextmanager
@@ -92,7 +108,7 @@ def reason(root, name):
     return json.loads((root / "failed" / (name + ".reason")).read_text())
 
 
-def test_queue_run_picks_up_renamed_direct_and_added_files(tmp_path):
+def test_watcher_run_picks_up_renamed_direct_and_added_files(tmp_path):
     store, events = ListStore(), []
     q = make_queue(tmp_path, store, events)
     with running(q):
@@ -116,7 +132,7 @@ def test_queue_run_picks_up_renamed_direct_and_added_files(tmp_path):
                              "attempt": 1}) < events.index(e)
 
 
-def test_queue_scan_fails_bad_files_with_reasons(tmp_path):
+def test_watcher_scan_fails_bad_files_with_reasons(tmp_path):
     store = ListStore()
     q = make_queue(tmp_path, store, max_file_bytes=100)
     inc = tmp_path / "incoming"
@@ -150,7 +166,7 @@ def test_queue_scan_fails_bad_files_with_reasons(tmp_path):
     assert store.calls == ["good.txt"]  # bad input never reaches the store
 
 
-def test_queue_retry_moves_failed_back_to_incoming(tmp_path):
+def test_watcher_retry_moves_failed_back_to_incoming(tmp_path):
     store = ListStore()
     (tmp_path / "incoming").mkdir()
     (tmp_path / "incoming" / "big.txt").write_bytes(b"a rather long text")
@@ -170,7 +186,7 @@ def test_queue_retry_moves_failed_back_to_incoming(tmp_path):
     assert store.texts() == ["a rather long text"]
 
 
-def test_queue_failing_ingest_does_not_block_and_gives_up(tmp_path):
+def test_watcher_failing_ingest_does_not_block_and_gives_up(tmp_path):
     store, events = ListStore(fail_sources={"bad.txt"}), []
     q = make_queue(tmp_path, store, events)
     for name in ("bad.txt", "good1.txt", "good2.txt"):
@@ -193,7 +209,7 @@ def test_queue_failing_ingest_does_not_block_and_gives_up(tmp_path):
     assert os.listdir(tmp_path / "processing") == []  # no sidecar left behind
 
 
-def test_queue_transient_ingest_failure_recovers(tmp_path):
+def test_watcher_transient_ingest_failure_recovers(tmp_path):
     store = ListStore(fail_sources={"flaky.txt"}, fail_times=1)
     q = make_queue(tmp_path, store)
     with running(q):
@@ -202,7 +218,7 @@ def test_queue_transient_ingest_failure_recovers(tmp_path):
     assert store.calls == ["flaky.txt", "flaky.txt"] and store.texts() == ["second time lucky"]
 
 
-def test_queue_recover_takes_back_files_left_in_processing(tmp_path):
+def test_watcher_recover_takes_back_files_left_in_processing(tmp_path):
     store, events = ListStore(), []
     q = make_queue(tmp_path, store, events)
     # A crash left two files mid-ingest; one of them had reached the store already.
@@ -220,11 +236,11 @@ def test_queue_recover_takes_back_files_left_in_processing(tmp_path):
     assert dup["duplicate"] is True
 
 
-def test_queue_recover_gives_up_on_a_file_that_keeps_killing_the_daemon(tmp_path):
+def test_watcher_recover_gives_up_on_a_file_that_keeps_killing_the_daemon(tmp_path):
     store = ListStore()
     q = make_queue(tmp_path, store, max_attempts=2)
     (tmp_path / "processing" / "poison.txt").write_text("crashes the tokenizer")
-    q._write_sidecar("poison.txt", 2, None)  # two attempts begun, none finished
+    q.record_attempt("poison.txt", 2, None)  # two attempts begun, none finished
     q.recover()
     assert names(tmp_path, "failed") == ["poison.txt", "poison.txt.reason"]
     assert reason(tmp_path, "poison.txt")["reason"] == (
@@ -232,7 +248,7 @@ def test_queue_recover_gives_up_on_a_file_that_keeps_killing_the_daemon(tmp_path
     assert store.calls == []
 
 
-def test_queue_names_never_overwrite(tmp_path):
+def test_watcher_names_never_overwrite(tmp_path):
     store = ListStore()
     q = make_queue(tmp_path, store)
     for text in ("one", "two", "two"):
@@ -247,7 +263,7 @@ def test_queue_names_never_overwrite(tmp_path):
     assert names(tmp_path, "failed") == ["e-1.txt", "e-1.txt.reason", "e.txt", "e.txt.reason"]
 
 
-def test_queue_add_sanitizes_and_caps_size(tmp_path):
+def test_watcher_add_sanitizes_and_caps_size(tmp_path):
     q = make_queue(tmp_path, ListStore(), max_file_bytes=10)
     assert q.add("../../etc/.passwd", b"x") == ".._.._etc_.passwd".lstrip(".")
     assert q.add("notes.txt", b"a") == "notes.txt"
@@ -263,7 +279,7 @@ def test_queue_add_sanitizes_and_caps_size(tmp_path):
     assert q.counts()["incoming"] == 6
 
 
-def test_queue_burst_of_files_all_done(tmp_path):
+def test_watcher_burst_of_files_all_done(tmp_path):
     store = ListStore()
     q = make_queue(tmp_path, store)
     with running(q):
@@ -275,7 +291,7 @@ def test_queue_burst_of_files_all_done(tmp_path):
     assert len(q.list(limit=5)["done"]) == 5
 
 
-def test_queue_survives_incoming_being_removed(tmp_path):
+def test_watcher_survives_incoming_being_removed(tmp_path):
     q = make_queue(tmp_path, ListStore())
     with running(q):
         os.rmdir(tmp_path / "incoming")
@@ -284,7 +300,7 @@ def test_queue_survives_incoming_being_removed(tmp_path):
         wait_for(lambda: names(tmp_path, "done") == ["after.txt"], "after.txt in done/")
 
 
-def test_queue_run_beats_while_idle_and_stops_without_wake(tmp_path):
+def test_watcher_run_beats_while_idle_and_stops_without_wake(tmp_path):
     q = make_queue(tmp_path, ListStore())
     stop = threading.Event()
     beats = []
@@ -297,7 +313,7 @@ def test_queue_run_beats_while_idle_and_stops_without_wake(tmp_path):
     q.wake()  # after run() ended: harmless
 
 
-def test_queue_with_real_datastore_dedups(tmp_path):
+def test_watcher_with_real_datastore_dedups(tmp_path):
     from cllmd.datastore import DataStore
     from cllmd.tokenizer import BytesTokenizer
 
@@ -321,7 +337,9 @@ def test_queue_with_real_datastore_dedups(tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, os, sys, threading, time
-    from cllmd.trainqueue import TrainingQueue
+    from cllmd.queuedir import QueueDir
+    from cllmd.retry import RetryPolicy
+    from cllmd.watcher import QueueWatcher
     root, log_path = sys.argv[1], sys.argv[2]
     log = open(log_path, "a")
 
@@ -337,7 +355,8 @@ CHILD = textwrap.dedent("""
             print("ready", flush=True)
             said.append(1)
 
-    q = TrainingQueue(root, ingest, max_file_bytes=10_000, max_attempts=3, rescan_seconds=3600)
+    q = QueueWatcher(QueueDir(root, max_file_bytes=10_000), ingest, retry=RetryPolicy(3),
+                     rescan_seconds=3600)
     q.run(threading.Event(), beat)
 """)
 
@@ -352,7 +371,7 @@ def read_log(path):
     return shas
 
 
-def test_queue_sigkill_mid_run_loses_no_file(tmp_path):
+def test_watcher_sigkill_mid_run_loses_no_file(tmp_path):
     root, log_path = tmp_path / "q", tmp_path / "store.log"
     texts = {f"doc{i:02d}.txt": f"text number {i}" for i in range(40)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(log_path)],
@@ -382,9 +401,35 @@ def test_queue_sigkill_mid_run_loses_no_file(tmp_path):
         stored.add(sha)
         return {"tokens": 1, "duplicate": duplicate}
 
-    q = TrainingQueue(root, ingest, max_file_bytes=10_000, max_attempts=3)
+    q = make_queue(root, ingest)
     q.recover()
     q.scan()
     assert names(root, "done") == sorted(texts)
     assert len(stored) == len(texts)
     assert os.listdir(root / "processing") == []
+
+
+def test_watcher_keeps_going_through_many_errors_in_a_row_and_says_it_recovered(tmp_path, caplog):
+    # A lasting real fault: incoming/ replaced by a regular file, so the watch cannot be set up
+    # again. Twelve errors in a row (the old limit was ten) must not end the watcher.
+    q = make_queue(tmp_path, ListStore(), error_wait=(0.005, 0.05), rescan_seconds=0.05)
+    caplog.set_level("INFO", logger="cllmd.watcher")
+    stop = threading.Event()
+    t = threading.Thread(target=q.run, args=(stop, None), daemon=True)
+    t.start()
+    wait_for(lambda: "queue: watching" in caplog.text, "the watcher to start")
+    # Renaming the watched directory away sends no IN_IGNORED: the next rescan meets the file.
+    (tmp_path / "blocker").write_bytes(b"in the way")
+    os.rename(tmp_path / "incoming", tmp_path / "incoming.old")
+    os.rename(tmp_path / "blocker", tmp_path / "incoming")
+    wait_for(lambda: caplog.text.count("watcher error") >= 12, "twelve errors in a row")
+    assert t.is_alive()
+    assert "watcher error (12 in a row); watching again in 0.05 s" in caplog.text
+    os.unlink(tmp_path / "incoming")  # the fault passes
+    wait_for(lambda: "watcher recovered after" in caplog.text, "the recovery in the log")
+    drop(tmp_path, "after.txt", b"watched again")
+    wait_for(lambda: names(tmp_path, "done") == ["after.txt"], "after.txt in done/")
+    stop.set()
+    q.wake()
+    t.join(timeout=30)
+    assert not t.is_alive()

@@ -1,0 +1,57 @@
+"""Tests for cllmd.queuedir: the moves between the queue's directories, on real files."""
+
+import json
+import os
+
+import pytest
+
+from cllm.durable import temp_path
+from cllmd.queuedir import BadInput, NotInQueue, QueueDir
+
+
+def test_queuedir_moves_through_every_state_and_reports_each(tmp_path):
+    events = []
+    q = QueueDir(tmp_path, max_file_bytes=100, on_event=events.append)
+    placed = []
+    q.on_placed.append(placed.append)
+    assert q.add("a.txt", b"one") == "a.txt" and placed == ["a.txt"]
+    (tmp_path / "incoming" / "b.txt").write_bytes(b"two")
+    assert q.claim("a.txt") == "a.txt" and q.claim("a.txt") is None
+    assert q.read("a.txt") == b"one"
+    assert q.finish("a.txt", tokens=3) == "a.txt"
+    assert q.claim("b.txt") == "b.txt"
+    assert q.fail("b.txt", "bad input", 1) == "b.txt"
+    reason = json.loads((tmp_path / "failed" / "b.txt.reason").read_text())
+    assert reason["reason"] == "bad input" and reason["attempts"] == 1
+    assert q.retry("b.txt") == "b.txt" and not (tmp_path / "failed" / "b.txt.reason").exists()
+    assert q.counts() == {"incoming": 1, "processing": 0, "done": 1, "failed": 0}
+    assert [(e["name"], e["state"]) for e in events] == [
+        ("a.txt", "incoming"), ("a.txt", "done"), ("b.txt", "failed"), ("b.txt", "incoming")]
+    assert events[1]["tokens"] == 3
+
+
+def test_queuedir_stranded_sweeps_crash_leftovers_and_keeps_attempts(tmp_path):
+    q = QueueDir(tmp_path, max_file_bytes=100)
+    (tmp_path / "processing" / "left.txt").write_text("mid-ingest")
+    q.record_attempt("left.txt", 2, "boom")
+    temp_path(tmp_path / "processing" / "x").write_text("torn")  # a killed atomic write
+    temp_path(tmp_path / "failed" / "y.reason").write_text("torn")
+    (tmp_path / "processing" / ".attempts-000000000000000000000000").write_text(
+        json.dumps({"name": "gone.txt", "attempts": 1}))
+    assert q.stranded() == ["left.txt"]
+    assert q.attempts("left.txt") == (2, "boom")
+    assert sorted(os.listdir(tmp_path / "processing")) == [q._sidecar("left.txt").name, "left.txt"]
+    assert os.listdir(tmp_path / "failed") == []
+
+
+def test_queuedir_read_refuses_what_is_not_a_plain_file(tmp_path):
+    q = QueueDir(tmp_path, max_file_bytes=4)
+    os.symlink("/etc/hostname", tmp_path / "processing" / "link")
+    os.mkfifo(tmp_path / "processing" / "fifo")
+    (tmp_path / "processing" / "big").write_bytes(b"12345")
+    for name, why in (("link", "not a regular file"), ("fifo", "not a regular file"),
+                      ("big", "too large: 5 bytes, the limit is 4")):
+        with pytest.raises(BadInput, match=why):
+            q.read(name)
+    with pytest.raises(NotInQueue, match="invalid queue file name"):
+        q.retry(".hidden")
