@@ -1,7 +1,8 @@
 """Tokenizers: raw UTF-8 bytes, or byte-level BPE trained with Hugging Face `tokenizers`.
 
-Both map any valid Unicode text to int32 ids and back exactly, never emit the end-of-text id
-for text that merely contains "<|endoftext|>", and give each token's raw bytes for streaming.
+Both map any valid Unicode text to int32 ids and back exactly, and give each token's raw bytes
+for streaming. "<|endoftext|>" in text is the end-of-text token, as Hugging Face encodes it, so
+cllmd's ids and those of its exported tokenizer.json agree on every input.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from cllm.durable import atomic_write
 
@@ -84,19 +85,33 @@ def _check_str(text: object) -> str:
 # the cut; at the end of the left piece `\s+(?!\S)` matches the same W minus "\n". No other
 # alternative can contain a whitespace character except an optional leading " ", and "\n" is
 # not " ". BPE merges never cross pre-tokens, hence ids are identical.
-_SAFE_CUT = re.compile(r"\n(?=[!-~])")
+# Special tokens are split out of the text before pre-tokenization, so a "\n" right before one
+# ends its segment (where `\s+(?!\S)` keeps it in W): no cut there, hence the look-ahead for
+# the tokenizer's special tokens (a tokenizer whose special tokens hold a "\n" is not cut).
+_SAFE_CUT = re.compile(r"\n(?=[!-~])(?!<\|endoftext\|>)")
 
 
-def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+def safe_cut_pattern(specials: Iterable[str]) -> re.Pattern | None:
+    """The cut rule of split_for_encoding for a tokenizer with these special tokens, or None
+    when no cut is provably safe (a special token containing a newline)."""
+    specials = sorted(set(specials), key=len, reverse=True)
+    if any("\n" in s for s in specials):
+        return None
+    avoid = "|".join(re.escape(s) for s in specials)
+    return re.compile(r"\n(?=[!-~])" + (f"(?!{avoid})" if avoid else ""))
+
+
+def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS,
+                       cut: re.Pattern | None = _SAFE_CUT) -> list[str]:
     """Split `text` into pieces of roughly `chunk_chars` whose encodings concatenate to the
-    encoding of the whole text (see the note on _SAFE_CUT)."""
+    encoding of the whole text (see the note on _SAFE_CUT); `cut` None: never split."""
     chunk_chars = max(1, chunk_chars)
-    if len(text) <= chunk_chars:
+    if len(text) <= chunk_chars or cut is None:
         return [text]
     pieces = []
     start = 0
     while len(text) - start > chunk_chars:
-        m = _SAFE_CUT.search(text, start + chunk_chars)
+        m = cut.search(text, start + chunk_chars)
         if m is None:
             break
         pieces.append(text[start:m.start()])
@@ -106,7 +121,8 @@ def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
 
 
 class Tokenizer(abc.ABC):
-    """Common interface. Subclasses fill `_table`: token id -> raw bytes (b"" for specials)."""
+    """Common interface. Subclasses fill `_table`: token id -> raw bytes (a special token's are
+    its text, so that decode(encode(text)) == text holds for every text)."""
 
     kind: str
     vocab_size: int
@@ -115,7 +131,7 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
-        """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is ordinary text.
+        """Token ids (int32, 1-D) of `text`; "<|endoftext|>" inside text is the eot id.
 
         Any str that is valid Unicode round-trips through decode; a str holding a lone
         surrogate (not UTF-8 encodable, so not text) is refused with TokenizerError.
@@ -142,14 +158,14 @@ class Tokenizer(abc.ABC):
         return arr.astype(np.int64, copy=False)
 
     def decode(self, ids) -> str:
-        """Text of `ids`. Special tokens decode to nothing; byte sequences that are not valid
-        UTF-8 (possible for arbitrary ids, never for ids from encode) become U+FFFD."""
+        """Text of `ids`. Special tokens decode to their text ("<|endoftext|>"); byte sequences
+        that are not valid UTF-8 (possible for arbitrary ids, never from encode) become U+FFFD."""
         arr = self._ids_array(ids)
         table = self._table
         return b"".join([table[i] for i in arr.tolist()]).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        """Raw bytes of one token (b"" for special tokens); a streaming decoder joins these."""
+        """Raw bytes of one token (a special token's text); a streaming decoder joins these."""
         i = operator.index(token_id)
         if not 0 <= i < self.vocab_size:
             raise TokenizerError(f"token id {i} is out of range for vocabulary size "
@@ -162,7 +178,11 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def to_json(self) -> str:
-        """The self-describing JSON form (tokenizer.json)."""
+        """The self-describing JSON form (stored in .cllm files)."""
+
+    @abc.abstractmethod
+    def to_hf_json(self) -> str:
+        """A Hugging Face tokenizer.json giving the same ids for every text (for export)."""
 
     def save(self, path: os.PathLike | str) -> None:
         """Atomically write the JSON form to `path`, or to `path`/tokenizer.json for a dir."""
@@ -183,22 +203,36 @@ class BytesTokenizer(Tokenizer):
     def __init__(self) -> None:
         self.vocab_size = 257
         self.eot_id = 256
-        self._table = [bytes([b]) for b in range(256)] + [b""]
+        self._table = [bytes([b]) for b in range(256)] + [EOT.encode("ascii")]
 
     def encode(self, text: str) -> np.ndarray:
         try:
             raw = _check_str(text).encode("utf-8")
         except UnicodeEncodeError:
             raise _lone_surrogate_error(text) from None
-        return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        arr = self._ids_array(ids)
-        return arr[arr != self.eot_id].astype(np.uint8).tobytes().decode("utf-8", "replace")
+        ids = np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
+        if EOT.encode("ascii") not in raw:
+            return ids
+        parts = raw.split(EOT.encode("ascii"))  # the special token is one id, as in HF
+        out = np.full(len(raw) - (len(parts) - 1) * (len(EOT) - 1), self.eot_id, dtype=np.int32)
+        at = 0
+        for part in parts:
+            out[at:at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            at += len(part) + 1
+        return out
 
     def to_json(self) -> str:
         return json.dumps({"type": "bytes", "version": BYTES_FORMAT_VERSION,
                            "special_tokens": {EOT: self.eot_id}})
+
+    def to_hf_json(self) -> str:
+        # A byte-level BPE without merges whose token for byte b has id b: every byte is its
+        # own token, as here; <|endoftext|> is the special token 256.
+        hf = HFTokenizer(models.BPE(vocab={_BYTE_TO_UNICODE[b]: b for b in range(256)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+        return hf.to_str()
 
 
 class BPETokenizer(Tokenizer):
@@ -209,8 +243,9 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf: HFTokenizer) -> None:
         hf.no_truncation()
         hf.no_padding()
-        # Special tokens are only ever inserted by the caller, by id; in text they are text.
-        hf.encode_special_tokens = True
+        # Special tokens in text are special tokens, as HF's default (which a tokenizer.json
+        # cannot change): the same ids as any HF tool loading this tokenizer's JSON.
+        hf.encode_special_tokens = False
         self._hf = hf
         self.chunk_chars = CHUNK_CHARS
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
@@ -219,6 +254,7 @@ class BPETokenizer(Tokenizer):
         if eot is None or eot not in added or not added[eot].special:
             raise TokenizerError(f"the BPE tokenizer has no special token {EOT!r}")
         self.eot_id = eot
+        self._cut = safe_cut_pattern(t.content for t in added.values())
         self._table = self._build_table(hf, added)
 
     def _build_table(self, hf: HFTokenizer, added: dict) -> list[bytes]:
@@ -228,7 +264,7 @@ class BPETokenizer(Tokenizer):
                 raise TokenizerError(f"token id {i} of {token!r} is not below the vocabulary "
                                      f"size {self.vocab_size}")
             if i in added:
-                table[i] = b"" if added[i].special else added[i].content.encode("utf-8")
+                table[i] = added[i].content.encode("utf-8")
                 continue
             try:
                 table[i] = bytes([_UNICODE_TO_BYTE[c] for c in token])
@@ -250,11 +286,11 @@ class BPETokenizer(Tokenizer):
             raise
 
     def encode(self, text: str) -> np.ndarray:
-        pieces = split_for_encoding(_check_str(text), self.chunk_chars)
+        pieces = split_for_encoding(_check_str(text), self.chunk_chars, self._cut)
         return _join_ids(self._encode_pieces(pieces))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        split = [split_for_encoding(_check_str(t), self.chunk_chars) for t in texts]
+        split = [split_for_encoding(_check_str(t), self.chunk_chars, self._cut) for t in texts]
         if not split:
             return []
         # One call for all pieces of all texts, then regroup per text.
@@ -267,6 +303,17 @@ class BPETokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return self._hf.to_str()
+
+    def to_hf_json(self) -> str:
+        return self._hf.to_str()
+
+    def is_bytes_equivalent(self) -> bool:
+        """True for a BPE without merges whose byte b is token b and <|endoftext|> token 256:
+        the ids of BytesTokenizer (what BytesTokenizer.to_hf_json writes)."""
+        if self.vocab_size != 257 or self.eot_id != 256:
+            return False
+        return self._table[:256] == [bytes([b]) for b in range(256)] and \
+            not json.loads(self._hf.to_str())["model"].get("merges")
 
 
 def _join_ids(parts: list[list[int]]) -> np.ndarray:
@@ -313,7 +360,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
             hf = HFTokenizer.from_str(text)
         except Exception as e:  # HF raises a bare Exception on schema errors
             raise TokenizerError(f"invalid Hugging Face tokenizer JSON: {e}") from e
-        return BPETokenizer(hf)
+        bpe = BPETokenizer(hf)
+        return BytesTokenizer() if bpe.is_bytes_equivalent() else bpe
     raise TokenizerError("unknown tokenizer JSON: expected {\"type\": \"bytes\", ...} or a "
                          "Hugging Face tokenizer.json")
 
@@ -333,6 +381,23 @@ def load_tokenizer(path: os.PathLike | str) -> Tokenizer:
         return tokenizer_from_json(text)
     except TokenizerError as e:
         raise TokenizerError(f"{path}: {e}") from e
+
+
+def bpe_from_vocab_merges(vocab: os.PathLike | str, merges: os.PathLike | str) -> BPETokenizer:
+    """GPT-2's original tokenizer files (vocab.json + merges.txt) as a byte-level BPE."""
+    for path in (vocab, merges):
+        if not Path(path).is_file():
+            raise TokenizerError(f"{path}: no such file")
+    try:
+        hf = HFTokenizer(models.BPE.from_file(os.fspath(vocab), os.fspath(merges)))
+    except Exception as e:  # HF raises a bare Exception on bad files
+        raise TokenizerError(f"{vocab}, {merges}: not a BPE vocabulary and merges: {e}") from None
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    if hf.token_to_id(EOT) is None:
+        raise TokenizerError(f"{vocab}: no token {EOT!r}")
+    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])  # keeps its id
+    return BPETokenizer(hf)
 
 
 def _check_vocab_size(vocab_size: object) -> int:
@@ -405,6 +470,6 @@ def train_bpe(files: Iterable[os.PathLike | str] | os.PathLike | str, vocab_size
 
 
 __all__ = [
-    "EOT", "BPETokenizer", "BytesTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer",
-    "split_for_encoding", "tokenizer_from_json", "train_bpe",
+    "EOT", "BPETokenizer", "BytesTokenizer", "Tokenizer", "TokenizerError", "bpe_from_vocab_merges",
+    "load_tokenizer", "safe_cut_pattern", "split_for_encoding", "tokenizer_from_json", "train_bpe",
 ]

@@ -103,16 +103,17 @@ def test_bpe_trained_shape_and_merges(bpe):
 
 
 @pytest.mark.parametrize("make", [BytesTokenizer, "bpe"])
-def test_tokenizer_eot_literal_is_not_special(make, request):
+def test_tokenizer_eot_literal_is_the_eot_token(make, request):
+    # As Hugging Face encodes it (issue 11: cllmd and its tokenizer.json must agree).
     tok = request.getfixturevalue("bpe") if make == "bpe" else make()
     s = f"before{EOT}after {EOT}"
     ids = tok.encode(s)
-    assert tok.eot_id not in ids.tolist()
+    assert ids.tolist().count(tok.eot_id) == 2 and ids[-1] == tok.eot_id
+    assert ids.tolist()[:ids.tolist().index(tok.eot_id)] == tok.encode("before").tolist()
     assert tok.decode(ids) == s
-    assert tok.token_bytes(tok.eot_id) == b""
-    # The id itself (inserted by a caller between documents) decodes to nothing.
-    with_eot = np.concatenate([tok.encode("a"), [tok.eot_id], tok.encode("b")])
-    assert tok.decode(with_eot) == "ab"
+    assert tok.token_bytes(tok.eot_id) == EOT.encode()
+    assert tok.encode(EOT).tolist() == [tok.eot_id]
+    assert tok.eot_id not in tok.encode("<|endoftext|").tolist() + tok.encode("<|endoftext |>").tolist()
 
 
 @pytest.mark.parametrize("make", [BytesTokenizer, "bpe"])
@@ -170,6 +171,18 @@ def test_bpe_chunked_encoding_equals_whole_exhaustively(bpe_all_merges):
                 assert tok.encode(s).tolist() == whole, (s, tok.chunk_chars)
 
 
+def test_bpe_chunked_encoding_equals_whole_around_special_tokens(bpe_all_merges):
+    # A special token is split out before pre-tokenization: no cut right before one.
+    hf = bpe_all_merges._hf
+    tokenizers = [_chunked(bpe_all_merges, chunk) for chunk in (1, 2, 3)]
+    for n in range(1, 6):
+        for parts in itertools.product([" ", "\n", "a", EOT], repeat=n):
+            s = "".join(parts)
+            whole = hf.encode(s, add_special_tokens=False).ids
+            for tok in tokenizers:
+                assert tok.encode(s).tolist() == whole, (s, tok.chunk_chars)
+
+
 def test_bpe_chunked_encoding_equals_whole_on_long_multiline_text(bpe_all_merges):
     bpe = bpe_all_merges
     text = _generated_text(40000, seed=2)  # well over one chunk
@@ -209,8 +222,7 @@ def test_tokenizer_save_load_round_trip(make, request, tmp_path):
     text = _generated_text(500, seed=3)
     np.testing.assert_array_equal(loaded.encode(text), tok.encode(text))
     assert loaded.token_bytes_table() == tok.token_bytes_table()
-    # A literal EOT is still plain text after loading (the HF flag is not in the JSON).
-    assert loaded.eot_id not in loaded.encode(EOT).tolist()
+    assert loaded.encode(f"a{EOT}b").tolist() == tok.encode(f"a{EOT}b").tolist()
     # Saving into a directory writes tokenizer.json there; loading the directory finds it.
     tok.save(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["tok.json", "tokenizer.json"]
