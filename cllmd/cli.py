@@ -391,6 +391,47 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+# ---- Hugging Face import and export ------------------------------------------------------------------
+
+
+def cmd_import(args) -> int:
+    from cllmd.hf import HFError, import_hf
+    from cllmd.modelfile import ModelFileError
+    t0 = time.perf_counter()
+    try:
+        summary = import_hf(args.src, args.out)
+    except (HFError, ModelFileError) as e:
+        raise UsageError(str(e)) from None
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        c = summary["config"]
+        print(f"imported {args.src}: {summary['parameters']:,} parameters ({c['n_layer']} layers, width "
+              f"{c['n_embd']}, context {c['block_size']}, vocabulary {c['vocab_size']}), {summary['tokenizer']} "
+              f"tokenizer of {summary['tokenizer_vocab_size']}; wrote {args.out} in {summary['seconds']:.1f}s")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from cllmd.hf import HFError, export_hf
+    from cllmd.modelfile import ModelFileError
+    from cllmd.tokenizer import TokenizerError
+    t0 = time.perf_counter()
+    try:
+        summary = export_hf(args.model, args.out_dir)
+    except (HFError, ModelFileError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        folded = "; clock positions folded into wpe" if summary["clock_positions_folded"] else ""
+        print(f"exported {args.model}: {summary['parameters']:,} parameters to {args.out_dir} "
+              f"(GPT2LMHeadModel, safetensors, {summary['tokenizer']} tokenizer as tokenizer.json){folded}")
+    return EXIT_OK
+
+
 # ---- the command table -----------------------------------------------------------------------------
 
 
@@ -455,6 +496,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .cllm file")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("import", help="import a Hugging Face GPT-2 checkpoint directory as a .cllm file",
+                       description="Import a GPT-2 family directory (config.json, model.safetensors or its "
+                                   "shards, tokenizer.json or vocab.json + merges.txt, generation_config.json).")
+    p.add_argument("src", help="the Hugging Face model directory")
+    p.add_argument("out", help="the .cllm file to write")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=cmd_import)
+
+    p = sub.add_parser("export", help="export a .cllm model as a Hugging Face GPT-2 directory",
+                       description="Write config.json, model.safetensors, tokenizer.json and "
+                                   "generation_config.json that transformers' GPT2LMHeadModel loads.")
+    p.add_argument("model", help="a .cllm file")
+    p.add_argument("out_dir", help="the directory to write (created if missing)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=cmd_export)
 
     return parser
 

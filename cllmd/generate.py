@@ -359,7 +359,9 @@ class Sequence:
             return self._finish("cancelled")
         if stats.tokens_generated >= opts.max_tokens:
             return self._finish("max_tokens")
-        token = sample_next(logits, opts, self.rng, self.history)
+        # a model's vocabulary may be padded past its tokenizer's: those ids are never sampled
+        vocab = len(self.table) if self.table is not None else logits.shape[-1]
+        token = sample_next(logits[:vocab], opts, self.rng, self.history)
         if not stats.time_to_first_token:
             stats.time_to_first_token = time.perf_counter() - self._t0
         if opts.stop_at_eot and token == self.eot_id:
