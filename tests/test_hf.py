@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerFast  # noqa: E402
 
 from cllmd.cli import main  # noqa: E402
+from cllmd.generate import Generation, SamplingOptions  # noqa: E402
 from cllmd.model import Model, ModelConfig  # noqa: E402
 from cllmd.tokenizer import EOT, BytesTokenizer, load_tokenizer  # noqa: E402
 
@@ -137,6 +138,13 @@ def test_hf_import_variant_logits_equal_transformers(variant, hf_tok, tmp_path):
     assert model.tokenizer.vocab_size == len(hf_tok)
     ids = _ids(model.cfg.vocab_size)
     np.testing.assert_allclose(model.forward(ids), _hf_logits(src, ids), atol=1e-4, rtol=0)
+    if variant == "padded_vocabulary":
+        # the padded rows never come out of generation, even when they would dominate
+        model.params["wte"][len(hf_tok):] *= 100
+        gen = Generation(model, "the quick", SamplingOptions(max_tokens=20, temperature=2.0, seed=1,
+                                                             stop_at_eot=False))
+        gen.text()
+        assert gen.stats.tokens_generated == 20 and max(gen.stats.token_ids) < len(hf_tok)
 
 
 def test_hf_import_reads_vocab_json_and_merges_txt(hf_tok, tmp_path):
