@@ -6,12 +6,10 @@ GPT2LMHeadModel and the `tokenizers` library load. docs/huggingface.md says what
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import secrets
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ import numpy as np
 from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.transformer import LN_EPS
 from cllmd.model import ModelConfig, clock_features, param_table
-from cllmd.modelfile import atomic_write, fsync_dir, read_model_file, write_model_file
+from cllm.durable import atomic_path, atomic_write
+from cllmd.modelfile import read_model_file, write_model_file
 from cllmd.tokenizer import EOT, Tokenizer, TokenizerError, bpe_from_vocab_merges, tokenizer_from_json
 
 log = logging.getLogger(__name__)
@@ -346,26 +345,18 @@ def hf_generation_config(defaults: dict, eot_id: int | None) -> dict:
     return gen
 
 
+# An exported directory is for other tools, often run by other users: world-readable files.
+EXPORT_MODE = 0o644
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+    atomic_write(path, json.dumps(obj, indent=2) + "\n", mode=EXPORT_MODE)
 
 
 def _save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    with atomic_path(path, mode=EXPORT_MODE) as tmp:
         save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def export_hf(model_path: os.PathLike | str, out_dir: os.PathLike | str) -> dict:
@@ -414,7 +405,7 @@ def export_hf(model_path: os.PathLike | str, out_dir: os.PathLike | str) -> dict
         _atomic_json(out_dir / CONFIG, hf_config)
         _atomic_json(out_dir / GENERATION_CONFIG, hf_generation_config(meta.get("generation_defaults") or {}, eot))
         if tok is not None:
-            atomic_write(out_dir / TOKENIZER, tok.to_hf_json().encode("utf-8"))
+            atomic_write(out_dir / TOKENIZER, tok.to_hf_json(), mode=EXPORT_MODE)
             specials = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
             _atomic_json(out_dir / "special_tokens_map.json", specials)
             _atomic_json(out_dir / "tokenizer_config.json", {
