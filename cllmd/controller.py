@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from cllm.catalogue import field_of, runtime_settings
 from cllm.durable import atomic_write
 from cllmd.model import Model
+from cllmd.tokensource import ReplayMix
 from cllmd.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -32,33 +31,6 @@ CONFIG_KEYS = tuple(s.name for s in runtime_settings())
 TRAINER_KEYS = frozenset(s.name for s in runtime_settings() if s.applies == "trainer")
 CONTROLLER_KEYS = frozenset(s.name for s in runtime_settings() if s.applies == "controller")
 assert TRAINER_KEYS | CONTROLLER_KEYS == set(CONFIG_KEYS)
-
-
-class ReplayMix:
-    """The trainer's view of the data store: while new data is being learned, a share of every
-    batch comes from the newest documents and the rest is replayed from everything, so earlier
-    knowledge is not forgotten. Otherwise it samples the whole store uniformly."""
-
-    def __init__(self, store, replay_fraction: float):
-        self.store = store
-        self.replay_fraction = replay_fraction
-        self.since = 0          # token offset of the newest data in the train stream; 0 = none
-
-    def fresh_rows(self, batch_size: int) -> int:
-        return max(1, batch_size - int(round(batch_size * self.replay_fraction)))
-
-    def sample_batch(self, rng, batch_size: int, block_size: int, split: str = "train"):
-        if not self.since or split != "train":
-            return self.store.sample_batch(rng, batch_size, block_size, split)
-        fresh = self.fresh_rows(batch_size)
-        x, y = self.store.sample_batch(rng, fresh, block_size, split, since=self.since)
-        if fresh == batch_size:
-            return x, y
-        xr, yr = self.store.sample_batch(rng, batch_size - fresh, block_size, split)
-        return np.concatenate([x, xr]), np.concatenate([y, yr])
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)  # has_window, eval_windows, padded_batch, ...
 
 
 @dataclass

@@ -121,7 +121,8 @@ class Daemon:
         from cllmd.modelfile import read_model_file
         from cllmd.server import Server
         from cllmd.trainer import Trainer, usable_cores
-        from cllmd.controller import ReplayMix, TrainingController
+        from cllmd.controller import TrainingController
+        from cllmd.tokensource import ReplayMix
         from cllmd.queuedir import QueueDir
         from cllmd.retry import RetryPolicy
         from cllmd.watcher import QueueWatcher

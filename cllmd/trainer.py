@@ -27,6 +27,7 @@ from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
 from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, ThreadWorkspaces, split_rows
+from cllmd.tokensource import DocumentSource, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,10 @@ class TrainConfig:
 class Trainer:
     """Node zero plus 12 spheres on a pool of N threads. The only writer of the model's weights."""
 
-    def __init__(self, model: Model, source, config: TrainConfig, threads: int | None = None):
+    def __init__(self, model: Model, source: TokenSource, config: TrainConfig, threads: int | None = None):
+        if config.padded and not isinstance(source, DocumentSource):
+            raise ValueError(f"padded batches need a source that knows its documents (the data "
+                             f"store), not a {type(source).__name__}")
         self.model = model
         self.source = source
         self.config = config

@@ -297,3 +297,30 @@ def test_trainer_resume_continues_bit_for_bit(tmp_path):
     a, b = Model.load(tmp_path / "straight.cllm"), Model.load(tmp_path / "resumed.cllm")
     assert np.array_equal(a.flat, b.flat)
     assert not np.array_equal(a.flat, Model.load(tmp_path / "half.cllm").flat)
+
+
+def test_trainer_token_sources_meet_the_protocol(tmp_path):
+    # The three kinds of source the trainer is given, each checked against TokenSource; only
+    # the ones that know their documents serve padded batches.
+    from cllmd.tokensource import DocumentSource, ReplayMix, TokenSource
+
+    rng = np.random.default_rng(0)
+    arrays = TokenArraySource(rng.integers(0, 50, 400).astype(np.uint16), 0.1)
+    with DataStore(tmp_path / "data", vocab_size=50) as store:
+        for i in range(40):
+            store.append(rng.integers(0, 50, 60), source=f"d{i}",
+                         sha256=hashlib.sha256(str(i).encode()).hexdigest())
+        mix = ReplayMix(store, 0.5)
+        mix.since = 1
+        for source in (arrays, store, mix):
+            assert isinstance(source, TokenSource), type(source).__name__
+            x, y = source.sample_batch(np.random.default_rng(1), 4, 8)
+            assert x.shape == y.shape == (4, 8) and x.dtype == np.int64
+            ex, _ = source.eval_windows(3, 8, "train")
+            assert ex.shape == (3, 8) and source.has_window(8) and source.num_tokens() > 0
+        assert isinstance(mix, DocumentSource) and isinstance(store, DocumentSource)
+        assert not isinstance(arrays, DocumentSource)
+        assert mix.padded_batch(np.random.default_rng(1), 2, 8)[2].shape == (2, 8)
+    with pytest.raises(ValueError, match="padded batches need a source that knows its documents"):
+        Trainer(Model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8)),
+                arrays, TrainConfig(padded=True), threads=1)
