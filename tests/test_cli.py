@@ -352,3 +352,16 @@ def test_cli_generate_on_a_terminal_puts_the_statistics_on_a_line_of_their_own(d
             t.close()
         stats = re.search(r"\[\d+ prompt tokens, \d+ generated", out)
         assert stats and stats.start() > 0 and out[stats.start() - 1] == "\n", repr(out)
+
+
+def test_cli_python_dash_m_cllm_is_the_cllm_command():
+    r = subprocess.run([sys.executable, "-m", "cllm", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cllm ")
+
+
+def test_cli_package_docstrings_say_where_each_package_lives():
+    import cllm
+    import cllmd
+    import cllmd.kernels
+    assert "client/" in cllm.__doc__ and "kernels/" in cllmd.__doc__ and "client/" in cllmd.__doc__
+    assert cllmd.kernels.__doc__.startswith("cllmd.kernels (the directory kernels/)")

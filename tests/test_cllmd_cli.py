@@ -98,3 +98,8 @@ def test_cllmd_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cllmd_cli_python_dash_m_cllmd_is_the_cllmd_command():
+    r = subprocess.run([sys.executable, "-m", "cllmd", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cllmd ")
