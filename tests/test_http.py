@@ -176,23 +176,35 @@ def test_http_sse_framing_at_the_byte_level(gateway, model):
     assert stream.count(b"data: ") == len(events) - 1
 
 
+def cancellations(gateway) -> int:
+    # the gateway logs the daemon's own done event of each generation it cancelled
+    return gateway.output().count("with stop_reason cancelled")
+
+
 def test_http_disconnect_mid_stream_cancels_the_generation(gateway, daemon, model):
     assert running_generations(daemon) == 0
+    before = cancellations(gateway)
+    # greedy: this tiny random model then never samples end-of-text, and 65536 tokens take minutes
     s = raw_post(gateway, "/v1/completions", {"model": model, "prompt": "Go", "max_tokens": 65536,
-                                              "stream": True})
+                                              "temperature": 0, "stream": True})
     got = b""
     while got.count(b"data: ") < 3:
         got += s.recv(4096)
     assert running_generations(daemon) == 1
-    s.close()   # mid-stream: 65536 tokens would take minutes on this model
-    wait_for(lambda: running_generations(daemon) == 0, 15, "the daemon to end the generation")
+    s.close()
+    wait_for(lambda: running_generations(daemon) == 0, 30, "the daemon to end the generation")
+    wait_for(lambda: cancellations(gateway) == before + 1, 10, "the daemon's cancelled done event")
+    assert 'cllmd_generation_requests_total{status="cancelled"} 1.0' in scrape(gateway)
 
 
 def test_http_non_streamed_disconnect_cancels_too(gateway, daemon, model):
-    s = raw_post(gateway, "/v1/completions", {"model": model, "prompt": "Go", "max_tokens": 65536})
+    before = cancellations(gateway)
+    s = raw_post(gateway, "/v1/completions", {"model": model, "prompt": "Go", "max_tokens": 65536,
+                                              "temperature": 0})
     wait_for(lambda: running_generations(daemon) == 1, 15, "the generation to start")
     s.close()
-    wait_for(lambda: running_generations(daemon) == 0, 15, "the daemon to end the generation")
+    wait_for(lambda: running_generations(daemon) == 0, 30, "the daemon to end the generation")
+    wait_for(lambda: cancellations(gateway) == before + 1, 10, "the daemon's cancelled done event")
 
 
 # --------------------------------------------------------------------------- errors
@@ -341,3 +353,153 @@ def test_http_health_503_when_the_daemon_is_unreachable(tmp_path):
         assert_openai_error(status, body, 503, code="daemon_unavailable")
     finally:
         g.stop()
+
+
+# --------------------------------------------------------------------------- training, metrics
+
+
+def corpus(variant: int, n_bytes: int = 60_000) -> bytes:
+    words = ["the", "spheres", "turn", "around", "node", "zero", "and", "learn", "from", "files",
+             "dropped", "into", "a", "queue", "while", "loss", "falls", "slowly"]
+    out, i = [], 0
+    while sum(map(len, out)) < n_bytes:
+        out.append(words[(i * 7 + i // 3 + variant) % len(words)] + (".\n" if i % 11 == 10 else " "))
+        i += 1
+    return "".join(out).encode()
+
+
+def split_files() -> dict[str, bytes]:
+    """One file the data store puts into the training split and one into validation (the
+    split is a function of a document's hash)."""
+    import hashlib
+    from cllmd.datastore import split_of
+    chosen: dict[str, bytes] = {}
+    for variant in range(200):
+        data = corpus(variant)
+        chosen.setdefault(split_of(hashlib.sha256(data).hexdigest()), data)
+        if len(chosen) == 2:
+            return {"words-train.txt": chosen["train"], "words-val.txt": chosen["val"]}
+    raise AssertionError("no corpus variant for each split")
+
+
+def start_training(daemon) -> None:
+    """Ingest a training and a validation file, then train until told to stop."""
+    from tests.daemonproc import drop
+    files = split_files()
+    for name, data in files.items():
+        drop(daemon, name, data)
+    wait_for(lambda: daemon.queue("done") == sorted(files), 120, "the files to be ingested")
+    daemon.client.request("train.config.set", eval_interval=5)
+    daemon.client.request("train.start", steps=10**9)
+
+
+@pytest.fixture(scope="module")
+def trained(daemon):
+    """The daemon after it ingested its files and trained some steps, still training."""
+    start_training(daemon)
+    wait_for(lambda: daemon.client.request("train.status")["step"] >= 5, 600,
+             "5 training steps (the first compiles the kernels)")
+    return daemon
+
+
+def scrape(gateway) -> str:
+    status, headers, data = gateway.call("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return data.decode()
+
+
+NAME_RX = r"^cllmd_[a-z0-9_]+$"
+
+
+def families(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_http_metrics_parse_without_naming_violations(gateway, trained):
+    import re
+    wait_for(lambda: "cllmd_train_step_duration_seconds_count" in scrape(gateway)
+             and families(scrape(gateway))["cllmd_train_step_duration_seconds"].samples[-1].value > 0,
+             60, "step durations from the train events")
+    text = scrape(gateway)
+    fams = families(text)
+    for name, fam in fams.items():
+        assert re.match(NAME_RX, name), f"{name}: not a cllmd_ name in snake case"
+        assert fam.documentation, f"{name} has no HELP"
+        for sample in fam.samples:
+            assert re.match(NAME_RX, sample.name), sample
+            assert ":" not in sample.name
+            if fam.type == "counter":
+                assert sample.name.endswith("_total"), f"counter sample {sample.name}"
+        if fam.type == "counter":
+            assert f"# TYPE {name}_total counter" in text or f"# TYPE {name} counter" in text
+    want = {
+        "counter": ["cllmd_train_steps", "cllmd_train_tokens", "cllmd_sphere_busy_seconds",
+                    "cllmd_queue_files_ingested", "cllmd_generation_requests", "cllmd_generation_tokens"],
+        "gauge": ["cllmd_train_loss", "cllmd_train_val_loss", "cllmd_train_learning_rate",
+                  "cllmd_train_grad_norm", "cllmd_queue_files", "cllmd_model_parameters",
+                  "cllmd_build_info", "cllmd_up"],
+        "histogram": ["cllmd_train_step_duration_seconds", "cllmd_generation_time_to_first_token_seconds"],
+    }
+    for kind, names in want.items():
+        for name in names:
+            assert name in fams and fams[name].type == kind, (name, fams.get(name))
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    status = trained.client.request("stats")
+    assert values[("cllmd_up", ())] == 1
+    assert values[("cllmd_train_steps_total", ())] >= 5
+    assert values[("cllmd_model_parameters", (("model", status["model"]["name"]),))] == status["model"]["parameters"]
+    assert values[("cllmd_queue_files", (("state", "done"),))] == 2
+    assert values[("cllmd_queue_files_ingested_total", (("result", "done"),))] == 2
+    spheres = [s for s in fams["cllmd_sphere_busy_seconds"].samples]
+    assert sorted(int(s.labels["sphere"]) for s in spheres) == list(range(1, 13))
+    assert sum(s.value for s in spheres) > 0
+    assert values[("cllmd_train_loss", ())] > 0
+
+
+def test_http_metrics_pass_promtool(gateway, trained, tmp_path):
+    import shutil
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not found (Debian package prometheus; .ci/run installs it)")
+    path = tmp_path / "metrics.txt"
+    path.write_text(scrape(gateway))
+    with path.open("rb") as f:
+        r = subprocess.run([promtool, "check", "metrics"], stdin=f, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def test_http_metrics_count_generations(gateway, model):
+    before = families(scrape(gateway))
+    status, body = gateway.json("POST", "/v1/completions", {"model": model, "prompt": "a", "max_tokens": 3})
+    assert status == 200
+    after = families(scrape(gateway))
+
+    def value(fams, sample, **labels):
+        family = sample.removesuffix("_total").removesuffix("_count")
+        return next((s.value for s in fams[family].samples if s.name == sample and s.labels == labels), 0)
+    assert value(after, "cllmd_generation_requests_total", status="length") == \
+        value(before, "cllmd_generation_requests_total", status="length") + 1
+    assert value(after, "cllmd_generation_tokens_total") == value(before, "cllmd_generation_tokens_total") + 3
+    assert value(after, "cllmd_generation_time_to_first_token_seconds_count") == \
+        value(before, "cllmd_generation_time_to_first_token_seconds_count") + 1
+
+
+def test_http_metrics_when_the_daemon_is_unreachable(tmp_path):
+    g = Gateway(tmp_path / "nothing.sock", tmp_path / "gw.log").start()
+    try:
+        fams = families(scrape(g))
+        assert fams["cllmd_up"].samples[0].value == 0
+        assert "cllmd_build_info" in fams
+    finally:
+        g.stop()
+
+
+def test_http_health_training_and_paused(gateway, trained):
+    trained.client.request("train.start")
+    wait_for(lambda: gateway.json("GET", "/health")[1]["status"] == "training", 30, "health: training")
+    trained.client.request("train.pause")
+    wait_for(lambda: gateway.json("GET", "/health")[1]["status"] == "paused", 30, "health: paused")
+    trained.client.request("train.resume")
+    wait_for(lambda: gateway.json("GET", "/health")[1]["status"] == "training", 30, "health: training again")

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from cllm import __version__
 from cllm.client import ClientError, DaemonNotRunning, RequestError
 from cllm.http import openai_api as oai
 from cllm.http.bridge import Bridge
+from cllm.http.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("cllm.http")
 
@@ -31,10 +33,10 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435   # Ollama's 11434, plus one
 TOKEN_ENV, TOKEN_FILE_ENV = "CLLM_HTTP_TOKEN", "CLLM_HTTP_TOKEN_FILE"
 CREDENTIAL = "cllm-http-token"    # systemd LoadCredential= name
 MAX_BODY = 16 * 1024 * 1024 + 65536
-STATIC = Path(__file__).with_name("static")
 
 BRIDGE = web.AppKey("bridge", Bridge)
 TOKEN = web.AppKey("token", str)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 # --------------------------------------------------------------------------- errors
@@ -97,10 +99,7 @@ async def auth(request: web.Request, handler):
 
 
 async def read_json(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise oai.invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    return oai.parse_body(await request.read())
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -127,32 +126,26 @@ def sse(obj: Any) -> bytes:
 
 async def run_job(request: web.Request, make_job) -> web.StreamResponse:
     bridge = request.app[BRIDGE]
+    arrived = time.perf_counter()
     body = await read_json(request)
     names = [m["name"] for m in await bridge.models()]
     job = make_job(body, names)
     stream = bridge.generate(job.prompt, job.args)
-    metrics = request.app.get(METRICS)
+    stream.started = arrived   # time to first token counts from the request's arrival
     try:
         if not job.stream:
-            pieces = [p async for p in stream]
-            text = "".join(pieces)
+            text = "".join([p async for p in stream])
             if job.kind == "chat":
                 text = text.strip()
-            if metrics:
-                metrics.generation_done(stream)
             return web.json_response(oai.response(job, text, stream.stats or {}))
         return await stream_job(request, job, stream)
-    except (ClientError, RequestError) as e:
-        if metrics:
-            metrics.generation_failed(e)
-        raise
     finally:
         stream.cancel()   # a no-op once it ended; else the client went away: stop the daemon
+        request.app[METRICS].generation_ended(stream)
 
 
 async def stream_job(request: web.Request, job: oai.Job, stream) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
-    metrics = request.app.get(METRICS)
     first = True
     try:
         async for piece in stream:
@@ -168,8 +161,7 @@ async def stream_job(request: web.Request, job: oai.Job, stream) -> web.StreamRe
     except (ClientError, RequestError) as e:
         if resp is None:
             raise
-        if metrics:
-            metrics.generation_failed(e)
+        # the status line is sent: the error travels as the last event, as OpenAI's do
         await resp.write(sse(daemon_error(e).body()))
         await resp.write(sse("[DONE]"))
         return resp
@@ -183,8 +175,6 @@ async def stream_job(request: web.Request, job: oai.Job, stream) -> web.StreamRe
     if job.include_usage:
         await resp.write(sse(oai.chunk(job, stats=stats, usage_only=True)))
     await resp.write(sse("[DONE]"))
-    if metrics:
-        metrics.generation_done(stream)
     await resp.write_eof()
     return resp
 
@@ -213,9 +203,19 @@ async def health(request: web.Request) -> web.Response:
                               "daemon": (status.get("daemon") or {}).get("version")})
 
 
-# --------------------------------------------------------------------------- the application
+# --------------------------------------------------------------------------- metrics
 
-METRICS = web.AppKey("metrics", object)
+
+async def metrics(request: web.Request) -> web.Response:
+    try:
+        stats = await request.app[BRIDGE].request("stats", timeout=2.0)
+    except (ClientError, RequestError):
+        stats = None   # cllmd_up 0, and what the gateway itself counted
+    body = request.app[METRICS].exposition(stats)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# --------------------------------------------------------------------------- the application
 
 
 def make_app(bridge: Bridge, token: str = "") -> web.Application:
@@ -226,6 +226,9 @@ def make_app(bridge: Bridge, token: str = "") -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app[METRICS] = Metrics()
+    bridge.on_event(app[METRICS].on_event)
 
     async def start(app: web.Application) -> None:
         bridge.start()

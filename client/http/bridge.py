@@ -133,6 +133,8 @@ class Stream:
         self._loop = bridge.loop
         self.stats: dict | None = None
         self.first_token_s: float | None = None
+        self.error: Exception | None = None
+        self.pieces = 0
         self.started = time.perf_counter()
         self._future = bridge.loop.run_in_executor(bridge._streams, self._drive, bridge, prompt, opts)
 
@@ -149,7 +151,10 @@ class Stream:
                 for piece in gen:
                     self._put("token", piece)
                     if self._cancel.is_set():
-                        gen.cancel(wait=True)
+                        stats = gen.cancel(wait=True) or {}
+                        log.info("generation %s cancelled: the HTTP client went away; the daemon "
+                                 "stopped after %s tokens with stop_reason %s", gen.id,
+                                 stats.get("tokens_generated"), stats.get("stop_reason"))
                         break
             finally:
                 gen.close()
@@ -172,9 +177,11 @@ class Stream:
             if kind == "token":
                 if self.first_token_s is None:
                     self.first_token_s = time.perf_counter() - self.started
+                self.pieces += 1
                 yield value
             elif kind == "done":
                 self.stats = value
                 return
             else:
+                self.error = value
                 raise value

@@ -3,6 +3,7 @@
 objects and stream chunks. No I/O here; cllm.http.app does the HTTP."""
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -61,6 +62,14 @@ class Job:
     def __post_init__(self) -> None:
         prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
         self.id = self.id or prefix + secrets.token_hex(12)
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON, or the invalid_json error."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 def _body_map(body: Any) -> dict:
