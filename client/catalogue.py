@@ -8,9 +8,8 @@ cllm.chat), TrainConfig's and the controller's defaults, the reload mapping and 
 
 To add a setting: add one Setting(...) line to SETTINGS, in its section, with its kind (which
 carries the bounds), default, one-line doc, unit and where it applies:
-  - "trainer": a field of cllmd.trainer.TrainConfig of the same name (add the field there as
-    `name: type = field_of("train.name")`);
-  - "controller": an attribute of the training controller's settings (same, in controller.py);
+  - "trainer": becomes a field of cllmd.trainer.TrainConfig of the same name (fields_of);
+  - "controller": becomes a field of cllmd.controller.ControllerSettings (fields_of);
   - "daemon", "generation", "gateway": read by that stage from its Settings section.
 runtime=True puts a train.* setting into train.config.get/set, `cllm train config` and the
 reload mapping; offline=True gives `cllmd train` a flag for it. A rule involving several keys
@@ -354,8 +353,17 @@ def default_of(key: str) -> Any:
 
 
 def field_of(key: str) -> Any:
-    """A dataclass field whose default is the setting's (TrainConfig, ControllerSettings)."""
+    """A dataclass field whose default is the setting's."""
     return field(default=SETTINGS[key].default)
+
+
+def fields_of(applies: str, *, exclude: Iterable[str] = ()) -> list[tuple[str, type, Any]]:
+    """The dataclass fields (name, type, field) of the settings that stage `applies` reads, in
+    catalogue order, defaults from here: TrainConfig and ControllerSettings are made of them,
+    so a setting added here reaches them with nothing to repeat."""
+    skip = set(exclude)
+    return [(s.name, type(s.default), field(default=s.default)) for s in SETTINGS.values()
+            if s.applies == applies and s.name not in skip]
 
 
 def runtime_settings() -> list[Setting]:

@@ -8,6 +8,7 @@ subscriber block a training step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cllm.catalogue import field_of, runtime_settings
+from cllm.catalogue import field_of, fields_of, runtime_settings
 from cllm.durable import atomic_write
 from cllmd.model import Model
 from cllmd.tokensource import ReplayMix
@@ -34,16 +35,15 @@ assert TRAINER_KEYS | CONTROLLER_KEYS == set(CONFIG_KEYS)
 
 
 @dataclass
-class ControllerSettings:
-    """The controller's settings (the catalogue's "controller" keys but threads, which the
-    trainer's pool holds), defaults from the catalogue."""
-    auto_train: bool = field_of("train.auto_train")
-    auto_epochs: float = field_of("train.auto_epochs")
-    checkpoint_interval_steps: int = field_of("train.checkpoint_interval_steps")
-    checkpoint_interval_seconds: float = field_of("train.checkpoint_interval_seconds")
-    snapshot_interval: int = field_of("train.snapshot_interval")
-    replay_fraction: float = field_of("train.replay_fraction")
-    events_interval: float = field_of("server.events_interval")
+class _ControllerOwn:
+    events_interval: float = field_of("server.events_interval")  # of the "train" events
+
+
+# The controller's settings: the catalogue's settings with applies="controller" (but threads,
+# which the trainer's pool holds), defaults from the catalogue, plus the events interval.
+ControllerSettings = dataclasses.make_dataclass(
+    "ControllerSettings", fields_of("controller", exclude=("threads",)), bases=(_ControllerOwn,))
+ControllerSettings.__module__ = __name__
 
 
 class TrainingController:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cllm.catalogue import check_section, field_of
+from cllm.catalogue import check_section, fields_of
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
@@ -45,19 +45,9 @@ def usable_cores() -> int:
 
 
 @dataclass
-class TrainConfig:
-    """The trainer's settings. Those also in the settings catalogue (cllm/catalogue.py, applies
-    "trainer") take their default, bounds and meaning from it; the rest are offline-only."""
-    batch_size: int = field_of("train.batch_size")
-    lr: float = field_of("train.lr")
-    min_lr: float = field_of("train.min_lr")
-    warmup: int = field_of("train.warmup")
-    decay_end_step: int = field_of("train.decay_end_step")
-    grad_clip: float = field_of("train.grad_clip")
-    weight_decay: float = field_of("train.weight_decay")
-    eval_interval: int = field_of("train.eval_interval")
-    grad_checkpointing: bool = field_of("train.grad_checkpointing")
-    seed: int = field_of("train.seed")
+class _OfflineTrainConfig:
+    """TrainConfig's fields that are not settings of the daemon (`cllmd train`, benchmarks and
+    tests set them), and its checks."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -78,7 +68,7 @@ class TrainConfig:
             raise ValueError(f"train config: {k}={getattr(self, k)!r} is out of range")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> "_OfflineTrainConfig":
         """From a checkpoint's train_config; one written before decay_steps became
         decay_end_step held the same absolute step under the old name."""
         values = dict(values)
@@ -88,6 +78,14 @@ class TrainConfig:
 
     def schedule(self) -> Schedule:
         return Schedule(self.lr, self.min_lr, self.warmup, self.decay_end_step)
+
+
+# The trainer's configuration: the fields above plus one per setting the trainer reads (those of
+# cllm/catalogue.py with applies="trainer": lr, batch_size, decay_end_step, ...), each with the
+# catalogue's default, bounds and meaning.
+TrainConfig = dataclasses.make_dataclass("TrainConfig", fields_of("trainer"), bases=(_OfflineTrainConfig,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "The trainer's configuration: the catalogue's trainer settings and a few offline ones."
 
 
 class Trainer:
