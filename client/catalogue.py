@@ -248,8 +248,8 @@ SETTINGS: dict[str, Setting] = _settings(
             path=True),
     Setting("server.max_message_bytes", size(4 * KiB), 16 * MiB,
             "largest request accepted; bigger ones are refused", "daemon", "bytes"),
-    Setting("server.generate_workers", integer(1, 64), 2, "generations that run at the same time",
-            "generation"),
+    Setting("server.generate_workers", integer(1, 64), 2,
+            "generations that run at the same time, decoded together in one batch", "generation"),
     Setting("server.max_pending_generations", integer(0, 10_000), 8,
             'generations that may wait for a worker; beyond this, requests get "busy"',
             "generation"),
@@ -333,6 +333,13 @@ SETTINGS: dict[str, Setting] = _settings(
     Setting("queue.json_fields", names(), ("text", "content", "body"),
             "JSON/JSONL fields taken as a record's text, in order of preference; records "
             "without one contribute all their string values", "daemon"),
+    # [inference]: the daemon's generations (cllmd.batching).
+    Setting("inference.weights", choice("float32", "int8"), "float32",
+            "the weights generation multiplies by: float32, or int8 quantized at load (groups "
+            "of 32, ~3-5x faster decoding at GPT-2's size)", "generation"),
+    Setting("inference.kv_cache_bytes", size(4 * KiB), 1 * GiB,
+            "the running generations' KV caches together hold at most this; beyond it, "
+            'requests get "busy"', "generation", "bytes"),
     # [log]
     Setting("log.level", choice("debug", "info", "warning", "error", "critical"), "info",
             "lowest level of the log lines written to stderr", "daemon"),

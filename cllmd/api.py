@@ -20,7 +20,8 @@ import psutil
 
 from cllm.catalogue import check_section
 from cllmd import __version__
-from cllmd.protocol import BAD_REQUEST, NOT_FOUND, TOO_LARGE, ProtocolError
+from cllmd.batching import KVCacheFull
+from cllmd.protocol import BAD_REQUEST, BUSY, NOT_FOUND, TOO_LARGE, ProtocolError
 from cllmd.tokenizer import TokenizerError
 from cllmd.queuedir import FileTooLarge, NotInQueue, QueueError
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # Anything else is a bug: the server answers "internal" and logs it.
 ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
     (FileTooLarge, TOO_LARGE),
+    (KVCacheFull, BUSY),
     (NotInQueue, NOT_FOUND),
     (QueueError, BAD_REQUEST),
     (TokenizerError, BAD_REQUEST),
@@ -59,6 +61,7 @@ class Stages:
     queue: Any             # cllmd.queuedir.QueueDir
     store: Any             # cllmd.datastore.DataStore
     server: Any            # cllmd.server.Server (pool statistics)
+    batcher: Any           # cllmd.batching.Batcher (the generations decoded together)
     tokenizer: Any         # the model's tokenizer
     model_path: Path
     queue_dir: Path
@@ -114,7 +117,7 @@ class Api:
     def _serving(self) -> dict:
         pools = self.s.server.pool_stats().get("default", {})
         return {"running": pools.get("running", 0), "waiting": pools.get("waiting", 0),
-                "tokens_per_second": self.s.generation_tokens_per_second}
+                "tokens_per_second": self.s.generation_tokens_per_second, "batch": self.s.batcher.status()}
 
     def status(self, args) -> dict:
         snap = self.s.controller.status()
@@ -234,11 +237,12 @@ class Api:
 
     def generate(self, req, ctx):
         """Streams token events; returns the done statistics. Runs on a server worker thread."""
-        from cllmd.generate import Generation, SamplingOptions
-        with protocol_errors():  # bad options; errors while generating are the server's
-            gen = Generation(self.s.controller.inference_model(), req.args["prompt"],
-                             SamplingOptions.from_args(req.args), cancel=ctx.cancelled)
-        for piece in gen:  # the server collects the pieces itself for stream: false
+        from cllmd.generate import SamplingOptions, Sequence
+        with protocol_errors():  # bad options, no room; errors while generating are the server's
+            seq = Sequence(self.s.controller.inference_model(), req.args["prompt"],
+                           SamplingOptions.from_args(req.args), cancel=ctx.cancelled)
+            stream = self.s.batcher.submit(seq)  # decoded with the others from the next step on
+        for piece in stream:  # the server collects the pieces itself for stream: false
             yield {"text": piece}
-        self.s.generation_tokens_per_second = gen.stats.tokens_per_second
-        return gen.stats.to_dict()
+        self.s.generation_tokens_per_second = stream.stats.tokens_per_second
+        return stream.stats.to_dict()

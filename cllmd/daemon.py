@@ -116,6 +116,7 @@ class Daemon:
 
     def start(self) -> None:
         from cllmd.api import Api, Stages
+        from cllmd.batching import Batcher
         from cllmd.datastore import DataStore
         from cllmd.model import Model
         from cllmd.modelfile import read_model_file
@@ -174,7 +175,9 @@ class Daemon:
             for path in corpus:
                 self.queue.add(f"default-corpus-{path.name}", path.read_bytes())
             trainer.model.save(self.dirs.model)
+        self.batcher = Batcher(s.inference.weights, s.inference.kv_cache_bytes)
         self.api = Api(Stages(controller=self.controller, queue=self.queue, store=self.store, server=self.server,
+                              batcher=self.batcher,
                               tokenizer=self.model_tokenizer, model_path=self.dirs.model, queue_dir=self.dirs.queue,
                               started=self.started, request_stop=self.request_stop,
                               queue_current=lambda: self.queue_current))
@@ -183,6 +186,7 @@ class Daemon:
         self._spawn("server", self.server.serve)
         self._spawn("queue", self.watcher.run)
         self._spawn("trainer", self.controller.run)
+        self._spawn("batcher", self.batcher.run)
         sdnotify.ready()
         sdnotify.status(self.status_line())
         log.info("cllmd %s serving on %s (events %s); model %.2fM parameters, step %d; %d thread(s)",
@@ -273,6 +277,7 @@ class Daemon:
         from cllm.catalogue import runtime_settings
         self.controller.configure({s.name: new.get(s.key) for s in runtime_settings()})
         self.controller.settings.events_interval = new.server.events_interval
+        self.batcher.configure(new.inference.weights, new.inference.kv_cache_bytes)
         log.info("configuration reloaded from %s", self.dirs.config_file or "defaults")
         sdnotify.ready()
 

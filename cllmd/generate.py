@@ -339,6 +339,8 @@ class Sequence:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(self.opts.stop)
         self.done = False
+        self.abandoned = False     # its reader went away: ends like a cancel
+        self.weights = "float32"   # what the batcher decodes it with (set when it joins)
         self._next = ids[-self.block:]
         self._t0 = time.perf_counter()
 
@@ -355,17 +357,17 @@ class Sequence:
         if not stats.prefill_seconds:
             stats.prefill_seconds = now - self._t0
             stats.prompt_tokens_per_second = len(self._next) / stats.prefill_seconds
-        if self.cancel_event.is_set():
-            return self._finish("cancelled")
+        if self.cancel_event.is_set() or self.abandoned:
+            return self.finish("cancelled")
         if stats.tokens_generated >= opts.max_tokens:
-            return self._finish("max_tokens")
+            return self.finish("max_tokens")
         # a model's vocabulary may be padded past its tokenizer's: those ids are never sampled
         vocab = len(self.table) if self.table is not None else logits.shape[-1]
         token = sample_next(logits[:vocab], opts, self.rng, self.history)
         if not stats.time_to_first_token:
             stats.time_to_first_token = time.perf_counter() - self._t0
         if opts.stop_at_eot and token == self.eot_id:
-            return self._finish("eot")
+            return self.finish("eot")
         self.history.append(token)
         stats.token_ids.append(token)
         stats.tokens_generated += 1
@@ -375,16 +377,16 @@ class Sequence:
             if piece:
                 pieces.append(piece)
             if stopped:
-                return pieces + self._finish("stop")
+                return pieces + self.finish("stop")
         if stats.tokens_generated >= opts.max_tokens:
-            return pieces + self._finish("max_tokens")
+            return pieces + self.finish("max_tokens")
         if self.cache.length == self.block:
             self._next = self.history[-(self.block // 2):]  # context full: slide, keeping the last half
         else:
             self._next = [token]
         return pieces
 
-    def _finish(self, reason: str) -> list[str]:
+    def finish(self, reason: str) -> list[str]:
         self.done = True
         stats = self.stats
         stats.stop_reason = reason
@@ -430,7 +432,7 @@ class Generation:
                 yield from self.decoder.advance([seq])[0]
         finally:
             if not seq.done:  # closed early by the consumer
-                seq._finish("cancelled")
+                seq.finish("cancelled")
 
 
 def generate(model: Model, prompt, cancel: threading.Event | None = None, weights: str = "float32",
