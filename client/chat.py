@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
@@ -16,7 +17,7 @@ from cllm.catalogue import (  # noqa: F401  (unescape: re-exported)
     MAX_STOPS, SCALAR_SAMPLING, SamplingOption, check_stops, parse_sampling, unescape,
 )
 from cllm.catalogue import SAMPLING as CATALOGUE_SAMPLING
-from cllm.client import Client
+from cllm.client import Client, DaemonNotRunning, DaemonStarting, RequestError
 from cllm import layout
 from cllm.durable import atomic_path, atomic_write
 from cllm.fmt import human_count, number, use_color
@@ -82,8 +83,12 @@ class ChatSession:
         User: MESSAGE\\nAssistant:
 
     Older turns are dropped first so that the prompt fits the context minus the room kept for
-    the answer (min(max_tokens, context / 2)). Token counts come from the daemon's tokenizer,
-    one piece (system block or turn) at a time, cached.
+    the answer: min(max_tokens, context / 4), because generation slides its window past the
+    context, so a longer answer forgets the oldest prompt tokens rather than failing. The
+    newest earlier turn that does not fit whole is kept with its answer cut short, so the
+    model sees the turn before even when it was long (with the defaults, max_tokens 128 and a
+    context of 128, a whole answer never fits). Token counts come from the daemon's tokenizer, one piece (system block
+    or turn) at a time, cached.
     """
     client: Client
     context: int
@@ -103,7 +108,7 @@ class ChatSession:
     def room(self) -> int:
         """Tokens the prompt may take: the context minus the room kept for the answer."""
         max_tokens = self.options.get("max_tokens") or SAMPLING["max_tokens"].default
-        return max(1, self.context - min(max_tokens, self.context // 2))
+        return max(1, self.context - min(max_tokens, self.context // 4))
 
     @staticmethod
     def render_turn(t: Turn) -> str:
@@ -122,10 +127,29 @@ class ChatSession:
             piece = self.render_turn(t)
             n = self.count(piece)
             if used + n > self.room():
+                piece, n = self._shortened(t, self.room() - used)
+                if piece:
+                    kept.append(piece)
+                    used += n
                 break
             kept.append(piece)
             used += n
         return head + "".join(reversed(kept)) + tail, used, len(self.turns) - len(kept)
+
+    def _shortened(self, t: Turn, room: int) -> tuple[str, int]:
+        """The turn with its answer cut (marked "...") to fit ``room`` tokens, or ("", 0) when
+        not even the question and the start of the answer fit."""
+        answer = t.assistant
+        lo, hi, best = 1, len(answer) - 1, ("", 0)
+        while lo <= hi:   # the longest start that fits, by bisection (about log2(len) tokenizes)
+            mid = (lo + hi) // 2
+            piece = self.render_turn(Turn(t.user, answer[:mid].rstrip() + " ...", t.stopped))
+            n = self.count(piece)
+            if n <= room:
+                best, lo = (piece, n), mid + 1
+            else:
+                hi = mid - 1
+        return best
 
     def generate(self, message: str):
         """Start the answer to `message`: (Generation, prompt tokens, turns left out)."""
@@ -243,6 +267,36 @@ class ChatLoop:
                 self.handle(line)
             except Leave:
                 return 0
+            except (DaemonNotRunning, DaemonStarting) as e:
+                self._lost(e)
+                if not self.wait_for_daemon():
+                    return 1
+                self.note("(cllmd is back: send that message again)")
+            except RequestError as e:
+                if e.code != "unavailable":   # shutting down: a restart on its way
+                    raise
+                self._lost(e)
+                if not self.wait_for_daemon():
+                    return 1
+                self.note("(cllmd is back: send that message again)")
+
+    def _lost(self, e: Exception) -> None:
+        # the daemon restarted (or is on its way): keep the conversation, wait for it
+        self.note(f"({e}: waiting for cllmd; the conversation is kept, Ctrl-C stops waiting)")
+
+    def wait_for_daemon(self, poll: float = 0.5) -> bool:
+        """Ping until the daemon serves again; False when interrupted (Ctrl-C)."""
+        try:
+            while True:
+                try:
+                    if "starting" not in self.s.client.request("ping", timeout=2):
+                        return True
+                except (DaemonNotRunning, RequestError):
+                    pass
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            self.say("")
+            return False
 
     def handle(self, line: str) -> None:
         text = line.strip()

@@ -164,10 +164,12 @@ def cmd_ping(ctx: Ctx, a) -> int:
         rtt = time.perf_counter() - t0
         rtts.append(rtt)
         if not ctx.json:
+            starting = f" (starting: {info['starting']})" if info.get("starting") else ""
             print(f"pong from {info.get('daemon')} (protocol {info.get('version')}): "
-                  f"time={rtt * 1000:.2f} ms")
+                  f"time={rtt * 1000:.2f} ms{starting}")
     if ctx.json:
         ctx.print_json({"daemon": info.get("daemon"), "version": info.get("version"),
+                        **({"starting": info["starting"]} if info.get("starting") else {}),
                         "rtt_ms": [round(r * 1000, 3) for r in rtts],
                         "min_ms": round(min(rtts) * 1000, 3), "avg_ms": round(sum(rtts) / len(rtts) * 1000, 3),
                         "max_ms": round(max(rtts) * 1000, 3)})

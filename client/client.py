@@ -22,8 +22,8 @@ from cllm.wire import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "ClientError", "DaemonNotRunning", "RequestError", "Generation",
-           "Subscription"]
+__all__ = ["Client", "ClientError", "DaemonNotRunning", "DaemonStarting", "RequestError",
+           "Generation", "Subscription"]
 
 
 class ClientError(Exception):
@@ -49,6 +49,21 @@ class RequestError(ClientError):
         self.code = code
         self.message = message
         self.error = error or {"code": code, "message": message}
+
+
+class DaemonStarting(RequestError):
+    """The daemon is up but still starting (loading its model, compiling kernels): the error
+    ``unavailable`` with a ``starting`` field saying what it is doing. Try again shortly."""
+
+    def __init__(self, code: str, message: str, error: dict | None = None):
+        super().__init__(code, message, error)
+        self.starting = (error or {}).get("starting")
+
+
+def request_error(error: dict) -> RequestError:
+    """The exception for an error reply's map."""
+    kind = DaemonStarting if error.get("code") == "unavailable" and error.get("starting") else RequestError
+    return kind(error["code"], error["message"], error)
 
 
 TIMEOUT = "timeout"   # RequestError.code when no reply arrived
@@ -256,7 +271,7 @@ class Client:
             if reply.kind == "ok":
                 return reply.body
             if reply.kind == "error":
-                raise RequestError(reply.body["code"], reply.body["message"], reply.body)
+                raise request_error(reply.body)
             if reply.kind == "token":
                 pieces.append(reply.body.get("text", ""))
             elif reply.kind == "done":
@@ -379,7 +394,7 @@ class Generation:
                     # cancelled while still waiting for a worker: nothing was generated
                     self.stats = {"tokens_generated": 0, "stop_reason": "cancelled"}
                 else:
-                    raise RequestError(reply.body["code"], reply.body["message"], reply.body)
+                    raise request_error(reply.body)
             elif reply.kind == "ok":   # a daemon that ignored stream: true
                 self.stats = dict(reply.body) if isinstance(reply.body, dict) else {}
                 piece = self.stats.pop("text", "")

@@ -114,19 +114,52 @@ class Daemon:
                   if f.name != "events_interval"}
         return ControllerSettings(**values, events_interval=self.settings.server.events_interval)
 
+    def _starting(self, what: str) -> None:
+        """Say what start-up is doing: to clients (ping, and every other op's `unavailable`),
+        to systemd (STATUS=) and, when the phase changes, in the log."""
+        self.server.starting = what
+        sdnotify.status(f"starting: {what}")
+        phase = what.partition(":")[0]
+        if phase != self._start_phase:
+            self._start_phase = phase
+            log.info("starting: %s", what)
+
     def start(self) -> None:
+        from cllmd.server import Server
+
+        s = self.settings
+        # The sockets first, so that clients see "starting" (and what it is doing) rather than
+        # "not running" while the model loads and the kernels compile.
+        self.server = Server(self.dirs.socket_endpoint, self.dirs.events_endpoint,
+                             max_message_bytes=s.server.max_message_bytes, workers=s.server.generate_workers,
+                             max_pending=s.server.max_pending_generations,
+                             client_timeout=s.server.stream_timeout, **self._tcp_options())
+        self._start_phase = None
+        self._starting("loading the model")
+        logging.getLogger().addHandler(_EventLogHandler(self.server))
+        self._spawn("server", self.server.serve)
+        try:
+            self._start_stages()
+        except BaseException:
+            self.stop_event.set()
+            self.server.close()
+            raise
+
+    def _start_stages(self) -> None:
+        s = self.settings
+
         from cllmd.api import Api, Stages
         from cllmd.batching import Batcher
         from cllmd.datastore import DataStore
         from cllmd.model import Model
         from cllmd.modelfile import read_model_file
-        from cllmd.server import Server
         from cllmd.trainer import Trainer, usable_cores
         from cllmd.controller import TrainingController
         from cllmd.tokensource import ReplayMix
         from cllmd.queuedir import QueueDir
         from cllmd.retry import RetryPolicy
         from cllmd.watcher import QueueWatcher
+        from cllmd.warmup import warm_up
 
         # Generation workers and the socket loop share the GIL with node zero while it trains.
         # With Python's default 5 ms switch interval a generation thread coming back from a
@@ -134,7 +167,6 @@ class Daemon:
         # training without this setting against 1,386 with it (ping p99 3.1 vs 2.8 ms). The
         # trainer's own throughput no longer depends on it (one nogil kernel per sphere).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        s = self.settings
         self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
         checkpoint = self.dirs.checkpoints / "latest.cllm"
         threads = s.train.threads or usable_cores()
@@ -143,6 +175,7 @@ class Daemon:
             header, _ = read_model_file(checkpoint if checkpoint.exists() else self.dirs.model, verify=False)
             vocab = header["config"]["vocab_size"]
         else:
+            self._starting("creating the default model (first start only): building its corpus and tokenizer")
             model, corpus = self._create_default_model(None)
             vocab = model.cfg.vocab_size
         self.store = DataStore(self.dirs.data, vocab_size=vocab)
@@ -158,10 +191,6 @@ class Daemon:
             trainer = Trainer(model, source, self._train_config(), threads=threads)
         self.model_tokenizer = trainer.model.tokenizer
 
-        self.server = Server(self.dirs.socket_endpoint, self.dirs.events_endpoint,
-                             max_message_bytes=s.server.max_message_bytes, workers=s.server.generate_workers,
-                             max_pending=s.server.max_pending_generations,
-                             client_timeout=s.server.stream_timeout, **self._tcp_options())
         self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
                                              settings=self._controller_settings(), publish=self.server.publish)
         self.controller.restore_plan()
@@ -182,8 +211,9 @@ class Daemon:
                               started=self.started, request_stop=self.request_stop,
                               queue_current=lambda: self.queue_current))
         self.api.register(self.server)
-        logging.getLogger().addHandler(_EventLogHandler(self.server))
-        self._spawn("server", self.server.serve)
+        # every kernel compiled (or loaded from the cache) before the first step or generation
+        warm_up(trainer.model.cfg, trainer.config, self._starting)
+        self.server.starting = None
         self._spawn("queue", self.watcher.run)
         self._spawn("trainer", self.controller.run)
         self._spawn("batcher", self.batcher.run)

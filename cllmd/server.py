@@ -214,6 +214,7 @@ class Server:
         self._seq: dict[str, int] = {}                 # topic -> last sequence number
         self._seq_lock = threading.Lock()
         self._draining = False
+        self.starting: str | None = None   # what the daemon is doing while it starts up
         self._closed = False
         self._stop_internal = threading.Event()
         self._serving = threading.Lock()
@@ -308,12 +309,14 @@ class Server:
         """A separate bounded pool, e.g. so generations cannot starve model.save."""
         if name in self._pools:
             raise ValueError(f"pool {name!r} already exists")
-        self._pools[name] = _Pool(name, workers, max_pending, self._execute)
+        # copy-on-write: the socket thread may be reading the table while the daemon starts up
+        self._pools = {**self._pools, name: _Pool(name, workers, max_pending, self._execute)}
 
     def register(self, op: str, handler: Callable[[Request, Context], Any], *,
                  args_spec: ArgsSpec | Mapping[str, Any] | None = None, stream: bool = False,
                  blocking: bool = False, pool: str = "default") -> None:
-        """Serve ``op`` with ``handler(request, context)``; call before ``serve``.
+        """Serve ``op`` with ``handler(request, context)``; before ``serve`` or while it runs
+        (the daemon serves ``ping`` while it starts, then registers the rest).
 
         Inline handlers (the default) run on the socket thread and must return within a
         millisecond or so. ``blocking=True`` runs on ``pool`` (full -> ``busy`` at once).
@@ -330,8 +333,8 @@ class Server:
         if pool not in self._pools:
             raise ValueError(f"no pool named {pool!r} (add_pool first)")
         spec = args_spec if args_spec is not None else OP_SPECS.get(op)
-        self._ops[op] = _Op(handler, as_spec(spec) if spec is not None else None, stream,
-                            blocking or stream, pool)
+        self._ops = {**self._ops, op: _Op(handler, as_spec(spec) if spec is not None else None,
+                                          stream, blocking or stream, pool)}
 
     def pool_stats(self) -> dict[str, dict]:
         """{pool name: {running, waiting, workers, max_pending}}, for status reports."""
@@ -340,8 +343,12 @@ class Server:
     # ------------------------------------------------------------------ built-in ops
 
     def _op_ping(self, req: Request, ctx: Context) -> dict:
-        return {"pong": True, "time": time.time(), "version": PROTOCOL_VERSION,
-                "daemon": f"cllmd {__version__}"}
+        reply = {"pong": True, "time": time.time(), "version": PROTOCOL_VERSION,
+                 "daemon": f"cllmd {__version__}"}
+        starting = self.starting
+        if starting is not None:
+            reply["starting"] = starting
+        return reply
 
     def _op_cancel(self, req: Request, ctx: Context) -> dict:
         target = req.args["id"]
@@ -558,6 +565,11 @@ class Server:
         def answer(msg: dict) -> None:
             self._send(client, envelope, self._encode_reply(msg))
 
+        starting = self.starting
+        if starting is not None and req.op not in ("ping", "cancel"):
+            answer(reply_error(req.id, UNAVAILABLE, f"cllmd is starting: {starting}",
+                               starting=starting))
+            return
         op = self._ops.get(req.op)
         if op is None:
             answer(reply_error(req.id, UNKNOWN_OP, f"unknown op {req.op!r}"))

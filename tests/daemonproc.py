@@ -98,12 +98,14 @@ class Daemon:
                 return None
             c = Client(socket=str(sock), timeout=5)
             try:
-                c.request("ping")
-                return c
+                if "starting" not in c.request("ping"):   # served, not only starting up
+                    return c
+                c.close()
+                return None
             except Exception:
                 c.close()  # an unclosed client's context would block in its finalizer later
                 return None
-        return wait_for(up, 90, "the daemon to answer ping")
+        return wait_for(up, 300, "the daemon to start (ping without 'starting')")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

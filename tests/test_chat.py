@@ -167,3 +167,42 @@ def test_chat_bad_option_is_a_usage_error(chatd):
     run = subprocess.run(cllm("--socket", sock(chatd), "chat", "--top-p", "0"), capture_output=True, text=True,
                          timeout=30)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "top_p must be a number > 0" in run.stderr
+
+
+def test_chat_with_the_defaults_remembers_the_turn_before(chatd):
+    with Client(sock(chatd)) as c:
+        s = ChatSession(c, CONTEXT)   # max_tokens 128 = the whole context of 128
+        s.turns.append(Turn("name?", "x" * 300))   # an answer as long as max_tokens allows
+        prompt, used, dropped = s.build("and then?")
+        assert dropped == 0 and used <= s.room() and used == len(prompt.encode())
+        assert prompt.startswith("User: name?\nAssistant: xxx") and " ...\nUser: and then?" in prompt
+        s.turns += [Turn("a", "b"), Turn("c", "d")]   # short turns fit whole; the long one is cut
+        prompt, used, dropped = s.build("e")
+        assert dropped == 0 and "User: a\nAssistant: b\nUser: c\nAssistant: d\n" in prompt and " ...\n" in prompt
+
+
+def test_chat_keeps_the_conversation_across_a_daemon_restart(chatd, tmp_path):
+    t = chat_pty(chatd, tmp_path, "--temperature", "0", "--max-tokens", "6")
+    try:
+        t.expect(r"context 128 tokens.*\n[\s\S]*>>> ")
+        m = t.mark()
+        t.write("hello\r")
+        t.expect(r"\[6 tokens, .* context \d+/128\][\s\S]*>>> ", m)
+        chatd.stop()
+        m = t.mark()
+        t.write("are you there\r")   # while the daemon is down
+        t.expect(r"cllmd is not running .*: waiting for cllmd; the conversation is kept", m)
+        chatd.start()
+        t.expect(r"cllmd is back: send that message again\)[\s\S]*>>> ", m)
+        m = t.mark()
+        t.write("again\r")
+        t.expect(r"\[6 tokens, .* context \d+/128\][\s\S]*>>> ", m)
+        saved = tmp_path / "talk.json"
+        m = t.mark()
+        t.write(f"/save {saved}\r")
+        t.expect(r"saved to .*talk\.json[\s\S]*>>> ", m)
+        assert [x["user"] for x in json.loads(saved.read_text())["turns"]] == ["hello", "again"]
+        t.write("\x04")
+        assert t.wait(30) == 0
+    finally:
+        t.close()

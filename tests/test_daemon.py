@@ -249,7 +249,12 @@ def test_daemon_systemd_notifications_in_order(daemon, tmp_path):
     finally:
         listener.close()
     kinds = [m.split("=")[0] for m in listener.messages]
-    assert kinds.index("READY") < kinds.index("STATUS") < kinds.index("WATCHDOG") < kinds.index("STOPPING")
+    assert kinds.index("READY") < kinds.index("WATCHDOG") < kinds.index("STOPPING")
+    # start-up says what it does in STATUS before READY, then the running status line
+    assert listener.messages[kinds.index("STATUS")].startswith("STATUS=starting: ")
+    assert any(m.startswith("STATUS=starting: ") and "kernels" in m
+               for m in listener.messages[:kinds.index("READY")])
+    assert any(m.startswith("STATUS=step") for m in listener.messages[kinds.index("READY"):])
     assert kinds[-1] == "STOPPING" or "STOPPING" in kinds[-3:]
     status = [m for m in listener.messages if m.startswith("STATUS=")]
     assert any("step" in m and "queue" in m for m in status)
@@ -305,8 +310,24 @@ def test_daemon_kill9_loses_nothing_and_trains_nothing_twice(daemon):
 
 
 def test_daemon_first_start_creates_the_default_model(daemon):
-    d = daemon("--model-tokenizer", "bpe", "--model-vocab-size", "512", model=False)
+    d = daemon("--model-tokenizer", "bpe", "--model-vocab-size", "512", model=False, start=False)
+    d.start(wait=False)
+    # while it builds the corpus and compiles, clients hear "starting" and what it does
+    sock = d.run / "cllmd.sock"
+    wait_for(lambda: sock.exists(), 60, "the socket (bound first thing)")
+    from cllm.client import Client
+    with Client(socket=str(sock), timeout=10) as early:
+        assert early.request("ping")["starting"]   # from the first moment
+        wait_for(lambda: "default model" in (early.request("ping").get("starting") or ""), 60,
+                 "the phase that builds the default model")
+        with pytest.raises(RequestError) as e:
+            early.request("status")
+        assert e.value.code == "unavailable" and e.value.message.startswith("cllmd is starting: ")
+        assert e.value.error["starting"]
+    d.client = d.connect()
     c = d.client
+    out = d.output()
+    assert "starting: creating the default model" in out and "kernels ready in" in out
     info = c.request("model.info")
     assert info["tokenizer"]["kind"] == "bpe" and info["tokenizer"]["vocab_size"] == 512
     wait_for(lambda: len(d.queue("done")) >= 3, 120, "the default corpus to be ingested")
