@@ -205,8 +205,8 @@ class QueueDir:
                                f"{self.max_file_bytes} bytes")
         final = layout.write_incoming(self.dirs["incoming"], layout.sanitize_name(name), data)
         log.info("queue: added incoming/%r (%d bytes)", final, len(data))
+        self.emit(name=final, state="incoming", size=len(data))   # before the watcher is woken
         self._placed(final)
-        self.emit(name=final, state="incoming", size=len(data))
         return final
 
     def retry(self, name: str) -> str:
@@ -221,8 +221,8 @@ class QueueDir:
         fsync_dir(self.dirs["incoming"])
         fsync_dir(failed)
         log.info("queue: retrying failed/%r as incoming/%r", name, final)
-        self._placed(final)
         self.emit(name=final, state="incoming", retried_from=name)
+        self._placed(final)
         return final
 
     def _placed(self, name: str) -> None:

@@ -179,7 +179,7 @@ def test_daemon_queue_formats_and_bad_files(daemon):
         "latin.txt": ("caf\xe9".encode("latin-1"), "UTF-8"),
         "empty.txt": (b"   \n\n", "empty"),
         "broken.json": (b'{"text": ', "JSON"),
-        "evil.xml": (b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>', "DTD"),
+        "evil.xml": (b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>', "declares entities"),
         "big.txt": (b"x" * 70000, "large"),
     }
     d.stop()
@@ -460,3 +460,46 @@ def test_daemon_tokenize_too_large_for_one_reply_says_so(daemon):
         d.client.request("tokenize", text="é" * 16500)   # 33 kB in, 33,000 two-byte ids out
     assert e.value.code == "too_large" and "in parts" in str(e.value)
     assert d.client.request("tokenize", text="é" * 100)["count"] == 200
+
+
+# ---- docs/protocol.md and the daemon agree (issue 11) ----------------------------------------------
+
+
+def test_daemon_agrees_with_protocol_md_on_the_points_found_apart(daemon):
+    from cllm.catalogue import SETTINGS
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    d = daemon("--no-train-auto-train")
+    c = d.client
+    # lr is nil before the first step, a float after
+    assert "lr: float or nil (nil before the first step)" in doc
+    assert c.request("status")["train"]["lr"] is None and c.request("train.status")["lr"] is None
+    sub = c.subscribe(["queue", "checkpoint"])
+    time.sleep(0.5)   # the subscription is live before the events it waits for
+    # the changes of one file arrive in the order it goes through
+    name = c.request("queue.add", name="order.txt", data=b"an ordered little file of words\n" * 20)["name"]
+    states, deadline = [], time.monotonic() + 30
+    while "done" not in states and time.monotonic() < deadline:
+        ev = sub.recv(timeout=1)
+        if ev and ev[0] == "queue" and (ev[1].get("change") or {}).get("name") == name:
+            states.append(ev[1]["change"]["state"])
+    assert states == ["incoming", "processing", "done"], states
+    assert "`incoming` (for files added with `queue.add` or `queue.retry`), `processing`, then" in doc
+    # every checkpoint event has kind "checkpoint" (model.save writes a checkpoint too)
+    c.request("train.start", steps=2)
+    wait_for(lambda: c.request("train.status")["step"] >= 2 and c.request("train.status")["state"] == "idle",
+             60, "two steps")
+    assert isinstance(c.request("train.status")["lr"], float)
+    c.request("model.save")
+    kinds, deadline = [], time.monotonic() + 30
+    while not kinds and time.monotonic() < deadline:
+        ev = sub.recv(timeout=1)
+        if ev and ev[0] == "checkpoint":
+            kinds.append(ev[1]["kind"])
+    sub.close()
+    assert kinds == ["checkpoint"] and '`kind` is always `"checkpoint"` in protocol 1' in doc
+    # bytes that are not UTF-8 arrive as U+FFFD
+    assert c.request("detokenize", ids=[0xFF, 0x41, 0xC3])["text"] == "\ufffdA\ufffd"
+    assert "U+FFFD REPLACEMENT CHARACTER" in doc
+    # the stream timeout the doc states is the setting's default
+    timeout = SETTINGS["server.stream_timeout"].default
+    assert f"{timeout:g} seconds (the daemon's `server.stream_timeout`)" in doc
