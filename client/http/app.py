@@ -23,6 +23,7 @@ from aiohttp import web
 
 from cllm import __version__
 from cllm.client import ClientError, DaemonNotRunning, RequestError
+from cllm.http import dashboard
 from cllm.http import openai_api as oai
 from cllm.http.bridge import Bridge
 from cllm.http.metrics import CONTENT_TYPE, Metrics
@@ -158,6 +159,9 @@ async def stream_job(request: web.Request, job: oai.Job, stream) -> web.StreamRe
                 await resp.prepare(request)
             await resp.write(sse(oai.chunk(job, piece, first=first)))
             first = False
+    except ConnectionResetError:
+        log.debug("%s: the client went away mid-stream", job.id)
+        return resp   # run_job's finally cancels the generation
     except (ClientError, RequestError) as e:
         if resp is None:
             raise
@@ -227,6 +231,7 @@ def make_app(bridge: Bridge, token: str = "") -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    dashboard.add_routes(app, bridge)
     app[METRICS] = Metrics()
     bridge.on_event(app[METRICS].on_event)
 
@@ -234,7 +239,7 @@ def make_app(bridge: Bridge, token: str = "") -> web.Application:
         bridge.start()
 
     async def stop(app: web.Application) -> None:
-        bridge.close()
+        await bridge.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

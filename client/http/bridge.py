@@ -24,7 +24,7 @@ REQUEST_TIMEOUT_S = 10.0
 
 class Bridge:
     """``socket``: the daemon's request endpoint as cllm.layout.find_socket takes it (None:
-    the usual search). Call ``start()`` inside the running loop, ``close()`` at the end."""
+    the usual search). Call ``start()`` inside the running loop, ``await close()`` at the end."""
 
     def __init__(self, socket: str | None = None, *, max_streams: int = MAX_STREAMS):
         self.socket = socket
@@ -33,6 +33,7 @@ class Bridge:
         self._local = threading.local()
         self._clients: list[Client] = []
         self._clients_lock = threading.Lock()
+        self.streams: set[Stream] = set()   # generations being driven (touched on the loop only)
         self._stop = threading.Event()
         self._listeners: list[Callable[[str, dict], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -55,18 +56,26 @@ class Bridge:
                                                daemon=True)
         self._events_thread.start()
 
-    def close(self) -> None:
+    async def close(self, timeout: float = 3.0) -> None:
+        """Cancel the generations still running, then close every client once its thread is
+        done with it (a zmq socket must not be closed under the thread using it)."""
         self._stop.set()
+        for stream in list(self.streams):
+            stream.cancel()
         if self._events_thread is not None:
-            self._events_thread.join(2)
+            await self.loop.run_in_executor(None, self._events_thread.join, timeout)
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._streams.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.streams:
+            log.warning("%d generations still running at exit; their sockets are left to the OS",
+                        len(self.streams))
+            return
         with self._clients_lock:
             for c in self._clients:
-                try:
-                    c.close()
-                except Exception:   # a client in use by a thread that is going away
-                    pass
+                c.close()
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -85,7 +94,10 @@ class Bridge:
     # ---- generation ----------------------------------------------------------------------------
 
     def generate(self, prompt: str, opts: dict) -> "Stream":
-        return Stream(self, prompt, opts)
+        stream = Stream(self, prompt, opts)
+        self.streams.add(stream)
+        stream._future.add_done_callback(lambda _: self.streams.discard(stream))
+        return stream
 
     # ---- events --------------------------------------------------------------------------------
 
