@@ -226,11 +226,8 @@ class Setting:
 
 def _settings(*items: Setting) -> dict[str, Setting]:
     table = {s.key: s for s in items}
-    assert len(table) == len(items), "a setting is declared twice"
-    for s in items:
-        assert s.applies in APPLIES, s.key
-        assert not s.runtime or s.section == "train", s.key
-        s.kind.check(s.default) if s.default is not None else None
+    if len(table) != len(items):
+        raise ValueError("the catalogue declares a setting twice")
     return table
 
 

@@ -279,3 +279,19 @@ def test_catalogue_state_dir_with_an_old_checkpoint_still_resumes(daemon, tmp_pa
     d = daemon("--no-train-auto-train", model=False)
     assert d.client.request("train.status")["step"] == 3
     assert d.client.request("train.config.get")["decay_end_step"] == SETTINGS["train.decay_end_step"].default
+
+
+def test_catalogue_entries_are_well_formed():
+    for key, s in SETTINGS.items():
+        assert s.applies in catalogue.APPLIES, key
+        assert s.section in catalogue.SECTIONS and s.doc and s.doc == s.doc.strip().rstrip("."), key
+        assert not s.runtime or s.section == "train", key  # train.config.* serves [train] only
+        assert s.kind.check(s.default) == s.default, key   # the default passes its own kind
+        assert key not in catalogue.RENAMED, key
+    for old, (new, how) in catalogue.RENAMED.items():
+        assert new in SETTINGS and how, old
+    for name, opt in SAMPLING.items():
+        if opt.default is None:
+            assert opt.nullable, name
+        else:
+            assert opt.kind.check(opt.default) == opt.default, name
