@@ -102,15 +102,16 @@ def integer(lo: int, hi: int | None = None) -> Kind:
     return Kind(describe, check, lambda t: int(t.strip()), str, "N", int, lo, hi)
 
 
-def _num(x: float) -> str:
+def plain_number(x: float) -> str:
+    """1000000 rather than 1e+06: bounds are read by people."""
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def number(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
            lt: float | None = None) -> Kind:
-    bounds = [f"> {_num(gt)}" if gt is not None else "", f">= {_num(ge)}" if ge is not None else "",
-              f"<= {_num(le)}" if le is not None else "", f"< {_num(lt)}" if lt is not None else ""]
-    describe = "a number " + " and ".join(b for b in bounds if b)
+    bounds = [f"{op} {plain_number(x)}" for op, x in ((">", gt), (">=", ge), ("<=", le), ("<", lt))
+              if x is not None]
+    describe = "a number " + " and ".join(bounds)
 
     def check(v: Any) -> float:
         if not (_is_int(v) or isinstance(v, float)):

@@ -177,9 +177,15 @@ def test_catalogue_docs_tables_agree_with_the_code():
         assert (typ, bounds) == (wire_names[s.kind.wire], s.kind.describe), s.name
     # generate: the sampling options' defaults
     gen = {r[0]: r for r in _table(protocol, "### `generate`")}
+    def bound(x):
+        return "2⁶⁴−1" if x == 2**64 - 1 else catalogue.plain_number(x)
+
     for name, opt in SAMPLING.items():
         shown = {None: "nil", (): "[]"}.get(opt.default, str(opt.default))
         assert gen[name][2] == shown, name
+        if name != "stop":  # the bounds column: "> 0 .. 1", "0 .. 2147483647"
+            k = opt.kind
+            assert gen[name][3] == f"{'> ' if k.lo_open else ''}{bound(k.lo)} .. {bound(k.hi)}", name
     # docs/cli.md's option table of cllm generate
     cli = (DOCS / "cli.md").read_text()
     flags = {re.sub(r" .*", "", r[0]): r for r in _table(cli, "| option | default | meaning |")}
