@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_generate.py                      # baby config, 400 tokens, 5 rounds
     .venv/bin/python benchmarks/bench_generate.py --model default      # the daemon's default model shape
     .venv/bin/python benchmarks/bench_generate.py --model gpt2 --threads 2 --tokens 64 --rounds 3
+    .venv/bin/python benchmarks/bench_generate.py --streams 8 --tokens 300 --rounds 3   # through the daemon
+    .venv/bin/python benchmarks/bench_generate.py --accuracy MODEL.cllm              # int8's accuracy cost
 
 baby/default: times ways of producing greedy tokens, alternating rounds so a noisy machine
 affects all alike, and prints medians: cllmd's Decoder with float32 and with int8 weights (one
@@ -14,6 +16,13 @@ weights of a transformers GPT2LMHeadModel, copied into a cllmd Model: single-seq
 tokens/s of cllmd int8, cllmd float32 and GPT2LMHeadModel.generate (greedy, its KV cache), and
 the time of a 1,000-token prompt's pass (--prompt) for each. Speed does not depend on what a
 model learned, so random weights do.
+
+--streams N: a real `cllmd serve` with the default shape (bytes tokenizer), float32 then int8
+weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one pass
+per step) against one stream alone, alternating rounds.
+
+--accuracy MODEL.cllm: perplexity of a trained model on the held-out end of --text with float32
+and with int8 weights, and the share of positions where both pick the same likeliest token.
 """
 from __future__ import annotations
 
@@ -120,7 +129,10 @@ def torch_decoder(model: Model):
 
 
 def model_from_transformers(hf) -> Model:
-    """A cllmd Model holding a transformers GPT2LMHeadModel's weights (same names, Conv1D layout)."""
+    """A cllmd Model holding a transformers GPT2LMHeadModel's weights (same names, Conv1D layout).
+
+    Copied in memory rather than through `cllmd import`: a random-weight checkpoint comes with no
+    tokenizer, which the import requires (and decoding speed does not depend on one)."""
     c = hf.config
     cfg = ModelConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                       block_size=c.n_positions)
@@ -224,6 +236,64 @@ def accuracy_main(args) -> dict:
             "greedy_top1_agreement": round(same / count, 4)}
 
 
+def streams_main(args) -> dict:
+    """Concurrent streams through a real daemon (continuous batching) against one stream alone."""
+    import tempfile
+    sys.path.insert(0, str(HERE.parent))
+    from tests.daemonproc import Daemon
+    shape = SHAPES["default"]
+    out = {"model": "default (bytes tokenizer)", "streams": args.streams, "tokens": args.tokens, "rounds": args.rounds}
+    for weights in ("float32", "int8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Daemon(Path(tmp), "--no-train-auto-train", "--server-generate-workers", str(args.streams),
+                       "--inference-weights", weights, "--model-n-layer", "4", "--model-n-head", "4",
+                       "--model-n-embd", "128", "--model-block-size", "128", model=False)
+            d.state.mkdir(parents=True)
+            m = Model(ModelConfig(**{**shape, "vocab_size": 257}), seed=0, tokenizer=BytesTokenizer())
+            m.flat += np.random.default_rng(0).normal(0.0, 0.05, m.flat.shape).astype(np.float32)
+            m.save(d.state / "model.cllm")
+            d.start()
+            try:
+                out.update(_streams_rounds(args, d, weights))
+            finally:
+                d.stop()
+    return out
+
+
+def _streams_rounds(args, d, weights: str) -> dict:
+    import threading
+    clients = [d.connect() for _ in range(args.streams)]
+
+    def one(c, i, done):
+        g = c.generate("The ", max_tokens=args.tokens, temperature=0.8, seed=i)
+        for _ in g:
+            pass
+        done.append((g.stats["tokens_generated"], time.perf_counter()))
+
+    def run(k):
+        done = []
+        threads = [threading.Thread(target=one, args=(clients[i], i, done)) for i in range(k)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(n for n, _ in done) / (max(t for _, t in done) - t0)
+
+    run(1)  # warm up (kernels compiled or loaded from the cache)
+    single, many = [], []
+    for _ in range(args.rounds):
+        single.append(run(1))
+        many.append(run(args.streams))
+    batch = clients[0].request("status")["serving"]["batch"]
+    for c in clients:
+        c.close()
+    return {f"{weights}_one_stream_tokens_per_second": round(statistics.median(single), 1),
+            f"{weights}_{args.streams}_streams_tokens_per_second": round(statistics.median(many), 1),
+            f"{weights}_ratio": round(statistics.median(many) / statistics.median(single), 2),
+            f"{weights}_largest_batch": batch["largest_batch"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(SHAPES), default="baby")
@@ -237,7 +307,12 @@ def main() -> None:
                    help="--accuracy: the text whose last --val-fraction is held out")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--windows", type=int, default=200, help="--accuracy: context-long windows scored at most")
+    p.add_argument("--streams", type=int, default=0, help="concurrent streams through a real daemon, against one")
     args = p.parse_args()
+    if args.streams:
+        out = streams_main(args)
+        print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+        return
     if args.accuracy:
         out = accuracy_main(args)
         print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))

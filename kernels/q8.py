@@ -167,17 +167,30 @@ def _block_vnni(typingctx, out, out_at, xu, xu_at, xs, xs_at, wq, wq_at, wc, ws,
     return sig, codegen
 
 
-@parallel_kernel
-def _matmul_vnni(out, xu, xs, wq, wc, ws):
+def _vnni_body(out, xu, xs, wq, wc, ws, mb):
     N = out.shape[0]
     MB, K4, R, _ = wq.shape
     ng = K4 * 4 // GROUP
     fo, fxu, fxs = out.reshape(-1), xu.reshape(-1), xs.reshape(-1)
     fwq, fwc, fws = wq.reshape(-1), wc.reshape(-1), ws.reshape(-1)
-    for mb in prange(MB):
-        for n in range(N):
-            _block_vnni(fo, n * MB * R + mb * R, fxu, n * K4 * 4, fxs, n * ng, fwq, mb * K4 * R * 4,
-                        fwc, fws, mb * ng * R, ng)
+    for n in range(N):
+        _block_vnni(fo, n * MB * R + mb * R, fxu, n * K4 * 4, fxs, n * ng, fwq, mb * K4 * R * 4,
+                    fwc, fws, mb * ng * R, ng)
+
+
+_vnni_block_rows = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")(_vnni_body)
+
+
+@parallel_kernel
+def _matmul_vnni(out, xu, xs, wq, wc, ws):
+    for mb in prange(wq.shape[0]):
+        _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
+
+
+@kernel
+def _matmul_vnni_serial(out, xu, xs, wq, wc, ws):
+    for mb in range(wq.shape[0]):
+        _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
 
 
 @parallel_kernel
@@ -201,12 +214,22 @@ def _matmul_generic(out, xu, xs, wq, wc, ws):
             out[n, mb * R:(mb + 1) * R] = total
 
 
-q8_matmul_raw = _matmul_vnni if VNNI else _matmul_generic
+# Below this many multiply-adds a product runs on the calling thread: a parallel region costs
+# tens of microseconds to open, and on a loaded machine it waits for every thread's turn
+# (measured: the default model's int8 decoding fell from ~6,000 to 16 tokens/s on 2 busy cores).
+PARALLEL_MIN_MACS = 1 << 19
 
 
 def q8_matmul(out, xu, xs, w: Q8Weight) -> None:
-    """out [N, Mp] float32 = (dequantized xu, xs) @ (dequantized w); all arrays C-contiguous."""
-    q8_matmul_raw(out, xu, xs, w.wq, w.wc, w.ws)
+    """out [N, Mp] float32 = (dequantized xu, xs) @ (dequantized w); all arrays C-contiguous.
+
+    Each element is computed by the same instructions on one thread or many: exact either way."""
+    if not VNNI:
+        _matmul_generic(out, xu, xs, w.wq, w.wc, w.ws)
+    elif out.shape[0] * w.Mp * w.Kp >= PARALLEL_MIN_MACS:
+        _matmul_vnni(out, xu, xs, w.wq, w.wc, w.ws)
+    else:
+        _matmul_vnni_serial(out, xu, xs, w.wq, w.wc, w.ws)
 
 
 def q8_matmul_ref(xu, xs, w: Q8Weight) -> np.ndarray:

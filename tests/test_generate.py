@@ -195,6 +195,10 @@ def test_q8_kernel_matches_reference():
         one = np.empty((1, w.Mp), np.float32)  # a row alone gives exactly its row of the batch
         q8.q8_matmul(one, xu[-1:], xs[-1:], w)
         np.testing.assert_array_equal(one[0], out[-1])
+        if q8.VNNI:  # the parallel kernel (large products) computes every element as the serial one
+            par = np.empty_like(out)
+            q8._matmul_vnni(par, xu, xs, w.wq, w.wc, w.ws)
+            np.testing.assert_array_equal(par, out)
 
 
 @pytest.mark.parametrize("N", [1, 6, 20], ids=["step", "rows", "gemm"])
