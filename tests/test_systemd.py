@@ -138,12 +138,28 @@ def package_stage(cache_root: Path) -> Path:
         return entry / "root"
 
 
+PRIVATE_IN_CONTAINERS = (Path("/tmp"), Path("/var/tmp"))   # the test containers mount their own
+
+
+def _visible_in_containers(path: Path) -> bool:
+    path = path.resolve()
+    return not any(path == p or p in path.parents for p in PRIVATE_IN_CONTAINERS)
+
+
 def stage_cache_root(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the staged install lives: pytest's cache, else the checkout, unless that is under
+    /tmp or /var/tmp (a clone made there), which the test containers replace with their own: then
+    the user's cache directory, and a skip with the reason when that is under /tmp too."""
     cache = getattr(config, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("cllmd-package-stage"))
-    # not under /tmp: the test containers get a private /tmp and could not see the stage
-    return Path(config.rootpath) / ".pytest-stage" / "cllmd-package-stage"
+    candidates = ([Path(cache.mkdir("cllmd-package-stage"))] if cache is not None else []) + [
+        Path(config.rootpath) / ".pytest-stage" / "cllmd-package-stage",
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cllmd-test-stage"]
+    for root in candidates:
+        if _visible_in_containers(root):
+            root.mkdir(parents=True, exist_ok=True)
+            return root
+    pytest.skip(f"no place outside /tmp and /var/tmp for the staged install (tried "
+                f"{', '.join(map(str, candidates))}): the test containers could not see it")
 
 
 @pytest.fixture(scope="module")
