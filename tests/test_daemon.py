@@ -500,6 +500,12 @@ def test_daemon_agrees_with_protocol_md_on_the_points_found_apart(daemon):
     # bytes that are not UTF-8 arrive as U+FFFD
     assert c.request("detokenize", ids=[0xFF, 0x41, 0xC3])["text"] == "\ufffdA\ufffd"
     assert "U+FFFD REPLACEMENT CHARACTER" in doc
+    # the tokenizer travels inside the model file and the checkpoint, as architecture.md says
+    from cllmd.modelfile import read_model_file
+    arch = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    assert "The tokenizer has no file of its own" in arch and not (d.state / "tokenizer.json").exists()
+    for path in (d.state / "model.cllm", d.state / "checkpoints" / "latest.cllm"):
+        assert json.loads(read_model_file(path, verify=False)[0]["tokenizer"])["type"] == "bytes"
     # the stream timeout the doc states is the setting's default
     timeout = SETTINGS["server.stream_timeout"].default
     assert f"{timeout:g} seconds (the daemon's `server.stream_timeout`)" in doc
