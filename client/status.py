@@ -21,6 +21,7 @@ from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllm.fmt import duration, human_bytes, human_count, number, sparkline, unicode_ok, use_color
 
 TOPICS = ("train", "queue", "checkpoint", "log", "error")
+FAILED_AT_START = 10   # failed files shown in the recent log when the view starts
 MIN_REDRAW_S = 0.25        # at most four frames a second
 EVENT_WAIT_S = 0.1         # how long the loop sleeps on the event socket: key latency
 HISTORY = 512              # loss values kept for the sparklines
@@ -57,6 +58,16 @@ class Dashboard:
         self.connected = True
         self.live_states = True
         self._note_train(self.train)
+
+    def apply_failures(self, listing: dict) -> None:
+        """Files that failed before this view started, from queue.list, into the recent log."""
+        seen = {text for _, _, text in self.logs}
+        for f in sorted(listing.get("files") or [], key=lambda f: (f.get("reason") or {}).get("time") or ""):
+            r = f.get("reason") or {}
+            text = f"{f.get('name')} -> failed: {r.get('reason')}"
+            if " ".join(text.split()) not in seen:
+                when = f.get("mtime") or time.time()
+                self.log(when, "error", text)
 
     def went_away(self, reason: str) -> None:
         if self.connected:
@@ -274,13 +285,13 @@ def render(d: Dashboard, width: int = 80, height: int = 24, *, unicode: bool = T
     x = c.put(y + 1, 0, "serving  ", "bold")
     c.put(y + 1, x, f"running {sv.get('running', 0)}  waiting {sv.get('waiting', 0)}  "
                     f"{human_count(sv.get('tokens_per_second'))} tokens/s")
-    if once:
+    if once and not (d.logs and height > 24):   # --once shows the log only when given room
         return c
 
     # recent log lines, then the keys
     y += 2
     c.put(y, 0, "recent log " + ("─" if unicode else "-") * (width - 11), "dim")
-    room = height - y - 2
+    room = height - y - (1 if once else 2)
     recent = list(d.logs)[-room:] if room > 0 else []
     if not recent and room > 0:
         c.put(y + 1, 0, "(warnings, errors, checkpoints and queue results appear here)", "dim")
@@ -288,6 +299,8 @@ def render(d: Dashboard, width: int = 80, height: int = 24, *, unicode: bool = T
         stamp = time.strftime("%H:%M:%S", time.localtime(when))
         style = {"error": "bad", "critical": "bad", "warning": "warn", "queue": "dim", "info": "ok"}.get(level)
         c.put(y + 1 + i, 0, f"{stamp} {level:<7} {text}"[:width], style)
+    if once:
+        return c
     last = height - 1
     c.fill(last, "title")
     if d.message and time.monotonic() < d.message_until:
@@ -314,7 +327,7 @@ def _training_rows(d: Dashboard, t: dict, spark_width: int, unicode: bool) -> li
     if ppl is None:
         base = t.get("val_loss") if t.get("val_loss") is not None else t.get("loss")
         ppl = math.exp(min(base, 700.0)) if isinstance(base, (int, float)) else None
-    ck = d.checkpoint
+    ck = d.checkpoint or t.get("checkpoint")   # the last event seen, else what the daemon says
     ck_text = (f"step {ck.get('step')}, {duration(time.time() - ck['time'])} ago" if ck else "-")
     rows = [
         ("state", state + ("  (auto)" if t.get("auto_train") else ""), STATE_STYLE.get(state, "other")),
@@ -366,6 +379,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         client = Client(self.socket, timeout=3.0, retries=0)
         next_poll = 0.0
+        self.ask("failures", "queue.list", state="failed", limit=FAILED_AT_START)
         try:
             while not self.stopping.is_set():
                 try:
@@ -508,6 +522,9 @@ class LiveView:
             self.d.went_away(r[1])
         elif kind == "done":
             _, label, op, res = r
+            if op == "queue.list":
+                self.d.apply_failures(res)
+                return
             if op.startswith("train.") and op != "train.config.set":
                 self.d.stats["train"] = {**self.d.train, **res}
             if op == "checkpoint":
@@ -590,11 +607,12 @@ def build_parser(prog: str = "cllm-status") -> argparse.ArgumentParser:
     return p
 
 
-def snapshot(socket: str | None, width: int, unicode: bool) -> str:
+def snapshot(socket: str | None, width: int, unicode: bool, height: int = 24) -> str:
     d = Dashboard()
     with Client(socket, timeout=5.0) as client:
         d.apply_stats(client.request("stats"))
-    lines = render(d, width, 24, unicode=unicode, once=True).lines()
+        d.apply_failures(client.request("queue.list", state="failed", limit=FAILED_AT_START))
+    lines = render(d, width, max(24, height), unicode=unicode, once=True).lines()
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines) + "\n"
@@ -611,8 +629,9 @@ def main(argv: list[str] | None = None, prog: str = "cllm-status") -> int:
                 print(json.dumps(client.request("stats"), indent=2, ensure_ascii=False))
             return 0
         if args.once:
-            width = args.width or max(80, shutil.get_terminal_size((80, 24)).columns)
-            sys.stdout.write(snapshot(args.socket, width, unicode_ok(sys.stdout.encoding)))
+            size = shutil.get_terminal_size((80, 24))   # $COLUMNS/$LINES, else the terminal's
+            width = args.width or max(80, size.columns)
+            sys.stdout.write(snapshot(args.socket, width, unicode_ok(sys.stdout.encoding), size.lines))
             return 0
     except DaemonNotRunning as e:
         print(f"{prog}: {e}", file=sys.stderr)

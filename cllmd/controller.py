@@ -71,6 +71,12 @@ class TrainingController:
         self._snapshot = trainer.model.copy()   # what inference reads; replaced, never mutated
         self._last_checkpoint_step = trainer.step_num
         self._last_checkpoint_time = time.monotonic()
+        # the last checkpoint written, for status views: {step, time (Unix)}; after a restart
+        # the one resumed from (its file's time), None before the first
+        self.last_checkpoint: dict | None = None
+        if self.checkpoint_path.exists():
+            self.last_checkpoint = {"step": trainer.step_num,
+                                    "time": self.checkpoint_path.stat().st_mtime}
         self._last_publish = 0.0
         self.last_error: str | None = None
         self.step_seconds = 0.0
@@ -231,7 +237,8 @@ class TrainingController:
         eta = budget * self.step_seconds if budget and self.step_seconds else None
         snap.update({"state": state, "budget": budget, "budget_total": total, "reason": reason,
                      "step_seconds": self.step_seconds, "eta_s": eta,
-                     "auto_train": self.settings.auto_train, "last_error": self.last_error})
+                     "auto_train": self.settings.auto_train, "last_error": self.last_error,
+                     "checkpoint": self.last_checkpoint})
         return snap
 
     # ---- the training thread -------------------------------------------------------------------
@@ -242,6 +249,7 @@ class TrainingController:
         self.trainer.model.save(self.model_path, metadata={"step": self.trainer.step_num})
         self._last_checkpoint_step = self.trainer.step_num
         self._last_checkpoint_time = time.monotonic()
+        self.last_checkpoint = {"step": self.trainer.step_num, "time": time.time()}
         with self._cond:
             plan = {"step": self.trainer.step_num, "budget": self.budget, "budget_total": self.budget_total,
                     "reason": self.reason, "since": self.mix.since if self.mix else 0}

@@ -73,6 +73,12 @@ def test_status_once_shows_the_12_spheres_and_the_queue_counts(d):
     counts = next(line for line in lines if line.startswith("queue "))
     assert re.search(r"incoming 0\s+processing 0\s+done 1\s+failed 1", counts)
     assert "training" in r.stdout and "state     idle" in r.stdout and "node zero and the 12 spheres" in r.stdout
+    # a view started after the fact still shows the failure, and when the model was last saved
+    d.client.request("checkpoint")
+    r = subprocess.run(cllm_status("--socket", sock(d), "--once"), capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "COLUMNS": "80", "LINES": "40"})
+    assert re.search(r"blob\.bin -> failed: binary data", r.stdout), r.stdout
+    assert re.search(r"saved +step \d+, \S+ ago", r.stdout), r.stdout
 
 
 def test_status_json_is_the_stats_snapshot(d):
