@@ -407,6 +407,23 @@ def cmd_queue_ls(ctx: Ctx, a) -> int:
     return EXIT_OK
 
 
+def cmd_queue_show(ctx: Ctx, a) -> int:
+    res = ctx.request("queue.show", name=a.name, max_chars=a.max_chars)
+    if ctx.json:
+        ctx.print_json(res)
+        return EXIT_OK
+    if res.get("error"):
+        print(f"cllm queue show: {a.name} ({res.get('state')}) would be refused: {res['error']}", file=sys.stderr)
+        return EXIT_DAEMON
+    print(f"# {res['name']} ({res['state']}): {res['format']}, {res['chars']:,} characters, "
+          f"source {res['source']}", file=sys.stderr)
+    sys.stdout.write(res["text"] + ("" if res["text"].endswith("\n") else "\n"))
+    if res.get("truncated"):
+        print(f"# ... the first {a.max_chars:,} of {res['chars']:,} characters (--max-chars N for more)",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_queue_retry(ctx: Ctx, a) -> int:
     done = []
     for name in a.names:
@@ -569,7 +586,7 @@ def build_parser() -> Parser:
     tc = add(tsub, "config", "show, or set with KEY=VALUE, the training configuration", cmd_train_config)
     tc.add_argument("settings", nargs="*", metavar="KEY=VALUE", help=f"keys: {', '.join(TRAIN_KEYS)}")
 
-    q = add(sub, "queue", "the training queue: add, ls, retry")
+    q = add(sub, "queue", "the training queue: add, ls, show, retry")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser, required=True)
     qa = add(qsub, "add", "queue files (or every file under a directory) for training", cmd_queue_add,
              epilog="Formats:\n" + formats_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -582,6 +599,10 @@ def build_parser() -> Parser:
     ql.add_argument("--limit", type=_int_at_least(1), default=QUEUE_LS_LIMIT, metavar="N",
                     help=f"files listed at most, newest first (default {QUEUE_LS_LIMIT})")
     ql.add_argument("--all", action="store_true", help=f"list every file (up to {QUEUE_LS_ALL:,})")
+    qs = add(qsub, "show", "what a queued file becomes: its preprocessed text", cmd_queue_show)
+    qs.add_argument("name", metavar="NAME")
+    qs.add_argument("--max-chars", type=_int_at_least(1), default=65536, metavar="N",
+                    help="characters shown at most (default 65536)")
     qr = add(qsub, "retry", "move failed files back to incoming/", cmd_queue_retry)
     qr.add_argument("names", nargs="+", metavar="NAME")
 

@@ -37,7 +37,7 @@ EVENT_TOPICS = ("train", "queue", "checkpoint", "log", "error")
 # Safe to resend after a timeout: they change nothing in the daemon.
 IDEMPOTENT_OPS = frozenset({
     "ping", "status", "stats", "model.info", "queue.list", "train.status", "train.config.get",
-    "tokenize", "detokenize",
+    "tokenize", "detokenize", "queue.show",
 })
 
 

@@ -69,6 +69,7 @@ class Stages:
     request_stop: Callable[[], None]
     queue_current: Callable[[], str | None]   # the file being ingested
     generation_tokens_per_second: float = 0.0  # of the last finished generation
+    json_fields: tuple[str, ...] = ("text", "content", "body")   # queue.json_fields, for queue.show
 
 
 class Api:
@@ -87,7 +88,7 @@ class Api:
             server.register(op, self._handler(op), blocking=True, pool="control")
         # a 16 MiB text takes seconds to tokenize: never on the socket thread, one at a time
         server.add_pool("tokens", workers=1, max_pending=4)
-        for op in ("tokenize", "detokenize"):
+        for op in ("tokenize", "detokenize", "queue.show"):   # queue.show preprocesses a file
             server.register(op, self._handler(op), blocking=True, pool="tokens")
         server.register("generate", self.generate, stream=True)
 
@@ -204,6 +205,30 @@ class Api:
         data = bytes(args["data"])
         name = self.s.queue.add(args["name"], data)
         return {"name": name, "bytes": len(data)}
+
+    def queue_show(self, args) -> dict:
+        """What a queued file becomes: its preprocessed text, as the queue would ingest it now."""
+        from cllmd.preprocess import PreprocessError, preprocess
+        name, q = args["name"], self.s.queue
+        for state in ("incoming", "processing", "done", "failed"):
+            path = q.dirs[state] / name
+            if os.path.isfile(path) and not os.path.islink(path):
+                break
+        else:
+            raise NotInQueue(f"no file {name!r} in the queue")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(q.max_file_bytes + 1)
+            if len(data) > q.max_file_bytes:
+                raise PreprocessError(f"too large: over the queue's limit of {q.max_file_bytes} bytes")
+            pre = preprocess(name, data, json_fields=self.s.json_fields, max_bytes=q.max_file_bytes)
+        except PreprocessError as e:
+            return {"name": name, "state": state, "error": str(e)}
+        except OSError as e:
+            return {"name": name, "state": state, "error": f"cannot read: {e.strerror or e}"}
+        limit = args["max_chars"]
+        return {"name": name, "state": state, "format": pre.format, "source": pre.source,
+                "chars": len(pre.text), "text": pre.text[:limit], "truncated": len(pre.text) > limit}
 
     def queue_retry(self, args) -> dict:
         return {"name": self.s.queue.retry(args["name"])}

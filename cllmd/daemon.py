@@ -209,7 +209,7 @@ class Daemon:
                               batcher=self.batcher,
                               tokenizer=self.model_tokenizer, model_path=self.dirs.model, queue_dir=self.dirs.queue,
                               started=self.started, request_stop=self.request_stop,
-                              queue_current=lambda: self.queue_current))
+                              queue_current=lambda: self.queue_current, json_fields=tuple(s.queue.json_fields)))
         self.api.register(self.server)
         # every kernel compiled (or loaded from the cache) before the first step or generation
         warm_up(trainer.model.cfg, trainer.config, self._starting)

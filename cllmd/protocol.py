@@ -274,6 +274,8 @@ OP_SPECS: dict[str, ArgsSpec] = {
         "data": Field(bytes, lo=1),
     }),
     "queue.retry": ArgsSpec({"name": Field(str, lo=1, hi=255, check=_queue_name_error)}),
+    "queue.show": ArgsSpec({"name": Field(str, lo=1, hi=255, check=_queue_name_error),
+                            "max_chars": Field(int, 65536, 1, 4 * 2**20)}),
     "model.info": ArgsSpec({}),
     "model.save": ArgsSpec({}),
     "checkpoint": ArgsSpec({}),

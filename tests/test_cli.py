@@ -365,3 +365,22 @@ def test_cli_package_docstrings_say_where_each_package_lives():
     import cllmd.kernels
     assert "client/" in cllm.__doc__ and "kernels/" in cllmd.__doc__ and "client/" in cllmd.__doc__
     assert cllmd.kernels.__doc__.startswith("cllmd.kernels (the directory kernels/)")
+
+
+def test_cli_queue_show_prints_what_a_file_becomes(d, tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<html><body><nav>Home | Blog</nav><main><h1>Title</h1><p>The body.</p></main></body></html>")
+    as_json(d, "queue", "add", str(page))
+    wait_for(lambda: "page.html" in d.queue("done"), 30, "the page to be ingested")
+    r = run(d, "queue", "show", "page.html")
+    assert r.returncode == 0 and r.stdout == "Title\n\nThe body.\n" and "html" in r.stderr
+    shown = as_json(d, "queue", "show", "page.html", "--max-chars", "3")
+    assert shown["state"] == "done" and shown["text"] == "Tit" and shown["truncated"] is True
+    blob = tmp_path / "blob2.bin"
+    blob.write_bytes(b"%PDF-1.7 not text")
+    as_json(d, "queue", "add", str(blob))
+    wait_for(lambda: "blob2.bin" in d.queue("failed"), 30, "the PDF to fail")
+    r = run(d, "queue", "show", "blob2.bin")
+    assert r.returncode == 1 and "would be refused: binary data: a PDF document" in r.stderr
+    r = run(d, "queue", "show", "nothing-here.txt")
+    assert r.returncode == 1 and "not_found" in r.stderr
