@@ -97,7 +97,7 @@ esac
 CONFDIR=/etc/cllmd
 SHARE=$PREFIX/share/cllmd
 MANIFEST=$SHARE/install-manifest
-COMMANDS=(cllmd cllm cllm-status)
+COMMANDS=(cllmd cllm cllm-status cllm-http)
 D=$DESTDIR   # short: every path we touch is "$D$path"
 
 if [ -z "$D" ] && [ "$(id -u)" != 0 ]; then
@@ -127,9 +127,11 @@ if [ "$UNINSTALL" = 1 ]; then
     if [ ! -f "$D$MANIFEST" ]; then
         die "no cllmd install found at $D$PREFIX (no $D$MANIFEST); give the --prefix/--destdir used to install"
     fi
-    if systemd_running && systemctl cat cllmd.service >/dev/null 2>&1; then
-        systemctl disable --now cllmd.service && say "stopped and disabled cllmd.service"
-    fi
+    for unit in cllm-http.service cllmd.service; do
+        if systemd_running && systemctl cat "$unit" >/dev/null 2>&1; then
+            systemctl disable --now "$unit" && say "stopped and disabled $unit"
+        fi
+    done
     mapfile -t ENTRIES < "$D$MANIFEST"
     DIRS=()
     for entry in "${ENTRIES[@]}"; do
@@ -178,7 +180,7 @@ fi
 
 # ============================================================================ install
 [ -f "$SRC/pyproject.toml" ] || die "$SRC is not the cllmd source tree (no pyproject.toml)"
-for f in cllmd.service cllmd.sysusers cllmd.toml cllmd-tcp.conf; do
+for f in cllmd.service cllm-http.service cllmd.sysusers cllmd.toml cllmd-tcp.conf; do
     [ -f "$SRC/systemd/$f" ] || die "missing $SRC/systemd/$f"
 done
 [ -z "$WHEELS" ] || [ -d "$WHEELS" ] || die "--wheels $WHEELS is not a directory"
@@ -222,7 +224,8 @@ fi
 pip_args=(--quiet --disable-pip-version-check --no-compile)
 [ -z "$WHEELS" ] || pip_args+=(--no-index --find-links "$WHEELS")
 # A plain (not editable) install: the service must not depend on this source tree staying put.
-"$VENV/bin/python" -m pip install "${pip_args[@]}" "${PIP_ARGS[@]}" "$SRC"
+# With the http extra: cllm-http.service runs the gateway from the same environment.
+"$VENV/bin/python" -m pip install "${pip_args[@]}" "${PIP_ARGS[@]}" "$SRC[http]"
 # Byte-compile once here, recording the final paths (-s/-p strip the stage): under
 # ProtectSystem=strict the service could not write __pycache__ itself.
 "$VENV/bin/python" -m compileall -q -j 0 ${D:+-s "$D" -p /} "$VENV/lib" >/dev/null
@@ -266,6 +269,8 @@ trap 'rm -rf "$TMP"' EXIT
 # The unit names /opt/cllmd; another --prefix gets its own paths.
 sed "s|/opt/cllmd/|$PREFIX/|g" "$SRC/systemd/cllmd.service" > "$TMP/cllmd.service"
 install_file "$TMP/cllmd.service" "$UNITDIR/cllmd.service" 0644
+sed "s|/opt/cllmd/|$PREFIX/|g" "$SRC/systemd/cllm-http.service" > "$TMP/cllm-http.service"
+install_file "$TMP/cllm-http.service" "$UNITDIR/cllm-http.service" 0644
 install_file "$SRC/systemd/cllmd.sysusers" "$SYSUSERSDIR/cllmd.conf" 0644
 if [ -f "$SRC/systemd/cllmd.tmpfiles" ]; then
     install_file "$SRC/systemd/cllmd.tmpfiles" "$TMPFILESDIR/cllmd.conf" 0644
@@ -273,7 +278,9 @@ fi
 make_dir "$SHARE/examples"
 install -m 0644 "$SRC/systemd/cllmd-tcp.conf" "$D$SHARE/examples/cllmd-tcp.conf"
 make_dir "$PREFIX/share/doc/cllmd"
-[ ! -f "$SRC/docs/service.md" ] || install -m 0644 "$SRC/docs/service.md" "$D$PREFIX/share/doc/cllmd/service.md"
+for doc in service.md http.md; do
+    [ ! -f "$SRC/docs/$doc" ] || install -m 0644 "$SRC/docs/$doc" "$D$PREFIX/share/doc/cllmd/$doc"
+done
 
 # ---- the configuration: never overwrite one the admin changed. The shipped default is kept
 # in $SHARE/cllmd.toml; a config equal to the previous default is upgraded to the new one.
@@ -330,6 +337,8 @@ cllmd $VERSION is installed.
                       usermod -aG cllm USERNAME
   configuration:      $CONF (then: systemctl reload cllmd)
   TCP with CURVE:     see $SHARE/examples/cllmd-tcp.conf
+  HTTP (OpenAI API, metrics, dashboard on 127.0.0.1:11435):
+                      systemctl enable --now cllm-http
   logs:               journalctl -u cllmd
   remove:             $REMOVE_HINT
 EOF

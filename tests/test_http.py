@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -434,6 +435,10 @@ def test_http_metrics_parse_without_naming_violations(gateway, trained):
                 assert sample.name.endswith("_total"), f"counter sample {sample.name}"
         if fam.type == "counter":
             assert f"# TYPE {name}_total counter" in text or f"# TYPE {name} counter" in text
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "http.md").read_text()
+    for name, fam in fams.items():
+        shown = name + ("_total" if fam.type == "counter" else "")
+        assert f"| `{shown}` | {fam.type} |" in docs, f"docs/http.md does not list {shown}"
     want = {
         "counter": ["cllmd_train_steps", "cllmd_train_tokens", "cllmd_sphere_busy_seconds",
                     "cllmd_queue_files_ingested", "cllmd_generation_requests", "cllmd_generation_tokens"],

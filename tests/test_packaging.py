@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SH = ROOT / "packaging" / "install.sh"
 BUILD_DEB = ROOT / "packaging" / "build-deb.sh"
 DEBIAN = ROOT / "packaging" / "debian"
-COMMANDS = ("cllmd", "cllm", "cllm-status")
+COMMANDS = ("cllmd", "cllm", "cllm-status", "cllm-http")
 HANG_GUARD = 600
 
 
@@ -105,8 +105,9 @@ def test_install_then_uninstall_leaves_the_stage_as_found(tmp_path):
     assert "/opt/cllmd" in (venv / "pyvenv.cfg").read_text()
     leaked = run(["grep", "-rlIF", str(stage), venv]).stdout
     assert leaked == "", f"files naming the stage:\n{leaked}"
-    unit = (stage / "usr/local/lib/systemd/system/cllmd.service").read_text()
-    assert unit == (ROOT / "systemd/cllmd.service").read_text()
+    for name in ("cllmd.service", "cllm-http.service"):
+        unit = (stage / "usr/local/lib/systemd/system" / name).read_text()
+        assert unit == (ROOT / "systemd" / name).read_text()
     assert (stage / "usr/local/lib/sysusers.d/cllmd.conf").read_text() == \
         (ROOT / "systemd/cllmd.sysusers").read_text()
     assert (stage / "etc/cllmd/cllmd.toml").read_text() == (ROOT / "systemd/cllmd.toml").read_text()
@@ -231,7 +232,8 @@ def test_deb_contents_have_the_install_layout(deb):
         # perms owner size date time path [-> target]
         path = parts[5].removeprefix(".")
         entries[path] = (parts[0], parts[1], parts[7] if len(parts) > 7 and parts[6] == "->" else None)
-    for path in ("/lib/systemd/system/cllmd.service", "/usr/lib/sysusers.d/cllmd.conf",
+    for path in ("/lib/systemd/system/cllmd.service", "/lib/systemd/system/cllm-http.service",
+                 "/opt/cllmd/share/doc/cllmd/http.md", "/usr/lib/sysusers.d/cllmd.conf",
                  "/etc/cllmd/cllmd.toml", "/opt/cllmd/bin/python3.11", "/opt/cllmd/pyvenv.cfg",
                  "/opt/cllmd/share/cllmd/examples/cllmd-tcp.conf",
                  "/usr/share/doc/cllmd/copyright", "/usr/share/doc/cllmd/changelog.Debian.gz"):

@@ -25,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "cllmd.service"
+HTTP_UNIT = ROOT / "systemd" / "cllm-http.service"
 TCP_DROPIN = ROOT / "systemd" / "cllmd-tcp.conf"
 SYSUSERS = ROOT / "systemd" / "cllmd.sysusers"
 DEFAULT_TOML = ROOT / "systemd" / "cllmd.toml"
@@ -32,6 +33,7 @@ INSTALL_SH = ROOT / "packaging" / "install.sh"
 # The interpreter the Debian package's environment is made from (build-deb.sh's default).
 DEB_PYTHON = "/usr/bin/python3.11"
 STAGED_UNIT = Path("lib/systemd/system/cllmd.service")  # inside a --layout package stage
+STAGED_HTTP_UNIT = Path("lib/systemd/system/cllm-http.service")
 
 # A hang guard for waits on processes; never a measure of speed.
 HANG_GUARD = 600
@@ -101,7 +103,7 @@ def exposure(unit: str | Path, env: dict[str, str] | None = None) -> tuple[float
 # Debian package is built. Reused across modules and runs while the inputs are byte-identical.
 
 STAGE_INPUTS = ("pyproject.toml", "cllmd", "kernels", "client", "systemd", "packaging",
-                "docs/service.md")
+                "docs/service.md", "docs/http.md")
 
 
 def source_digest() -> str:
@@ -237,6 +239,29 @@ def test_unit_security_exposure_is_at_most_1(tmp_path):
     assert tcp_score - score <= 0.9 + 1e-9
 
 
+def test_http_unit_security_exposure_is_at_most_1_5():
+    score, verdict = exposure(HTTP_UNIT)
+    print(f"\nsystemd-analyze security --offline=true: cllm-http.service {score} {verdict}")
+    assert score <= 1.5, f"cllm-http.service exposure {score} {verdict}, must be <= 1.5"
+
+
+def test_http_unit_declares_its_sandbox():
+    text = HTTP_UNIT.read_text()
+    required = {
+        "ExecStart": "/opt/cllmd/bin/cllm-http --socket /run/cllmd/cllmd.sock",
+        "DynamicUser": "yes", "SupplementaryGroups": "cllm", "ProtectSystem": "strict",
+        "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "NoNewPrivileges": "yes",
+        "MemoryDenyWriteExecute": "yes", "CapabilityBoundingSet": "", "IPAddressDeny": "any",
+        "IPAddressAllow": "localhost", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "Environment": "CLLM_HTTP_HOST=127.0.0.1 CLLM_HTTP_PORT=11435",
+    }
+    for key, value in required.items():
+        assert unit_values(text, key) == [value], f"{key}= should be exactly {value!r}"
+    # the port in the unit is the gateway's default, documented in docs/http.md
+    from cllm.http.app import DEFAULT_PORT
+    assert DEFAULT_PORT == 11435 and "11435" in (ROOT / "docs" / "http.md").read_text()
+
+
 # The unit ollama's install.sh writes (configure_systemd), for the comparison in docs/service.md.
 OLLAMA_INSTALLER_UNIT = """\
 [Unit]
@@ -287,6 +312,8 @@ def test_unit_verify_passes_on_the_staged_install(stage, tmp_path):
         systemd-analyze verify {unit}
         echo "== with the TCP drop-in"
         SYSTEMD_UNIT_PATH={units}: systemd-analyze verify cllmd.service
+        echo "== {stage / STAGED_HTTP_UNIT}"
+        systemd-analyze verify {stage / STAGED_HTTP_UNIT}
     """)
     r = run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script])
     print(r.stdout, r.stderr)

@@ -34,6 +34,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435   # Ollama's 11434, plus one
 TOKEN_ENV, TOKEN_FILE_ENV = "CLLM_HTTP_TOKEN", "CLLM_HTTP_TOKEN_FILE"
 CREDENTIAL = "cllm-http-token"    # systemd LoadCredential= name
 MAX_BODY = 16 * 1024 * 1024 + 65536
+SWITCH_INTERVAL = 0.0005   # seconds; see main()
 
 BRIDGE = web.AppKey("bridge", Bridge)
 TOKEN = web.AppKey("token", str)
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cllm-http: refusing to bind {args.host} without a token: set ${TOKEN_ENV}, "
               f"${TOKEN_FILE_ENV} or --token-file (only loopback may go without one)", file=sys.stderr)
         return 2
+    # Every request hops between the loop and a client thread (and back) a few times; with
+    # Python's default 5 ms switch interval each hop may wait that long for the GIL.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     app = make_app(Bridge(args.socket), token)
     log.info("listening on http://%s:%d/ (%s)", args.host, args.port,
              "bearer token required" if token else "no token: loopback only")

@@ -184,12 +184,23 @@ class Stream:
         return self._pieces()
 
     async def _pieces(self) -> AsyncIterator[str]:
+        # Pieces that arrived together are joined into one: the HTTP side then writes one chunk
+        # for them instead of one per token, when the daemon is faster than the client.
+        pending: tuple | None = None
         while True:
-            kind, value = await self._queue.get()
+            kind, value = pending or await self._queue.get()
+            pending = None
             if kind == "token":
                 if self.first_token_s is None:
                     self.first_token_s = time.perf_counter() - self.started
                 self.pieces += 1
+                while not self._queue.empty():
+                    nxt = self._queue.get_nowait()
+                    if nxt[0] != "token":
+                        pending = nxt
+                        break
+                    value += nxt[1]
+                    self.pieces += 1
                 yield value
             elif kind == "done":
                 self.stats = value
