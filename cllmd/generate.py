@@ -20,7 +20,7 @@ import numpy as np
 
 from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.gelu import gelu_forward
-from cllmd.kernels.kvattention import kv_attention
+from cllmd.kernels.kvattention import kv_append_attention
 from cllmd.kernels.layernorm import layernorm_forward
 from cllmd.kernels.q8 import GROUP, Q8Weight, q8_matmul, quantize_rows
 from cllmd.model import LN_EPS, Model
@@ -211,9 +211,7 @@ class Decoder:
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
             qkv = W.linear(p + "attn.c_attn", ln)                      # (N, 3C)
             for cache, (a, b, first) in zip(caches, spans):
-                cache.k[l, :, first:first + b - a] = qkv[a:b, C:2 * C].reshape(b - a, NH, hs).transpose(1, 0, 2)
-                cache.v[l, :, first:first + b - a] = qkv[a:b, 2 * C:].reshape(b - a, NH, hs).transpose(1, 0, 2)
-                kv_attention(y[a:b], np.ascontiguousarray(qkv[a:b, :C]), cache.k[l], cache.v[l], first)
+                kv_append_attention(y[a:b], qkv[a:b], cache.k[l], cache.v[l], first)
             x += W.linear(p + "attn.c_proj", y)
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
             fc = W.linear(p + "mlp.c_fc", ln)

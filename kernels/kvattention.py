@@ -1,6 +1,7 @@
 """Attention of new positions over one sequence's KV cache (inference: no saved activations).
 
-Shapes: q, out [N, C] (N new positions of one sequence, head h at channels h*hs:(h+1)*hs);
+Shapes: q [N, >= C] (its first C columns are the queries: a whole qkv row may be given),
+out [N, C] (N new positions of one sequence, head h at channels h*hs:(h+1)*hs);
 k, v [NH, capacity, hs] (the cache, already holding the new positions' keys and values);
 row i sits at position first + i and attends to keys 0 .. first + i (causal).
 
@@ -30,10 +31,32 @@ def kv_attention(out, q, k, v, first):
         kv_attention_rows(out, q, k, v, first)
 
 
+def kv_append_attention(out, qkv, k, v, first):
+    """Stores the keys and values of qkv [N, 3C] (q | k | v) at positions first.. of the cache,
+    then out = attention of its queries: one sequence's share of a layer in one or two calls."""
+    kv_store(k, v, qkv, first)
+    # qkv whole, not a column slice: a slice of one row is C-contiguous and of several is not,
+    # which numba would compile twice (rounding differently); the kernels read q's columns only
+    kv_attention(out, qkv, k, v, first)
+
+
+@kernel
+def kv_store(k, v, qkv, first):
+    N = qkv.shape[0]
+    NH, _, hs = k.shape
+    C = NH * hs
+    for i in range(N):
+        for h in range(NH):
+            kt, vt = k[h, first + i], v[h, first + i]
+            for j in range(hs):
+                kt[j] = qkv[i, C + h * hs + j]
+                vt[j] = qkv[i, 2 * C + h * hs + j]
+
+
 @kernel
 def kv_attention_gemm(out, q, k, v, first):
     """Row blocks of BLOCK queries take only the keys they can see (half the work when causal)."""
-    N, C = q.shape
+    N = q.shape[0]
     NH, _, hs = k.shape
     dt = q.dtype.type
     scale = 1.0 / math.sqrt(hs)
@@ -63,7 +86,7 @@ def kv_attention_gemm(out, q, k, v, first):
 
 @kernel
 def kv_attention_rows(out, q, k, v, first):
-    N, C = q.shape
+    N = q.shape[0]
     NH, _, hs = k.shape
     dt = q.dtype.type
     scale = dt(1.0 / math.sqrt(hs))

@@ -217,7 +217,7 @@ def _matmul_generic(out, xu, xs, wq, wc, ws):
 # Below this many multiply-adds a product runs on the calling thread: a parallel region costs
 # tens of microseconds to open, and on a loaded machine it waits for every thread's turn
 # (measured: the default model's int8 decoding fell from ~6,000 to 16 tokens/s on 2 busy cores).
-PARALLEL_MIN_MACS = 1 << 19
+PARALLEL_MIN_MACS = 1 << 20
 
 
 def q8_matmul(out, xu, xs, w: Q8Weight) -> None:

@@ -219,6 +219,17 @@ def test_kv_attention_matches_reference(N):
         one = np.empty((1, NH * hs), np.float32)
         kv_attention_rows(one, q[i:i + 1], k, v, first + i)
         np.testing.assert_array_equal(one[0], rows[i])
+    # storing the new positions' keys and values, then attending, as the decoder does
+    from cllmd.kernels.kvattention import kv_append_attention
+    qkv = np.concatenate([q, k[:, first:first + N].transpose(1, 0, 2).reshape(N, -1),
+                          v[:, first:first + N].transpose(1, 0, 2).reshape(N, -1)], axis=1)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, first:first + N] = v2[:, first:first + N] = 0.0
+    both = np.empty_like(q)
+    kv_append_attention(both, qkv, k2, v2, first)
+    np.testing.assert_array_equal(k2, k)
+    np.testing.assert_array_equal(v2, v)
+    np.testing.assert_array_equal(both, out)
 
 
 def test_decoder_rejects_bad_weights_and_overflow(model):
