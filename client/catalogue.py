@@ -238,6 +238,9 @@ SETTINGS: dict[str, Setting] = _settings(
     Setting("server.tcp", text('"" or "tcp://HOST:PORT"', _TCP), "",
             'also listen on TCP, e.g. "tcp://127.0.0.1:5555"; requires both CURVE settings '
             'below; "" = IPC sockets only', "daemon"),
+    Setting("server.events_tcp", text('"" or "tcp://HOST:PORT"', _TCP), "",
+            'also publish the events on TCP, e.g. "tcp://127.0.0.1:5556", with the same CURVE '
+            'keys; "" = events over IPC only', "daemon"),
     Setting("server.curve_secret_key_file", text("a path"), "",
             "the server's CURVE secret key file (zmq.auth format); relative paths are taken "
             "from this file's directory", "daemon", path=True),
@@ -403,10 +406,11 @@ def _heads_divide_width(v: Mapping[str, Any]):
 
 
 def _tcp_needs_curve(v: Mapping[str, Any]):
-    if v.get("server.tcp"):
-        for key in ("server.curve_secret_key_file", "server.curve_authorized_keys_dir"):
-            if not v.get(key):
-                return "server.tcp", f"TCP is only served with CURVE encryption: {key} must be set"
+    for tcp in ("server.tcp", "server.events_tcp"):
+        if v.get(tcp):
+            for key in ("server.curve_secret_key_file", "server.curve_authorized_keys_dir"):
+                if not v.get(key):
+                    return tcp, f"TCP is only served with CURVE encryption: {key} must be set"
     return None
 
 

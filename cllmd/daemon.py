@@ -225,21 +225,25 @@ class Daemon:
 
     def _tcp_options(self) -> dict:
         s = self.settings.server
-        if not s.tcp:
+        if not s.tcp and not s.events_tcp:
             return {}
         import socket
 
         import zmq.auth
-        try:  # under the unit's RestrictAddressFamilies=AF_UNIX, libzmq would abort the process
-            socket.socket(socket.AF_INET6 if s.tcp.startswith("tcp://[") else socket.AF_INET).close()
-        except OSError as e:
-            raise SettingsError(f"server.tcp = {s.tcp!r}: this process may not open network sockets "
-                                f"({e.strerror}); under systemd install the TCP drop-in (cllmd-tcp.conf)") from None
+        for key, endpoint in (("server.tcp", s.tcp), ("server.events_tcp", s.events_tcp)):
+            if not endpoint:
+                continue
+            try:  # under the unit's RestrictAddressFamilies=AF_UNIX, libzmq would abort the process
+                socket.socket(socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET).close()
+            except OSError as e:
+                raise SettingsError(f"{key} = {endpoint!r}: this process may not open network sockets "
+                                    f"({e.strerror}); under systemd install the TCP drop-in (cllmd-tcp.conf)") from None
         secret = Path(s.curve_secret_key_file)
         public, secret_key = zmq.auth.load_certificate(secret)
         if secret_key is None:
             raise SettingsError(f"{secret}: not a CURVE secret key file")
-        return {"tcp": s.tcp, "curve": (secret_key, public, s.curve_authorized_keys_dir)}
+        return {"tcp": s.tcp or None, "events_tcp": s.events_tcp or None,
+                "curve": (secret_key, public, s.curve_authorized_keys_dir)}
 
     def _spawn(self, name: str, target) -> None:
         beat = self.heartbeats.beater(name)

@@ -360,9 +360,10 @@ def test_daemon_tcp_only_with_curve_keys(daemon, tmp_path):
     zmq.auth.create_certificates(str(keys), "server")
     friend_public, _ = zmq.auth.create_certificates(str(keys), "friend")
     shutil.copy(friend_public, authorized)
-    with socket_port() as port:
+    with socket_port() as port, socket_port() as events_port:
         endpoint = f"tcp://127.0.0.1:{port}"
-    d = daemon("--no-train-auto-train", "--server-tcp", endpoint, start=False)
+        events = f"tcp://127.0.0.1:{events_port}"
+    d = daemon("--no-train-auto-train", "--server-tcp", endpoint, "--server-events-tcp", events, start=False)
     refused = subprocess.run(d.args, capture_output=True, text=True, timeout=60)  # keys missing
     assert refused.returncode == 2 and "server.tcp" in refused.stderr
     d.args += ["--server-curve-secret-key-file", str(keys / "server.key_secret"),
@@ -373,6 +374,12 @@ def test_daemon_tcp_only_with_curve_keys(daemon, tmp_path):
     from cllm.client import Client
     friend = Client(socket=endpoint, timeout=5, retries=0, curve=(friend_secret, friend_public, server_public))
     assert friend.request("ping")["pong"] is True
+    # the events endpoint the doc describes, over CURVE too (server.events_tcp)
+    listener = Client(socket=endpoint, events=events, timeout=5, retries=0,
+                      curve=(friend_secret, friend_public, server_public))
+    with listener.subscribe(["train"]) as sub:
+        assert sub.recv(timeout=20)[0] == "train"
+    listener.close()
     stranger_public, stranger_secret = zmq.curve_keypair()
     stranger = Client(socket=endpoint, timeout=1, retries=0, curve=(stranger_secret, stranger_public, server_public))
     with pytest.raises(Exception):
