@@ -457,6 +457,78 @@ def cmd_model_info(ctx: Ctx, a) -> int:
     return EXIT_OK
 
 
+def _model_line(m: dict) -> str:
+    tok = m.get("tokenizer") or {}
+    tokenizer = f"{tok.get('kind', '-')} ({tok.get('vocab_size', '-')})"
+    return (f"{'*' if m.get('active') else ' '} {m.get('name'):<20} {human_count(m.get('parameters')):>10}  "
+            f"{m.get('context'):>7}  {tokenizer:<14} {m.get('step'):>8}")
+
+
+def cmd_models(ctx: Ctx, a) -> int:
+    res = ctx.request("models.list")
+    if ctx.json:
+        ctx.print_json(res)
+        return EXIT_OK
+    print(f"  {'name':<20} {'parameters':>10}  {'context':>7}  {'tokenizer':<14} {'step':>8}")
+    for m in res.get("models", []):
+        print(_model_line(m))
+    print("(* the active model)")
+    return EXIT_OK
+
+
+def cmd_model_show(ctx: Ctx, a) -> int:
+    info = ctx.request("model.show", name=a.name)
+    if ctx.json:
+        ctx.print_json(info)
+        return EXIT_OK
+    cfg = info.get("config") or {}
+    tok = info.get("tokenizer") or {}
+    print(f"name        {info.get('name')}{' (active)' if info.get('active') else ''}")
+    print(f"path        {info.get('path')}")
+    print(f"parameters  {human_count(info.get('parameters'))} ({info.get('parameters')})")
+    print(f"shape       {cfg.get('n_layer')} layers, {cfg.get('n_head')} heads, embedding {cfg.get('n_embd')}, "
+          f"context {info.get('context')}, vocabulary {info.get('vocab_size')}")
+    print(f"tokenizer   {tok.get('kind')} ({tok.get('vocab_size')} symbols)")
+    print(f"trained     step {info.get('step')}, {human_count(info.get('tokens_seen'))} tokens seen")
+    if info.get("source"):
+        print(f"from        {info['source']}")
+    if info.get("generation_defaults"):
+        print("generation  " + ", ".join(f"{k}={v}" for k, v in sorted(info["generation_defaults"].items())))
+    return EXIT_OK
+
+
+def cmd_model_create(ctx: Ctx, a) -> int:
+    source = a.source
+    if source != "default" and os.path.exists(source):
+        source = os.path.abspath(source)  # the daemon resolves paths from its own directory
+    info = ctx.request("model.create", name=a.name, timeout=max(ctx.args.timeout, 600.0), **{"from": source})
+    if ctx.json:
+        ctx.print_json(info)
+    else:
+        print(f"created model {info.get('name')} from {a.source}: {human_count(info.get('parameters'))} parameters, "
+              f"context {info.get('context')}")
+    return EXIT_OK
+
+
+def cmd_model_use(ctx: Ctx, a) -> int:
+    # the old model finishes its step and checkpoints first
+    info = ctx.request("model.use", name=a.name, timeout=max(ctx.args.timeout, 330.0))
+    if ctx.json:
+        ctx.print_json(info)
+    else:
+        print(f"active model: {info.get('name')} (step {info.get('step')}); training and generation follow it")
+    return EXIT_OK
+
+
+def cmd_model_rm(ctx: Ctx, a) -> int:
+    res = ctx.request("model.rm", name=a.name)
+    if ctx.json:
+        ctx.print_json(res)
+    else:
+        print(f"removed model {a.name}")
+    return EXIT_OK
+
+
 def _write_op(op: str, what: str) -> Callable[[Ctx, Any], int]:
     def run(ctx: Ctx, a) -> int:
         res = ctx.request(op, timeout=max(ctx.args.timeout, 130.0))   # the daemon waits up to 120 s
@@ -606,10 +678,22 @@ def build_parser() -> Parser:
     qr = add(qsub, "retry", "move failed files back to incoming/", cmd_queue_retry)
     qr.add_argument("names", nargs="+", metavar="NAME")
 
-    m = add(sub, "model", "the model: info, save")
+    add(sub, "models", "the named models: name, size, context, tokenizer, step, which is active", cmd_models)
+    m = add(sub, "model", "the models: info, save, create, use, show, rm")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION", parser_class=Parser, required=True)
-    add(msub, "info", "configuration, size, tokenizer and training progress", cmd_model_info)
+    add(msub, "info", "the active model's configuration, size, tokenizer and training progress", cmd_model_info)
     add(msub, "save", "write the current weights to the model file", _write_op("model.save", "model"))
+    mc = add(msub, "create", "a new named model from a Hugging Face directory, a .cllm file or 'default'",
+             cmd_model_create)
+    mc.add_argument("name", help="the new model's name")
+    mc.add_argument("--from", dest="source", required=True, metavar="SRC",
+                    help="a Hugging Face GPT-2 directory, a .cllm file, or 'default' for a fresh default model")
+    mu = add(msub, "use", "make a model the active one, live: training and generation follow it", cmd_model_use)
+    mu.add_argument("name")
+    ms = add(msub, "show", "one model's configuration, tokenizer, progress and generation defaults", cmd_model_show)
+    ms.add_argument("name")
+    mr = add(msub, "rm", "remove a model (not the active one) with its checkpoints and data", cmd_model_rm)
+    mr.add_argument("name")
     add(sub, "checkpoint", "write a training checkpoint now", _write_op("checkpoint", "checkpoint"))
 
     tk = add(sub, "tokenize", "token ids and count of a text", cmd_tokenize)

@@ -32,12 +32,12 @@ ERROR_CODES = (BAD_REQUEST, UNKNOWN_OP, BUSY, NOT_FOUND, CANCELLED, INTERNAL, UN
                TOO_LARGE, VERSION)
 
 STOP_REASONS = ("max_tokens", "eot", "stop", "cancelled", "error")
-EVENT_TOPICS = ("train", "queue", "checkpoint", "log", "error")
+EVENT_TOPICS = ("train", "queue", "checkpoint", "model", "log", "error")
 
 # Safe to resend after a timeout: they change nothing in the daemon.
 IDEMPOTENT_OPS = frozenset({
-    "ping", "status", "stats", "model.info", "queue.list", "train.status", "train.config.get",
-    "tokenize", "detokenize", "queue.show",
+    "ping", "status", "stats", "model.info", "models.list", "model.show", "queue.list", "train.status",
+    "train.config.get", "tokenize", "detokenize", "queue.show",
 })
 
 

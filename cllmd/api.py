@@ -23,6 +23,7 @@ from cllmd import __version__
 from cllmd.batching import KVCacheFull
 from cllmd.protocol import BAD_REQUEST, BUSY, NOT_FOUND, TOO_LARGE, ProtocolError
 from cllmd.tokenizer import TokenizerError
+from cllmd.models import ModelsError, NoSuchModel
 from cllmd.queuedir import FileTooLarge, NotInQueue, QueueError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
     (FileTooLarge, TOO_LARGE),
     (KVCacheFull, BUSY),
     (NotInQueue, NOT_FOUND),
+    (NoSuchModel, NOT_FOUND),
+    (ModelsError, BAD_REQUEST),
     (QueueError, BAD_REQUEST),
     (TokenizerError, BAD_REQUEST),
     (ValueError, BAD_REQUEST),    # a value the specs cannot judge alone (SamplingOptions, configure)
@@ -70,6 +73,10 @@ class Stages:
     queue_current: Callable[[], str | None]   # the file being ingested
     generation_tokens_per_second: float = 0.0  # of the last finished generation
     json_fields: tuple[str, ...] = ("text", "content", "body")   # queue.json_fields, for queue.show
+    models: Any = None                         # cllmd.models.Models
+    active_model: str = "default"              # the name of the model training and serving
+    make_default_model: Callable[[], Any] | None = None  # a fresh default Model (model.create from "default")
+    switch_model: Callable[[str], dict] | None = None    # model.use: the daemon's live switch
 
 
 class Api:
@@ -80,11 +87,11 @@ class Api:
     def register(self, server) -> None:
         quick = ["status", "stats", "train.start", "train.stop", "train.pause",
                  "train.resume", "train.status", "train.config.get", "train.config.set", "queue.list",
-                 "queue.retry", "model.info", "shutdown"]
+                 "queue.retry", "model.info", "models.list", "model.show", "shutdown"]
         for op in quick:
             server.register(op, self._handler(op))
         server.add_pool("control", workers=1, max_pending=32)  # generations never starve these
-        for op in ("queue.add", "model.save", "checkpoint"):
+        for op in ("queue.add", "model.save", "checkpoint", "model.create", "model.rm", "model.use"):
             server.register(op, self._handler(op), blocking=True, pool="control")
         # a 16 MiB text takes seconds to tokenize: never on the socket thread, one at a time
         server.add_pool("tokens", workers=1, max_pending=4)
@@ -109,7 +116,7 @@ class Api:
 
     def _model(self) -> dict:
         m = self.s.controller.model
-        return {"name": self.s.model_path.name, "parameters": m.num_params, "context": m.cfg.block_size,
+        return {"name": self.s.active_model, "parameters": m.num_params, "context": m.cfg.block_size,
                 "vocab_size": m.cfg.vocab_size}
 
     def _queue(self) -> dict:
@@ -238,7 +245,7 @@ class Api:
     def model_info(self, args) -> dict:
         info = self.s.controller.model_info()
         info["config"]["context"] = info["config"]["block_size"]
-        return {"name": self.s.model_path.name, "path": str(self.s.model_path), **info}
+        return {"name": self.s.active_model, "path": str(self.s.model_path), **info}
 
     def _write(self, path) -> dict:
         t0 = time.perf_counter()
@@ -252,6 +259,31 @@ class Api:
 
     def checkpoint(self, args) -> dict:
         return self._write(self.s.controller.checkpoint_path)
+
+    # ---- named models ------------------------------------------------------------------------------
+
+    def _live(self, info: dict) -> dict:
+        # the active model's step moves on between checkpoints: the trainer's own figures
+        if info["name"] == self.s.active_model:
+            info.update(step=self.s.controller.step, tokens_seen=self.s.controller.status().get("tokens_seen", 0))
+        return info
+
+    def models_list(self, args) -> dict:
+        return {"active": self.s.active_model, "models": [self._live(m) for m in self.s.models.list()]}
+
+    def model_show(self, args) -> dict:
+        return self._live(self.s.models.info(args["name"]))
+
+    def model_create(self, args) -> dict:
+        return self.s.models.create(args["name"], args["from"], self.s.make_default_model)
+
+    def model_use(self, args) -> dict:
+        return self.s.switch_model(args["name"])
+
+    def model_rm(self, args) -> dict:
+        if args["name"] == self.s.active_model:  # the file may say otherwise until a restart
+            raise ProtocolError(BAD_REQUEST, f"{args['name']!r} is the active model: switch to another one first")
+        return self.s.models.remove(args["name"])
 
     def shutdown(self, args) -> dict:
         log.info("shutdown requested by a client")

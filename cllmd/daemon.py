@@ -74,6 +74,7 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.started = time.time()
         self.queue_current: str | None = None      # the file being ingested
+        self.switch_lock = threading.RLock()       # a model switch waits for the file being ingested
 
     # ---- building the stages -------------------------------------------------------------------
 
@@ -150,12 +151,7 @@ class Daemon:
 
         from cllmd.api import Api, Stages
         from cllmd.batching import Batcher
-        from cllmd.datastore import DataStore
-        from cllmd.model import Model
-        from cllmd.modelfile import read_model_file
-        from cllmd.trainer import Trainer, usable_cores
-        from cllmd.controller import TrainingController
-        from cllmd.tokensource import ReplayMix
+        from cllmd.models import Models
         from cllmd.queuedir import QueueDir
         from cllmd.retry import RetryPolicy
         from cllmd.watcher import QueueWatcher
@@ -167,33 +163,16 @@ class Daemon:
         # training without this setting against 1,386 with it (ping p99 3.1 vs 2.8 ms). The
         # trainer's own throughput no longer depends on it (one nogil kernel per sphere).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
-        checkpoint = self.dirs.checkpoints / "latest.cllm"
-        threads = s.train.threads or usable_cores()
-        corpus = None
-        if checkpoint.exists() or self.dirs.model.exists():
-            header, _ = read_model_file(checkpoint if checkpoint.exists() else self.dirs.model, verify=False)
-            vocab = header["config"]["vocab_size"]
-        else:
-            self._starting("creating the default model (first start only): building its corpus and tokenizer")
-            model, corpus = self._create_default_model(None)
-            vocab = model.cfg.vocab_size
-        self.store = DataStore(self.dirs.data, vocab_size=vocab)
-        source = ReplayMix(self.store, s.train.replay_fraction)
-        if checkpoint.exists():
-            trainer = Trainer.from_checkpoint(checkpoint, source, threads=threads)
-            trainer.update_config(**{k: v for k, v in vars(self._train_config(trainer.config)).items()})
-            log.info("resumed from %s at step %d", checkpoint, trainer.step_num)
-        else:
-            if corpus is None:
-                model = Model.load(self.dirs.model)
-                log.info("loaded %s", self.dirs.model)
-            trainer = Trainer(model, source, self._train_config(), threads=threads)
+        # the state lock is held: finish what a crash left, move a state of before named models
+        self.models = Models(self.dirs)
+        self.models.sweep()
+        self.models.migrate()
+        self.active_model = self.models.active()
+        md = self.dirs.model_dir(self.active_model)
+        self.store, trainer, corpus = self._open_model(md)
         self.model_tokenizer = trainer.model.tokenizer
 
-        self.controller = TrainingController(trainer, checkpoint_path=checkpoint, model_path=self.dirs.model,
-                                             settings=self._controller_settings(), publish=self.server.publish)
-        self.controller.restore_plan()
+        self.controller = self._make_controller(trainer, md)
         self.queue = QueueDir(self.dirs.queue, max_file_bytes=s.queue.max_file_bytes,
                               on_event=self._queue_event)
         self.watcher = QueueWatcher(self.queue, self._ingest, retry=RetryPolicy(s.queue.max_attempts),
@@ -203,25 +182,117 @@ class Daemon:
             # the store's sha256 dedup keeps the corpus from being stored twice
             for path in corpus:
                 self.queue.add(f"default-corpus-{path.name}", path.read_bytes())
-            trainer.model.save(self.dirs.model)
+            trainer.model.save(md.model)
         self.batcher = Batcher(s.inference.weights, s.inference.kv_cache_bytes)
         self.api = Api(Stages(controller=self.controller, queue=self.queue, store=self.store, server=self.server,
                               batcher=self.batcher,
-                              tokenizer=self.model_tokenizer, model_path=self.dirs.model, queue_dir=self.dirs.queue,
+                              tokenizer=self.model_tokenizer, model_path=md.model, queue_dir=self.dirs.queue,
                               started=self.started, request_stop=self.request_stop,
-                              queue_current=lambda: self.queue_current, json_fields=tuple(s.queue.json_fields)))
+                              queue_current=lambda: self.queue_current, json_fields=tuple(s.queue.json_fields),
+                              models=self.models, active_model=self.active_model,
+                              make_default_model=lambda: self._create_default_model(None)[0],
+                              switch_model=self.switch_model))
         self.api.register(self.server)
         # every kernel compiled (or loaded from the cache) before the first step or generation
         warm_up(trainer.model.cfg, trainer.config, self._starting)
         self.server.starting = None
         self._spawn("queue", self.watcher.run)
-        self._spawn("trainer", self.controller.run)
+        self._start_trainer()
         self._spawn("batcher", self.batcher.run)
         sdnotify.ready()
         sdnotify.status(self.status_line())
         log.info("cllmd %s serving on %s (events %s); model %.2fM parameters, step %d; %d thread(s)",
                  __version__, self.dirs.socket, self.dirs.events_socket, trainer.model.num_params / 1e6,
                  trainer.step_num, trainer.pool.size)
+
+    def _open_model(self, md):
+        """(data store, trainer, corpus) of the named model in md: resumed from its checkpoint,
+        else loaded from its model file, else a fresh default model (corpus: the files to queue
+        for it, None otherwise)."""
+        from cllmd.datastore import DataStore
+        from cllmd.model import Model
+        from cllmd.modelfile import read_model_file
+        from cllmd.tokensource import ReplayMix
+        from cllmd.trainer import Trainer, usable_cores
+        s = self.settings
+        md.ensure()
+        checkpoint = md.checkpoint
+        threads = s.train.threads or usable_cores()
+        corpus = None
+        if checkpoint.exists() or md.model.exists():
+            header, _ = read_model_file(checkpoint if checkpoint.exists() else md.model, verify=False)
+            vocab = header["config"]["vocab_size"]
+        else:
+            self._starting("creating the default model (first start only): building its corpus and tokenizer")
+            model, corpus = self._create_default_model(None)
+            vocab = model.cfg.vocab_size
+        store = DataStore(md.data, vocab_size=vocab)
+        source = ReplayMix(store, s.train.replay_fraction)
+        if checkpoint.exists():
+            trainer = Trainer.from_checkpoint(checkpoint, source, threads=threads)
+            trainer.update_config(**{k: v for k, v in vars(self._train_config(trainer.config)).items()})
+            log.info("resumed from %s at step %d", checkpoint, trainer.step_num)
+        else:
+            if corpus is None:
+                model = Model.load(md.model)
+                log.info("loaded %s", md.model)
+            trainer = Trainer(model, source, self._train_config(), threads=threads)
+        return store, trainer, corpus
+
+    def _make_controller(self, trainer, md):
+        from cllmd.controller import TrainingController
+        controller = TrainingController(trainer, checkpoint_path=md.checkpoint, model_path=md.model,
+                                        settings=self._controller_settings(), publish=self.server.publish)
+        controller.restore_plan()
+        return controller
+
+    def _start_trainer(self) -> None:
+        """The active model's training thread, with a stop event of its own (a switch stops it)."""
+        self.trainer_stop = stop = threading.Event()
+        controller = self.controller
+        self._spawn("trainer", lambda _daemon_stop, beat: controller.run(stop, beat))
+        self.trainer_thread = self.threads[-1]
+
+    def switch_model(self, name: str) -> dict:
+        """Make `name` the active model, live: the old one finishes its step and checkpoints,
+        then the queue and training follow the new one; generations already running keep the
+        old weights (each holds its own snapshot) and finish on them."""
+        with self.switch_lock:
+            if name == self.active_model:
+                return self.models.info(name)
+            md = self.models.dir(name)
+            self.trainer_stop.set()
+            self.trainer_thread.join(timeout=300)
+            if self.trainer_thread.is_alive():
+                raise RuntimeError(f"the trainer of {self.active_model!r} did not stop in 300 s")
+            self.threads.remove(self.trainer_thread)
+            old_store, old_name = self.store, self.active_model
+            try:
+                store, trainer, _ = self._open_model(md)
+            except Exception:
+                self._start_trainer_again()
+                raise
+            controller = self._make_controller(trainer, md)
+            self.store, self.controller, self.model_tokenizer, self.active_model = store, controller, \
+                trainer.model.tokenizer, name
+            stages = self.api.s
+            stages.controller, stages.store, stages.tokenizer = controller, store, trainer.model.tokenizer
+            stages.model_path, stages.active_model = md.model, name
+            self.models.set_active(name)
+            self._start_trainer()
+            old_store.close()
+        log.info("switched the active model from %r to %r", old_name, name)
+        self.server.publish("model", {"active": name, "previous": old_name})
+        return self.models.info(name)
+
+    def _start_trainer_again(self) -> None:
+        # opening the new model failed: the old one trains on (its state is on disk, reopen it)
+        md = self.dirs.model_dir(self.active_model)
+        self.store.close()
+        self.store, trainer, _ = self._open_model(md)
+        self.controller = self._make_controller(trainer, md)
+        self.api.s.controller, self.api.s.store = self.controller, self.store
+        self._start_trainer()
 
     def _tcp_options(self) -> dict:
         s = self.settings.server
@@ -272,17 +343,18 @@ class Daemon:
     def _ingest(self, pre, sha256: str) -> dict:
         """Queue -> tokenizer -> data store; the queue moves the file to done/ after this returns."""
         import numpy as np
-        existing = self.store.get(sha256)
-        if existing is not None:
-            return {"tokens": existing.tokens, "duplicate": True}
-        tok = self.model_tokenizer
-        ids = tok.encode(pre.text)
-        ids = np.concatenate([ids, np.array([tok.eot_id], dtype=ids.dtype)])
-        offset = self.store.num_tokens("train")  # where a train document lands in the stream
-        doc = self.store.append(ids, source=pre.source or "", sha256=sha256)
-        if doc.split == "train":
-            self.controller.add_tokens(doc.tokens, since=offset)
-        return {"tokens": doc.tokens, "duplicate": False, "split": doc.split}
+        with self.switch_lock:  # the active model's tokenizer, store and controller, together
+            existing = self.store.get(sha256)
+            if existing is not None:
+                return {"tokens": existing.tokens, "duplicate": True}
+            tok = self.model_tokenizer
+            ids = tok.encode(pre.text)
+            ids = np.concatenate([ids, np.array([tok.eot_id], dtype=ids.dtype)])
+            offset = self.store.num_tokens("train")  # where a train document lands in the stream
+            doc = self.store.append(ids, source=pre.source or "", sha256=sha256)
+            if doc.split == "train":
+                self.controller.add_tokens(doc.tokens, since=offset)
+            return {"tokens": doc.tokens, "duplicate": False, "split": doc.split}
 
     # ---- supervision ---------------------------------------------------------------------------
 
@@ -361,6 +433,7 @@ class Daemon:
         """Graceful: stop taking requests, end generations, finish the step, checkpoint, exit."""
         sdnotify.stopping()
         self.stop_event.set()
+        self.trainer_stop.set()
         self.watcher.wake()
         for t in self.threads:
             t.join(timeout=300)

@@ -84,16 +84,22 @@ class Dirs:
         return self.state / layout.QUEUE_DIR
 
     @property
-    def model(self) -> Path:
-        return self.state / "model.cllm"
+    def models(self) -> Path:
+        """The named models, one directory each (see model_dir)."""
+        return self.state / "models"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.state / "checkpoints"
+    def active_model_file(self) -> Path:
+        """Holds the active model's name."""
+        return self.state / "active-model"
+
+    def model_dir(self, name: str) -> "ModelDir":
+        return ModelDir(self.models / name)
 
     @property
-    def data(self) -> Path:
-        return self.state / "data"
+    def legacy_model_dir(self) -> "ModelDir":
+        """Where a state directory from before named models kept its one model."""
+        return ModelDir(self.state)
 
     @property
     def lock(self) -> Path:
@@ -113,7 +119,35 @@ class Dirs:
             _make_dir(d)
         if os.stat(self.runtime.parent).st_mode & stat.S_IWOTH:
             _check_private(self.runtime)
-        for d in (self.queue, self.checkpoints, self.data):
+        for d in (self.queue, self.models):
+            _make_dir(d)
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """One named model's directory: its model file, its checkpoints and the data store in its
+    tokenizer's ids."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.cllm"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoints / "latest.cllm"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.checkpoints, self.data):
             _make_dir(d)
 
 

@@ -278,6 +278,15 @@ OP_SPECS: dict[str, ArgsSpec] = {
                             "max_chars": Field(int, 65536, 1, 4 * 2**20)}),
     "model.info": ArgsSpec({}),
     "model.save": ArgsSpec({}),
+    "models.list": ArgsSpec({}),
+    "model.show": ArgsSpec({"name": Field(str, lo=1, hi=64, doc="a model's name")}),
+    "model.create": ArgsSpec({
+        "name": Field(str, lo=1, hi=64, doc="the new model's name"),
+        "from": Field(str, lo=1, hi=4096, doc="a Hugging Face directory, a .cllm file (paths on the daemon's "
+                                             "machine) or 'default'"),
+    }),
+    "model.rm": ArgsSpec({"name": Field(str, lo=1, hi=64, doc="a model's name, not the active one")}),
+    "model.use": ArgsSpec({"name": Field(str, lo=1, hi=64, doc="the model to make active")}),
     "checkpoint": ArgsSpec({}),
     "shutdown": ArgsSpec({"checkpoint": Field(bool, True)}),
 }

@@ -66,13 +66,20 @@ class Daemon:
         self.root = root
         self.state, self.run, self.cache = root / "state", root / "run", root / "cache"
         self.log_path = root / "daemon.log"
-        if model and not (self.state / "model.cllm").exists() and not (self.state / "checkpoints").exists():
+        # the model goes where a state directory of before named models had it: every daemon
+        # test starts by migrating it to models/default/ (tests/test_models.py checks that)
+        if model and not (self.state / "model.cllm").exists() and not (self.state / "checkpoints").exists() \
+                and not (self.state / "models").exists():
             self.make_model()
         self.args = [sys.executable, "-m", "cllmd.cli", "serve", "--state-dir", str(self.state),
                      "--runtime-dir", str(self.run), "--cache-dir", str(self.cache), *QUICK, *TINY_MODEL,
                      *extra]
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
+
+    def model_dir(self, name: str = "default") -> Path:
+        """A named model's directory (its model.cllm, checkpoints/ and data/)."""
+        return self.state / "models" / name
 
     def make_model(self):
         from cllmd.model import Model, ModelConfig

@@ -300,7 +300,7 @@ def test_cli_train_control_and_config(d, tmp_path):
     ck = as_json(d, "checkpoint")
     assert Path(ck["path"]).exists() and ck["step"] == st["step"]
     saved = as_json(d, "model", "save")
-    assert Path(saved["path"]) == d.state / "model.cllm" and saved["bytes"] > 0
+    assert Path(saved["path"]) == d.model_dir() / "model.cllm" and saved["bytes"] > 0
     assert run(d, "checkpoint").stdout.startswith(f"checkpoint at step {st['step']} written to ")
 
 

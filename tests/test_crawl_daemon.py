@@ -28,7 +28,7 @@ def test_crawl_pages_reach_the_daemons_data_store(daemon, tmp_path):
         assert status["store"]["documents"] == queued
         d.stop()
         from cllmd.datastore import DataStore
-        store = DataStore(d.state / "data", vocab_size=257)
+        store = DataStore(d.model_dir() / "data", vocab_size=257)
         sources = {doc.source for doc in store.documents()}
         store.close()
         assert a.url("/index.html") in sources or a.url("/") in sources

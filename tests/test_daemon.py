@@ -196,7 +196,7 @@ def test_daemon_queue_formats_and_bad_files(daemon):
         assert why.lower() in reason["reason"].lower(), (name, reason)
     from cllmd.datastore import DataStore
     d.stop()
-    store = DataStore(d.state / "data", vocab_size=257)
+    store = DataStore(d.model_dir() / "data", vocab_size=257)
     sources = {doc.source for doc in store.documents()}
     texts = b"".join(bytes(store.read(doc).astype(np.uint8)[:-1]) for doc in store.documents())
     store.close()
@@ -228,7 +228,7 @@ def test_daemon_auto_trains_on_new_files_and_learns(daemon):
              and d.client.request("train.status")["step"] > 0, 120, "the budget to finish")
     st = d.client.request("train.status")
     assert st["loss"] < first - 0.5
-    assert (d.state / "checkpoints" / "latest.cllm").exists()
+    assert (d.model_dir() / "checkpoints" / "latest.cllm").exists()
     d.stop()
 
 
@@ -301,12 +301,12 @@ def test_daemon_kill9_loses_nothing_and_trains_nothing_twice(daemon):
         d = daemon()
     d.stop()
     assert set(d.queue("done")) == set(files) and d.queue("failed") == []
-    store = DataStore(d.state / "data", vocab_size=257)
+    store = DataStore(d.model_dir() / "data", vocab_size=257)
     docs = store.documents()
     store.close()
     assert len(docs) == len(files) and len({doc.sha256 for doc in docs}) == len(files)
-    Model.load(d.state / "model.cllm")
-    Model.load(d.state / "checkpoints" / "latest.cllm")
+    Model.load(d.model_dir() / "model.cllm")
+    Model.load(d.model_dir() / "checkpoints" / "latest.cllm")
 
 
 def test_daemon_first_start_creates_the_default_model(daemon):

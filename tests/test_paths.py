@@ -66,9 +66,12 @@ def test_dirs_derived_paths():
     assert d.events_socket == Path("/r/cllmd-events.sock")
     assert d.socket_endpoint == "ipc:///r/cllmd.sock"
     assert d.events_endpoint == "ipc:///r/cllmd-events.sock"
-    assert (d.queue, d.model, d.checkpoints, d.data, d.lock) == (
-        Path("/s/queue"), Path("/s/model.cllm"), Path("/s/checkpoints"), Path("/s/data"),
-        Path("/s/cllmd.lock"))
+    assert (d.queue, d.models, d.active_model_file, d.lock) == (
+        Path("/s/queue"), Path("/s/models"), Path("/s/active-model"), Path("/s/cllmd.lock"))
+    m = d.model_dir("gpt2")
+    assert (m.model, m.checkpoints, m.checkpoint, m.data) == (
+        Path("/s/models/gpt2/model.cllm"), Path("/s/models/gpt2/checkpoints"),
+        Path("/s/models/gpt2/checkpoints/latest.cllm"), Path("/s/models/gpt2/data"))
 
 
 def test_dirs_ensure_creates_with_mode_0750(tmp_path):
@@ -82,7 +85,7 @@ def test_dirs_ensure_creates_with_mode_0750(tmp_path):
         os.umask(old)
     for p in (d.state, d.runtime, d.cache):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o750, p
-    for p in (d.queue, d.checkpoints, d.data):
+    for p in (d.queue, d.models):
         assert p.is_dir()
 
 
