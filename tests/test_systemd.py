@@ -900,6 +900,55 @@ def test_service_runs_the_daemon_under_the_sandbox(container, stage):
     assert shown == {"Result": "success", "ExecMainStatus": "0"}, container.log_text("cllmd")
 
 
+HEALTH_PROBE = """
+import json, sys, time, urllib.error, urllib.request
+deadline = time.monotonic() + 60
+while True:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:11435" + sys.argv[1], timeout=10) as r:
+            print(r.status, r.read().decode())
+            break
+    except (urllib.error.URLError, ConnectionError) as e:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no answer from the gateway: {e}")
+        time.sleep(0.5)
+"""
+
+
+def test_service_runs_the_gateway_under_the_sandbox(container, stage):
+    why = serve_missing(stage)
+    if why:
+        pytest.skip(why)
+    # Both shipped units, untouched but for where their output goes.
+    container.install_unit("cllmd.service", (stage / STAGED_UNIT).read_text(),
+                           {"00-output.conf": output_dropin("cllmd")})
+    container.install_unit("cllm-http.service", (stage / STAGED_HTTP_UNIT).read_text(),
+                           {"00-output.conf": output_dropin("cllm-http")})
+    def get(path: str) -> subprocess.CompletedProcess:   # /tmp is the container's own: no file
+        return container.sh(f"python3 - {path} <<'EOF'\n{HEALTH_PROBE}\nEOF", check=False)
+    container.sh("systemctl start --no-block cllmd.service")
+    try:
+        state = container.wait_unit("cllmd.service", ("active", "failed", "inactive"), within=300)
+        assert state == "active", f"cllmd.service is {state}:\n{container.log_text('cllmd')[-5000:]}"
+        container.sh("systemctl start cllm-http.service")
+        state = container.wait_unit("cllm-http.service", ("active", "failed", "inactive"), within=60)
+        assert state == "active", f"cllm-http.service is {state}:\n{container.log_text('cllm-http')}"
+        # from the host side of the gateway's loopback: the transient user in group cllm
+        # reached the daemon's socket, the port answers, the models come from the daemon
+        health = get("/health")
+        assert health.returncode == 0 and health.stdout.startswith("200 "), (
+            health.stdout + health.stderr + container.log_text("cllm-http"))
+        assert json.loads(health.stdout.split(" ", 1)[1])["status"] in ("ready", "training", "paused")
+        models = get("/v1/models").stdout
+        assert json.loads(models.split(" ", 1)[1])["data"][0]["object"] == "model"
+        user = container.show("cllm-http.service", "DynamicUser", "SupplementaryGroups")
+        assert user == {"DynamicUser": "yes", "SupplementaryGroups": "cllm"}
+    finally:
+        container.sh("systemctl stop cllm-http.service cllmd.service", check=False)
+    shown = container.show("cllm-http.service", "Result")
+    assert shown == {"Result": "success"}, container.log_text("cllm-http")
+
+
 # --------------------------------------------------------------------------------------------
 # The daemon started exactly as ExecStart= would, with the environment systemd gives it.
 
