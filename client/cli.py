@@ -184,6 +184,8 @@ def cmd_ping(ctx: Ctx, a) -> int:
 def cmd_generate(ctx: Ctx, a) -> int:
     prompt = _stdin_text("cllm generate", a.prompt, "prompt")
     opts = _sampling(a)
+    if a.model:
+        opts["model"] = a.model
     gen = ctx.client.generate(prompt, **opts)
     out = sys.stdout
     try:
@@ -641,6 +643,7 @@ def build_parser() -> Parser:
     g.add_argument("prompt", nargs="?", help="the text to continue (default, or '-': stdin)")
     _add_sampling(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no statistics on stderr")
+    g.add_argument("--model", metavar="NAME", help="a named model (default: the active one; see cllm models)")
 
     c = add(sub, "chat", "an interactive conversation (/help inside for commands)", cmd_chat)
     c.add_argument("--system", metavar="TEXT", help="the system prompt")

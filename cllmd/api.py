@@ -83,6 +83,7 @@ class Api:
     def __init__(self, stages: Stages):
         self.s = stages
         self.process = psutil.Process()  # one object: cpu_percent measures since its last call
+        self._loaded = None  # (key, Model) of the last model generate loaded by name
 
     def register(self, server) -> None:
         quick = ["status", "stats", "train.start", "train.stop", "train.pause",
@@ -292,11 +293,25 @@ class Api:
 
     # ---- generation --------------------------------------------------------------------------------
 
+    def _generation_model(self, name: str | None):
+        """The active model's published weights, or another named model's newest file, loaded
+        once and kept until that file changes (a generation holds the model it started with)."""
+        if name is None or name == self.s.active_model:
+            return self.s.controller.inference_model()
+        from cllmd.model import Model
+        d = self.s.models.dir(name)
+        path = d.checkpoint if d.checkpoint.is_file() else d.model
+        key = (name, path, path.stat().st_mtime_ns)
+        cached = self._loaded
+        if cached is None or cached[0] != key:
+            cached = self._loaded = (key, Model.load(path))
+        return cached[1]
+
     def generate(self, req, ctx):
         """Streams token events; returns the done statistics. Runs on a server worker thread."""
         from cllmd.generate import SamplingOptions, Sequence
         with protocol_errors():  # bad options, no room; errors while generating are the server's
-            seq = Sequence(self.s.controller.inference_model(), req.args["prompt"],
+            seq = Sequence(self._generation_model(req.args.get("model")), req.args["prompt"],
                            SamplingOptions.from_args(req.args), cancel=ctx.cancelled)
             stream = self.s.batcher.submit(seq)  # decoded with the others from the next step on
         for piece in stream:  # the server collects the pieces itself for stream: false

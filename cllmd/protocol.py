@@ -251,6 +251,7 @@ OP_SPECS: dict[str, ArgsSpec] = {
            for name in SCALAR_SAMPLING},
         "stop": Field(ListOf(str, 1, MAX_STOP_CHARS), [], 0, MAX_STOPS, doc=SAMPLING["stop"].doc),
         "stream": Field(bool, True),
+        "model": Field(str, None, 1, 64, doc="a named model; nil: the active one"),
     }),
     "tokenize": ArgsSpec({"text": Field(str)}),
     "detokenize": ArgsSpec({"ids": Field(ListOf(int, 0, _BIG))}),

@@ -95,6 +95,15 @@ def test_models_create_list_show_rm(daemon, tmp_path):
     with pytest.raises(RequestError) as e:
         c.request("model.show", name="nothing")
     assert e.value.code == "not_found"
+    # generate can name a model that is not the active one: its own weights, its own context
+    out = c.request("generate", prompt="ab", model="small", max_tokens=40, temperature=0, stream=False)
+    ref = Model.load(tmp_path / "other.cllm")
+    from cllmd.generate import Generation, SamplingOptions
+    expected = Generation(ref, "ab", SamplingOptions(max_tokens=40, temperature=0)).text()
+    assert out["text"] == expected and out["tokens_generated"] > 0
+    with pytest.raises(RequestError) as e:
+        c.request("generate", prompt="ab", model="nothing", stream=False)
+    assert e.value.code == "not_found"
     with pytest.raises(RequestError, match="is the active model"):
         c.request("model.rm", name="default")
     assert c.request("model.rm", name="small") == {"name": "small", "removed": True}
@@ -116,6 +125,8 @@ def test_models_cli_commands_with_json(daemon, tmp_path):
     assert {m["name"] for m in listed["models"]} == {"default", "second"}
     r = _cllm(d, "model", "show", "second")
     assert r.returncode == 0 and "name        second" in r.stdout and "bytes (257 symbols)" in r.stdout
+    r = _cllm(d, "generate", "--model", "second", "--max-tokens", "5", "--json", "hi")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens_generated"] >= 0, r.stderr
     r = _cllm(d, "model", "rm", "default")
     assert r.returncode == 1 and "is the active model" in r.stderr and r.stderr.count("\n") == 1
     r = _cllm(d, "model", "rm", "second", "--json")

@@ -323,7 +323,7 @@ def test_op_specs_generate_defaults():
     args = validate_args(OP_SPECS["generate"], {"prompt": ""}, "generate")
     assert args == {"prompt": "", "max_tokens": 128, "temperature": 0.8, "top_k": 0,
                     "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "repeat_last_n": 64,
-                    "seed": None, "stop": [], "stream": True}
+                    "seed": None, "stop": [], "stream": True, "model": None}
 
 
 # --------------------------------------------------------------------------- the document and the code
