@@ -514,11 +514,14 @@ def cmd_model_create(ctx: Ctx, a) -> int:
 
 def cmd_model_use(ctx: Ctx, a) -> int:
     # the old model finishes its step and checkpoints first
-    info = ctx.request("model.use", name=a.name, timeout=max(ctx.args.timeout, 330.0))
+    info = ctx.request("model.use", name=a.name, train_on_existing=a.train_on_existing,
+                       timeout=max(ctx.args.timeout, 330.0))
     if ctx.json:
         ctx.print_json(info)
     else:
         print(f"active model: {info.get('name')} (step {info.get('step')}); training and generation follow it")
+        if a.train_on_existing:
+            print(f"tokenizing the {info.get('retokenizing')} texts ingested before for it (in the background)")
     return EXIT_OK
 
 
@@ -693,6 +696,8 @@ def build_parser() -> Parser:
                     help="a Hugging Face GPT-2 directory, a .cllm file, or 'default' for a fresh default model")
     mu = add(msub, "use", "make a model the active one, live: training and generation follow it", cmd_model_use)
     mu.add_argument("name")
+    mu.add_argument("--train-on-existing", action="store_true",
+                    help="also tokenize every text ingested before (queue/done/) with this model's tokenizer")
     ms = add(msub, "show", "one model's configuration, tokenizer, progress and generation defaults", cmd_model_show)
     ms.add_argument("name")
     mr = add(msub, "rm", "remove a model (not the active one) with its checkpoints and data", cmd_model_rm)

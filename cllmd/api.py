@@ -77,6 +77,7 @@ class Stages:
     active_model: str = "default"              # the name of the model training and serving
     make_default_model: Callable[[], Any] | None = None  # a fresh default Model (model.create from "default")
     switch_model: Callable[[str], dict] | None = None    # model.use: the daemon's live switch
+    train_on_existing: Callable[[], int] | None = None   # model.use's train_on_existing
 
 
 class Api:
@@ -279,7 +280,10 @@ class Api:
         return self.s.models.create(args["name"], args["from"], self.s.make_default_model)
 
     def model_use(self, args) -> dict:
-        return self.s.switch_model(args["name"])
+        info = self.s.switch_model(args["name"])
+        if args.get("train_on_existing"):
+            info["retokenizing"] = self.s.train_on_existing()
+        return info
 
     def model_rm(self, args) -> dict:
         if args["name"] == self.s.active_model:  # the file may say otherwise until a restart

@@ -191,7 +191,7 @@ class Daemon:
                               queue_current=lambda: self.queue_current, json_fields=tuple(s.queue.json_fields),
                               models=self.models, active_model=self.active_model,
                               make_default_model=lambda: self._create_default_model(None)[0],
-                              switch_model=self.switch_model))
+                              switch_model=self.switch_model, train_on_existing=self.train_on_existing))
         self.api.register(self.server)
         # every kernel compiled (or loaded from the cache) before the first step or generation
         warm_up(trainer.model.cfg, trainer.config, self._starting)
@@ -252,6 +252,36 @@ class Daemon:
         controller = self.controller
         self._spawn("trainer", lambda _daemon_stop, beat: controller.run(stop, beat))
         self.trainer_thread = self.threads[-1]
+
+    def train_on_existing(self) -> int:
+        """Tokenize every text already ingested (the files in queue/done/) into the active
+        model's store with its own tokenizer, on a thread of its own; returns the file count.
+        The store's sha256 dedup skips what the model has already."""
+        import hashlib
+
+        from cllmd.preprocess import PreprocessError, RepeatedLines, preprocess
+        done = self.dirs.queue / "done"
+        names = sorted(p.name for p in done.iterdir() if p.is_file() and not p.name.startswith(".")) \
+            if done.is_dir() else []
+        q = self.settings.queue
+
+        def run() -> None:
+            repeats, stored = RepeatedLines(), 0
+            for name in names:
+                if self.stop_event.is_set():
+                    return
+                try:
+                    pre = preprocess(name, (done / name).read_bytes(), json_fields=q.json_fields,
+                                     max_bytes=q.max_file_bytes, repeats=repeats)
+                    sha = hashlib.sha256(pre.text.encode("utf-8", "surrogatepass")).hexdigest()
+                    stored += not self._ingest(pre, sha)["duplicate"]
+                except (OSError, PreprocessError, ValueError) as e:
+                    log.warning("train on existing: %s skipped: %s", name, e)
+            log.info("train on existing: %d of %d ingested texts tokenized for %r", stored, len(names),
+                     self.active_model)
+
+        threading.Thread(target=run, name="retokenize", daemon=True).start()
+        return len(names)
 
     def switch_model(self, name: str) -> dict:
         """Make `name` the active model, live: the old one finishes its step and checkpoints,

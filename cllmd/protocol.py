@@ -287,7 +287,10 @@ OP_SPECS: dict[str, ArgsSpec] = {
                                              "machine) or 'default'"),
     }),
     "model.rm": ArgsSpec({"name": Field(str, lo=1, hi=64, doc="a model's name, not the active one")}),
-    "model.use": ArgsSpec({"name": Field(str, lo=1, hi=64, doc="the model to make active")}),
+    "model.use": ArgsSpec({
+        "name": Field(str, lo=1, hi=64, doc="the model to make active"),
+        "train_on_existing": Field(bool, False, doc="tokenize every text ingested before for it"),
+    }),
     "checkpoint": ArgsSpec({}),
     "shutdown": ArgsSpec({"checkpoint": Field(bool, True)}),
 }

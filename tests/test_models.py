@@ -191,3 +191,23 @@ def test_models_use_switches_live_during_generation_and_training(daemon, tmp_pat
     assert d.client.request("status")["model"]["name"] == "b"
     with DataStore(d.model_dir("default") / "data", vocab_size=257) as s:
         assert len(s.documents()) == 4  # the a files stayed with default
+
+
+def test_models_use_train_on_existing_retokenizes_the_ingested_texts(daemon, tmp_path):
+    from tests.daemonproc import drop
+    d = daemon("--no-train-auto-train")
+    c = d.client
+    names = [f"t{i}.txt" for i in range(3)]
+    for i, name in enumerate(names):
+        drop(d, name, f"text {i} that every model should be able to learn from. ".encode() * 20)
+    wait_for(lambda: d.queue("done") == names, 60, "the files ingested")
+    _tiny(tmp_path / "n.cllm", seed=7)
+    c.request("model.create", name="n", **{"from": str(tmp_path / "n.cllm")})
+    r = _cllm(d, "model", "use", "n", "--train-on-existing", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["retokenizing"] == 3
+    wait_for(lambda: c.request("status")["store"]["documents"] == 3, 60, "the texts in n's store")
+    d.stop()
+    with DataStore(d.model_dir("n") / "data", vocab_size=257) as new, \
+            DataStore(d.model_dir("default") / "data", vocab_size=257) as old:
+        assert sorted(doc.sha256 for doc in new.documents()) == sorted(doc.sha256 for doc in old.documents())
