@@ -57,8 +57,8 @@ def running_generations(daemon) -> int:
 
 def test_http_openai_lists_the_daemons_model(api, daemon):
     models = api.models.list()
-    info = daemon.client.request("model.info")
-    assert [m.id for m in models.data] == [info["name"]]
+    listing = daemon.client.request("models.list")
+    assert [m.id for m in models.data] == [listing["active"]]
     assert models.data[0].object == "model" and models.data[0].owned_by == "cllmd"
 
 
@@ -508,3 +508,29 @@ def test_http_health_training_and_paused(gateway, trained):
     wait_for(lambda: gateway.json("GET", "/health")[1]["status"] == "paused", 30, "health: paused")
     trained.client.request("train.resume")
     wait_for(lambda: gateway.json("GET", "/health")[1]["status"] == "training", 30, "health: training again")
+
+
+# --------------------------------------------------------------------------- named models
+
+
+def test_http_models_lists_named_models_and_switches(gateway, daemon, model, api, tmp_path):
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokenizer import BytesTokenizer
+    source = tmp_path / "other.cllm"
+    Model(ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=32), seed=1,
+          tokenizer=BytesTokenizer()).save(source)
+    daemon.client.request("model.create", name="other", **{"from": str(source)}, timeout=120)
+    try:
+        assert [m.id for m in api.models.list().data] == [model, "other"]   # the active one first
+        status, body = gateway.json("POST", "/v1/completions", {"model": "other", "prompt": "x"})
+        assert_openai_error(status, body, 409, "model", "model_not_active")
+        status, body = gateway.json("POST", "/api/models/use", {"name": "other"}, timeout=180)
+        assert status == 200 and body["name"] == "other", body
+        assert [m.id for m in api.models.list().data] == ["other", model]
+        r = api.completions.create(model="other", prompt="x", max_tokens=3)
+        assert r.model == "other" and r.usage.completion_tokens == 3
+        status, body = gateway.json("POST", "/api/models/use", {"name": "nope"})
+        assert_openai_error(status, body, 404, code="not_found")
+    finally:
+        daemon.client.request("model.use", name=model, timeout=180)
+        daemon.client.request("model.rm", name="other", timeout=60)

@@ -130,8 +130,7 @@ async def run_job(request: web.Request, make_job) -> web.StreamResponse:
     bridge = request.app[BRIDGE]
     arrived = time.perf_counter()
     body = await read_json(request)
-    names = [m["name"] for m in await bridge.models()]
-    job = make_job(body, names)
+    job = make_job(body, await bridge.models())
     stream = bridge.generate(job.prompt, job.args)
     stream.started = arrived   # time to first token counts from the request's arrival
     try:

@@ -85,11 +85,23 @@ class Bridge:
             self._requests, lambda: self._client().request(op, timeout=timeout, **args))
 
     async def models(self) -> list[dict]:
-        """The daemon's models as [{name, parameters, context, active}]. Today the daemon has one
-        model (model.info); once it lists named models this is the one place to ask it."""
-        info = await self.request("model.info")
-        return [{"name": info["name"], "parameters": info.get("parameters"),
-                 "context": (info.get("config") or {}).get("context"), "active": True}]
+        """The daemon's named models as [{name, parameters, context, active}], the active one
+        first (models.list; a daemon from before named models has one, from model.info)."""
+        try:
+            listing = await self.request("models.list")
+        except RequestError as e:
+            if e.code != "unknown_op":
+                raise
+            info = await self.request("model.info")
+            return [{"name": info["name"], "parameters": info.get("parameters"),
+                     "context": (info.get("config") or {}).get("context"), "active": True}]
+        models = [{"name": m["name"], "parameters": m.get("parameters"), "context": m.get("context"),
+                   "active": m["name"] == listing.get("active")} for m in listing.get("models") or []]
+        return sorted(models, key=lambda m: not m["active"])
+
+    async def use(self, name: str) -> dict:
+        """Make ``name`` the active model (model.use): training, the queue and generation follow."""
+        return await self.request("model.use", name=name, timeout=120)
 
     # ---- generation ----------------------------------------------------------------------------
 

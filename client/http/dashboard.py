@@ -57,6 +57,9 @@ class Hub:
     def on_event(self, topic: str, payload: dict) -> None:
         if topic == "train":
             self.note_train(payload)
+        elif topic == "model":   # another model is active: its own steps, its own curves
+            for curve in (self.loss, self.val_loss, self.lr):
+                curve.clear()
         self.send(topic, payload)
 
     def send(self, kind: str, payload: Any) -> None:
@@ -156,6 +159,14 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": await request.app[HUB].bridge.models()})
 
 
+async def use_model(request: web.Request) -> web.Response:
+    body = parse_body(await request.read())
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise invalid("'name' must be the name of one of the daemon's models", "name")
+    return web.json_response(await request.app[HUB].bridge.use(name))
+
+
 def add_routes(app: web.Application, bridge) -> None:
     app[HUB] = Hub(bridge)
     app.router.add_get("/", page)
@@ -165,3 +176,4 @@ def add_routes(app: web.Application, bridge) -> None:
     app.router.add_post("/api/config", set_config)
     app.router.add_get("/api/queue", queue)
     app.router.add_get("/api/models", models)
+    app.router.add_post("/api/models/use", use_model)

@@ -82,14 +82,22 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _common(body: dict, models: list[str]) -> tuple[str, dict, bool, bool]:
+def _common(body: dict, models: list[dict]) -> tuple[str, dict, bool, bool]:
+    """``models``: the daemon's, as cllm.http.bridge.Bridge.models gives them."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the name of one of the models GET /v1/models lists",
                       "model", "missing_model" if model is None else "invalid_type")
-    if model not in models:
-        raise ApiError(404, f"The model '{model}' does not exist; this daemon has: {', '.join(models)}",
+    names = [m["name"] for m in models]
+    if model not in names:
+        raise ApiError(404, f"The model '{model}' does not exist; this daemon has: {', '.join(names)}",
                        param="model", code="model_not_found")
+    active = next((m["name"] for m in models if m.get("active")), None)
+    if model != active:
+        # the daemon generates with its active model only; switching also moves its training
+        raise ApiError(409, f"The model '{model}' is not the active one ('{active}'): make it "
+                            f"active first (the dashboard's switcher, or `cllm model use {model}`)",
+                       param="model", code="model_not_active")
     for name, fine in UNSUPPORTED.items():
         if name in body and body[name] not in fine:
             allowed = " or ".join("null" if v is None else repr(v) for v in fine)
@@ -138,7 +146,7 @@ def _common(body: dict, models: list[str]) -> tuple[str, dict, bool, bool]:
     return model, args, stream, include_usage
 
 
-def completion_job(body: Any, models: list[str]) -> Job:
+def completion_job(body: Any, models: list[dict]) -> Job:
     """POST /v1/completions: the prompt continues as it is."""
     body = _body_map(body)
     model, args, stream, include_usage = _common(body, models)
@@ -194,7 +202,7 @@ def chat_prompt(messages: list[dict]) -> str:
 ROLES = ("system", "developer", "user", "assistant")
 
 
-def chat_job(body: Any, models: list[str]) -> Job:
+def chat_job(body: Any, models: list[dict]) -> Job:
     """POST /v1/chat/completions: the messages through chat_prompt."""
     body = _body_map(body)
     model, args, stream, include_usage = _common(body, models)

@@ -179,6 +179,11 @@ function onEvent(kind, p) {
     case "checkpoint":
       addLog(p.time, "info", `${p.kind || "checkpoint"} at step ${p.step} (${bytes(p.bytes)}, ${num(p.seconds, 2)} s)`);
       break;
+    case "model":
+      addLog(p.time, "info", `model ${p.active} is active (was ${p.previous})`);
+      state.loss = []; state.val = []; state.lr = [];
+      refreshModels();
+      break;
     case "log": addLog(p.time, p.level, `${p.logger}: ${p.message}`); break;
     case "error": addLog(p.time, "error", `${p.source}: ${p.message}`); break;
   }
@@ -474,8 +479,26 @@ function setModels(models) {
     o.selected = !!m.active;
     sel.appendChild(o);
   }
-  // Until the daemon has named models there is one, and nothing to switch to.
-  sel.disabled = models.length < 2;
+  sel.disabled = models.length < 2 || state.switching;
+}
+
+async function refreshModels() {
+  try { setModels((await apiJson("/api/models")).models); } catch (e) { /* the feed says when it is down */ }
+}
+
+async function useModel() {
+  const name = $("model").value;
+  state.switching = true;
+  $("model").disabled = true;
+  say(`switching to ${name}…`);
+  try {
+    await apiJson("/api/models/use", { json: { name } });
+    say(`${name} is active`);
+    state.chat = [];
+    $("messages").replaceChildren();
+  } catch (e) { say(e.message, true); }
+  state.switching = false;
+  refreshModels();
 }
 
 // ---------------------------------------------------------------------------- chat
@@ -559,6 +582,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("stop").addEventListener("click", () => train("stop"));
   $("config").addEventListener("submit", applyConfig);
   $("chat-form").addEventListener("submit", sendChat);
+  $("model").addEventListener("change", useModel);
   $("chat-stop").addEventListener("click", () => state.generating && state.generating.abort());
   window.addEventListener("resize", drawCurves);
   render();
