@@ -534,3 +534,24 @@ def test_http_models_lists_named_models_and_switches(gateway, daemon, model, api
     finally:
         daemon.client.request("model.use", name=model, timeout=180)
         daemon.client.request("model.rm", name="other", timeout=60)
+
+
+def test_http_health_loading_while_the_daemon_starts(tmp_path):
+    # a fresh kernel cache: the daemon compiles its kernels at start-up, answering `unavailable`
+    d = Daemon(tmp_path / "d").start(wait=False)
+    g = Gateway(d.run / "cllmd.sock", tmp_path / "gw.log").start()
+    try:
+        seen = set()
+
+        def state(want):
+            status, body = g.json("GET", "/health")
+            seen.add(body["status"])
+            assert (status == 200) == (body["status"] in ("ready", "training", "paused")), body
+            return body if body["status"] == want else None
+        loading = wait_for(lambda: state("loading"), 120, "health: loading")
+        assert "starting" in loading and loading["error"]
+        wait_for(lambda: state("ready") or state("training"), 600, "health: ready")
+        assert seen <= {"unreachable", "loading", "ready", "training"}, seen
+    finally:
+        g.stop()
+        d.stop()

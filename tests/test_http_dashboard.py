@@ -138,6 +138,30 @@ def test_dashboard_chat_streams_a_reply(page, daemon):
         page.set_window_size(1440, 900)
 
 
+def test_dashboard_model_switcher_switches_the_daemon(page, daemon, tmp_path):
+    from selenium.webdriver.support.ui import Select
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokenizer import BytesTokenizer
+    source = tmp_path / "other.cllm"
+    Model(ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=32), seed=1,
+          tokenizer=BytesTokenizer()).save(source)
+    first = daemon.client.request("models.list")["active"]
+    daemon.client.request("model.create", name="other", **{"from": str(source)}, timeout=120)
+    try:
+        page.refresh()
+        wait_for(lambda: len(page.find_elements("css selector", "#model option")) == 2, 60, "two models")
+        assert el(page, "model").is_enabled()
+        page.execute_script("arguments[0].scrollIntoView({block: 'center'})", el(page, "model"))
+        Select(el(page, "model")).select_by_value("other")
+        wait_for(lambda: daemon.client.request("models.list")["active"] == "other", 180,
+                 "the daemon to switch models")
+        wait_for(lambda: "model other is active" in el(page, "log").text, 60, "the model event on the page")
+        assert console_errors(page) == []
+    finally:
+        daemon.client.request("model.use", name=first, timeout=180)
+        daemon.client.request("model.rm", name="other", timeout=60)
+
+
 def test_dashboard_asks_for_the_token(daemon, tmp_path):
     g = Gateway(daemon.run / "cllmd.sock", tmp_path / "gw.log", token=TOKEN).start()
     drv = browser(tmp_path / "profile")

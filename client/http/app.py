@@ -197,8 +197,12 @@ async def health(request: web.Request) -> web.Response:
     except DaemonNotRunning as e:
         return web.json_response({"status": "unreachable", "error": str(e)}, status=503)
     except RequestError as e:
+        # a daemon starting up answers `unavailable` with what it is doing in `starting`
         state = "loading" if e.code in ("unavailable", "timeout") else "unreachable"
-        return web.json_response({"status": state, "error": str(e)}, status=503)
+        body = {"status": state, "error": str(e)}
+        if e.error.get("starting"):
+            body["starting"] = e.error["starting"]
+        return web.json_response(body, status=503)
     except ClientError as e:
         return web.json_response({"status": "unreachable", "error": str(e)}, status=503)
     train = status.get("train") or {}
