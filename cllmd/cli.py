@@ -156,7 +156,9 @@ def cmd_train(args) -> int:
     import numpy as np
     from cllmd.model import Model, ModelConfig
     from cllmd.tokensource import TokenArraySource
-    from cllmd.trainer import TrainConfig, Trainer
+    from cllmd.launch import trainer_class
+    from cllmd.trainer import TrainConfig
+    Trainer = trainer_class()  # the DistributedTrainer under mpirun
 
     from cllmd.settings import offline_values
     if args.val_fraction >= 1:
@@ -516,8 +518,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_mpi(argv: list[str]) -> int | None:
+    """Under mpirun: MPI up on every rank; a rank > 0 becomes a sphere worker and returns its
+    exit code here (rank 0 goes on as the command asked). None when not under MPI."""
+    from cllmd.launch import launched
+    launch = launched()
+    if launch is None:
+        return None
+    try:
+        from cllmd import distributed
+    except ImportError as e:
+        if launch.size == 1:
+            return None  # one rank: the plain trainer is the same thing
+        print(f"cllmd: started by mpirun as {launch.size} ranks, but {e.name or 'mpi4py'} is missing: "
+              "pip install 'cllmd[mpi]'", file=sys.stderr)
+        return EXIT_USAGE
+    distributed.start()
+    if launch.rank == 0:
+        return None
+    threads = None
+    if argv and argv[0] == "train":
+        from cllmd.settings import offline_values
+        try:
+            threads = offline_values(build_parser().parse_args(argv), "train").get("threads") or None
+        except SystemExit:
+            threads = None  # rank 0 reports the bad arguments and ends the job
+    return distributed.run_worker(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    code = _start_mpi(argv)
+    if code is not None:
+        return code
     if not argv or argv[0] == "serve" or (argv[0].startswith("--") and argv[0] not in ("--help", "--version")):
         from cllmd.daemon import serve
         return serve(argv[1:] if argv and argv[0] == "serve" else argv)

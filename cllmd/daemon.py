@@ -212,8 +212,10 @@ class Daemon:
         from cllmd.datastore import DataStore
         from cllmd.model import Model
         from cllmd.modelfile import read_model_file
+        from cllmd.launch import trainer_class
         from cllmd.tokensource import ReplayMix
-        from cllmd.trainer import Trainer, usable_cores
+        from cllmd.trainer import usable_cores
+        Trainer = trainer_class()  # the DistributedTrainer under mpirun (docs/distributed.md)
         s = self.settings
         md.ensure()
         checkpoint = md.checkpoint

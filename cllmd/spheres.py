@@ -48,6 +48,7 @@ class Sphere:
         self.model = model
         self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
         self.stats = SphereStats()
+        self.rank = 0  # the MPI rank that runs this sphere (cllmd.distributed); 0 in one process
         self.lock = threading.Lock()
         # the slot, filled by node zero before each step
         self.idx = self.targets = self.mask = None
@@ -80,14 +81,17 @@ class Sphere:
                                                           weights_t=self.weights_t, grad=grad)
         finally:
             self._set_state("waiting")
-        loss, count = self.result
+        if not forward_only:
+            self.record(*self.result)
+
+    def record(self, loss: float, count: float) -> None:
+        """A micro-batch's figures into the statistics (node zero records a remote sphere's here)."""
         with self.lock:
-            if not forward_only:
-                self.stats.batches += 1
-                self.stats.tokens += int(count)
-                self.stats.loss_sum += loss * count
-                r = self.stats.recent_loss
-                self.stats.recent_loss = loss if r is None else 0.9 * r + 0.1 * loss
+            self.stats.batches += 1
+            self.stats.tokens += int(count)
+            self.stats.loss_sum += loss * count
+            r = self.stats.recent_loss
+            self.stats.recent_loss = loss if r is None else 0.9 * r + 0.1 * loss
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -98,7 +102,7 @@ class Sphere:
                 busy += elapsed
             elif s.state != "stopped":
                 idle += elapsed
-            return {"id": self.id, "state": s.state, "batches": s.batches, "tokens": s.tokens,
+            return {"id": self.id, "rank": self.rank, "state": s.state, "batches": s.batches, "tokens": s.tokens,
                     "mean_loss": s.mean_loss, "recent_loss": s.recent_loss,
                     "busy_s": round(busy, 3), "idle_s": round(idle, 3)}
 
