@@ -229,7 +229,9 @@ def draw_spheres(c: Canvas, top: int, left: int, train: dict, unicode: bool) -> 
         state = str(s.get("state") or "?")
         style = STATE_STYLE.get(state, "other")
         c.put(y, x, f"{sym.get(state, sym[None])}{sid:>3} {state[:4]:<4}", style)
-        c.put(y + 1, x, f"{short_count(s.get('batches')):>4} {short_loss(s.get('mean_loss'))}")
+        # under mpirun the rank that runs the sphere replaces its batch count (same 4 columns)
+        first = f"r{s.get('rank')}"[:4] if train.get("ranks") else short_count(s.get('batches'))
+        c.put(y + 1, x, f"{first:>4} {short_loss(s.get('mean_loss'))}")
     state = str(train.get("state") or "?")
     y, x = top + RING_CENTRE[0], left + RING_CENTRE[1]
     c.put(y, x, f"{sym['centre']} node 0", "bold")

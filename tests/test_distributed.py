@@ -182,3 +182,16 @@ def test_distributed_serve_shows_which_rank_runs_which_sphere(tmp_path):
         d.stop(signal.SIGKILL, timeout=60)
     log = d.output()
     assert "checkpoint at step" in log and "stopped" in log, log[-3000:]
+
+
+def test_distributed_status_view_shows_each_spheres_rank():
+    from cllm.status import Dashboard, render
+    board = Dashboard()
+    spheres = [{"id": i, "rank": r, "state": "working", "batches": 7, "tokens": 70, "mean_loss": 2.5}
+               for i, r in zip(range(1, 13), placement([1, 2]))]
+    board.apply_event("train", {"state": "running", "step": 3, "spheres": spheres,
+                                "ranks": {"size": 3, "alive": [0, 1, 2], "lost": {}, "step_bytes": 1}})
+    screen = "\n".join(render(board, 80, 24).lines())
+    assert screen.count("r1 ") == 4 and screen.count("r2 ") == 4 and screen.count("r0 ") == 4, screen
+    board.apply_event("train", {"spheres": spheres, "ranks": None})  # one process: batch counts as before
+    assert "r1 " not in "\n".join(render(board, 80, 24).lines())
