@@ -27,7 +27,7 @@ import numpy as np
 from cllmd.kernels.adamw import REDUCE_BLOCK, add_row_into
 from cllmd.launch import launched
 from cllmd.reduction import OrderedGradientSum
-from cllmd.spheres import NUM_SPHERES, Sphere, SpherePool, split_rows
+from cllmd.spheres import NUM_SPHERES, Sphere, SpherePool, ThreadWorkspaces, split_rows
 from cllmd.trainer import Trainer, usable_cores
 
 log = logging.getLogger(__name__)
@@ -290,14 +290,15 @@ class ChainedGradientSum(OrderedGradientSum):
         self.sends = []
 
 
-def _run_spheres(pool: SpherePool, gradsum: OrderedGradientSum, spheres: list[Sphere]) -> None:
-    """Each sphere's gradient into a row granted in order, committed as it finishes (as Trainer._dispatch)."""
+def _run_spheres(pool: SpherePool, gradsum: OrderedGradientSum, spheres: list[Sphere], workspaces, most: int) -> None:
+    """Each sphere's gradient into a row granted in order, committed as it finishes (as
+    Trainer._dispatch), on the running thread's workspace sized for the batch's largest slot."""
     def task(sphere):
         row = gradsum.take(sphere.id)
         if row is None:
             return
         try:
-            sphere.compute(False, grad=row)
+            sphere.compute(False, workspaces.get(sphere.idx.shape[0], sphere.idx.shape[1], capacity=most), grad=row)
         except BaseException:
             gradsum.give_back(row)
             gradsum.abort()
@@ -420,6 +421,7 @@ class DistributedTrainer(Trainer):
             self._workers_version = -1
         self._setup(workers)
         rows = split_rows(x.shape[0])
+        most = max(b - a for a, b in rows)  # every rank's workspaces hold the largest slot, as in one process
         used = [s for s, (a, b) in zip(self.spheres, rows) if a != b]
         for s, (a, b) in zip(self.spheres, rows):
             if a == b:
@@ -439,6 +441,7 @@ class DistributedTrainer(Trainer):
             slots = [(s.id, x[a:b], y[a:b], None if mask is None else mask[a:b])
                      for s, (a, b) in zip(self.spheres, rows) if s in by_rank[r]]
             msg = {"op": "step", "epoch": epoch, "spheres": slots, "checkpointing": self.config.grad_checkpointing,
+                   "most": most, "transposed": self.weights_t is not None,
                    "weights_from": (ring[i - 1] if i else 0) if send_weights else None,
                    "weights_to": (ring[i + 1] if i + 1 < len(ring) else None) if send_weights else None,
                    "prev": None if pos is None else (chain[pos - 1] if pos else (0 if not overwrite else None)),
@@ -460,7 +463,7 @@ class DistributedTrainer(Trainer):
         gs.resize(max(self.pool.size, len(local)))  # rows wait for the partial sum: never stall the spheres
         if local:
             gs.begin([s.id for s in local], overwrite and prev is None, norm)
-            job = _Background(lambda: _run_spheres(self.pool, gs, local))
+            job = _Background(lambda: _run_spheres(self.pool, gs, local, self.workspaces, most))
         else:
             gs.begin([], False, norm)
             job = _Background(gs.receive_all)
@@ -507,7 +510,9 @@ class Worker:
     def __init__(self, world_: World, threads: int | None = None):
         from threadpoolctl import threadpool_limits
         self.world = world_
-        self.pool = SpherePool(threads or usable_cores())
+        self.workspaces: ThreadWorkspaces | None = None
+        self.pool = SpherePool(threads or usable_cores(),
+                               on_exit=lambda ident: self.workspaces is not None and self.workspaces.release(ident))
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.model = None
         self.spheres: dict[int, Sphere] = {}
@@ -523,7 +528,9 @@ class Worker:
         from cllmd.model import Model, ModelConfig
         cfg = ModelConfig.from_dict(msg["config"])
         self.model = Model(cfg, seed=0, dtype=np.dtype(msg["dtype"]))
-        self.weights_t = np.zeros_like(self.model.flat)
+        self.weights_t = None      # transposed weights, when rank 0's spheres use them (the same choice)
+        self._transposed_fresh = False
+        self.workspaces = ThreadWorkspaces(self.model)
         self.spheres = {}
         self.gradsum = ChainedGradientSum(self.world, self.model.flat.size, self.model.dtype, rows=self.pool.size)
         log.info("pid %d: sphere worker for a model of %d parameters, %d thread(s)", os.getpid(),
@@ -613,8 +620,15 @@ class Worker:
                 w.wait(w.comm.Irecv(flat[a:b], source=msg["weights_from"], tag=t_weights), msg["weights_from"], check)
                 if msg["weights_to"] is not None:
                     self._relay.append((w.isend(flat[a:b], msg["weights_to"], t_weights), msg["weights_to"]))
+            self._transposed_fresh = False
+        if not msg["transposed"]:
+            self.weights_t = None
+        elif self.weights_t is None or not self._transposed_fresh:
+            if self.weights_t is None:
+                self.weights_t = np.zeros_like(self.model.flat)
             self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
                            for part in range(self.model.cfg.n_layer + 1)])
+            self._transposed_fresh = True
         slots = msg["spheres"]
         if not slots:
             return
@@ -623,9 +637,8 @@ class Worker:
             s = self.spheres.get(sid)
             if s is None:
                 s = self.spheres[sid] = Sphere(sid, self.model)
-                s.weights_t = self.weights_t
                 s.rank = w.rank
-            s.checkpointing = msg["checkpointing"]
+            s.weights_t = self.weights_t
             s.idx, s.targets = np.ascontiguousarray(xs), np.ascontiguousarray(ys)
             s.mask = None if ms is None else np.ascontiguousarray(ms)
             spheres.append(s)
@@ -634,7 +647,8 @@ class Worker:
         gs.resize(max(self.pool.size, len(spheres)) if msg["prev"] is not None else self.pool.size)
         gs.link(msg["prev"], msg["next"], t_part, check=check)
         gs.begin([s.id for s in spheres], msg["prev"] is None, False)
-        job = _Background(lambda: _run_spheres(self.pool, gs, spheres))
+        self.workspaces.checkpointing = msg["checkpointing"]
+        job = _Background(lambda: _run_spheres(self.pool, gs, spheres, self.workspaces, msg["most"]))
         try:
             while not job.done():
                 check()
