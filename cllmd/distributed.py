@@ -184,6 +184,18 @@ class World:
                 log.error("rank %d lost: %s", peer, reason)
             raise RankLost(peer, self.lost(peer) or reason) from None
 
+    def poll_object(self, source: int, tag: int) -> tuple[bool, object]:
+        """A pickled message from source with tag, if one has arrived (a matched probe, so any
+        size: mpi4py's irecv() would be limited to its 32 KiB buffer)."""
+        try:
+            msg = self.comm.improbe(source=source, tag=tag)
+            return (False, None) if msg is None else (True, msg.recv())
+        except self.MPI.Exception as e:
+            reason = f"MPI error ({e.Get_error_string().strip()})"
+            if self.lose(source, reason):
+                log.error("rank %d lost: %s", source, reason)
+            raise RankLost(source, self.lost(source) or reason) from None
+
     def wait(self, req, peer: int, check=None) -> object:
         """Polls req to completion; raises RankLost if peer is lost (or the request fails, as
         MPI_ERR_PROC_FAILED under ULFM) and whatever check() raises. Returns a lowercase
@@ -452,7 +464,7 @@ class DistributedTrainer(Trainer):
             sends += [(w.isend(self.model.flat[a:b], ring[0], t_weights), ring[0]) for a, b in _chunks(self.model.flat.size)]
         if not overwrite and chain[0] != 0:  # the sum so far goes to the head of the chain
             sends += [(w.isend(self._accum[a:b], chain[0], t_part), chain[0]) for a, b in _chunks(self.grad.size)]
-        results = {r: w.comm.irecv(source=r, tag=t_result) for r in chain if r != 0}
+        results = [r for r in chain if r != 0]  # who owes this attempt its losses
         for s in used:
             if s.rank != 0:
                 s._set_state("working")
@@ -467,15 +479,15 @@ class DistributedTrainer(Trainer):
         else:
             gs.begin([], False, norm)
             job = _Background(gs.receive_all)
-        pending = dict(results)
+        pending = list(results)
         try:
             while pending or not job.done():
                 if job.error is not None:
                     break
                 for r in list(pending):
-                    done, reply = w.test(pending[r], r)
+                    done, reply = w.poll_object(r, t_result)
                     if done:
-                        del pending[r]
+                        pending.remove(r)
                         self._record_remote(r, reply)
                 w.check(chain)
                 time.sleep(2e-4)
@@ -487,7 +499,7 @@ class DistributedTrainer(Trainer):
         except RankLost:
             gs.abort()
             job.join()
-            self._abandoned += [req for req, _ in sends] + list(results.values())
+            self._abandoned += [req for req, _ in sends]
             raise
         if send_weights:
             self._workers_version = self._weights_version
@@ -520,7 +532,6 @@ class Worker:
         self.weights_t = None
         self.epoch = 0
         self.stopping = False
-        self.control = None       # the posted receive of rank 0's next message
         self._relay: list = []
         self.abandoned: list = []  # requests of given-up attempts
 
@@ -537,16 +548,11 @@ class Worker:
                  self.model.num_params, self.pool.size)
 
     def _take_control(self) -> dict | None:
-        """The next message from rank 0 if one has arrived (the receive is posted again at once)."""
-        done, msg = self.control.test()
-        if not done:
-            return None
-        self.control = self.world.comm.irecv(source=0, tag=TAG_CONTROL)
-        return msg
+        """The next message from rank 0, if one has arrived."""
+        return self.world.poll_object(0, TAG_CONTROL)[1]
 
     def run(self) -> int:
         w = self.world
-        self.control = w.comm.irecv(source=0, tag=TAG_CONTROL)
         delay = 1e-4
         while True:
             try:

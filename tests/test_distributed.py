@@ -110,7 +110,9 @@ def test_distributed_plain_train_does_not_import_mpi4py(corpus, tmp_path):
     ["--steps", "4", "--batch-size", "12"],
     # spheres sitting out (5 rows for 12 spheres) and gradient accumulation over micro-steps
     ["--steps", "3", "--batch-size", "5", "--accum-steps", "2"],
-], ids=["batch12", "batch5-accum2"])
+    # a step message above 32 KiB (mpi4py's irecv buffer): rows go by matched probe, any size
+    ["--steps", "2", "--batch-size", "96", "--block-size", "48"],
+], ids=["batch12", "batch5-accum2", "big-rows"])
 def test_distributed_weights_bit_identical_to_one_process(corpus, tmp_path, extra):
     train(PLAIN, corpus, tmp_path / "plain.cllm", "--threads", "2", *extra)
     expected = weights_sha256(tmp_path / "plain.cllm")
