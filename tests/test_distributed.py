@@ -131,7 +131,8 @@ def test_distributed_lost_worker_does_not_hang_rank0(corpus, tmp_path, how):
     steps = ["--steps", "1500", "--threads", "1"]
     train(PLAIN, corpus, tmp_path / "plain.cllm", *steps)
     out = tmp_path / "lost.cllm"
-    cmd = [*mpirun(3), "train", "--data", str(corpus), *TINY, "--out", str(out), *steps]
+    # --spheres: a table every 250 steps, so a slow run (a loaded machine) shows its progress
+    cmd = [*mpirun(3), "train", "--data", str(corpus), *TINY, "--out", str(out), *steps, "--spheres", "250"]
     log_path = tmp_path / "mpirun.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=dict(os.environ, **MPI_ENV), stdout=subprocess.PIPE, stderr=log_file, text=True)
@@ -151,7 +152,7 @@ def test_distributed_lost_worker_does_not_hang_rank0(corpus, tmp_path, how):
             noticed = time.monotonic() - lost
             if how == "frozen":
                 os.kill(pid, signal.SIGKILL)  # a frozen process never exits by itself; mpirun waits for it
-            stdout, _ = proc.communicate(timeout=120)
+            stdout, _ = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
