@@ -155,11 +155,16 @@ def stage_cache_root(config: pytest.Config, tmp_path_factory: pytest.TempPathFac
     cache = getattr(config, "cache", None)
     candidates = ([Path(cache.mkdir("cllmd-package-stage"))] if cache is not None else []) + [
         Path(config.rootpath) / ".pytest-stage" / "cllmd-package-stage",
+        Path("/var/cache/cllmd-test-stage"),   # not under /root or /home, which ProtectHome= hides
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cllmd-test-stage"]
     for root in candidates:
         if _visible_in_containers(root):
-            root.mkdir(parents=True, exist_ok=True)
-            return root
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(root, os.W_OK):
+                return root
     pytest.skip(f"no place outside /tmp and /var/tmp for the staged install (tried "
                 f"{', '.join(map(str, candidates))}): the test containers could not see it")
 
