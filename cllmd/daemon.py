@@ -194,7 +194,7 @@ class Daemon:
                               switch_model=self.switch_model, train_on_existing=self.train_on_existing))
         self.api.register(self.server)
         # every kernel compiled (or loaded from the cache) before the first step or generation
-        warm_up(trainer.model.cfg, trainer.config, self._starting)
+        warm_up(trainer.model.cfg, trainer.config, self._starting, weights=s.inference.weights)
         self.server.starting = None
         self._spawn("queue", self.watcher.run)
         self._start_trainer()

@@ -49,13 +49,14 @@ def cache_is_warm() -> bool:
     return indexes >= len(kernel_dispatchers()) // 2
 
 
-def _exercise(train_cfg, model_options: dict) -> None:
-    from cllmd.generate import Generation, SamplingOptions
+def _exercise(train_cfg, model_options: dict, weights: str) -> None:
+    from cllmd.generate import Decoder, SamplingOptions, Sequence
     from cllmd.model import Model, ModelConfig
     from cllmd.tokensource import TokenArraySource
     from cllmd.trainer import Trainer
 
-    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8, **model_options)
+    # n_embd 32: int8 weights come in groups of 32
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=8, **model_options)
     model = Model(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, 64, 4096)
     train = dataclasses.replace(train_cfg, batch_size=12, eval_interval=0, warmup=0)
@@ -65,15 +66,22 @@ def _exercise(train_cfg, model_options: dict) -> None:
         trainer.evaluate()
     finally:
         trainer.close()
-    for _ in Generation(model, [1, 2, 3], SamplingOptions(max_tokens=3, temperature=1.0, seed=0)):
-        pass
+    # decoding as the daemon's batcher does it: one sequence alone, then two together
+    opts = SamplingOptions(max_tokens=3, temperature=1.0, seed=0)
+    for kind in dict.fromkeys(("float32", weights)):
+        decoder = Decoder(model, kind)
+        for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):
+            seqs = [Sequence(model, p, opts) for p in prompts]
+            while not all(s.done for s in seqs):
+                decoder.advance([s for s in seqs if not s.done])
 
 
-def warm_up(model_cfg, train_cfg, report: Callable[[str], None]) -> dict:
+def warm_up(model_cfg, train_cfg, report: Callable[[str], None], weights: str = "float32") -> dict:
     """Run the kernels once (on a thread; this one reports every second); returns figures.
 
     ``model_cfg``: the daemon's ModelConfig (its options choose kernels: clock positions, init);
-    ``train_cfg``: its TrainConfig (gradient checkpointing chooses kernels too).
+    ``train_cfg``: its TrainConfig (gradient checkpointing chooses kernels too); ``weights``:
+    the inference weights ("float32" or "int8"), whose decoding kernels differ.
     """
     warm = cache_is_warm()
     what = "loading compiled kernels" if warm else "compiling kernels (first start only, a minute or two)"
@@ -82,7 +90,7 @@ def warm_up(model_cfg, train_cfg, report: Callable[[str], None]) -> dict:
 
     def run() -> None:
         try:
-            _exercise(train_cfg, options)
+            _exercise(train_cfg, options, weights)
         except BaseException as e:  # reported by the caller, on its own thread
             failure.append(e)
 
