@@ -302,13 +302,15 @@ def verify(d: Daemon, good: list[tuple[str, str]]) -> dict:
     from cllmd.modelfile import read_model_file
     from cllmd.preprocess import preprocess
     unloadable = []
-    for path in (d.state / "model.cllm", d.state / "checkpoints" / "latest.cllm"):
+    # the model's directory: <state>/models/NAME/ (named models), else the state directory itself
+    home = next((p.parent for p in sorted(d.state.rglob("model.cllm"))), d.state)
+    for path in (home / "model.cllm", home / "checkpoints" / "latest.cllm"):
         try:
             read_model_file(path, verify=True)
         except Exception as e:   # noqa: BLE001  (any failure to load counts)
             unloadable.append(f"{path.name}: {e}")
     try:
-        store = DataStore(d.state / "data", vocab_size=257)
+        store = DataStore(home / "data", vocab_size=257)
     except Exception as e:   # noqa: BLE001
         return {"unloadable": unloadable + [f"data store: {e}"], "lost": None, "stored_twice": None}
     by_sha: dict[str, int] = {}

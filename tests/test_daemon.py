@@ -510,8 +510,11 @@ def test_daemon_agrees_with_protocol_md_on_the_points_found_apart(daemon):
     # the tokenizer travels inside the model file and the checkpoint, as architecture.md says
     from cllmd.modelfile import read_model_file
     arch = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
-    assert "The tokenizer has no file of its own" in arch and not (d.state / "tokenizer.json").exists()
-    for path in (d.state / "model.cllm", d.state / "checkpoints" / "latest.cllm"):
+    model_path = Path(c.request("model.info")["path"])
+    checkpoints = sorted(d.state.rglob("latest.cllm"))
+    assert "The tokenizer has no file of its own" in arch and checkpoints
+    assert not list(d.state.rglob("tokenizer.json"))
+    for path in (model_path, *checkpoints):
         assert json.loads(read_model_file(path, verify=False)[0]["tokenizer"])["type"] == "bytes"
     # the stream timeout the doc states is the setting's default
     timeout = SETTINGS["server.stream_timeout"].default
