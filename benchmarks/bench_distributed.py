@@ -113,7 +113,7 @@ def main() -> None:
         # the chain is pipelined in 4 MiB chunks: each link carries P floats of sums and P of weights
         seconds = 2 * 4 * GPT2_SMALL_PARAMS / 1.25e9 + 2 * (R - 1) * (4 << 20) / 1.25e9
         print(f"GPT-2 small ({GPT2_SMALL_PARAMS:,} parameters), R={R}: {per_step / 1e9:.2f} GB per step in all, "
-              f"{2 * 4 * GPT2_SMALL_PARAMS / 1e9:.2f} GB each way through a worker's link; "
+              f"at most {2 * 4 * GPT2_SMALL_PARAMS / 1e9:.2f} GB each way through one rank's link; "
               f"~{seconds:.2f} s per step on 10 Gbit/s")
 
 
