@@ -80,7 +80,7 @@ class Batcher:
 
     def status(self) -> dict:
         with self._cond:
-            entries = self._active + self._joining
+            entries = [e for e in self._active + self._joining if not e.seq.done]  # done: released
             return {"sequences": len(entries), "weights": self.weights, "steps": self.steps,
                     "largest_batch": self.largest_batch,
                     "tokens_per_second": round(self.tokens_per_second, 1),
