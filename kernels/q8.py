@@ -39,6 +39,11 @@ VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 # parallel over output blocks: the decode matvec is the one place one sequence uses both
 # cores. numba's OpenMP layer is safe to enter from several threads at once.
 parallel_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+# Small products and quantizations keep the GIL: they take microseconds, and a thread that
+# releases the GIL dozens of times per token waits for it back behind the daemon's other
+# threads each time (measured: int8 decoding of the default model in the daemon).
+gil_kernel = numba.njit(cache=True, nogil=False, error_model="numpy")
+inline = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
 def padded(n: int, multiple: int) -> int:
@@ -100,9 +105,8 @@ def quantize_weight(wq, wc, ws, w):
             ws[mb, g, r] = s
 
 
-@kernel
-def quantize_rows(xu, xs, x):
-    """Activations x [N, K] -> xu [N, Kp] uint8 (q + 128), xs [N, Kp/GROUP] float32 scales."""
+@inline
+def _quantize_rows(xu, xs, x):
     N, K = x.shape
     Kp = xu.shape[1]
     for n in range(N):
@@ -118,6 +122,21 @@ def quantize_rows(xu, xs, x):
                 xu[n, k] = np.uint8(np.int32(np.rint(x[n, k] * inv)) + 128)
             for k in range(max(a, b), (g + 1) * GROUP):
                 xu[n, k] = np.uint8(128)
+
+
+@kernel
+def _quantize_rows_nogil(xu, xs, x):
+    _quantize_rows(xu, xs, x)
+
+
+@gil_kernel
+def _quantize_rows_gil(xu, xs, x):
+    _quantize_rows(xu, xs, x)
+
+
+def quantize_rows(xu, xs, x):
+    """Activations x [N, K] -> xu [N, Kp] uint8 (q + 128), xs [N, Kp/GROUP] float32 scales."""
+    (_quantize_rows_nogil if xu.size >= 1 << 16 else _quantize_rows_gil)(xu, xs, x)
 
 
 def _data_ptr(context, builder, aryty, ary, offset):
@@ -178,7 +197,7 @@ def _vnni_body(out, xu, xs, wq, wc, ws, mb):
                     fwc, fws, mb * ng * R, ng)
 
 
-_vnni_block_rows = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")(_vnni_body)
+_vnni_block_rows = inline(_vnni_body)
 
 
 @parallel_kernel
@@ -187,7 +206,7 @@ def _matmul_vnni(out, xu, xs, wq, wc, ws):
         _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
 
 
-@kernel
+@gil_kernel
 def _matmul_vnni_serial(out, xu, xs, wq, wc, ws):
     for mb in range(wq.shape[0]):
         _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
@@ -226,7 +245,7 @@ def q8_matmul(out, xu, xs, w: Q8Weight) -> None:
     Each element is computed by the same instructions on one thread or many: exact either way."""
     if not VNNI:
         _matmul_generic(out, xu, xs, w.wq, w.wc, w.ws)
-    elif out.shape[0] * w.Mp * w.Kp >= PARALLEL_MIN_MACS:
+    elif out.shape[0] * w.Mp * w.Kp >= PARALLEL_MIN_MACS:  # (the GIL is released in here)
         _matmul_vnni(out, xu, xs, w.wq, w.wc, w.ws)
     else:
         _matmul_vnni_serial(out, xu, xs, w.wq, w.wc, w.ws)
