@@ -41,12 +41,12 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def sweep_temps(directory: os.PathLike | str) -> list[str]:
-    """Remove the temporary files a crash left in `directory`; returns their names.
+def sweep_temps(directory: os.PathLike | str) -> dict[str, int]:
+    """Remove the temporary files a crash left in `directory`; returns {name: bytes freed}.
 
     Only for a directory no other process of ours writes into at the same time (the daemon
     holds its state lock when it calls this)."""
-    removed = []
+    removed: dict[str, int] = {}
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
@@ -54,8 +54,9 @@ def sweep_temps(directory: os.PathLike | str) -> list[str]:
     for entry in entries:
         if is_temp(entry.name) and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):
+                size = entry.stat(follow_symlinks=False).st_size
                 os.unlink(entry.path)
-                removed.append(entry.name)
+                removed[entry.name] = size
     return removed
 
 

@@ -204,6 +204,13 @@ def sanitize_name(name: str) -> str:
     return _fit(stem, ext, 200)
 
 
+def portable_name(name: str) -> str:
+    """`name` (as os.listdir gives it) made safe to show, log and send: bytes that are not
+    UTF-8 become U+FFFD, control characters (a newline...) "_". Unchanged for a normal name."""
+    text = os.fsencode(name).decode("utf-8", "replace")
+    return "".join("_" if ord(c) < 32 or c == "\x7f" else c for c in text)
+
+
 # --------------------------------------------------------------------------- entering the queue
 
 _RENAME_NOREPLACE = 1   # linux/fs.h

@@ -24,7 +24,7 @@ from cllmd.batching import KVCacheFull
 from cllmd.protocol import BAD_REQUEST, BUSY, NOT_FOUND, TOO_LARGE, ProtocolError
 from cllmd.tokenizer import TokenizerError
 from cllmd.models import ModelsError, NoSuchModel
-from cllmd.queuedir import FileTooLarge, NotInQueue, QueueError
+from cllmd.queuedir import STATES, FileTooLarge, NotInQueue, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ class Api:
 
     def queue_list(self, args) -> dict:
         limit = args.get("limit") or 1000
-        listing = self.s.queue.list()
         state = args.get("state")
+        listing = self.s.queue.list(limit, [state] if state else STATES)
         files = []
         for st in ("incoming", "processing", "done", "failed"):
             if state and st != state:
@@ -207,7 +207,9 @@ class Api:
                 files.append({"name": f["name"], "state": st, "bytes": f.get("size"), "mtime": f.get("mtime"),
                               "reason": reason})
         files.sort(key=lambda f: f["mtime"] or 0, reverse=True)  # the newest first
-        return {"counts": self.s.queue.counts(), "files": files[:limit], "truncated": len(files) > limit,
+        counts = self.s.queue.counts()
+        listed = sum(counts[st] for st in ([state] if state else STATES))
+        return {"counts": counts, "files": files[:limit], "truncated": listed > limit,
                 "dir": str(self.s.queue_dir)}
 
     def queue_add(self, args) -> dict:

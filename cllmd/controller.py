@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from cllm.catalogue import field_of, fields_of, runtime_settings
-from cllm.durable import atomic_write
 from cllmd.model import Model
 from cllmd.tokensource import ReplayMix
 from cllmd.trainer import Trainer
@@ -55,7 +54,8 @@ class TrainingController:
         self.mix = trainer.source if isinstance(trainer.source, ReplayMix) else None
         if self.mix is not None:
             self.mix.replay_fraction = settings.replay_fraction
-        self.budget_path = Path(checkpoint_path).with_name("training.json")
+        # The training plan of versions before 0.2 (since then it lives in the checkpoint).
+        self.legacy_plan_path = Path(checkpoint_path).with_name("training.json")
         self.checkpoint_path = Path(checkpoint_path)
         self.model_path = Path(model_path)
         self.settings = settings
@@ -64,6 +64,10 @@ class TrainingController:
         self.budget = 0                # steps still to take
         self.budget_total = 0
         self.reason = ""               # why the current budget exists (auto / manual)
+        # Offset of the train stream up to which stored tokens have been turned into budget.
+        # Checkpointed with the budget; the tokens the data store holds beyond it are owed.
+        self.credited = 0
+        self._checkpoint_asked = False  # a checkpoint wanted by someone who does not wait
         self._cond = threading.Condition()
         self._paused = False
         self._checkpoint_waiters: list[threading.Event] = []
@@ -81,23 +85,56 @@ class TrainingController:
         self.last_error: str | None = None
         self.step_seconds = 0.0
 
-    def restore_plan(self) -> None:
-        """After a restart: the training budget still owed, as of the last checkpoint."""
-        try:
-            plan = json.loads(self.budget_path.read_text())
-            budget, total = int(plan["budget"]), int(plan["budget_total"])
-            since, reason = int(plan.get("since", 0)), str(plan.get("reason", ""))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable %s: %s", self.budget_path, e)
-            return
+    def plan(self) -> dict:
+        """The training plan, as the checkpoint stores it."""
         with self._cond:
-            self.budget, self.budget_total, self.reason = budget, total, reason
-            if self.mix is not None:
-                self.mix.since = since
-        if budget:
-            log.info("resuming the training budget: %d of %d steps left", budget, total)
+            return {"budget": self.budget, "budget_total": self.budget_total, "reason": self.reason,
+                    "since": self.mix.since if self.mix else 0, "credited": self.credited}
+
+    def restore_plan(self, stored_tokens: int, resumed: bool) -> None:
+        """After a restart: the budget still owed as of the last checkpoint, plus the steps
+        earned by every token stored since (`stored_tokens`: the train stream's length now;
+        `resumed`: the trainer comes from a checkpoint).
+
+        A file reaches done/ only once its tokens are durably in the data store, so nothing a
+        kill -9 interrupts can lose a file's budget: it is owed again from the store.
+        """
+        plan = (self.trainer.checkpoint_extra or {}).get("plan")
+        legacy = plan is None and self.legacy_plan_path.exists()
+        if legacy:
+            plan = self._read_legacy_plan()
+        if plan is None and resumed:
+            plan = {"budget": 0, "budget_total": 0}  # a checkpoint of a version without plans
+        if plan is not None:
+            try:
+                budget, total = int(plan["budget"]), int(plan["budget_total"])
+                since, reason = int(plan.get("since", 0)), str(plan.get("reason", ""))
+                # A plan from before "credited" was kept had credited everything stored then.
+                credited = int(plan.get("credited", stored_tokens))
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring an unreadable training plan (%s): %s", self.checkpoint_path, e)
+                budget = total = since = 0
+                reason, credited = "", stored_tokens
+            with self._cond:
+                self.budget, self.budget_total, self.reason = budget, total, reason
+                self.credited = min(credited, stored_tokens)
+                if self.mix is not None:
+                    self.mix.since = since
+            if budget:
+                log.info("resuming the training budget: %d of %d steps left", budget, total)
+        owed = stored_tokens - self.credited
+        if owed > 0:
+            log.info("%d tokens were stored after the last checkpoint: their steps are owed", owed)
+            self.add_tokens(owed, since=self.credited)
+
+    def _read_legacy_plan(self) -> dict | None:
+        try:
+            plan = json.loads(self.legacy_plan_path.read_text())
+            log.info("migrating the training plan from %s into the checkpoint", self.legacy_plan_path)
+            return plan if isinstance(plan, dict) else None
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", self.legacy_plan_path, e)
+            return None
 
     # ---- called from other threads -------------------------------------------------------------
 
@@ -130,6 +167,8 @@ class TrainingController:
     def add_tokens(self, tokens: int, since: int = 0) -> int:
         """New training tokens arrived at offset `since` of the train stream: with auto-training
         on, extend the budget by auto_epochs passes over them. Returns the steps added."""
+        with self._cond:
+            self.credited = max(self.credited, since + tokens)
         if not self.settings.auto_train or tokens <= 0:
             return 0
         cfg = self.trainer.config
@@ -221,6 +260,12 @@ class TrainingController:
                 out[key] = getattr(cfg if key in TRAINER_KEYS else self.settings, key)
         return out
 
+    def ask_checkpoint(self) -> None:
+        """Asks the training thread for a checkpoint at the next step boundary (SIGUSR1)."""
+        with self._cond:
+            self._checkpoint_asked = True
+            self._cond.notify_all()
+
     def request_checkpoint(self, timeout: float | None = None) -> bool:
         """Asks the training thread for a checkpoint at the next step boundary and waits for it."""
         done = threading.Event()
@@ -245,15 +290,14 @@ class TrainingController:
 
     def _checkpoint(self) -> None:
         t0 = time.perf_counter()
-        self.trainer.save_checkpoint(self.checkpoint_path)
+        # One file, one rename: weights, AdamW moments and the training plan together. A restart
+        # resumes from it alone; model.cllm, written after it, is the model for everyone else.
+        self.trainer.save_checkpoint(self.checkpoint_path, extra={"plan": self.plan()})
+        self.legacy_plan_path.unlink(missing_ok=True)
         self.trainer.model.save(self.model_path, metadata={"step": self.trainer.step_num})
         self._last_checkpoint_step = self.trainer.step_num
         self._last_checkpoint_time = time.monotonic()
         self.last_checkpoint = {"step": self.trainer.step_num, "time": time.time()}
-        with self._cond:
-            plan = {"step": self.trainer.step_num, "budget": self.budget, "budget_total": self.budget_total,
-                    "reason": self.reason, "since": self.mix.since if self.mix else 0}
-        atomic_write(self.budget_path, json.dumps(plan).encode())
         seconds = time.perf_counter() - t0
         log.info("checkpoint at step %d written in %.2fs: %s", self.trainer.step_num, seconds, self.checkpoint_path)
         self.publish("checkpoint", {"kind": "checkpoint", "step": self.trainer.step_num,
@@ -288,8 +332,9 @@ class TrainingController:
                 beat()
                 with self._cond:
                     waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
+                    asked, self._checkpoint_asked = self._checkpoint_asked, False
                     can_train = self.budget > 0 and not self._paused
-                if waiters:
+                if waiters or asked:
                     self._checkpoint_safely()
                     for w in waiters:
                         w.set()
@@ -326,11 +371,16 @@ class TrainingController:
             self.trainer.close()
 
     def _checkpoint_safely(self) -> None:
+        # Whatever goes wrong (a full disk, a value msgpack cannot pack...), training goes on
+        # and the previous checkpoint stays in place: a failed checkpoint never ends the thread.
         try:
             self._checkpoint()
-        except OSError as e:
-            self.last_error = f"checkpoint failed: {e}"
-            log.error("checkpoint failed: %s", e)
+        except Exception as e:
+            self.last_error = f"checkpoint failed: {type(e).__name__}: {e}"
+            if isinstance(e, OSError):
+                log.error("%s", self.last_error)
+            else:
+                log.exception("%s", self.last_error)
             self.publish("error", {"source": "trainer", "message": self.last_error})
 
     def _train_one_step(self) -> None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from cllmd import __version__, sdnotify
+from cllm.durable import sweep_temps
 from cllmd.lockfile import AlreadyRunning, StateLock
 from cllmd.paths import Dirs, PathsError
 from cllmd.settings import SettingsError, add_arguments, load_settings, overrides_from_args
@@ -166,13 +167,14 @@ class Daemon:
         # the state lock is held: finish what a crash left, move a state of before named models
         self.models = Models(self.dirs)
         self.models.sweep()
+        self._sweep_crash_leftovers()
         self.models.migrate()
         self.active_model = self.models.active()
         md = self.dirs.model_dir(self.active_model)
         self.store, trainer, corpus = self._open_model(md)
         self.model_tokenizer = trainer.model.tokenizer
 
-        self.controller = self._make_controller(trainer, md)
+        self.controller = self._make_controller(trainer, md, self.store)
         self.queue = QueueDir(self.dirs.queue, max_file_bytes=s.queue.max_file_bytes,
                               on_event=self._queue_event)
         self.watcher = QueueWatcher(self.queue, self._ingest, retry=RetryPolicy(s.queue.max_attempts),
@@ -241,11 +243,11 @@ class Daemon:
             trainer = Trainer(model, source, self._train_config(), threads=threads)
         return store, trainer, corpus
 
-    def _make_controller(self, trainer, md):
+    def _make_controller(self, trainer, md, store):
         from cllmd.controller import TrainingController
         controller = TrainingController(trainer, checkpoint_path=md.checkpoint, model_path=md.model,
                                         settings=self._controller_settings(), publish=self.server.publish)
-        controller.restore_plan()
+        controller.restore_plan(store.num_tokens("train"), resumed=md.checkpoint.exists())
         return controller
 
     def _start_trainer(self) -> None:
@@ -304,7 +306,7 @@ class Daemon:
             except Exception:
                 self._start_trainer_again()
                 raise
-            controller = self._make_controller(trainer, md)
+            controller = self._make_controller(trainer, md, store)
             self.store, self.controller, self.model_tokenizer, self.active_model = store, controller, \
                 trainer.model.tokenizer, name
             stages = self.api.s
@@ -322,9 +324,25 @@ class Daemon:
         md = self.dirs.model_dir(self.active_model)
         self.store.close()
         self.store, trainer, _ = self._open_model(md)
-        self.controller = self._make_controller(trainer, md)
+        self.controller = self._make_controller(trainer, md, self.store)
         self.api.s.controller, self.api.s.store = self.controller, self.store
         self._start_trainer()
+
+    def _sweep_crash_leftovers(self) -> None:
+        """The temporary files of writes a crash interrupted (checkpoints, model files), in the
+        state directory of before named models and in each model's; safe because we hold the
+        state lock: nobody else writes here. The queue and the data store sweep their own
+        directories as they open."""
+        roots = [self.dirs.legacy_model_dir]
+        if self.dirs.models.is_dir():
+            roots += [self.dirs.model_dir(p.name) for p in self.dirs.models.iterdir()
+                      if p.is_dir() and not p.name.startswith(".")]
+        for md in roots:
+            for d in (md.root, md.checkpoints):
+                removed = sweep_temps(d)
+                if removed:
+                    log.warning("removed %d temporary file(s) (%d bytes) left in %s by a crash",
+                                len(removed), sum(removed.values()), d)
 
     def _tcp_options(self) -> dict:
         s = self.settings.server
@@ -441,7 +459,7 @@ class Daemon:
                 self.reload()
             elif sig == signal.SIGUSR1:
                 log.info("checkpoint requested (SIGUSR1)")
-                threading.Thread(target=self.controller.request_checkpoint, daemon=True).start()
+                self.controller.ask_checkpoint()
             now = time.monotonic()
             if watchdog and now - last_watchdog >= watchdog:
                 stale = self.heartbeats.stale(STALE_HEARTBEAT_SECONDS)

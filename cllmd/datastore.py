@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cllm.durable import atomic_write, fsync_dir, sweep_temps
+from cllm.durable import PRIVATE_FILE, atomic_write, fsync_dir, sweep_temps
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class DataStore:
         return os.path.join(self.directory, name)
 
     def _acquire_lock(self) -> int:
-        fd = os.open(self._path(LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._path(LOCK_NAME), os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -224,7 +224,7 @@ class DataStore:
         """Read the index, truncating a torn or corrupt tail; returns its good size."""
         path = self._path(INDEX_NAME)
         created = not os.path.exists(path)
-        fd = self._index_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._index_fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         if created:
             fsync_dir(self.directory)
         good = 0           # byte offset just past the last good record
@@ -363,7 +363,7 @@ class DataStore:
             del self._write_fds[split]
         path = self._path(shard_name(split, shard))
         created = not os.path.exists(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         if created:
             fsync_dir(self.directory)  # the new name must survive too, not only its bytes
         self._write_fds[split] = (shard, fd)

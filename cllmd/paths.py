@@ -21,8 +21,11 @@ APP = layout.APP
 CONFIG_NAME = "cllmd.toml"
 SYSTEM_CONFIG = Path("/etc/cllmd") / CONFIG_NAME
 # State and runtime hold the model, the queue and the sockets: group-readable only, because the
-# runtime directory's permissions are the access control of the IPC sockets (DESIGN.md).
+# runtime directory's permissions are the access control of the IPC sockets (DESIGN.md), and the
+# queue's group drops files into <state>/queue/incoming/.
 DIR_MODE = 0o750
+# What only the daemon reads: the data store (the users' documents, tokenized) and checkpoints.
+PRIVATE_DIR_MODE = 0o700
 
 
 class PathsError(Exception):
@@ -114,13 +117,21 @@ class Dirs:
         return f"ipc://{self.events_socket}"
 
     def ensure(self) -> None:
-        """Create state, runtime and cache (mode 0750) and the state sub-directories."""
-        for d in (self.state, self.runtime, self.cache):
-            _make_dir(d)
-        if os.stat(self.runtime.parent).st_mode & stat.S_IWOTH:
+        """Create state, runtime, cache and queue (mode 0750) and models/ (0700; each model's
+        directory: ModelDir.ensure); directories that exist with a looser mode are tightened."""
+        for d in (self.state, self.cache):
+            _make_dir(d, DIR_MODE)
+        # Checked before any tightening: a runtime directory that others could write to may
+        # hold what they planted there.
+        public_parent = self.runtime.parent.is_dir() and \
+            os.stat(self.runtime.parent).st_mode & stat.S_IWOTH
+        if public_parent and self.runtime.is_dir():
             _check_private(self.runtime)
-        for d in (self.queue, self.models):
-            _make_dir(d)
+        _make_dir(self.runtime, DIR_MODE)
+        if public_parent:
+            _check_private(self.runtime)
+        _make_dir(self.queue, DIR_MODE)
+        _make_dir(self.models, PRIVATE_DIR_MODE)
 
 
 @dataclass(frozen=True)
@@ -147,24 +158,36 @@ class ModelDir:
         return self.root / "data"
 
     def ensure(self) -> None:
+        """Only the daemon reads a model's files (mode 0700; looser existing ones tightened)."""
         for d in (self.root, self.checkpoints, self.data):
-            _make_dir(d)
+            _make_dir(d, PRIVATE_DIR_MODE)
 
 
-def _make_dir(path: Path) -> None:
+def _make_dir(path: Path, mode: int) -> None:
     try:
         if path.is_dir():
+            _tighten(path, mode)
             return
-        # Parents follow the XDG spec (0700); the leaf gets DIR_MODE regardless of the umask.
+        # Parents follow the XDG spec (0700); the leaf gets `mode` regardless of the umask.
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=DIR_MODE)
-        os.chmod(path, DIR_MODE)
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
         log.info("created %s", path)
     except FileExistsError:
         if not path.is_dir():
             raise PathsError(f"{path}: exists and is not a directory") from None
     except OSError as e:
         raise PathsError(f"{path}: cannot create directory: {e.strerror}") from e
+
+
+def _tighten(path: Path, mode: int) -> None:
+    # Only ever removes permissions (an administrator's tighter mode stays), and only on a
+    # directory of ours: a shared parent someone else owns is left alone.
+    st = os.stat(path)
+    current = stat.S_IMODE(st.st_mode)
+    if current & ~mode and st.st_uid == os.getuid():
+        os.chmod(path, current & mode)
+        log.info("%s: mode %03o tightened to %03o", path, current, current & mode)
 
 
 def _check_private(path: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,6 +27,7 @@ STATES = layout.QUEUE_STATES
 REASON_SUFFIX = layout.REASON_SUFFIX
 DIR_MODE = 0o750   # the queue's group (clients that drop files) may enter it
 SIDECAR_PREFIX = ".attempts-"
+RECENT_MAX = 100_000  # names remembered per state (the protocol's largest queue.list limit)
 
 
 class QueueError(Exception):
@@ -71,8 +73,11 @@ class QueueDir:
         self.dirs = {s: self.root / s for s in STATES}
         for d in self.dirs.values():
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        # Guards the choice of a free name together with the move into it.
+        # Guards the choice of a free name together with the move into it, and _recent.
         self._lock = threading.Lock()
+        # The names this process moved into each state, oldest first: list() picks the newest
+        # without looking at (stat-ing) every file of a large done/.
+        self._recent: dict[str, OrderedDict[str, None]] = {s: OrderedDict() for s in STATES}
 
     def emit(self, **event: Any) -> None:
         if self.on_event is None:
@@ -112,7 +117,18 @@ class QueueDir:
         os.rename(src, self.dirs[state] / final)
         fsync_dir(self.dirs[state])
         fsync_dir(src.parent)
+        self._arrived(state, final, src.parent.name, src.name)
         return final
+
+    def _arrived(self, state: str, name: str, from_state: str | None = None,
+                 from_name: str | None = None) -> None:
+        if from_state in self._recent:
+            self._recent[from_state].pop(from_name, None)
+        recent = self._recent[state]
+        recent[name] = None
+        recent.move_to_end(name)
+        if len(recent) > RECENT_MAX:
+            recent.popitem(last=False)
 
     # ------------------------------------------------------------------ attempt records
 
@@ -136,17 +152,22 @@ class QueueDir:
     # ------------------------------------------------------------------ the moves
 
     def claim(self, name: str) -> str | None:
-        """incoming/NAME -> processing/ (atomic rename); None if someone else took it first."""
+        """incoming/NAME -> processing/ (atomic rename); None if someone else took it first.
+
+        A name that is not valid UTF-8, or holds control characters, is given a portable form
+        here (layout.portable_name): every later step, event and listing can carry it."""
         if name.startswith("."):
             return None
         with self._lock:
             if not os.path.lexists(self.dirs["incoming"] / name):
                 return None
             try:
-                pname = self._move(self.dirs["incoming"] / name, "processing", name)
+                pname = self._move(self.dirs["incoming"] / name, "processing",
+                                   layout.portable_name(name))
             except FileNotFoundError:
                 return None
-        log.debug("claimed %r as processing/%r", name, pname)
+        if pname != name:
+            log.info("queue: claimed %r as processing/%r", name, pname)
         return pname
 
     def read(self, pname: str) -> bytes:
@@ -164,6 +185,11 @@ class QueueDir:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise BadInput("not a regular file")
+            if st.st_nlink > 1:
+                # Whoever made the link may not be able to read the file it names (mode 0600
+                # elsewhere): the daemon must not read it for them.
+                raise BadInput(f"a hard link ({st.st_nlink} names for one file): refused; "
+                               "copy the file into the queue instead")
             if st.st_size > self.max_file_bytes:
                 raise BadInput(f"too large: {st.st_size} bytes, the limit is {self.max_file_bytes}")
         except BaseException:
@@ -204,6 +230,8 @@ class QueueDir:
             raise FileTooLarge(f"{name!r}: {len(data)} bytes is over the queue's limit of "
                                f"{self.max_file_bytes} bytes")
         final = layout.write_incoming(self.dirs["incoming"], layout.sanitize_name(name), data)
+        with self._lock:
+            self._arrived("incoming", final)
         log.info("queue: added incoming/%r (%d bytes)", final, len(data))
         self.emit(name=final, state="incoming", size=len(data))   # before the watcher is woken
         self._placed(final)
@@ -218,6 +246,7 @@ class QueueDir:
                 raise NotInQueue(f"no file {name!r} in {failed}")
             final = layout.place(failed / name, self.dirs["incoming"], name)
             (failed / (name + REASON_SUFFIX)).unlink(missing_ok=True)
+            self._arrived("incoming", final, "failed", name)
         fsync_dir(self.dirs["incoming"])
         fsync_dir(failed)
         log.info("queue: retrying failed/%r as incoming/%r", name, final)
@@ -287,27 +316,39 @@ class QueueDir:
     def counts(self) -> dict[str, int]:
         return {state: len(self.names(state)) for state in STATES}
 
-    def list(self, limit: int | None = None) -> dict[str, list[dict]]:
-        """Every state's files, oldest first ({"name", "size", "mtime"}, failed: "reason",
-        "attempts"); with `limit`, only the newest `limit` of each state."""
+    def list(self, limit: int | None = None,
+             states: Iterable[str] = STATES) -> dict[str, list[dict]]:
+        """Each state's files, oldest first ({"name", "size", "mtime"}, failed: "reason",
+        "attempts"). With `limit`, the newest `limit` of each state, chosen before any file is
+        looked at: those this process moved there, the latest first, then the others by name
+        (the last first). Names that are not UTF-8 are shown in their portable form."""
         out: dict[str, list[dict]] = {}
-        for state in STATES:
+        for state in states:
             d = self.dirs[state]
+            names = self.names(state)
+            if limit is not None and len(names) > limit:
+                present = set(names)
+                with self._lock:
+                    chosen = [n for n in reversed(self._recent[state]) if n in present][:limit]
+                if len(chosen) < limit:
+                    taken = set(chosen)
+                    chosen += sorted((n for n in names if n not in taken),
+                                     reverse=True)[:limit - len(chosen)]
+                names = chosen
             entries = []
-            for name in self.names(state):
+            for name in names:
                 try:
                     st = os.lstat(d / name)
                 except FileNotFoundError:
                     continue  # moved on while we looked
                 entries.append({"name": name, "size": st.st_size, "mtime": st.st_mtime})
             entries.sort(key=lambda e: (e["mtime"], e["name"]))
-            if limit is not None:
-                entries = entries[-limit:] if limit > 0 else []
             for e in entries:
                 if state == "failed":
                     e.update(self._reason(e["name"]))
                 elif state == "processing":
                     e["attempts"] = self.attempts(e["name"])[0]
+                e["name"] = layout.portable_name(e["name"])
             out[state] = entries
         return out
 

@@ -120,6 +120,7 @@ class Trainer:
         self.step_num = 0          # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0
         self.tokens_seen = 0
+        self.checkpoint_extra: dict | None = None  # what save_checkpoint(extra=) stored, once resumed
         self.last: dict = {}       # the last step's figures
         self.last_eval: dict = {}
         self.tokens_per_second = 0.0
@@ -313,8 +314,10 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, path) -> None:
-        """Model, AdamW moments, step, RNG state and configuration, written atomically."""
+    def save_checkpoint(self, path, extra: dict | None = None) -> None:
+        """Model, AdamW moments, step, RNG state and configuration, written atomically (one file,
+        one rename). `extra` (the controller's training plan) is stored with them, so a plan
+        and the weights it belongs to are never paired from different steps."""
         meta = {
             "kind": CHECKPOINT_KIND,
             "step": self.step_num, "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
@@ -324,6 +327,8 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "time": time.time(),
         }
+        if extra is not None:
+            meta["extra"] = extra
         from cllmd.modelfile import write_model_file
         tensors = dict(self.model.params)
         tensors["optim.m"] = self.optimizer.m
@@ -349,6 +354,7 @@ class Trainer:
         trainer.step_num = int(meta["step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.tokens_seen = int(meta["tokens_seen"])
+        trainer.checkpoint_extra = meta.get("extra")
         return trainer
 
     def close(self) -> None:

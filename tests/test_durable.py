@@ -76,10 +76,10 @@ def test_durable_sweep_removes_a_killed_writers_temp_file_only(tmp_path):
     assert proc.returncode == -9
     left = [n for n in os.listdir(tmp_path) if is_temp(n)]
     assert len(left) == 1
-    assert sweep_temps(tmp_path) == left
+    assert sweep_temps(tmp_path) == {left[0]: 4000}
     assert sorted(os.listdir(tmp_path)) == [".hidden-but-not-ours", "checkpoint.cllm"]
     assert target.read_bytes() == b"previous"
-    assert sweep_temps(tmp_path / "absent") == []
+    assert sweep_temps(tmp_path / "absent") == {}
 
 
 def test_durable_temp_names_are_fresh_and_recognised(tmp_path):

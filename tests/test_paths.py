@@ -109,3 +109,24 @@ def test_dirs_ensure_refuses_file_in_the_way(tmp_path):
              config_file=None)
     with pytest.raises(PathsError, match="state"):
         d.ensure()
+
+
+def test_dirs_ensure_tightens_existing_directories_and_keeps_data_private(tmp_path):
+    # Issue 11, F9: made by hand (umask 022) or by an older version, they were world-readable.
+    d = Dirs(state=tmp_path / "state", runtime=tmp_path / "run", cache=tmp_path / "cache",
+             config_file=None)
+    md = d.model_dir("default")
+    dirs = (d.state, d.runtime, d.cache, d.queue, d.models, md.root, md.checkpoints, md.data)
+    for p in dirs:
+        p.mkdir(parents=True, exist_ok=True)
+        os.chmod(p, 0o755)
+    d.ensure()
+    md.ensure()
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(os.stat(p).st_mode) for p in dirs}
+    assert modes == {"state": 0o750, "run": 0o750, "cache": 0o750, "state/queue": 0o750,
+                     "state/models": 0o700, "state/models/default": 0o700,
+                     "state/models/default/checkpoints": 0o700, "state/models/default/data": 0o700}
+    os.chmod(md.data, 0o500)  # an administrator's tighter mode is never loosened
+    md.ensure()
+    assert stat.S_IMODE(os.stat(md.data).st_mode) == 0o500
+    os.chmod(md.data, 0o700)

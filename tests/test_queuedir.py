@@ -55,3 +55,43 @@ def test_queuedir_read_refuses_what_is_not_a_plain_file(tmp_path):
             q.read(name)
     with pytest.raises(NotInQueue, match="invalid queue file name"):
         q.retry(".hidden")
+
+
+def test_queuedir_claim_gives_a_name_that_is_not_utf8_a_portable_form(tmp_path):
+    # Issue 11, F4: a real file whose name holds the byte 0xff (and a newline).
+    events = []
+    q = QueueDir(tmp_path, max_file_bytes=100, on_event=events.append)
+    raw = os.fsdecode(b"caf\xe9\nmenu.txt")
+    (tmp_path / "incoming" / raw).write_bytes(b"text")
+    listed = q.list()["incoming"]
+    assert [e["name"] for e in listed] == ["caf\ufffd_menu.txt"]
+    listed[0]["name"].encode("utf-8")  # can go on the wire
+    pname = q.claim(raw)
+    assert pname == "caf\ufffd_menu.txt"
+    assert q.finish(pname) == pname
+    assert events[-1]["name"].encode("utf-8") == "caf\ufffd_menu.txt".encode("utf-8")
+    assert os.listdir(tmp_path / "done") == ["caf\ufffd_menu.txt"]
+
+
+def test_queuedir_refuses_a_hard_link(tmp_path):
+    # Issue 11, F8: a link to a file its dropper may not read must not be read for them.
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"private")
+    os.chmod(secret, 0o600)
+    q = QueueDir(tmp_path / "q", max_file_bytes=100)
+    os.link(secret, tmp_path / "q" / "processing" / "linked.txt")
+    with pytest.raises(BadInput, match=r"a hard link \(2 names for one file\): refused"):
+        q.read("linked.txt")
+
+
+def test_queuedir_list_limit_picks_the_newest_moves_first(tmp_path):
+    q = QueueDir(tmp_path, max_file_bytes=100)
+    for i in range(30):  # older files, not moved by this process
+        (tmp_path / "done" / f"old{i:02d}.txt").write_bytes(b"x")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        q.add(name, b"y")
+        q.finish(q.claim(name))
+    done = q.list(limit=5, states=["done"])["done"]
+    assert sorted(e["name"] for e in done) == ["a.txt", "b.txt", "c.txt", "old28.txt", "old29.txt"]
+    assert q.list(limit=2, states=["done"])["done"][-1]["name"] in ("b.txt", "c.txt")
+    assert len(q.list()["done"]) == 33
