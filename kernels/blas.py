@@ -8,10 +8,18 @@ fixed alias, so numba's on-disk cache stays valid across processes and numpy ver
 When no CBLAS gemm is found (or CLLMD_NO_CBLAS is set), the alias is bound to gemm_naive
 instead, compiled as a C callback with the CBLAS signature: the same model passes then run
 on plain loops, as llm.c keeps its naive matmul beside the fast one. AVAILABLE says which.
+
+A second provider, Intel's MKL (the optional extra cllmd[mkl], PyPI's `mkl`; CLLMD_NO_MKL set
+ignores it), is found by its package files or the system's libmkl_rt and loaded sequential and
+LP64. It brings gemm_bf16 (bfloat16 operands, float32 accumulation and output, on AMX or
+AVX-512 BF16 where the CPU has them) and gemm_mkl (its float32 sgemm). Without MKL, gemm_bf16
+decodes its operands to float32 and runs gemm, and gemm_mkl is gemm; MKL_AVAILABLE says which.
+gemm itself never changes provider: float32 stays numpy's BLAS (or the naive gemm), bit for bit.
 """
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import os
 
@@ -19,11 +27,14 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from ._jit import kernel
+from .bf16 import from_bf16
 
 log = logging.getLogger(__name__)
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enum values
 _ALIASES = {"s": "cllmd_cblas_sgemm", "d": "cllmd_cblas_dgemm"}
+_MKL_ALIASES = {"s": "cllmd_mkl_sgemm", "bf16": "cllmd_mkl_gemm_bf16"}
+MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64 = 1, 0  # MKL_Set_Threading_Layer, MKL_Set_Interface_Layer
 
 
 def _find_gemm() -> dict[str, int] | None:
@@ -180,6 +191,7 @@ def _through_ctypes(found):
     return call
 
 
+_bound = {}  # the addresses the aliases are bound to
 _naive = {}  # the compiled callbacks, kept alive while LLVM holds their addresses
 
 
@@ -198,9 +210,160 @@ def _bind() -> bool:
         found = {t: f.address for t, f in _naive.items()}
     for t, alias in _ALIASES.items():
         llvm.add_symbol(alias, found[t])
+    _bound.update(found)
     if not _self_test(gemm):
         raise RuntimeError("cllmd.kernels.blas: gemm failed its self-test")
     return not _naive
 
 
 AVAILABLE = _bind()
+
+
+# --------------------------------------------------------------------------------------------
+# MKL: cblas_sgemm and cblas_gemm_bf16bf16f32 (MKL_BF16 = uint16 operands, float alpha, beta
+# and C; otherwise sgemm's CBLAS signature, so _SIG["s"] declares both).
+
+_mkl_sgemm = types.ExternalFunction(_MKL_ALIASES["s"], _SIG["s"])
+_mkl_gemm_bf16 = types.ExternalFunction(_MKL_ALIASES["bf16"], _SIG["s"])
+_mkl_lib = None  # the loaded libmkl_rt, kept while LLVM holds its addresses
+
+
+def _mkl_paths() -> list[str]:
+    """libmkl_rt from the `mkl` package's files (it installs into sys.prefix/lib, outside any
+    search path), then the system's (Debian's libmkl-rt)."""
+    from importlib import metadata
+    paths = []
+    try:
+        paths = [str(f.locate()) for f in metadata.distribution("mkl").files or ()
+                 if f.name.startswith("libmkl_rt.so")]
+    except metadata.PackageNotFoundError:
+        pass
+    system = ctypes.util.find_library("mkl_rt")
+    return paths + ([system] if system else [])
+
+
+def _find_mkl() -> dict[str, int] | None:
+    """Addresses of MKL's cblas_sgemm and cblas_gemm_bf16bf16f32, or None. MKL is set to its
+    sequential layer (the sphere threads are the parallelism; no OpenMP runtime of its own)
+    and to LP64, before any call: _SIG's 64-bit integers reach it as their low halves (see _SIG;
+    the self-test checks), and PyTorch's own MKL, linked into torch, was seen to crash in a
+    process where this one ran ILP64."""
+    global _mkl_lib
+    if os.environ.get("CLLMD_NO_MKL"):
+        return None
+    for path in _mkl_paths():
+        try:
+            lib = ctypes.CDLL(path)
+            fns = {"s": lib.cblas_sgemm, "bf16": lib.cblas_gemm_bf16bf16f32}
+            set_threading, set_interface = lib.MKL_Set_Threading_Layer, lib.MKL_Set_Interface_Layer
+        except (OSError, AttributeError) as e:
+            log.info("MKL at %s not usable (%s)", path, e)
+            continue
+        set_threading.argtypes = set_interface.argtypes = [ctypes.c_int]
+        set_interface(MKL_INTERFACE_LP64)
+        set_threading(MKL_THREADING_SEQUENTIAL)
+        _mkl_lib = lib
+        return {t: ctypes.cast(f, ctypes.c_void_p).value for t, f in fns.items()}
+    return None
+
+
+def _mkl_self_test(found) -> bool:
+    """MKL's two gemms called through ctypes as _SIG declares them, on a strided transposed
+    operand, against numpy: sgemm to float32 rounding, the bf16 gemm against the float32
+    product of the same bfloat16 values (each product is exact in float32; only the order of
+    the sums differs)."""
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                             ctypes.c_void_p, ctypes.c_int64)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(9, 7)).astype(np.float32)[:, :5]   # op(a) = a.T [5, 9], lda 7
+    b = rng.normal(size=(9, 6)).astype(np.float32)
+    bits = {"s": (a, b), "bf16": (a.view(np.uint32)[:, :] >> 16 << 16, b.view(np.uint32) >> 16 << 16)}
+    for t, fn in found.items():
+        x, y = bits[t]
+        if t == "bf16":  # the upper halves: bfloat16 operands, and their exact float32 values
+            x32, y32 = x.view(np.float32), y.view(np.float32)
+            x, y = (x >> 16).astype(np.uint16), (y >> 16).astype(np.uint16)
+        else:
+            x32, y32 = x, y
+        c = np.ones((5, 6), np.float32)
+        proto(fn)(ROW_MAJOR, TRANS, NO_TRANS, 5, 6, 9, 2.0, x.ctypes.data, x.strides[0] // x.itemsize,
+                  y.ctypes.data, y.strides[0] // y.itemsize, 1.0, c.ctypes.data, 6)
+        if not np.allclose(c, 2.0 * x32.T.astype(np.float64) @ y32 + 1.0, rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+@kernel
+def gemm_bf16(trans_a, trans_b, alpha, a, b, beta, c):
+    """c = alpha op(a) op(b) + beta c: a, b bfloat16 bits (uint16, cllmd.kernels.bf16), c float32,
+    every product accumulated in float32. Same shapes and strides as gemm."""
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    if M == 0 or N == 0:
+        return
+    ta = TRANS if trans_a else NO_TRANS
+    tb = TRANS if trans_b else NO_TRANS
+    lda = max(a.strides[0] // a.itemsize, a.shape[1], 1)
+    ldb = max(b.strides[0] // b.itemsize, b.shape[1], 1)
+    ldc = max(c.strides[0] // c.itemsize, c.shape[1], 1)
+    _mkl_gemm_bf16(ROW_MAJOR, ta, tb, M, N, K, np.float32(alpha), a.ctypes, lda, b.ctypes, ldb,
+                   np.float32(beta), c.ctypes, ldc)
+
+
+@kernel
+def gemm_mkl(trans_a, trans_b, alpha, a, b, beta, c):
+    """gemm (float32 only) on MKL's sgemm where MKL is present, else on gemm's own provider."""
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    if M == 0 or N == 0:
+        return
+    ta = TRANS if trans_a else NO_TRANS
+    tb = TRANS if trans_b else NO_TRANS
+    lda = max(a.strides[0] // 4, a.shape[1], 1)
+    ldb = max(b.strides[0] // 4, b.shape[1], 1)
+    ldc = max(c.strides[0] // 4, c.shape[1], 1)
+    _mkl_sgemm(ROW_MAJOR, ta, tb, M, N, K, np.float32(alpha), a.ctypes, lda, b.ctypes, ldb,
+               np.float32(beta), c.ctypes, ldc)
+
+
+def gemm_bf16_ref(trans_a, trans_b, alpha, a, b, beta, c):
+    """numpy reference of gemm_bf16: the bfloat16 values decoded, the product in float64."""
+    from .bf16 import from_bf16_ref
+    opa = from_bf16_ref(a).astype(np.float64)
+    opb = from_bf16_ref(b).astype(np.float64)
+    gemm_ref(trans_a, trans_b, alpha, opa, opb, 0.0, out := np.zeros(c.shape))
+    c[...] = out + (beta * c if beta != 0 else 0)
+
+
+def _cblas_gemm_bf16_fallback(order, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Without MKL: the bfloat16 operands decoded to float32 (exactly), then gemm."""
+    ra, ca = (K, M) if ta == TRANS else (M, K)
+    rb, cb = (N, K) if tb == TRANS else (K, N)
+    A = np.empty((ra, ca), np.float32)
+    B = np.empty((rb, cb), np.float32)
+    from_bf16(A, carray(a, (ra, lda))[:, :ca])
+    from_bf16(B, carray(b, (rb, ldb))[:, :cb])
+    gemm(ta == TRANS, tb == TRANS, alpha, A, B, beta, carray(c, (M, ldc))[:, :N])
+
+
+def _bind_mkl() -> bool:
+    """Binds the MKL aliases to MKL, or else to the fallbacks; True for MKL."""
+    import llvmlite.binding as llvm
+    found = _find_mkl()
+    if found is not None and not _mkl_self_test(found):
+        log.warning("MKL's gemms failed their self-test: bfloat16 products run on the float32 gemm")
+        found = None
+    if found is None:
+        u16, f32 = types.CPointer(types.uint16), types.CPointer(types.float32)
+        sig = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+                         types.float32, u16, types.int64, u16, types.int64, types.float32, f32, types.int64)
+        _naive["bf16"] = cfunc(sig, cache=True, nopython=True)(_cblas_gemm_bf16_fallback)
+        found = {"s": _bound["s"], "bf16": _naive["bf16"].address}
+    for t, alias in _MKL_ALIASES.items():
+        llvm.add_symbol(alias, found[t])
+    return found["s"] != _bound["s"]
+
+
+MKL_AVAILABLE = _bind_mkl()
