@@ -22,7 +22,7 @@ from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.gelu import gelu_forward
 from cllmd.kernels.kvattention import kv_append_attention
 from cllmd.kernels.layernorm import layernorm_forward
-from cllmd.kernels.q8 import GROUP, Q8Weight, q8_matmul, quantize_rows
+from cllmd.kernels.q8 import Q8Weight, q8_linear
 from cllmd.model import LN_EPS, Model
 
 
@@ -111,6 +111,7 @@ class InferenceWeights:
         else:
             self.matrices = {n: Q8Weight(P[n + ".weight"]) for n in names}
             self.head_q = Q8Weight(P["wte"].T)
+            self.head_bias = np.zeros(model.cfg.vocab_size, np.float32)  # the head has none
 
     @classmethod
     def for_model(cls, model: Model, kind: str = "float32") -> "InferenceWeights":
@@ -126,23 +127,16 @@ class InferenceWeights:
             return sum(m.nbytes for m in self.matrices.values()) + self.model.params["wte"].nbytes
         return sum(m.nbytes for m in self.matrices.values()) + self.head_q.nbytes
 
-    def _q8(self, w: Q8Weight, x: np.ndarray) -> np.ndarray:
-        N = x.shape[0]
-        xu = np.empty((N, w.Kp), np.uint8)
-        xs = np.empty((N, w.Kp // GROUP), np.float32)
-        quantize_rows(xu, xs, x)
-        out = np.empty((N, w.Mp), np.float32)
-        q8_matmul(out, xu, xs, w)
-        return out if w.Mp == w.M else np.ascontiguousarray(out[:, :w.M])
-
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        w = self.matrices[name]
-        out = x @ w if self.kind == "float32" else self._q8(w, x)
-        out += self.bias[name]
+        w, b = self.matrices[name], self.bias[name]
+        if self.kind == "int8":
+            return q8_linear(x, w, b)
+        out = x @ w
+        out += b
         return out
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.head_t if self.kind == "float32" else self._q8(self.head_q, x)
+        return x @ self.head_t if self.kind == "float32" else q8_linear(x, self.head_q, self.head_bias)
 
 
 class KVCache:

@@ -251,6 +251,42 @@ def q8_matmul(out, xu, xs, w: Q8Weight) -> None:
         _matmul_vnni_serial(out, xu, xs, w.wq, w.wc, w.ws)
 
 
+@gil_kernel
+def _linear_small(out, x, wq, wc, ws, bias):
+    N, K = x.shape
+    MB, K4, R, _ = wq.shape
+    M = out.shape[1]
+    xu = np.empty((N, K4 * 4), np.uint8)
+    xs = np.empty((N, K4 * 4 // GROUP), np.float32)
+    _quantize_rows(xu, xs, x)
+    full = np.empty((N, MB * R), np.float32)
+    for mb in range(MB):
+        _vnni_block_rows(full, xu, xs, wq, wc, ws, mb)
+    for n in range(N):
+        for m in range(M):
+            out[n, m] = full[n, m] + bias[m]
+
+
+def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
+    """x [N, K] float32 -> x @ w + bias [N, M] through int8: quantize, multiply, add the bias.
+
+    A small product goes through one call holding the GIL (decoding steps: dozens per token,
+    each a few microseconds); a large one through quantize_rows and the parallel kernel."""
+    N = x.shape[0]
+    if VNNI and N * w.Mp * w.Kp < PARALLEL_MIN_MACS:
+        out = np.empty((N, w.M), np.float32)
+        _linear_small(out, x, w.wq, w.wc, w.ws, bias)
+        return out
+    xu = np.empty((N, w.Kp), np.uint8)
+    xs = np.empty((N, w.Kp // GROUP), np.float32)
+    quantize_rows(xu, xs, x)
+    full = np.empty((N, w.Mp), np.float32)
+    q8_matmul(full, xu, xs, w)
+    out = full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])
+    out += bias
+    return out
+
+
 def q8_matmul_ref(xu, xs, w: Q8Weight) -> np.ndarray:
     """numpy reference of q8_matmul: the same integer group sums in float64, [N, Mp]."""
     N, Kp = xu.shape
