@@ -787,11 +787,16 @@ def test_sandbox_refuses_numba_with_memory_deny_write_execute(container, stage):
     name = "cllmd-probe-mdwe"
     text, dropins = probe_unit(stage, name, extra="MemoryDenyWriteExecute=yes\n")
     container.install_unit(f"{name}.service", text, dropins)
-    r = container.sh(f"systemctl start {name}.service", check=False)
-    assert r.returncode != 0, "numba started under MemoryDenyWriteExecute=yes"
-    failed = container.wait_event(name, lambda e: e["event"] == "failed", "failure report")
-    assert "cannot allocate executable memory" in failed["report"]["numba"]["error"]
-    print("\nMemoryDenyWriteExecute=yes:", failed["report"]["numba"]["error"])
+    try:
+        r = container.sh(f"systemctl start {name}.service", check=False)
+        assert r.returncode != 0, "numba started under MemoryDenyWriteExecute=yes"
+        failed = container.wait_event(name, lambda e: e["event"] == "failed", "failure report")
+        assert "cannot allocate executable memory" in failed["report"]["numba"]["error"]
+        print("\nMemoryDenyWriteExecute=yes:", failed["report"]["numba"]["error"])
+    finally:
+        # Restart=on-failure would start it again every RestartSec=, and each of its exits
+        # removes the RuntimeDirectory= it shares with the later units (/run/cllmd)
+        container.sh(f"systemctl stop {name}.service; systemctl reset-failed {name}.service", check=False)
 
 
 def test_sandbox_libzmq_aborts_without_the_resources_syscalls(container, stage):
