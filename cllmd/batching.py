@@ -4,7 +4,7 @@ One Batcher thread runs every active Sequence (cllmd.generate) of a model throug
 Decoder.forward per step, so each weight is read once per step for all of them. Requests join
 and leave between steps; each keeps its own sampling options, seed and random generator, so
 its tokens are those it would get alone. A cancelled request ends at the next step (within
-one token). The number of sequences is bounded by the server's generation workers (each
+one token). Text reaches the readers at most every STREAM_INTERVAL_S. The number of sequences is bounded by the server's generation workers (each
 request's handler waits on its sequence there; beyond them requests wait, then get "busy");
 the KV caches together are bounded by bytes: a request that would pass the bound is busy.
 Sequences started on different weight snapshots (training publishes new ones) run in one
@@ -26,13 +26,29 @@ class KVCacheFull(Exception):
     """The running generations' KV caches leave no room for this one (protocol code: busy)."""
 
 
+# A sequence's text goes to its reader at most this often (its first piece at once, its last
+# with the end): each hand-over wakes the reader's thread, which then encodes and sends an
+# event, all under the GIL the decoding thread needs back. Measured through the daemon at the
+# default shape, 8 streams woke 8 threads per step and spent about as long handing tokens over
+# as decoding them. 10 ms is 100 events per second per stream at most, below what a reader sees.
+STREAM_INTERVAL_S = 0.01
+
+
 class _Entry:
-    __slots__ = ("seq", "out", "kv_bytes")
+    __slots__ = ("seq", "out", "kv_bytes", "pending", "sent_at")
 
     def __init__(self, seq: Sequence):
         self.seq = seq
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # lists of pieces, then None (or an exception)
         self.kv_bytes = seq.cache.nbytes
+        self.pending: list[str] = []   # pieces decoded and not yet handed over
+        self.sent_at = 0.0             # when pieces were last handed over (0: never)
+
+    def hand_over(self, pieces: list[str], now: float) -> None:
+        self.pending += pieces
+        if self.pending and (now - self.sent_at >= STREAM_INTERVAL_S or self.seq.done):
+            self.out.put(self.pending)
+            self.pending, self.sent_at = [], now
 
 
 class Batcher:
@@ -125,9 +141,9 @@ class Batcher:
                         e.seq.done = True
                         self._release(e, exc)
                     continue
+                now = time.perf_counter()
                 for e, pieces in zip(entries, results):
-                    if pieces:
-                        e.out.put(pieces)
+                    e.hand_over(pieces, now)
                     if e.seq.done:
                         self._release(e, None)
                     window_tokens += 1
@@ -155,13 +171,25 @@ class Stream:
         self.stats = entry.seq.stats
 
     def __iter__(self):
+        out = self._entry.out
         try:
             while True:
-                item = self._entry.out.get()
+                item = out.get()
+                pieces = []
+                while True:  # what has arrived since the last read goes out as one piece
+                    if item is None or isinstance(item, BaseException):
+                        break
+                    pieces += item
+                    try:
+                        item = out.get_nowait()
+                    except queue.Empty:
+                        item = ()
+                        break
+                if pieces:
+                    yield "".join(pieces)
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield from item
         finally:
             self._entry.seq.abandoned = True  # a reader that stops early ends its sequence at the next step

@@ -17,12 +17,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba.typed import List
 
 from cllm.catalogue import SAMPLING, check_sampling
 from cllmd.kernels.gelu import gelu_forward
-from cllmd.kernels.kvattention import kv_append_attention
+from cllmd.kernels.kvattention import kv_append_attention, kv_append_attention_batch, kv_attention_uses_gemm
 from cllmd.kernels.layernorm import layernorm_forward
 from cllmd.kernels.q8 import Q8Weight, q8_linear
+from cllmd.kernels.sampling import sample_row_ref, sample_rows
 from cllmd.model import LN_EPS, Model
 
 
@@ -58,30 +60,33 @@ class SamplingOptions:
 
 def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,
                 recent: list[int]) -> int:
-    """Picks the next token id from one position's logits [V]."""
-    logits = logits.astype(np.float64)
-    if opts.repeat_penalty != 1.0 and recent:
-        ids = np.unique(np.asarray(recent[-opts.repeat_last_n:] if opts.repeat_last_n else [], dtype=np.int64))
-        if ids.size:
-            vals = logits[ids]
-            logits[ids] = np.where(vals > 0, vals / opts.repeat_penalty, vals * opts.repeat_penalty)
-    if opts.temperature == 0:
-        return int(np.argmax(logits))
-    logits /= opts.temperature
-    if opts.top_k and opts.top_k < logits.size:
-        kth = np.partition(logits, -opts.top_k)[-opts.top_k]
-        logits[logits < kth] = -np.inf
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if opts.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = int(np.searchsorted(cumulative, opts.top_p)) + 1  # smallest prefix reaching top_p
-        probs[order[keep:]] = 0.0
-    if opts.min_p > 0.0:
-        probs[probs < opts.min_p * probs.max()] = 0.0
-    probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    """Picks the next token id from one position's logits [V] (the numpy reference of sample_batch)."""
+    u = rng.random() if opts.temperature != 0 else 0.0
+    window = recent[-opts.repeat_last_n:] if opts.repeat_last_n else []
+    return sample_row_ref(logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p,
+                          opts.repeat_penalty, window, u)
+
+
+def sample_batch(logits: np.ndarray, seqs: list["Sequence"]) -> np.ndarray:
+    """The next token of each sequence from its row of logits [S, V], in one kernel call.
+
+    Each row draws from its own sequence's random generator (one draw, none when greedy), so a
+    sequence samples what it would alone."""
+    S = len(seqs)
+    opts = [s.opts for s in seqs]
+    recent, offsets = [], [0]
+    for s, o in zip(seqs, opts):
+        if o.repeat_penalty != 1.0 and o.repeat_last_n:
+            recent += s.history[-o.repeat_last_n:]
+        offsets.append(len(recent))
+    tokens = np.empty(S, np.int64)
+    sample_rows(tokens, np.ascontiguousarray(logits, dtype=np.float32),
+                np.array([o.temperature for o in opts], np.float64), np.array([o.top_k for o in opts], np.int64),
+                np.array([o.top_p for o in opts], np.float64), np.array([o.min_p for o in opts], np.float64),
+                np.array([o.repeat_penalty for o in opts], np.float64), np.array(recent, np.int64),
+                np.array(offsets, np.int64),
+                np.array([s.rng.random() if o.temperature != 0 else 0.0 for s, o in zip(seqs, opts)]))
+    return tokens
 
 
 WEIGHT_KINDS = ("float32", "int8")
@@ -170,8 +175,10 @@ class Decoder:
 
     forward() is one pass of matrix products for every new position of every sequence given:
     a prompt (many positions of one sequence), one decoding step of a batch (one position of
-    each), or both mixed. Only attention is per sequence. Each row's arithmetic is the same
-    whatever else is in the pass (int8 exactly; float32 up to BLAS's blocking of a product).
+    each), or both mixed. Attention is per sequence: one call per layer for all sequences with
+    few new rows, gemms per sequence for a prompt's many. advance() then samples every
+    sequence's next token in one call. Each row's arithmetic is the same whatever else is in
+    the pass (int8 exactly; float32 up to BLAS's blocking of a product).
     """
 
     def __init__(self, model: Model, weights: str = "float32"):
@@ -179,6 +186,7 @@ class Decoder:
         self.cfg = model.cfg
         self.weights = InferenceWeights.for_model(model, weights)
         self.cache: KVCache | None = None   # the single-sequence API's cache (prefill, step)
+        self._lists, self._lists_key = None, None  # see _few_rows
         self.wpe = model.params["wpe"] if model.clock is None else model.params["wpe"] + model.clock
 
     def forward(self, caches: list[KVCache], tokens: list[list[int]], every: bool = False) -> np.ndarray:
@@ -197,6 +205,10 @@ class Decoder:
         ids = np.fromiter((t for toks in tokens for t in toks), np.int64, n)
         pos = np.concatenate([np.arange(first, first + b - a) for a, b, first in spans])
         x = P["wte"][ids] + self.wpe[pos]                              # (N, C)
+        # sequences with few new rows (decoding steps) attend in one call per layer; a prompt's
+        # many rows go through gemms, one sequence at a time
+        many = [i for i, (a, b, _) in enumerate(spans) if kv_attention_uses_gemm(b - a)]
+        few = self._few_rows(caches, spans, many)
         ln = np.empty_like(x)
         mean, rstd = np.empty(n, x.dtype), np.empty(n, x.dtype)
         y = np.empty_like(x)
@@ -204,13 +216,17 @@ class Decoder:
             p = f"h.{l}."
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
             qkv = W.linear(p + "attn.c_attn", ln)                      # (N, 3C)
-            for cache, (a, b, first) in zip(caches, spans):
-                kv_append_attention(y[a:b], qkv[a:b], cache.k[l], cache.v[l], first)
+            if few is not None:
+                kv_append_attention_batch(y, qkv, few[0], few[1], l, few[2])
+            for i in many:
+                a, b, first = spans[i]
+                kv_append_attention(y[a:b], qkv[a:b], caches[i].k[l], caches[i].v[l], first)
             x += W.linear(p + "attn.c_proj", y)
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
             fc = W.linear(p + "mlp.c_fc", ln)
-            gelu_forward(fc, fc)
-            x += W.linear(p + "mlp.c_proj", fc)
+            act = np.empty_like(fc)
+            gelu_forward(act, fc)   # not in place: the alias check LLVM's vectorizer adds fails, ~8x slower
+            x += W.linear(p + "mlp.c_proj", act)
         last = np.arange(n) if every else np.array([b - 1 for _, b, _ in spans])
         xl = np.ascontiguousarray(x[last])
         lnl = np.empty_like(xl)
@@ -219,10 +235,34 @@ class Decoder:
             cache.length += b - a
         return W.head(lnl)                                             # tied head (S, V)
 
+    def _few_rows(self, caches, spans, many):
+        """kv_append_attention_batch's arguments for the spans not in many (None if none): typed
+        lists of their caches' arrays, kept while the same caches come (a batch changes rarely),
+        and their spans."""
+        few = [i for i in range(len(spans)) if i not in many]
+        if not few:
+            return None
+        key = [caches[i] for i in few]   # the caches themselves: an id could be reused
+        if self._lists_key is None or len(key) != len(self._lists_key) or \
+                any(a is not b for a, b in zip(key, self._lists_key)):
+            ks, vs = List(), List()
+            for i in few:
+                ks.append(caches[i].k)
+                vs.append(caches[i].v)
+            self._lists, self._lists_key = (ks, vs), key
+        return self._lists + (np.array([spans[i] for i in few], np.int64),)
+
     def advance(self, seqs: list["Sequence"]) -> list[list[str]]:
         """One pass for every sequence given (none done): each one's new text pieces."""
         logits = self.forward([s.cache for s in seqs], [s.feed() for s in seqs])
-        return [s.advance(row) for s, row in zip(seqs, logits)]
+        out: list[list[str]] = [s.ending() for s in seqs]   # cancelled or out of tokens: ended now
+        live = [i for i, pieces in enumerate(out) if pieces is None]
+        if live:
+            vocab = seqs[live[0]].vocab or logits.shape[-1]
+            tokens = sample_batch(logits[live, :vocab], [seqs[i] for i in live])
+            for i, token in zip(live, tokens):
+                out[i] = seqs[i].take(int(token))
+        return out
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Resets the cache to tokens (at most block_size of them); returns the last logits [V]."""
@@ -309,9 +349,11 @@ class Sequence:
     """One request's decoding state, advanced one pass at a time by whoever runs the model.
 
     feed() gives the positions to run next (the prompt's context first, then one token, or the
-    last half of the context again when the window slides); advance(logits) takes the logits
-    after them, samples, and returns the text pieces that became safe to emit. A Generation
-    runs one Sequence alone; the daemon's batcher runs many in one pass (cllmd.batching).
+    last half of the context again when the window slides); after the pass, ending() says
+    whether it ends before sampling, and take(token) appends the token sampled from its logits
+    (Decoder.advance samples a whole batch in one call) and returns the text pieces that became
+    safe to emit. A Generation runs one Sequence alone; the daemon's batcher runs many in one
+    pass (cllmd.batching).
     """
 
     def __init__(self, model: Model, prompt, opts: SamplingOptions | None = None,
@@ -328,6 +370,8 @@ class Sequence:
         self.stats = GenerationStats(tokens_prompt=len(ids))
         self.rng = np.random.default_rng(self.opts.seed)
         self.table = tok.token_bytes_table() if tok is not None else None
+        # a model's vocabulary may be padded past its tokenizer's: those ids are never sampled
+        self.vocab = len(self.table) if self.table is not None else 0
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(self.opts.stop)
         self.done = False
@@ -342,20 +386,22 @@ class Sequence:
             self.cache.length = 0
         return self._next
 
-    def advance(self, logits: np.ndarray) -> list[str]:
-        """Takes the logits after the fed positions; returns the pieces to emit (done set at the end)."""
-        opts, stats = self.opts, self.stats
-        now = time.perf_counter()
+    def ending(self) -> list[str] | None:
+        """After a pass: the last pieces if the sequence ends before sampling (cancelled, or no
+        tokens left), else None."""
+        stats = self.stats
         if not stats.prefill_seconds:
-            stats.prefill_seconds = now - self._t0
+            stats.prefill_seconds = time.perf_counter() - self._t0
             stats.prompt_tokens_per_second = len(self._next) / stats.prefill_seconds
         if self.cancel_event.is_set() or self.abandoned:
             return self.finish("cancelled")
-        if stats.tokens_generated >= opts.max_tokens:
+        if stats.tokens_generated >= self.opts.max_tokens:
             return self.finish("max_tokens")
-        # a model's vocabulary may be padded past its tokenizer's: those ids are never sampled
-        vocab = len(self.table) if self.table is not None else logits.shape[-1]
-        token = sample_next(logits[:vocab], opts, self.rng, self.history)
+        return None
+
+    def take(self, token: int) -> list[str]:
+        """Appends the sampled token; returns the pieces that became safe to emit."""
+        opts, stats = self.opts, self.stats
         if not stats.time_to_first_token:
             stats.time_to_first_token = time.perf_counter() - self._t0
         if opts.stop_at_eot and token == self.eot_id:

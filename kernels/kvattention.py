@@ -6,7 +6,8 @@ k, v [NH, capacity, hs] (the cache, already holding the new positions' keys and 
 row i sits at position first + i and attends to keys 0 .. first + i (causal).
 
 A few rows (decoding steps) are computed one at a time, by the same instructions whatever N
-is. Many rows (a prompt's pass) go through BLAS, two gemms per head (scores, then the
+is, and the few rows of many sequences (a batch's decoding step) go through one call
+(kv_append_attention_batch) rather than one per sequence and layer. Many rows (a prompt's pass) go through BLAS, two gemms per head (scores, then the
 probabilities times the values): measured on GPT-2 small's shape with a 1,000-token prompt,
 the row loop made attention the larger part of the pass. The two ways differ by rounding only.
 """
@@ -15,17 +16,20 @@ import math
 import numpy as np
 
 from . import blas
+import numba
+
 from ._jit import reduction_kernel as kernel
 from .blas import gemm
 from .vecmath import fast_exp, row_max
 
 GEMM_ROWS = 16  # from this many new positions on, attention runs as gemms
 BLOCK = 128     # query rows per pair of gemms
+inline = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"}, inline="always")
 
 
 def kv_attention(out, q, k, v, first):
     """out [N, C] = attention of q's rows over the cache k, v (positions first .. first+N-1)."""
-    if q.shape[0] >= GEMM_ROWS and blas.AVAILABLE:
+    if kv_attention_uses_gemm(q.shape[0]):
         kv_attention_gemm(out, q, k, v, first)
     else:
         kv_attention_rows(out, q, k, v, first)
@@ -40,8 +44,7 @@ def kv_append_attention(out, qkv, k, v, first):
     kv_attention(out, qkv, k, v, first)
 
 
-@kernel
-def kv_store(k, v, qkv, first):
+def _store(k, v, qkv, first):
     N = qkv.shape[0]
     NH, _, hs = k.shape
     C = NH * hs
@@ -84,8 +87,7 @@ def kv_attention_gemm(out, q, k, v, first):
             gemm(False, False, 1.0, pb, v[h, :n], 0.0, out[a:b, h * hs:(h + 1) * hs])
 
 
-@kernel
-def kv_attention_rows(out, q, k, v, first):
+def _attention_rows(out, q, k, v, first):
     N = q.shape[0]
     NH, _, hs = k.shape
     dt = q.dtype.type
@@ -120,6 +122,29 @@ def kv_attention_rows(out, q, k, v, first):
             o = out[i, h * hs:(h + 1) * hs]
             for j in range(hs):
                 o[j] = y[j] * inv
+
+
+_attention_rows_inline = inline(_attention_rows)
+_store_inline = inline(_store)
+kv_attention_rows = kernel(_attention_rows)
+kv_store = kernel(_store)
+
+
+@kernel
+def kv_append_attention_batch(out, qkv, ks, vs, layer, spans):
+    """Many sequences' few new rows in one call: sequence s owns rows a:b of qkv [N, 3C] and
+    out [N, C], spans[s] = (a, b, first), at positions first.. of its cache ks[s][layer],
+    vs[s][layer] (typed lists of [L, NH, capacity, hs]). Each row by the same instructions as alone."""
+    for s in range(len(ks)):
+        a, b, first = spans[s, 0], spans[s, 1], spans[s, 2]
+        k, v = ks[s][layer], vs[s][layer]
+        _store_inline(k, v, qkv[a:b], first)
+        _attention_rows_inline(out[a:b], qkv[a:b], k, v, first)
+
+
+def kv_attention_uses_gemm(rows: int) -> bool:
+    """Whether kv_attention runs this many new rows of one sequence as gemms."""
+    return rows >= GEMM_ROWS and blas.AVAILABLE
 
 
 def kv_attention_ref(out, q, k, v, first):
