@@ -233,6 +233,9 @@ def _settings(*items: Setting) -> dict[str, Setting]:
 
 
 # Defaults are sized for a small model that visibly learns within minutes on 2 cores.
+# what generation may multiply by (cllmd.generate.InferenceWeights; `cllmd generate --weights`)
+INFERENCE_WEIGHTS = ("float32", "int8", "bf16")
+
 SETTINGS: dict[str, Setting] = _settings(
     # [server]
     Setting("server.tcp", text('"" or "tcp://HOST:PORT"', _TCP), "",
@@ -335,9 +338,10 @@ SETTINGS: dict[str, Setting] = _settings(
             "JSON/JSONL fields taken as a record's text, in order of preference; records "
             "without one contribute all their string values", "daemon"),
     # [inference]: the daemon's generations (cllmd.batching).
-    Setting("inference.weights", choice("float32", "int8"), "float32",
-            "the weights generation multiplies by: float32, or int8 quantized at load (groups "
-            "of 32, ~3-5x faster decoding at GPT-2's size)", "generation"),
+    Setting("inference.weights", choice(*INFERENCE_WEIGHTS), "float32",
+            "the weights generation multiplies by: float32, int8 quantized at load (groups "
+            "of 32, ~3-5x faster decoding at GPT-2's size), or bf16 (bfloat16, rounded to "
+            "nearest even at load; needs the extra cllmd[mkl])", "generation"),
     Setting("inference.kv_cache_bytes", size(4 * KiB), 1 * GiB,
             "the running generations' KV caches together hold at most this; beyond it, "
             'requests get "busy"', "generation", "bytes"),

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from cllm.catalogue import default_of
+from cllm.catalogue import INFERENCE_WEIGHTS, default_of
 from cllmd import __version__
 
 log = logging.getLogger("cllmd")
@@ -282,7 +282,10 @@ def _sampling_options(args):
 
 
 def cmd_generate(args) -> int:
-    from cllmd.generate import Generation
+    from cllmd.generate import Generation, weights_problem
+    problem = weights_problem(args.weights)
+    if problem:
+        raise UsageError(problem)
     model = _load_model(args.model)
     if model.tokenizer is None:
         raise UsageError(f"{args.model}: the model carries no tokenizer")
@@ -468,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .cllm file")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     _add_sampling_args(p)
-    p.add_argument("--weights", choices=("float32", "int8"), default="float32",
-                   help="multiply by float32 weights or int8 ones quantized at load (default float32)")
+    p.add_argument("--weights", choices=INFERENCE_WEIGHTS, default="float32",
+                   help="multiply by float32 weights, int8 ones quantized at load, or bf16 ones "
+                        "(needs cllmd[mkl]) (default float32)")
     p.add_argument("--json", action="store_true",
                    help="print the text and statistics (tokens_per_second, time_to_first_token, "
                         "prompt_tokens_per_second, ...) as JSON")

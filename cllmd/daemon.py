@@ -185,6 +185,10 @@ class Daemon:
             for path in corpus:
                 self.queue.add(f"default-corpus-{path.name}", path.read_bytes())
             trainer.model.save(md.model)
+        from cllmd.generate import weights_problem
+        problem = weights_problem(s.inference.weights)
+        if problem:
+            raise SettingsError(f"inference.weights = {s.inference.weights!r}: {problem}")
         self.batcher = Batcher(s.inference.weights, s.inference.kv_cache_bytes)
         self.api = Api(Stages(controller=self.controller, queue=self.queue, store=self.store, server=self.server,
                               batcher=self.batcher,
@@ -433,7 +437,13 @@ class Daemon:
         from cllm.catalogue import runtime_settings
         self.controller.configure({s.name: new.get(s.key) for s in runtime_settings()})
         self.controller.settings.events_interval = new.server.events_interval
-        self.batcher.configure(new.inference.weights, new.inference.kv_cache_bytes)
+        from cllmd.generate import weights_problem
+        weights = new.inference.weights
+        if weights_problem(weights):
+            log.error("reload: inference.weights = %r refused, generation keeps %r: %s", weights,
+                      self.batcher.weights, weights_problem(weights))
+            weights = None
+        self.batcher.configure(weights, new.inference.kv_cache_bytes)
         log.info("configuration reloaded from %s", self.dirs.config_file or "defaults")
         sdnotify.ready()
 

@@ -4,8 +4,8 @@ Each new token costs one position's work: the prompt's positions go through one 
 products (filling the KV cache), and every further token attends to the cache. When the
 context is full, the window slides: the last half is kept and run again. One pass may hold
 positions of many sequences (Decoder.forward): the daemon decodes its active requests
-together, reading each weight once per step for all of them. Weights are float32 or int8
-(per-group quantized, cllmd.kernels.q8).
+together, reading each weight once per step for all of them. Weights are float32, int8
+(per-group quantized, cllmd.kernels.q8) or bfloat16 (cllmd.kernels.bf16linear).
 """
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba.typed import List
 
-from cllm.catalogue import SAMPLING, check_sampling
+from cllm.catalogue import INFERENCE_WEIGHTS, SAMPLING, check_sampling
+from cllmd.kernels.bf16 import to_bf16
+from cllmd.kernels.blas import gemm_bf16
 from cllmd.kernels.gelu import gelu_forward
-from cllmd.kernels.kvattention import kv_append_attention, kv_append_attention_batch, kv_attention_uses_gemm
+from cllmd.kernels.bf16linear import BF16Weight, bf16_linear
+from cllmd.kernels.kvattention import (GEMM_ROWS, kv_append_attention, kv_append_attention_batch,
+                                       kv_attention_uses_gemm)
 from cllmd.kernels.layernorm import layernorm_forward
 from cllmd.kernels.q8 import Q8Weight, q8_linear
 from cllmd.kernels.sampling import sample_row_ref, sample_rows
@@ -89,22 +93,38 @@ def sample_batch(logits: np.ndarray, seqs: list["Sequence"]) -> np.ndarray:
     return tokens
 
 
-WEIGHT_KINDS = ("float32", "int8")
+WEIGHT_KINDS = INFERENCE_WEIGHTS
+
+
+def weights_problem(kind: str) -> str | None:
+    """Why these inference weights cannot be used here (None: they can)."""
+    if kind not in WEIGHT_KINDS:
+        return f"weights must be one of {', '.join(WEIGHT_KINDS)}, got {kind!r}"
+    if kind == "bf16":
+        from cllmd.kernels import blas
+        if not blas.MKL_AVAILABLE:
+            return ("bf16 weights need Intel MKL's bfloat16 gemm for prompts, and MKL was not found: "
+                    "install the extra cllmd[mkl] (pip install 'cllmd[mkl]'), or use float32 or int8")
+    return None
 
 
 class InferenceWeights:
-    """The weight matrices decoding multiplies by, as float32 (BLAS) or int8 (cllmd.kernels.q8).
+    """The weight matrices decoding multiplies by, as float32 (BLAS), int8 (cllmd.kernels.q8) or
+    bfloat16 (cllmd.kernels.bf16linear; a prompt's rows through MKL's gemm_bf16).
 
-    linear(name, x, out): out = x @ W[name] + b[name] for x [N, K]; head(x, out): the tied
-    output layer, out = x @ wte^T. The int8 form quantizes every matrix once, here; a model's
-    forms are kept on it (for_model), so requests on the same weights share them.
+    linear(name, x, prompts): out = x @ W[name] + b[name] for x [N, K]; prompts lists the row
+    ranges (a, b) of prompts, which bf16 multiplies in a gemm each, the other rows in its
+    row-exact kernel. head(x): the tied output layer, out = x @ wte^T. The int8 and bf16 forms
+    convert every matrix once, here; a model's forms are kept on it (for_model), so requests
+    on the same weights share them.
     """
 
     def __init__(self, model: Model, kind: str = "float32"):
-        if kind not in WEIGHT_KINDS:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, got {kind!r}")
-        if kind == "int8" and model.dtype != np.float32:
-            raise ValueError(f"int8 weights need a float32 model, this one is {model.dtype}")
+        problem = weights_problem(kind)
+        if problem:
+            raise ValueError(problem)
+        if kind != "float32" and model.dtype != np.float32:
+            raise ValueError(f"{kind} weights need a float32 model, this one is {model.dtype}")
         self.model, self.kind = model, kind
         P = model.params
         names = [f"h.{l}.{n}" for l in range(model.cfg.n_layer)
@@ -113,10 +133,21 @@ class InferenceWeights:
         if kind == "float32":
             self.matrices = {n: P[n + ".weight"] for n in names}
             self.head_t = P["wte"].T                                   # [C, V], a view
-        else:
+        elif kind == "int8":
             self.matrices = {n: Q8Weight(P[n + ".weight"]) for n in names}
             self.head_q = Q8Weight(P["wte"].T)
             self.head_bias = np.zeros(model.cfg.vocab_size, np.float32)  # the head has none
+        else:
+            self.matrices = {n: BF16Weight(P[n + ".weight"]) for n in names}
+            self.bias = {n: self._padded(b, self.matrices[n].Mp) for n, b in self.bias.items()}
+            self.head_b = BF16Weight(P["wte"].T)
+            self.head_bias = np.zeros(self.head_b.Mp, np.float32)
+
+    @staticmethod
+    def _padded(b: np.ndarray, size: int) -> np.ndarray:
+        out = np.zeros(size, np.float32)
+        out[:b.size] = b
+        return out
 
     @classmethod
     def for_model(cls, model: Model, kind: str = "float32") -> "InferenceWeights":
@@ -130,18 +161,43 @@ class InferenceWeights:
         """Bytes of the matrices decoding reads for every token (the head included)."""
         if self.kind == "float32":
             return sum(m.nbytes for m in self.matrices.values()) + self.model.params["wte"].nbytes
-        return sum(m.nbytes for m in self.matrices.values()) + self.head_q.nbytes
+        head = self.head_q if self.kind == "int8" else self.head_b
+        return sum(m.nbytes for m in self.matrices.values()) + head.nbytes
 
-    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+    def linear(self, name: str, x: np.ndarray, prompts=()) -> np.ndarray:
         w, b = self.matrices[name], self.bias[name]
         if self.kind == "int8":
             return q8_linear(x, w, b)
+        if self.kind == "bf16":
+            return self._bf16(x, w, b, prompts)
         out = x @ w
         out += b
         return out
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.head_t if self.kind == "float32" else q8_linear(x, self.head_q, self.head_bias)
+        if self.kind == "float32":
+            return x @ self.head_t
+        if self.kind == "int8":
+            return q8_linear(x, self.head_q, self.head_bias)
+        return self._bf16(x, self.head_b, self.head_bias, ())
+
+    @staticmethod
+    def _bf16(x, w: BF16Weight, bias, prompts) -> np.ndarray:
+        """Rows before the first prompt: the row-exact kernel; each prompt: MKL's gemm_bf16 on
+        fresh arrays of its own shape (its values then do not depend on what else is in the pass)."""
+        N = x.shape[0]
+        full = np.empty((N, w.Mp), np.float32)
+        few = min(a for a, _ in prompts) if prompts else N
+        if few:
+            bf16_linear(full[:few], np.ascontiguousarray(x[:few]), w, bias)
+        for a, b in prompts:
+            xb = np.empty((b - a, w.K), np.uint16)
+            to_bf16(xb, x[a:b])
+            part = np.empty((b - a, w.Mp), np.float32)
+            gemm_bf16(False, False, 1.0, xb, w.w, 0.0, part)
+            part += bias
+            full[a:b] = part
+        return full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])
 
 
 class KVCache:
@@ -195,39 +251,46 @@ class Decoder:
         cfg, P, W = self.cfg, self.model.params, self.weights
         C, NH = cfg.n_embd, cfg.n_head
         hs = C // NH
-        spans, n = [], 0
-        for cache, toks in zip(caches, tokens):
+        # a prompt's many rows sit after every sequence's few (decoding steps): bf16 products
+        # take the few together in the row-exact kernel and each prompt in a gemm of its own
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]) >= GEMM_ROWS)
+        spans: list = [None] * len(tokens)       # (first row, end row, first position) per sequence
+        n = 0
+        for i in order:
+            cache, toks = caches[i], tokens[i]
             if not toks or cache.length + len(toks) > cache.capacity:
                 raise ValueError(f"{len(toks)} new positions do not fit a cache holding {cache.length} "
                                  f"of {cache.capacity}")
-            spans.append((n, n + len(toks), cache.length))
+            spans[i] = (n, n + len(toks), cache.length)
             n += len(toks)
-        ids = np.fromiter((t for toks in tokens for t in toks), np.int64, n)
-        pos = np.concatenate([np.arange(first, first + b - a) for a, b, first in spans])
+        ids = np.fromiter((t for i in order for t in tokens[i]), np.int64, n)
+        pos = np.concatenate([np.arange(spans[i][2], spans[i][2] + len(tokens[i])) for i in order])
         x = P["wte"][ids] + self.wpe[pos]                              # (N, C)
         # sequences with few new rows (decoding steps) attend in one call per layer; a prompt's
         # many rows go through gemms, one sequence at a time
         many = [i for i, (a, b, _) in enumerate(spans) if kv_attention_uses_gemm(b - a)]
         few = self._few_rows(caches, spans, many)
+        prompts = [(a, b) for a, b, _ in spans if b - a >= GEMM_ROWS]
         ln = np.empty_like(x)
         mean, rstd = np.empty(n, x.dtype), np.empty(n, x.dtype)
         y = np.empty_like(x)
         for l in range(cfg.n_layer):
             p = f"h.{l}."
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], LN_EPS)
-            qkv = W.linear(p + "attn.c_attn", ln)                      # (N, 3C)
+            qkv = W.linear(p + "attn.c_attn", ln, prompts)                      # (N, 3C)
             if few is not None:
                 kv_append_attention_batch(y, qkv, few[0], few[1], l, few[2])
             for i in many:
                 a, b, first = spans[i]
                 kv_append_attention(y[a:b], qkv[a:b], caches[i].k[l], caches[i].v[l], first)
-            x += W.linear(p + "attn.c_proj", y)
+            x += W.linear(p + "attn.c_proj", y, prompts)
             layernorm_forward(ln, mean, rstd, x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], LN_EPS)
-            fc = W.linear(p + "mlp.c_fc", ln)
+            fc = W.linear(p + "mlp.c_fc", ln, prompts)
             act = np.empty_like(fc)
             gelu_forward(act, fc)   # not in place: the alias check LLVM's vectorizer adds fails, ~8x slower
-            x += W.linear(p + "mlp.c_proj", act)
-        last = np.arange(n) if every else np.array([b - 1 for _, b, _ in spans])
+            x += W.linear(p + "mlp.c_proj", act, prompts)
+        last = (np.concatenate([np.arange(a, b) for a, b, _ in spans]) if every
+                else np.array([b - 1 for _, b, _ in spans]))
         xl = np.ascontiguousarray(x[last])
         lnl = np.empty_like(xl)
         layernorm_forward(lnl, mean[:len(last)], rstd[:len(last)], xl, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)
@@ -440,7 +503,8 @@ class Sequence:
 class Generation:
     """An iterator of text pieces (never splitting a UTF-8 character); .stats when it ends.
 
-    weights: "float32" or "int8" (cllmd.kernels.q8; quantized once per model object).
+    weights: "float32", "int8" (cllmd.kernels.q8) or "bf16" (cllmd.kernels.bf16linear; MKL needed);
+    converted once per model object.
     """
 
     def __init__(self, model: Model, prompt, opts: SamplingOptions | None = None,

@@ -19,7 +19,13 @@ def _batch(c):
     return c.request("status")["serving"]["batch"]
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+def _mkl():
+    from cllmd.kernels import blas
+    return blas.MKL_AVAILABLE
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", pytest.param(
+    "bf16", marks=pytest.mark.skipif("not _mkl()", reason="bf16 weights need MKL (the extra cllmd[mkl])"))])
 def test_batching_gives_each_request_the_tokens_it_gets_alone(daemon, weights):
     d = daemon("--no-train-auto-train", "--server-generate-workers", "4", "--inference-weights", weights)
     c = d.client
@@ -73,3 +79,13 @@ def test_batching_join_leave_cancel_and_kv_bound(daemon):
     wait_for(lambda: _batch(c)["kv_bytes"] == 0, 10, "the KV caches to be released")
     assert _batch(c)["largest_batch"] >= 2
     d.stop()
+
+
+def test_bf16_weights_without_mkl_refused_at_start(daemon):
+    """Without MKL the daemon does not start on bf16 weights: exit 2 and one line saying why."""
+    d = daemon("--no-train-auto-train", "--inference-weights", "bf16", env={"CLLMD_NO_MKL": "1"}, start=False)
+    d.start(wait=False)
+    assert d.proc.wait(300) == 2
+    d.log.close()
+    out = d.output()
+    assert "inference.weights = 'bf16'" in out and "cllmd[mkl]" in out and "Traceback" not in out

@@ -173,14 +173,23 @@ def _logits_token_by_token(model, weights, ids):
     return np.array(out)
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+def _mkl():
+    from cllmd.kernels import blas
+    return blas.MKL_AVAILABLE
+
+
+NEEDS_MKL = pytest.mark.skipif("not _mkl()", reason="bf16 weights need MKL (the extra cllmd[mkl])")
+WEIGHTS = ["float32", "int8", pytest.param("bf16", marks=NEEDS_MKL)]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
 def test_prompt_pass_equals_token_by_token(model, weights):
     ids = [int(i) for i in model.tokenizer.encode("To be or not")]
     steps = _logits_token_by_token(model, weights, ids)
     dec = Decoder(model, weights)
     prompt = dec.prefill(ids)
     assert dec.cache.length == len(ids)
-    if weights == "int8":  # below GEMM_ROWS positions each row's arithmetic is its own: exactly equal
+    if weights != "float32":  # below GEMM_ROWS positions each row's arithmetic is its own: exactly equal
         np.testing.assert_array_equal(prompt, steps[-1])
     else:                  # BLAS may block a product of many rows differently from one row
         np.testing.assert_allclose(prompt, steps[-1], rtol=1e-5, atol=1e-5)
@@ -197,6 +206,92 @@ def test_int8_logits_close_to_float32(model):
     spread = f32.max() - f32.min()
     assert np.abs(i8 - f32).max() <= 0.03 * spread
     assert (i8.argmax(axis=1) == f32.argmax(axis=1)).mean() >= 0.75
+
+
+@NEEDS_MKL
+def test_bf16_logits_close_to_float32():
+    """bf16 weights (activations float32): logits within 2% of the logits' range, step by step
+    and through a prompt's pass (MKL's gemm_bf16 from GEMM_ROWS rows on)."""
+    from cllmd.kernels.kvattention import GEMM_ROWS
+    cfg = ModelConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=64, block_size=64)
+    m = Model(cfg, seed=1, tokenizer=BytesTokenizer())
+    m.flat += np.random.default_rng(1).normal(0, 0.2, m.flat.shape).astype(np.float32)
+    ids = [int(i) for i in m.tokenizer.encode("The quick brown fox jumps over")]
+    assert len(ids) >= GEMM_ROWS
+    f32 = _logits_token_by_token(m, "float32", ids)
+    b16 = _logits_token_by_token(m, "bf16", ids)
+    spread = f32.max() - f32.min()
+    assert np.abs(b16 - f32).max() <= 0.02 * spread
+    assert (b16.argmax(axis=1) == f32.argmax(axis=1)).mean() >= 0.9
+    prompt = Decoder(m, "bf16").prefill(ids)
+    assert np.abs(prompt - f32[-1]).max() <= 0.02 * spread
+
+
+def test_bf16_kernel_matches_reference():
+    from cllmd.kernels import bf16linear as bl
+    rng = np.random.default_rng(6)
+    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 300, 9)]:   # padding of M included
+        W = rng.normal(size=(K, M)).astype(np.float32)
+        w = bl.BF16Weight(W)
+        assert w.Mp % bl.COLUMNS == 0 and np.abs(w.w[:, M:]).max(initial=0) == 0
+        bias = np.zeros(w.Mp, np.float32)
+        bias[:M] = rng.normal(size=M)
+        x = rng.normal(size=(N, K)).astype(np.float32)
+        out = np.empty((N, w.Mp), np.float32)
+        bl.bf16_linear(out, x, w, bias)
+        ref = bl.bf16_linear_ref(x, w, bias)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert np.abs(out[:, :M] - (x @ W + bias[:M])).max() <= 0.01 * np.abs(x @ W).max()  # bf16 rounding
+        one = np.empty((1, w.Mp), np.float32)  # a row alone gives exactly its row of the batch
+        bl.bf16_linear(one, x[-1:], w, bias)
+        np.testing.assert_array_equal(one[0], out[-1])
+        par = np.empty_like(out)               # the threads' split of the columns changes nothing
+        bl._linear_parallel(par, x, w.w, bias)
+        np.testing.assert_array_equal(par, out)
+
+
+@NEEDS_MKL
+def test_bf16_batch_with_a_prompt_joining_gives_each_its_tokens_alone():
+    """A long prompt (MKL's gemm) joining sequences that are decoding (the row-exact kernel):
+    everyone's tokens are those they get alone."""
+    from cllmd.generate import Sequence
+    cfg = ModelConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=64, block_size=64)
+    m = Model(cfg, seed=2, tokenizer=BytesTokenizer())
+    m.flat += np.random.default_rng(2).normal(0, 0.2, m.flat.shape).astype(np.float32)
+    requests = [("ab", dict(temperature=0, max_tokens=40)),
+                ("A rather long prompt, past sixteen bytes", dict(temperature=0.9, seed=4, max_tokens=20)),
+                ("x", dict(temperature=1.0, top_k=30, seed=9, max_tokens=30))]
+    alone = []
+    for prompt, o in requests:
+        g = Generation(m, prompt, SamplingOptions(stop_at_eot=False, **o), weights="bf16")
+        g.text()
+        alone.append(g.stats.token_ids)
+    dec = Decoder(m, "bf16")
+    seqs = [Sequence(m, p, SamplingOptions(stop_at_eot=False, **o)) for p, o in requests]
+    active = [seqs[0], seqs[2]]
+    for step in range(200):
+        if step == 3:
+            active.insert(1, seqs[1])   # joins in the middle of the pass's sequences
+        active = [s for s in active if not s.done]
+        if not active:
+            break
+        dec.advance(active)
+    assert [s.stats.token_ids for s in seqs] == alone
+
+
+def test_bf16_refused_without_mkl(tmp_path):
+    """Without MKL, bf16 weights are refused with a message that says what to install."""
+    import os
+    import subprocess
+    import sys
+    cfg = ModelConfig(vocab_size=257, n_layer=1, n_head=1, n_embd=32, block_size=16)
+    Model(cfg, seed=0, tokenizer=BytesTokenizer()).save(tmp_path / "m.cllm")
+    env = {**os.environ, "CLLMD_NO_MKL": "1"}
+    r = subprocess.run([sys.executable, "-m", "cllmd", "generate", str(tmp_path / "m.cllm"), "hi",
+                        "--weights", "bf16", "--max-tokens", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "cllmd[mkl]" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_q8_kernel_matches_reference():
@@ -300,7 +395,7 @@ def test_decoder_rejects_bad_weights_and_overflow(model):
         dec.prefill(list(range(model.cfg.block_size + 1)))
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", WEIGHTS)
 def test_batched_decoding_gives_each_request_its_own_tokens(model, weights):
     """Sequences decoded together (one pass per step, joining late, leaving early, sliding
     their windows) produce exactly the tokens each produces alone: greedy and seeded sampling."""
