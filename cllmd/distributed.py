@@ -20,6 +20,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import numpy as np
@@ -84,6 +85,8 @@ class World:
     """
 
     def __init__(self, timeout: float | None = None):
+        import mpi4py
+        mpi4py.rc.finalize = False  # finalize() decides (at exit), not mpi4py
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
@@ -96,6 +99,7 @@ class World:
         self._peers = [0] if self.rank else list(range(1, self.size))
         self._seen = {p: now for p in self._peers}
         self._lost: dict[int, str] = {}
+        self.loss_seen = False     # some rank of the job was lost (a worker learns it from an abort)
         self._stop = threading.Event()
         self._beat = np.zeros(1, dtype=np.int64)
         self._thread = threading.Thread(target=self._heartbeats, name="mpi-heartbeat", daemon=True)
@@ -109,6 +113,7 @@ class World:
             if rank in self._lost or rank not in self._seen:
                 return False
             self._lost[rank] = reason
+            self.loss_seen = True
         return True
 
     def lost(self, rank: int) -> str | None:
@@ -228,6 +233,21 @@ class World:
         self._stop.set()
         self._thread.join(timeout=2.0)
 
+    def finalize(self) -> None:
+        """MPI_Finalize at exit, unless a rank was lost. Open MPI's Finalize ends in a fence
+        over every rank of the job, the lost one included, and was seen never to return after
+        a worker had been frozen; so a rank that saw a loss exits without it (with
+        --with-ft ulfm, mpirun still exits 0 once rank 0 has)."""
+        if self.MPI.Is_finalized():
+            return
+        if self.loss_seen:
+            log.warning("a rank was lost: exiting without MPI_Finalize, which would wait for it")
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            return
+        self.close()
+        self.MPI.Finalize()
+
 
 _world: World | None = None
 
@@ -237,6 +257,7 @@ def world() -> World:
     global _world
     if _world is None:
         _world = World()
+        atexit.register(_world.finalize)  # registered first, so it runs after stop_workers
     return _world
 
 
@@ -569,6 +590,7 @@ class Worker:
                 if op == "setup":
                     self._setup(msg)
                 elif op == "abort":
+                    w.loss_seen = True
                     self.epoch = msg["epoch"]
                     self._abandon()
                 elif op == "stop":
@@ -605,6 +627,7 @@ class Worker:
         if msg is None:
             return
         if msg.get("op") == "abort":
+            self.world.loss_seen = True
             self.epoch = msg["epoch"]
             self._abandon()
             raise StepAborted()
