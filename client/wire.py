@@ -191,6 +191,34 @@ def peek_id(frame: bytes | bytearray | memoryview) -> Any:
     return None
 
 
+def peek_envelope(frame: bytes | bytearray | memoryview) -> tuple[Any, Any]:
+    """The top-level ``id`` and ``op`` of a request frame, every other value skipped without
+    being built (in C, allocating nothing): what routing a large frame needs. Stops once both
+    are read; either is None when absent or not valid. Raises ProtocolError(bad_request) for a
+    frame that is not a msgpack map."""
+    try:
+        limit = max(len(frame), 1024)
+        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, max_buffer_size=limit,
+                                    read_size=min(64 * 1024, limit))
+        n = unpacker.read_map_header()
+        rid = op = None
+        for _ in range(n):
+            key = unpacker.unpack()
+            if key == "id":
+                value = unpacker.unpack()
+                rid = value if valid_id(value) else None
+            elif key == "op":
+                value = unpacker.unpack()
+                op = value if isinstance(value, str) and len(value) <= MAX_ID_CHARS else None
+            else:
+                unpacker.skip()
+            if rid is not None and op is not None:
+                break
+    except Exception as e:
+        raise ProtocolError(BAD_REQUEST, f"malformed msgpack: {_describe_unpack_error(e)}") from e
+    return rid, op
+
+
 # --------------------------------------------------------------------------- requests
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ class Stages:
     started: float         # time.time() at start
     request_stop: Callable[[], None]
     queue_current: Callable[[], str | None]   # the file being ingested
+    queue_progress: Callable[[], dict | None] = lambda: None   # how far into it (QueueWatcher.progress)
     generation_tokens_per_second: float = 0.0  # of the last finished generation
     json_fields: tuple[str, ...] = ("text", "content", "body")   # queue.json_fields, for queue.show
     models: Any = None                         # cllmd.models.Models
@@ -122,7 +123,8 @@ class Api:
                 "vocab_size": m.cfg.vocab_size}
 
     def _queue(self) -> dict:
-        return {**self.s.queue.counts(), "current": self.s.queue_current(), "dir": str(self.s.queue_dir)}
+        return {**self.s.queue.counts(), "current": self.s.queue_current(),
+                "progress": self.s.queue_progress(), "dir": str(self.s.queue_dir)}
 
     def _serving(self) -> dict:
         pools = self.s.server.pool_stats().get("default", {})
@@ -219,7 +221,7 @@ class Api:
 
     def queue_show(self, args) -> dict:
         """What a queued file becomes: its preprocessed text, as the queue would ingest it now."""
-        from cllmd.preprocess import PreprocessError, preprocess
+        from cllmd.preprocess import PreprocessError, preprocess_file
         name, q = args["name"], self.s.queue
         for state in ("incoming", "processing", "done", "failed"):
             path = q.dirs[state] / name
@@ -227,19 +229,19 @@ class Api:
                 break
         else:
             raise NotInQueue(f"no file {name!r} in the queue")
+        limit = args["max_chars"]
         try:
             with open(path, "rb") as f:
-                data = f.read(q.max_file_bytes + 1)
-            if len(data) > q.max_file_bytes:
-                raise PreprocessError(f"too large: over the queue's limit of {q.max_file_bytes} bytes")
-            pre = preprocess(name, data, json_fields=self.s.json_fields, max_bytes=q.max_file_bytes)
+                if os.fstat(f.fileno()).st_size > q.max_file_bytes:
+                    raise PreprocessError(f"too large: over the queue's limit of {q.max_file_bytes} bytes")
+                pre = preprocess_file(name, f, json_fields=self.s.json_fields, max_bytes=q.max_file_bytes)
+                text = pre.head(limit)
         except PreprocessError as e:
             return {"name": name, "state": state, "error": str(e)}
         except OSError as e:
             return {"name": name, "state": state, "error": f"cannot read: {e.strerror or e}"}
-        limit = args["max_chars"]
         return {"name": name, "state": state, "format": pre.format, "source": pre.source,
-                "chars": len(pre.text), "text": pre.text[:limit], "truncated": len(pre.text) > limit}
+                "chars": pre.chars, "text": text, "truncated": pre.chars > limit}
 
     def queue_retry(self, args) -> dict:
         return {"name": self.s.queue.retry(args["name"])}

@@ -67,6 +67,9 @@ class TrainingController:
         # Offset of the train stream up to which stored tokens have been turned into budget.
         # Checkpointed with the budget; the tokens the data store holds beyond it are owed.
         self.credited = 0
+        # The trainer's step when the budget was last charged for a step: a status read between
+        # a step's end and its charge must not count that step both done and still owed.
+        self._charged_step = trainer.step_num
         self._checkpoint_asked = False  # a checkpoint wanted by someone who does not wait
         self._cond = threading.Condition()
         self._paused = False
@@ -91,14 +94,16 @@ class TrainingController:
             return {"budget": self.budget, "budget_total": self.budget_total, "reason": self.reason,
                     "since": self.mix.since if self.mix else 0, "credited": self.credited}
 
-    def restore_plan(self, stored_tokens: int, resumed: bool) -> None:
+    def restore_plan(self, documents: list[int], resumed: bool) -> None:
         """After a restart: the budget still owed as of the last checkpoint, plus the steps
-        earned by every token stored since (`stored_tokens`: the train stream's length now;
-        `resumed`: the trainer comes from a checkpoint).
+        earned by every document stored since (`documents`: the token counts of the train
+        stream's documents, in order; `resumed`: the trainer comes from a checkpoint). Each
+        document earns again what it earned when it arrived (add_tokens rounds per document).
 
         A file reaches done/ only once its tokens are durably in the data store, so nothing a
         kill -9 interrupts can lose a file's budget: it is owed again from the store.
         """
+        stored_tokens = sum(documents)
         plan = (self.trainer.checkpoint_extra or {}).get("plan")
         legacy = plan is None and self.legacy_plan_path.exists()
         if legacy:
@@ -125,7 +130,12 @@ class TrainingController:
         owed = stored_tokens - self.credited
         if owed > 0:
             log.info("%d tokens were stored after the last checkpoint: their steps are owed", owed)
-            self.add_tokens(owed, since=self.credited)
+            start = 0
+            for tokens in documents:
+                if start + tokens > self.credited:
+                    self.add_tokens(start + tokens - max(start, self.credited),
+                                    since=max(start, self.credited))
+                start += tokens
 
     def _read_legacy_plan(self) -> dict | None:
         try:
@@ -279,6 +289,8 @@ class TrainingController:
         with self._cond:
             state = self.state  # as the training thread last saw it: "paused" once no step runs
             budget, total, reason = self.budget, self.budget_total, self.reason
+            # a step that has ended but is not charged yet: the budget it will leave
+            budget = max(0, budget - max(0, snap.get("step", 0) - self._charged_step))
         eta = budget * self.step_seconds if budget and self.step_seconds else None
         snap.update({"state": state, "budget": budget, "budget_total": total, "reason": reason,
                      "step_seconds": self.step_seconds, "eta_s": eta,
@@ -349,6 +361,7 @@ class TrainingController:
                 self._train_one_step()
                 with self._cond:
                     self.budget = max(0, self.budget - 1)
+                    self._charged_step = self.trainer.step_num
                     finished = self.budget == 0
                 if finished:
                     if self.mix is not None:

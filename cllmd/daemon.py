@@ -25,7 +25,9 @@ from cllmd.settings import SettingsError, add_arguments, load_settings, override
 
 log = logging.getLogger("cllmd.daemon")
 
-STALE_HEARTBEAT_SECONDS = 90.0   # a worker silent this long stops the watchdog pings
+# A worker silent for 3 watchdog intervals (90 s under the unit's WatchdogSec=60), at least this
+# long, stops the watchdog pings: systemd then restarts the daemon.
+STALE_HEARTBEAT_SECONDS = 5.0
 SWITCH_INTERVAL = 5e-5           # see Daemon.start
 
 
@@ -194,7 +196,8 @@ class Daemon:
                               batcher=self.batcher,
                               tokenizer=self.model_tokenizer, model_path=md.model, queue_dir=self.dirs.queue,
                               started=self.started, request_stop=self.request_stop,
-                              queue_current=lambda: self.queue_current, json_fields=tuple(s.queue.json_fields),
+                              queue_current=lambda: self.queue_current,
+                              queue_progress=lambda: self.watcher.progress, json_fields=tuple(s.queue.json_fields),
                               models=self.models, active_model=self.active_model,
                               make_default_model=lambda: self._create_default_model(None)[0],
                               switch_model=self.switch_model, train_on_existing=self.train_on_existing))
@@ -251,7 +254,8 @@ class Daemon:
         from cllmd.controller import TrainingController
         controller = TrainingController(trainer, checkpoint_path=md.checkpoint, model_path=md.model,
                                         settings=self._controller_settings(), publish=self.server.publish)
-        controller.restore_plan(store.num_tokens("train"), resumed=md.checkpoint.exists())
+        controller.restore_plan([doc.tokens for doc in store.documents("train")],
+                                resumed=md.checkpoint.exists())
         return controller
 
     def _start_trainer(self) -> None:
@@ -265,9 +269,7 @@ class Daemon:
         """Tokenize every text already ingested (the files in queue/done/) into the active
         model's store with its own tokenizer, on a thread of its own; returns the file count.
         The store's sha256 dedup skips what the model has already."""
-        import hashlib
-
-        from cllmd.preprocess import PreprocessError, RepeatedLines, preprocess
+        from cllmd.preprocess import PreprocessError, RepeatedLines, preprocess_file
         done = self.dirs.queue / "done"
         names = sorted(p.name for p in done.iterdir() if p.is_file() and not p.name.startswith(".")) \
             if done.is_dir() else []
@@ -279,11 +281,11 @@ class Daemon:
                 if self.stop_event.is_set():
                     return
                 try:
-                    pre = preprocess(name, (done / name).read_bytes(), json_fields=q.json_fields,
-                                     max_bytes=q.max_file_bytes, repeats=repeats)
-                    sha = hashlib.sha256(pre.text.encode("utf-8", "surrogatepass")).hexdigest()
-                    stored += not self._ingest(pre, sha)["duplicate"]
-                except (OSError, PreprocessError, ValueError) as e:
+                    with open(done / name, "rb") as f:
+                        pre = preprocess_file(name, f, json_fields=q.json_fields,
+                                              max_bytes=q.max_file_bytes, repeats=repeats)
+                        stored += not self._ingest(pre, pre.sha256)["duplicate"]
+                except (OSError, PreprocessError, ValueError, RuntimeError) as e:
                     log.warning("train on existing: %s skipped: %s", name, e)
             log.info("train on existing: %d of %d ingested texts tokenized for %r", stored, len(names),
                      self.active_model)
@@ -395,17 +397,23 @@ class Daemon:
     # ---- the ingest stage ----------------------------------------------------------------------
 
     def _ingest(self, pre, sha256: str) -> dict:
-        """Queue -> tokenizer -> data store; the queue moves the file to done/ after this returns."""
+        """Queue -> tokenizer -> data store; the queue moves the file to done/ after this returns.
+        The text goes through in pieces (Preprocessed.pieces, Tokenizer.encode_stream), each
+        written to the store as it comes: memory stays bounded whatever the file's size."""
+        import itertools
+
         import numpy as np
         with self.switch_lock:  # the active model's tokenizer, store and controller, together
             existing = self.store.get(sha256)
             if existing is not None:
                 return {"tokens": existing.tokens, "duplicate": True}
             tok = self.model_tokenizer
-            ids = tok.encode(pre.text)
-            ids = np.concatenate([ids, np.array([tok.eot_id], dtype=ids.dtype)])
+            ids = itertools.chain(tok.encode_stream(pre.pieces()),
+                                  [np.array([tok.eot_id], dtype=np.int32)])
             offset = self.store.num_tokens("train")  # where a train document lands in the stream
-            doc = self.store.append(ids, source=pre.source or "", sha256=sha256)
+            # a byte-level token holds at least one byte of the text: at most size + 1 tokens
+            doc = self.store.append_stream(ids, source=pre.source or "", sha256=sha256,
+                                           max_tokens=pre.size + 1)
             if doc.split == "train":
                 self.controller.add_tokens(doc.tokens, since=offset)
             return {"tokens": doc.tokens, "duplicate": False, "split": doc.split}
@@ -472,7 +480,7 @@ class Daemon:
                 self.controller.ask_checkpoint()
             now = time.monotonic()
             if watchdog and now - last_watchdog >= watchdog:
-                stale = self.heartbeats.stale(STALE_HEARTBEAT_SECONDS)
+                stale = self.heartbeats.stale(max(STALE_HEARTBEAT_SECONDS, 3 * watchdog))
                 if stale:
                     log.error("no heartbeat from %s: withholding the watchdog ping", ", ".join(stale))
                 else:

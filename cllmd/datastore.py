@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -335,7 +336,7 @@ class DataStore:
         if self._closed:
             raise DataStoreError(f"data store {self.directory} is closed")
 
-    def _validate(self, tokens, source, sha256) -> tuple[np.ndarray, str]:
+    def _validate(self, tokens, source, sha256, empty_ok: bool = False) -> tuple[np.ndarray, str]:
         if not isinstance(source, str):
             raise TypeError(f"source must be a str, got {type(source).__name__}")
         if not isinstance(sha256, str) or not _SHA_RE.match(sha256.lower()):
@@ -343,11 +344,11 @@ class DataStore:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise ValueError(f"tokens must be a 1-D array, got shape {arr.shape} ({source})")
-        if arr.size == 0:
+        if arr.size == 0 and not empty_ok:
             raise ValueError(f"refusing an empty document ({source})")
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"tokens must be integer ids, got dtype {arr.dtype} ({source})")
-        lo, hi = int(arr.min()), int(arr.max())
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         if lo < 0 or hi >= self.vocab_size:
             bad = int(np.flatnonzero((arr < 0) | (arr >= self.vocab_size))[0])
             raise ValueError(f"token id {int(arr[bad])} at position {bad} of {source} is outside "
@@ -376,6 +377,21 @@ class DataStore:
         nothing (the tokens given are then ignored). The caller appends the end-of-text id.
         """
         data, sha256 = self._validate(tokens, source, sha256)
+        return self.append_stream([data], source=source, sha256=sha256, max_tokens=int(data.size))
+
+    def append_stream(self, chunks: Iterable[np.ndarray], *, source: str, sha256: str,
+                      max_tokens: int) -> Document:
+        """append() of a document that arrives as consecutive id arrays (at most `max_tokens`
+        in all: where it lands is chosen before the first arrives), each written as it comes.
+
+        The index names the document only once every chunk is durable, as for append(): a
+        crash or an error in between leaves a tail the index does not name, cut at the next
+        open (or at once, for an error). Chunks are consumed under the append lock.
+        """
+        if not isinstance(sha256, str) or not _SHA_RE.match(sha256.lower()):
+            raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        sha256 = sha256.lower()
+        max_tokens = _check_int("max_tokens", max_tokens, 1)
         with self._append_lock:
             self._check_open()
             if self._broken:
@@ -386,24 +402,31 @@ class DataStore:
                 return existing
             split = split_of(sha256, self.val_every)
             lens = self._lens[split]
-            n = int(data.size)
             if not lens:
                 shard, offset = 0, 0
-            elif lens[-1] + n > self.shard_tokens:
+            elif lens[-1] + max_tokens > self.shard_tokens:
                 shard, offset = len(lens), 0
             else:
                 shard, offset = len(lens) - 1, lens[-1]
-            doc = Document(sha256=sha256, source=source, split=split, shard=shard,
-                           offset=offset, tokens=n, time=time.time())
-            payload = json.dumps({k: getattr(doc, k) for k in _RECORD_FIELDS},
-                                 ensure_ascii=True, separators=(",", ":")).encode()
-            line = _crc_line(payload)
             fd = None
+            n = 0
             try:
                 # Order is the crash-safety contract: tokens durable before the index names them.
                 fd = self._shard_fd(split, shard)
-                _pwrite_all(fd, np.ascontiguousarray(data).data, offset * self._itemsize)
+                for chunk in chunks:
+                    data, _ = self._validate(chunk, source, sha256, empty_ok=True)
+                    if n + data.size > max_tokens:
+                        raise ValueError(f"{source}: more than the {max_tokens} tokens announced")
+                    _pwrite_all(fd, np.ascontiguousarray(data).data, (offset + n) * self._itemsize)
+                    n += int(data.size)
+                if n == 0:
+                    raise ValueError(f"refusing an empty document ({source})")
                 os.fdatasync(fd)
+                doc = Document(sha256=sha256, source=source, split=split, shard=shard,
+                               offset=offset, tokens=n, time=time.time())
+                payload = json.dumps({k: getattr(doc, k) for k in _RECORD_FIELDS},
+                                     ensure_ascii=True, separators=(",", ":")).encode()
+                line = _crc_line(payload)
                 _pwrite_all(self._index_fd, line, self._index_size)
                 os.fdatasync(self._index_fd)
             except BaseException as e:

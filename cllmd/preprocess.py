@@ -4,6 +4,12 @@ Follows the queue contract: an optional `#cllm-source <url-or-name> <ISO-8601 ti
 UTF-8 (BOM allowed) or UTF-16 with a BOM, or the encoding an XML/HTML file declares; text, HTML,
 JSON, JSON Lines, CSV, TSV and XML, each optionally gzip-compressed. What is not prose (images,
 archives, SVG, roff sources, data without words) is refused with the reason.
+
+Memory is bounded by the file's format: plain text is streamed in pieces of at most
+PIECE_CHARS characters (two passes over the file: the first checks it and hashes its text, the
+second hands the pieces to the tokenizer), whatever its size. HTML, XML, JSON, JSON Lines, CSV
+and TSV are parsed whole, so they are held to WHOLE_DOCUMENT_MAX_BYTES (measured: a parse needs
+up to 13x its file size; docs/benchmarks.md, "Reliability").
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import codecs
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 import zlib
@@ -20,13 +27,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from html.parser import HTMLParser
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from cllm.layout import FORMATS  # noqa: F401  (the queue contract declares the formats)
 
 DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 
 PROVENANCE = "#cllm-source "
+# Plain text beyond this many bytes is streamed (below it, one piece costs less than two passes).
+STREAM_MIN_BYTES = 4 * 2**20
+# What a format parsed whole may weigh (decompressed): a 32 MiB CSV, the worst, peaked at
+# ~420 MiB over the daemon's own size; 64 MiB ones reached 841 MiB (CSV) and 717 MiB (XML).
+WHOLE_DOCUMENT_MAX_BYTES = 32 * 2**20
+READ_BYTES = 2**20          # read (and decompress) a file this much at a time
+PIECE_CHARS = 2**20         # the text is handed on in pieces of at most this many characters
 GZIP_MAGIC = b"\x1f\x8b"
 # Binary formats named in the refusal, so "binary data" says what the file is.
 _MAGIC = ((b"%PDF-", "a PDF document"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
@@ -40,12 +54,62 @@ class PreprocessError(ValueError):
     """The file cannot become training text; the message says why (and where, when known)."""
 
 
-@dataclass(frozen=True)
 class Preprocessed:
-    text: str  # clean text, newlines normalized to \n
-    source: str  # the provenance URL/name, else the file's name
-    format: str  # "text" | "html" | "json" | "jsonl" | "csv" | "xml"
-    source_time: str | None = None  # the provenance line's timestamp, as written
+    """A file's clean text (newlines normalized to \n), its SHA-256 and size, and where it came
+    from. The text is held in memory, or for a streamed file read again from the file, piece by
+    piece, each time pieces() is iterated; ``on_piece(chars_done)`` hears of every piece."""
+
+    def __init__(self, *, source: str, format: str, source_time: str | None = None,
+                 text: str | None = None, sha256: str | None = None, size: int | None = None,
+                 chars: int | None = None, stream: Callable[[], Iterator[str]] | None = None):
+        if (text is None) == (stream is None):
+            raise ValueError("Preprocessed needs its text or a stream of it, not both")
+        self.source, self.format, self.source_time = source, format, source_time
+        self._text, self._stream = text, stream
+        if text is not None:
+            raw = text.encode("utf-8", "surrogatepass")
+            sha256, size, chars = hashlib.sha256(raw).hexdigest(), len(raw), len(text)
+        self.sha256: str = sha256   # of the text in UTF-8
+        self.size: int = size       # bytes of the text in UTF-8: tokens <= size (byte-level BPE)
+        self.chars: int = chars
+        self.streamed = stream is not None
+        self.on_piece: Callable[[int], None] | None = None
+
+    def pieces(self) -> Iterator[str]:
+        """The text, in pieces of at most PIECE_CHARS characters (cut anywhere: tokenizers
+        choose their own cuts)."""
+        if self._text is not None:
+            chunks: Iterable[str] = (self._text[i:i + PIECE_CHARS]
+                                     for i in range(0, len(self._text), PIECE_CHARS))
+        else:
+            chunks = self._stream()
+        done = 0
+        for piece in chunks:
+            done += len(piece)
+            yield piece
+            if self.on_piece is not None:
+                self.on_piece(done)
+
+    @property
+    def text(self) -> str:
+        """The whole text (for a streamed file, read in full: for small uses and tests)."""
+        return self._text if self._text is not None else "".join(self._stream())
+
+    def head(self, chars: int) -> str:
+        """The first `chars` characters, without reading further."""
+        if self._text is not None:
+            return self._text[:chars]
+        out, n = [], 0
+        for piece in self._stream():
+            out.append(piece[:chars - n])
+            n += len(out[-1])
+            if n >= chars:
+                break
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return (f"Preprocessed(source={self.source!r}, format={self.format!r}, chars={self.chars}, "
+                f"sha256={self.sha256[:12]}..., streamed={self.streamed})")
 
 
 def format_of(name: str) -> str:
@@ -105,27 +169,227 @@ def _check_prose(text: str) -> None:
 
 def gunzip(data: bytes, max_bytes: int) -> bytes:
     """Decompress gzip data (several members allowed), refusing more than ``max_bytes`` out."""
-    out, d, rest = [], zlib.decompressobj(16 + zlib.MAX_WBITS), data
-    size = 0
+    return b"".join(_gunzip_stream(iter([data]), max_bytes))
+
+
+def _gunzip_stream(chunks: Iterator[bytes], max_bytes: int) -> Iterator[bytes]:
+    """gunzip over a stream of compressed chunks, READ_BYTES out at a time at most."""
+    d, size = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
     try:
-        while rest:
-            chunk = d.decompress(rest, max_bytes + 1 - size)
-            size += len(chunk)
-            out.append(chunk)
-            if size > max_bytes:
-                raise PreprocessError(f"gzip-compressed data larger than {max_bytes} bytes once "
-                                      f"decompressed (the queue's size limit)")
-            rest = d.unconsumed_tail
-            if d.eof:
-                rest = d.unused_data
-                if not rest.startswith(GZIP_MAGIC):
-                    break   # the end, or trailing garbage after the last member (ignored, as gzip does)
-                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        for rest in chunks:
+            while rest:
+                out = d.decompress(rest, min(READ_BYTES, max_bytes + 1 - size))
+                size += len(out)
+                if size > max_bytes:
+                    raise PreprocessError(f"gzip-compressed data larger than {max_bytes} bytes once "
+                                          f"decompressed (the queue's size limit)")
+                if out:
+                    yield out
+                rest = d.unconsumed_tail
+                if d.eof:
+                    rest = d.unused_data
+                    if not rest.startswith(GZIP_MAGIC):
+                        return   # the end, or trailing garbage after the last member (as gzip does)
+                    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     except zlib.error as e:
         raise PreprocessError(f"gzip-compressed data is corrupt: {e}") from None
     if not d.eof:
         raise PreprocessError("gzip-compressed data is truncated")
-    return b"".join(out)
+
+
+def _file_chunks(f: BinaryIO, max_bytes: int) -> Iterator[bytes]:
+    """The bytes of `f` from its start, READ_BYTES at a time, decompressed if gzip: never more
+    than ``max_bytes`` (a file that grew past the queue's check is refused here)."""
+    f.seek(0)
+
+    def raw() -> Iterator[bytes]:
+        total = 0
+        while True:
+            chunk = f.read(READ_BYTES)
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > max_bytes:
+                raise PreprocessError(f"too large: over the limit of {max_bytes} bytes")
+            yield chunk
+
+    chunks = raw()
+    first = next(chunks, b"")
+    rest = itertools.chain([first], chunks)
+    if first.startswith(GZIP_MAGIC):
+        rest = _gunzip_stream(rest, max_bytes)
+    # The first chunk is at least READ_BYTES (or all there is): BOMs, magics and sniffing see it.
+    head = b""
+    for chunk in rest:
+        head += chunk
+        if len(head) >= READ_BYTES:
+            break
+    if head:
+        yield head
+    yield from rest
+
+
+def _name_after_gunzip(name: str) -> str:
+    low = name.lower()
+    if low.endswith(".gz"):
+        return name[:-3]
+    return name[:-4] + ".tar" if low.endswith(".tgz") else name
+
+
+def _refuse_binary(data: bytes) -> None:
+    for magic, what in _MAGIC:
+        if data.startswith(magic) or (magic == b"ustar" and data[257:262] == magic):
+            raise PreprocessError(f"binary data: {what}")
+
+
+def _whole_document_cap(fmt: str, size: int) -> None:
+    if fmt != "text" and size > WHOLE_DOCUMENT_MAX_BYTES:
+        raise PreprocessError(
+            f"too large for {fmt.upper()}: {size} bytes (over {WHOLE_DOCUMENT_MAX_BYTES // 2**20} MiB); "
+            f"HTML, XML, JSON, JSON Lines, CSV and TSV are parsed whole and are limited to "
+            f"{WHOLE_DOCUMENT_MAX_BYTES // 2**20} MiB, plain text streams up to the queue's limit")
+
+
+def preprocess_file(name: str, f: BinaryIO, *,
+                    json_fields: Iterable[str] = DEFAULT_JSON_FIELDS,
+                    max_bytes: int = 64 * 1024 * 1024,
+                    repeats: "RepeatedLines | None" = None,
+                    on_piece: Callable[[int], None] | None = None) -> Preprocessed:
+    """preprocess() of an open (seekable) file, in bounded memory: plain text larger than
+    STREAM_MIN_BYTES is checked and hashed here in one pass (``on_piece(chars_done)`` after each
+    piece) and read again by Preprocessed.pieces(); `f` must stay open as long as that is used.
+    Other formats are read whole, up to WHOLE_DOCUMENT_MAX_BYTES. The furniture filter
+    (`repeats`) sees what is read whole: web pages, not streamed text."""
+    f.seek(0)
+    if f.read(2) == GZIP_MAGIC:
+        name = _name_after_gunzip(name)
+    chunks = _file_chunks(f, max_bytes)
+    held, size = [], 0
+    for chunk in chunks:
+        held.append(chunk)
+        size += len(chunk)
+        if size > STREAM_MIN_BYTES:
+            break
+    else:
+        return _preprocess_plain(name, b"".join(held), json_fields, repeats)
+    head = held[0]
+    _refuse_binary(head)
+    sample = _decode_sample(head[:65536], _declared_encoding(head, format_of(name)))
+    body = sample.partition("\n")[2] if sample.startswith(PROVENANCE) else sample
+    fmt = _sniff(name, body)
+    no_ext = format_of(name) == "text" and not any(name.lower().endswith(e) for e in FORMATS)
+    if fmt != "text" or (no_ext and body.lstrip("\ufeff \t\n")[:1] in ("{", "[")):
+        # parsed whole: the rest comes in, up to the cap (an extensionless JSON is sniffed whole)
+        for chunk in chunks:
+            held.append(chunk)
+            size += len(chunk)
+            _whole_document_cap(fmt, size)
+        _whole_document_cap(fmt, size)
+        return _preprocess_plain(name, b"".join(held), json_fields, repeats)
+    del held, head
+    return _stream_text(name, f, max_bytes, on_piece)
+
+
+def _decode_sample(data: bytes, declared: str | None) -> str:
+    """The start of a file as text, for sniffing (a sequence cut at the end is left out)."""
+    codec, skip = _codec_of(data, declared)
+    try:
+        return codecs.getincrementaldecoder(codec)().decode(data[skip:])
+    except UnicodeDecodeError:
+        return decode(data, declared)   # raises the error a whole decode gives, with its offset
+
+
+def _stream_text(name: str, f: BinaryIO, max_bytes: int,
+                 on_piece: Callable[[int], None] | None) -> Preprocessed:
+    """Pass one over a large plain-text file: every check of the whole path (decoding, NULs,
+    the provenance line, prose, emptiness), the SHA-256 and size of its text."""
+    sha, size, chars, visible = hashlib.sha256(), 0, 0, False
+    header: dict = {}
+    for piece in _text_pieces(f, max_bytes, header, check=True):
+        raw = piece.encode("utf-8", "surrogatepass")
+        sha.update(raw)
+        size += len(raw)
+        chars += len(piece)
+        visible = visible or bool(piece.strip())
+        if on_piece is not None:
+            on_piece(chars)
+    if not visible:
+        raise PreprocessError("empty after preprocessing: the text is empty or only whitespace")
+    digest = sha.hexdigest()
+
+    def again() -> Iterator[str]:
+        check = hashlib.sha256()
+        for piece in _text_pieces(f, max_bytes, {}, check=False):
+            check.update(piece.encode("utf-8", "surrogatepass"))
+            yield piece
+        if check.hexdigest() != digest:   # written to after it was claimed: try again, whole
+            raise RuntimeError(f"{name!r} changed while it was being read")
+
+    return Preprocessed(source=header.get("source") or name, format="text",
+                        source_time=header.get("time"), sha256=digest, size=size, chars=chars,
+                        stream=again)
+
+
+def _text_pieces(f: BinaryIO, max_bytes: int, header: dict, check: bool) -> Iterator[str]:
+    """The normalized text of a plain-text file, piece by piece, as decode() and preprocess()
+    would make it whole. With `check`, also _check_prose on its start, and the provenance line
+    parsed into `header` ("source", "time")."""
+    chunks = _file_chunks(f, max_bytes)
+    decoder = codec = None
+    consumed = 0      # bytes of the (decompressed) file before the current chunk
+    decoded = 0       # characters decoded before it
+    carry = ""        # a trailing \r (it may be half of \r\n), or the text before the first \n
+    first_line = True
+    sample: list[str] = []
+    sampled = 0
+    for chunk in itertools.chain(chunks, [None]):
+        final = chunk is None
+        if decoder is None:
+            if final:
+                return
+            codec, skip = _codec_of(chunk, _declared_encoding(chunk, "text"))
+            decoder = codecs.getincrementaldecoder(codec)()
+            chunk, consumed = chunk[skip:], skip
+        if not final and codec == "utf-8":
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise PreprocessError(f"binary data: NUL byte at offset {consumed + nul}")
+        pending = len(decoder.getstate()[0])
+        try:
+            text = decoder.decode(b"" if final else chunk, final=final)
+        except UnicodeDecodeError as e:
+            at = consumed - pending + e.start
+            bad = (e.object[e.start:e.start + 1] or b"").hex()
+            what = codec.upper().removesuffix("-LE").removesuffix("-BE")
+            raise PreprocessError(f"not valid {what}: byte 0x{bad} at offset {at} "
+                                  f"({e.reason})") from None
+        consumed += 0 if final else len(chunk)
+        nul = text.find("\0")
+        if nul >= 0:
+            raise PreprocessError(f"binary data: NUL character at character {decoded + nul}")
+        decoded += len(text)
+        text = carry + text
+        carry = ""
+        if not final and text.endswith("\r"):
+            text, carry = text[:-1], "\r"
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if first_line:
+            if text.startswith(PROVENANCE[:len(text)]) and not final and "\n" not in text \
+                    and len(text) < 65536:
+                carry = text + carry   # the first line is not whole yet
+                continue
+            first_line = False
+            if text.startswith(PROVENANCE):
+                line, _, text = text.partition("\n")
+                if check:
+                    header["source"], header["time"] = _parse_provenance(line)
+        if check and sampled < 65536:
+            sample.append(text[:65536 - sampled])
+            sampled += len(sample[-1])
+            if sampled >= 65536 or final:
+                _check_prose("".join(sample))
+        for i in range(0, len(text), PIECE_CHARS):
+            yield text[i:i + PIECE_CHARS]
 
 
 def preprocess(name: str, data: bytes, *,
@@ -136,17 +400,23 @@ def preprocess(name: str, data: bytes, *,
 
     ``max_bytes`` caps what a gzip-compressed file may decompress to. ``repeats``, when given,
     remembers the lines of earlier documents per site and drops those that repeat across them
-    (page furniture that markup alone does not reveal).
+    (page furniture that markup alone does not reveal). All of it in memory: preprocess_file
+    streams large files.
     """
     if data.startswith(GZIP_MAGIC):
         data = gunzip(data, max_bytes)
-        if name.lower().endswith((".gz", ".tgz")):
-            name = name[:-3] if name.lower().endswith(".gz") else name[:-4] + ".tar"
-    for magic, what in _MAGIC:
-        if data.startswith(magic) or (magic == b"ustar" and data[257:262] == magic):
-            raise PreprocessError(f"binary data: {what}")
+        name = _name_after_gunzip(name)
+    return _preprocess_plain(name, data, tuple(json_fields), repeats)
+
+
+def _preprocess_plain(name: str, data: bytes, json_fields: Iterable[str],
+                      repeats: "RepeatedLines | None") -> Preprocessed:
+    """preprocess() of data already decompressed (`name` without its .gz)."""
+    _refuse_binary(data)
+    _whole_document_cap(format_of(name), len(data))
     text = decode(data, declared=_declared_encoding(data, format_of(name)))
     fmt = _sniff(name, text.partition("\n")[2] if text.startswith(PROVENANCE) else text)
+    _whole_document_cap(fmt, len(data))
     # \r\n (Windows) and lone \r (old Mac) both become \n before anything looks at lines.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -203,17 +473,8 @@ def _declared_encoding(data: bytes, fmt: str) -> str | None:
 def decode(data: bytes, declared: str | None = None) -> str:
     """UTF-8 (with or without BOM) or UTF-16/32 with a BOM, to str; refuses binary data.
     ``declared``: the encoding the file itself names (XML/HTML), used when it has no BOM."""
-    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
-                       (codecs.BOM_UTF8, "utf-8"),
-                       (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
-        if data.startswith(bom):
-            body, skip = data[len(bom):], len(bom)
-            break
-    else:
-        body, skip, codec = data, 0, "utf-8"
-        if declared and declared not in ("utf-8", "utf-16", "utf-32") and b"\0" not in body[:4096]:
-            codec = declared   # UTF-16/32 need their BOM; an ASCII-compatible label is honoured
-
+    codec, skip = _codec_of(data, declared)
+    body = data[skip:]
     if codec == "utf-8":
         nul = body.find(b"\0")
         if nul >= 0:
@@ -229,6 +490,18 @@ def decode(data: bytes, declared: str | None = None) -> str:
     if nul >= 0:
         raise PreprocessError(f"binary data: NUL character at character {nul}")
     return text
+
+
+def _codec_of(data: bytes, declared: str | None) -> tuple[str, int]:
+    """(codec, BOM length) of data that starts as `data` does."""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                       (codecs.BOM_UTF8, "utf-8"),
+                       (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            return codec, len(bom)
+    if declared and declared not in ("utf-8", "utf-16", "utf-32") and b"\0" not in data[:4096]:
+        return declared, 0   # UTF-16/32 need their BOM; an ASCII-compatible label is honoured
+    return "utf-8", 0
 
 
 def _parse_provenance(line: str) -> tuple[str, str]:

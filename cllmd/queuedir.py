@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from cllm import layout
 from cllm.durable import atomic_write, fsync_dir, sweep_temps
@@ -170,8 +170,9 @@ class QueueDir:
             log.info("queue: claimed %r as processing/%r", name, pname)
         return pname
 
-    def read(self, pname: str) -> bytes:
-        """The bytes of processing/PNAME, refusing what is not a plain regular file of ours."""
+    def open(self, pname: str) -> BinaryIO:
+        """processing/PNAME opened for reading, refusing what is not a plain regular file of
+        ours or is over the size limit (a reader stops at the limit: the file may still grow)."""
         path = self.dirs["processing"] / pname
         try:
             # O_NOFOLLOW: a symlink dropped into the queue must not make us read what it points
@@ -195,7 +196,11 @@ class QueueDir:
         except BaseException:
             os.close(fd)
             raise
-        with os.fdopen(fd, "rb") as f:
+        return os.fdopen(fd, "rb")
+
+    def read(self, pname: str) -> bytes:
+        """The bytes of processing/PNAME (see open())."""
+        with self.open(pname) as f:
             data = f.read(self.max_file_bytes + 1)
         if len(data) > self.max_file_bytes:  # grew after the fstat
             raise BadInput(f"too large: over the limit of {self.max_file_bytes} bytes")

@@ -23,7 +23,7 @@ from cllmd import __version__
 from cllmd.protocol import (
     BAD_REQUEST, BUSY, CANCELLED, INTERNAL, NOT_FOUND, OP_SPECS, PROTOCOL_VERSION, TOO_LARGE,
     UNAVAILABLE, UNKNOWN_OP, ArgsSpec, ProtocolError, Request, as_spec, encode,
-    error_from_exception, make_event, parse_request, peek_id, reply_error, reply_ok, stream_done,
+    error_from_exception, make_event, parse_request, peek_envelope, peek_id, reply_error, reply_ok, stream_done,
     stream_token, validate_args,
 )
 
@@ -33,6 +33,10 @@ IPC_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1
 POLL_MS = 100               # loop turn when idle: bounds heartbeat and stop latency
 BACKLOG_POLL_MS = 10        # loop turn while some client's queue is full
 RECV_BATCH = 64             # messages taken from one socket per turn, for fairness
+# A frame larger than this is not decoded on the socket thread: its id and op are read (the
+# rest skipped, allocating nothing) and a pool worker decodes and checks it. Ops served inline
+# take small arguments only, so they refuse such a frame.
+INLINE_DECODE_BYTES = 64 * 1024
 MALFORMED_LOG_EVERY_S = 10  # malformed input is logged at most this often (fuzzers are loud)
 # Messages libzmq queues for one peer before send says EAGAIN and the server's own backlog
 # (counted in bytes, capped) takes over. libzmq's default of 1,000 would let one slow reader
@@ -66,6 +70,7 @@ class _Job:
     key: tuple                        # (route, identity, request id)
     pool: "_Pool"
     state: str = "queued"
+    frame: bytes | None = None        # still to decode (a large request), by the worker
 
 
 @dataclass
@@ -426,6 +431,9 @@ class Server:
             self._post(("send", job.client, job.envelope, self._encode_reply(msg)))
 
         try:
+            if job.frame is not None:
+                req = ctx.request = job.req = self._decode_large(job)
+                job.frame = None
             if ctx.cancelled.is_set():
                 send(reply_error(req.id, CANCELLED, f"{req.op} was cancelled before it started"))
             elif op.stream:
@@ -439,6 +447,18 @@ class Server:
             send(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
             self._post(("finished", job.key, job.pool))
+
+    def _decode_large(self, job: _Job) -> Request:
+        """On the worker: the whole request of a large frame, checked as the socket thread
+        checks small ones (ProtocolError -> the error reply)."""
+        try:
+            req = parse_request(job.frame, self.max_message_bytes)
+        except ProtocolError as e:
+            self._post(("malformed", e.message))
+            raise ProtocolError(e.code, e.message, **e.extra) from None
+        if (req.id, req.op) != (job.req.id, job.req.op):   # a map with a key twice
+            raise ProtocolError(BAD_REQUEST, "field 'id' or 'op' given twice")
+        return Request(req.id, req.op, validate_args(job.op.spec, req.args, req.op))
 
     def _run_stream(self, op: _Op, req: Request, ctx: Context,
                     send: Callable[[dict], None]) -> dict:
@@ -543,6 +563,9 @@ class Server:
             self._send(client, envelope, self._encode_reply(reply_error(
                 None, BAD_REQUEST, f"a request is exactly one msgpack frame, got {len(body)}")))
             return
+        if INLINE_DECODE_BYTES < len(body[0]) <= self.max_message_bytes:
+            self._dispatch_large(route, transport, client, envelope, body[0])
+            return
         try:
             req = parse_request(body[0], self.max_message_bytes)
         except ProtocolError as e:
@@ -550,6 +573,33 @@ class Server:
             self._send(client, envelope, self._encode_reply(error_from_exception(e.request_id, e)))
             return
         self._dispatch(route, transport, client, envelope, req)
+
+    def _dispatch_large(self, route: int, transport: str, client: tuple, envelope: list[bytes],
+                        frame: bytes) -> None:
+        """A frame over INLINE_DECODE_BYTES: routed by its id and op alone (the socket thread's
+        work does not grow with the frame's contents); a pool worker decodes the rest."""
+        def refuse(rid, code: str, message: str) -> None:
+            self._malformed(message)
+            self._send(client, envelope, self._encode_reply(reply_error(rid, code, message)))
+
+        try:
+            rid, name = peek_envelope(frame)
+        except ProtocolError as e:
+            refuse(None, e.code, e.message)
+            return
+        if rid is None:
+            refuse(None, BAD_REQUEST, f"a request of {len(frame)} bytes without a valid field 'id' "
+                                      f"(a str of 1..256 characters or an integer)")
+            return
+        op = self._ops.get(name) if name is not None else None
+        if op is None:
+            refuse(rid, UNKNOWN_OP if name else BAD_REQUEST,
+                   f"unknown op {name!r}" if name else "missing or invalid field 'op'")
+        elif not op.blocking:
+            refuse(rid, TOO_LARGE, f"a {name} request is at most {INLINE_DECODE_BYTES} bytes, "
+                                   f"this one is {len(frame)}")
+        else:
+            self._dispatch(route, transport, client, envelope, Request(rid, name, {}), frame)
 
     def _malformed(self, what: str) -> None:
         self._malformed_count += 1
@@ -561,7 +611,9 @@ class Server:
             self._malformed_logged_at = now
 
     def _dispatch(self, route: int, transport: str, client: tuple, envelope: list[bytes],
-                  req: Request) -> None:
+                  req: Request, frame: bytes | None = None) -> None:
+        """Answer or hand on a request; with `frame` (a large one, see _dispatch_large) only
+        its id and op are known yet, and its pool's worker decodes and checks it."""
         def answer(msg: dict) -> None:
             self._send(client, envelope, self._encode_reply(msg))
 
@@ -574,11 +626,12 @@ class Server:
         if op is None:
             answer(reply_error(req.id, UNKNOWN_OP, f"unknown op {req.op!r}"))
             return
-        try:
-            req = Request(req.id, req.op, validate_args(op.spec, req.args, req.op))
-        except ProtocolError as e:
-            answer(error_from_exception(req.id, e))
-            return
+        if frame is None:
+            try:
+                req = Request(req.id, req.op, validate_args(op.spec, req.args, req.op))
+            except ProtocolError as e:
+                answer(error_from_exception(req.id, e))
+                return
         ctx = Context(req, client[1], transport, _route=route)
         if not op.blocking:
             try:
@@ -601,7 +654,7 @@ class Server:
                                              f"({pool.workers} at once, {pool.max_pending} "
                                              f"waiting); retry later"))
         else:
-            job = _Job(op, req, ctx, client, envelope, key, pool)
+            job = _Job(op, req, ctx, client, envelope, key, pool, frame=frame)
             self._active[key] = job
             pool.submit(job)
 
@@ -623,6 +676,8 @@ class Server:
             elif kind == "finished":
                 self._active.pop(item[1], None)
                 item[2].accepted -= 1
+            elif kind == "malformed":
+                self._malformed(item[1])
 
     def _send(self, client: tuple, envelope: list[bytes], frame: bytes) -> None:
         parts = [client[1], *envelope, frame]

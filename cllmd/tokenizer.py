@@ -32,6 +32,14 @@ MAX_VOCAB_SIZE = 2**31 - 1  # ids are stored as int32
 # BPE texts are encoded in pieces of about this many characters, cut only where the result is
 # provably the same as for the whole text (see split_for_encoding).
 CHUNK_CHARS = 1 << 15
+# encode_stream holds about twice this many characters of text at a time.
+STREAM_CHARS = 1 << 20
+# encode_stream's second rule: a blank after a non-blank and before a letter. Under GPT-2's
+# split pattern (see _SAFE_CUT) a pre-token ends before such a blank in the whole text (only
+# the whitespace alternatives take a blank after the first character, and a non-blank
+# precedes it), the left piece ends with that same pre-token, and the right piece starts with
+# the same " <letters>" pre-token (add_prefix_space adds nothing before a blank): same ids.
+_BLANK_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")
 
 
 class TokenizerError(ValueError):
@@ -139,6 +147,61 @@ class Tokenizer(abc.ABC):
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
+
+    # the texts of the special tokens (split out of the text before anything else)
+    specials: tuple[str, ...] = (EOT,)
+    # where a cut is provably invisible (split_for_encoding), None when nowhere
+    _cut: re.Pattern | None = _SAFE_CUT
+
+    def encode_stream(self, pieces: Iterable[str],
+                      chunk_chars: int = STREAM_CHARS) -> Iterator[np.ndarray]:
+        """encode() of the concatenation of `pieces`, as consecutive id arrays, holding about
+        2 * chunk_chars characters at a time however long the text.
+
+        Cuts follow split_for_encoding's rule, so the ids are those of the whole text. Where
+        4 * chunk_chars characters hold no such cut, the text is cut at a blank between a
+        non-blank and a letter (same ids, see _BLANK_CUT), failing that anywhere outside a
+        special token: the ids may then differ from the whole text's around that cut, and
+        still decode to exactly the text.
+        """
+        chunk_chars = max(1, chunk_chars)
+        buf = ""
+        for piece in pieces:
+            buf = buf + piece if buf else piece
+            while len(buf) >= 2 * chunk_chars:
+                at = self._stream_cut(buf, chunk_chars)
+                if at is None:
+                    break   # wait for more text: the cut may lie just beyond
+                yield self.encode(buf[:at])
+                buf = buf[at:]
+        if buf:
+            yield self.encode(buf)
+
+    def _stream_cut(self, buf: str, chunk_chars: int) -> int | None:
+        # A cut must see what follows it: the look-ahead of the rule, a special token's text.
+        limit = len(buf) - max(map(len, self.specials), default=0) - 1
+        if self._cut is not None:
+            m = self._cut.search(buf, chunk_chars)
+            if m is not None and m.start() <= limit:
+                return m.start()
+        if len(buf) < 4 * chunk_chars or limit < chunk_chars:
+            return None
+        for m in _BLANK_CUT.finditer(buf, chunk_chars):
+            if m.start() > limit:
+                break
+            if not self._inside_special(buf, m.start()):
+                return m.start()
+        at = chunk_chars
+        while self._inside_special(buf, at):
+            at += 1
+        return at
+
+    def _inside_special(self, buf: str, at: int) -> bool:
+        for s in self.specials:
+            start = buf.find(s, max(0, at - len(s) + 1), at + len(s) - 1)
+            if 0 <= start < at:
+                return True
+        return False
 
     def _ids_array(self, ids) -> np.ndarray:
         arr = np.asarray(ids)
@@ -254,7 +317,8 @@ class BPETokenizer(Tokenizer):
         if eot is None or eot not in added or not added[eot].special:
             raise TokenizerError(f"the BPE tokenizer has no special token {EOT!r}")
         self.eot_id = eot
-        self._cut = safe_cut_pattern(t.content for t in added.values())
+        self.specials = tuple(t.content for t in added.values())
+        self._cut = safe_cut_pattern(self.specials)
         self._table = self._build_table(hf, added)
 
     def _build_table(self, hf: HFTokenizer, added: dict) -> list[bytes]:

@@ -6,18 +6,17 @@ and append durably to the data store) is the daemon's.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import select
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import inotify_simple
 from inotify_simple import flags as inflags
 
-from .preprocess import DEFAULT_JSON_FIELDS, PreprocessError, Preprocessed, RepeatedLines, preprocess
+from .preprocess import DEFAULT_JSON_FIELDS, PreprocessError, Preprocessed, RepeatedLines, preprocess_file
 from .queuedir import BadInput, QueueDir
 from .retry import RetryPolicy, RetrySchedule
 
@@ -60,6 +59,9 @@ class QueueWatcher:
         self._errors = 0  # watcher errors in a row
         self.error_wait = error_wait  # (after the first error, at most): doubling in between
         queue.on_placed.append(self._poke)
+        # the file being ingested: {"name", "phase" (reading | storing), "chars", "of"}
+        self.progress: dict | None = None
+        self._beat: Callable[[], None] = lambda: None   # run()'s heartbeat, between pieces
 
     # ------------------------------------------------------------------ one file
 
@@ -89,18 +91,39 @@ class QueueWatcher:
         q.emit(name=pname, state="processing", attempt=attempt)
 
         try:
-            pre = preprocess(pname, q.read(pname), json_fields=self.json_fields,
-                             max_bytes=q.max_file_bytes, repeats=self.repeats)
+            with q.open(pname) as f:
+                self._ingest_file(pname, f, attempt)
         except (BadInput, PreprocessError) as e:
             q.fail(pname, str(e), attempt)
-            return
         except OSError as e:
             self._retry_later(pname, attempt, f"cannot read: {e.strerror or e}")
-            return
-        sha = hashlib.sha256(pre.text.encode("utf-8", "surrogatepass")).hexdigest()
+        finally:
+            self.progress = None
 
+    def _ingest_file(self, pname: str, f: BinaryIO, attempt: int) -> None:
+        """Preprocess and ingest the open processing/PNAME; done/ when the store has it. Large
+        text streams through both in pieces, beating the heartbeat after each."""
+        q = self.queue
+        self.progress = {"name": pname, "phase": "reading", "chars": 0, "of": None}
+
+        def reading(chars: int) -> None:
+            self.progress = {"name": pname, "phase": "reading", "chars": chars, "of": None}
+            self._beat()
+
+        pre = preprocess_file(pname, f, json_fields=self.json_fields, max_bytes=q.max_file_bytes,
+                              repeats=self.repeats, on_piece=reading)
+        sha = pre.sha256
+
+        def storing(chars: int) -> None:
+            self.progress = {"name": pname, "phase": "storing", "chars": chars, "of": pre.chars}
+            self._beat()
+
+        pre.on_piece = storing
+        storing(0)
         try:
             info = dict(self.ingest(pre, sha) or {})
+        except PreprocessError:
+            raise   # found on the second pass (the file changed): it fails like the first
         except Exception as e:
             log.warning("queue: %r: ingest attempt %d/%d failed", pname, attempt,
                         self.policy.max_attempts, exc_info=True)
@@ -110,6 +133,7 @@ class QueueWatcher:
         event: dict[str, Any] = {"format": pre.format, "source": pre.source, "sha256": sha}
         event.update((k, v) for k, v in info.items()
                      if k not in event and k not in ("event", "name", "state"))
+        self.progress = None
         final = q.finish(pname, **event)
         log.info("queue: %r done: %s tokens%s, %s from %r", final, info.get("tokens", "?"),
                  " (duplicate, not stored again)" if info.get("duplicate") else "",
@@ -201,6 +225,7 @@ class QueueWatcher:
         wake(): set `stop`, then call wake() for a prompt exit).
         """
         beat = heartbeat or (lambda: None)
+        self._beat = beat
         if not self._recovered:
             self._recover(beat, stop)
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -586,3 +586,40 @@ def test_datastore_since_samples_only_the_newest_tokens(tmp_path):
     x_tiny, _ = store.sample_batch(np.random.default_rng(0), 8, 16, since=store.num_tokens("train") - 3)
     assert x_tiny.shape == (8, 16)
     store.close()
+
+
+def test_append_stream_writes_chunks_as_one_document(tmp_path):
+    with DataStore(tmp_path / "s", vocab_size=300, shard_tokens=1000) as ds:
+        ds.append(np.arange(600) % 300, source="first", sha256=sha_in("train", 1))
+        chunks = [np.arange(i, i + 50) % 300 for i in range(0, 300, 50)] + [np.zeros(0, np.int64)]
+        doc = ds.append_stream(iter(chunks), source="streamed", sha256=sha_in("train", 2),
+                               max_tokens=450)
+        # where it lands is chosen from the bound: 600 + 450 > 1000 starts a new shard
+        assert (doc.shard, doc.offset, doc.tokens) == (1, 0, 300)
+        np.testing.assert_array_equal(ds.read(doc), np.arange(300) % 300)
+        again = ds.append_stream(iter([np.ones(5, np.int64)]), source="x", sha256=sha_in("train", 2),
+                                 max_tokens=5)
+        assert again == doc   # idempotent on the hash: nothing consumed, nothing written
+    with DataStore(tmp_path / "s", vocab_size=300, shard_tokens=1000) as ds:
+        assert [d.tokens for d in ds.documents()] == [600, 300]
+
+
+@pytest.mark.parametrize("failure", ["raises", "too many", "bad id", "empty"])
+def test_append_stream_failing_midway_stores_nothing(tmp_path, failure):
+    def chunks():
+        yield np.arange(100)
+        if failure == "raises":
+            raise RuntimeError("the text changed")
+        yield {"too many": np.arange(200), "bad id": np.array([1, 999]),
+               "empty": np.zeros(0, np.int64)}[failure]
+
+    with DataStore(tmp_path / "s", vocab_size=300) as ds:
+        ds.append(np.arange(10), source="kept", sha256=sha_in("train", 1))
+        gen = chunks() if failure != "empty" else iter([np.zeros(0, np.int64)])
+        with pytest.raises((RuntimeError, ValueError)):
+            ds.append_stream(gen, source="lost", sha256=sha_in("train", 2), max_tokens=250)
+        assert [d.source for d in ds.documents()] == ["kept"]
+        assert len(shard_tokens_on_disk(ds.directory, "train", 0, ds.dtype)) == 10   # rolled back
+        doc = ds.append_stream(iter([np.arange(7)]), source="next", sha256=sha_in("train", 3),
+                               max_tokens=7)
+        assert (doc.offset, doc.tokens) == (10, 7)

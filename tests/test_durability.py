@@ -221,3 +221,86 @@ def test_durability_a_checkpoint_that_fails_otherwise_than_by_oserror_keeps_trai
         stop.set()
         t.join(60)
     assert not t.is_alive()
+
+
+def _big_text(mib: int) -> bytes:
+    line = "a line of plain prose that a large text file is made of, over and over again.\n"
+    return (line * (mib * 2**20 // len(line))).encode()
+
+
+def _peak_rss_since_reset(pid: int, reset: bool = False) -> int:
+    """VmHWM (peak RSS) of `pid` in bytes; with `reset`, first make it the current RSS."""
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")   # resets the peak RSS to the current RSS (Linux >= 4.0)
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_durability_a_large_text_file_streams_under_the_watchdog(daemon, tmp_path):
+    # F3: a multi-MiB text file goes through in pieces: its progress shows in status, the
+    # watchdog keeps being pinged (a worker silent for 3 intervals would stop the pings), and
+    # the daemon's peak RSS grows by less than the file's size (whole, it grew ~10x the file).
+    from tests.daemonproc import NotifyListener
+    listener = NotifyListener(tmp_path / "notify.sock")
+    try:
+        d = daemon("--no-train-auto-train", env={"NOTIFY_SOCKET": str(listener.path),
+                                                "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""})
+        wait_for(lambda: "WATCHDOG=1" in listener.messages, 30, "a first watchdog ping")
+        data = _big_text(48)
+        base = _peak_rss_since_reset(d.proc.pid, reset=True)
+        drop(d, "big.txt", data)
+        progress = []
+
+        def done():
+            p = d.client.request("status")["queue"]["progress"]
+            if p:
+                progress.append(p)
+            return d.queue("done") == ["big.txt"]
+        wait_for(done, 300, "big.txt in done/")
+        peak = _peak_rss_since_reset(d.proc.pid)
+        status = d.client.request("status")
+        assert status["queue"]["progress"] is None and status["queue"]["failed"] == 0
+        print(f"48 MiB text file: peak RSS {base / 2**20:.0f} -> {peak / 2**20:.0f} MiB; "
+              f"{len(progress)} progress samples")
+        assert peak - base < len(data), (base, peak)
+        assert any(p["phase"] == "storing" and 0 < p["chars"] < p["of"] for p in progress), progress
+        assert "withholding the watchdog ping" not in d.output()
+        pings = listener.messages.count("WATCHDOG=1")
+        wait_for(lambda: listener.messages.count("WATCHDOG=1") > pings, 30, "pings going on")
+        d.stop()
+    finally:
+        listener.close()
+    from cllmd.datastore import DataStore
+    with DataStore(d.model_dir() / "data", vocab_size=257) as store:
+        (doc,) = store.documents()
+        assert doc.tokens == len(data) + 1
+        assert store.read(doc)[:-1].tobytes() == np.frombuffer(data, np.uint8).astype(store.dtype).tobytes()
+
+
+def test_durability_kill9_in_the_middle_of_a_streamed_file(daemon):
+    # The queue's state machine holds for a file stored piece by piece: killed while its
+    # pieces are being written, it is neither lost nor stored twice; the torn tail is cut.
+    d = daemon("--no-train-auto-train")
+    data = _big_text(48)
+    drop(d, "big.txt", data)
+
+    def storing():
+        p = d.client.request("status")["queue"]["progress"]
+        return p and p["phase"] == "storing" and 0 < p["chars"] < p["of"] // 2
+    wait_for(storing, 300, "big.txt being stored")
+    d.stop(signal.SIGKILL)
+    assert d.queue("processing") == ["big.txt"] and d.queue("done") == []
+    d = daemon("--no-train-auto-train")
+    wait_for(lambda: d.queue("done") == ["big.txt"], 300, "big.txt in done/ after the restart")
+    assert "written but never indexed" in d.output()   # the tail of the killed attempt, cut
+    drop(d, "again.txt", data)   # the same text under another name: stored once
+    wait_for(lambda: d.queue("done") == ["again.txt", "big.txt"], 300, "again.txt in done/")
+    d.stop()
+    from cllmd.datastore import DataStore
+    with DataStore(d.model_dir() / "data", vocab_size=257) as store:
+        (doc,) = store.documents()
+        assert doc.tokens == len(data) + 1
+        assert store.read(doc)[:-1].tobytes() == np.frombuffer(data, np.uint8).astype(store.dtype).tobytes()

@@ -1,11 +1,16 @@
 """Preprocessing of queued files by format, encoding and provenance line."""
 
 import codecs
+import gzip
+import hashlib
+import io
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cllmd.preprocess import PreprocessError, Preprocessed, format_of, preprocess
+from cllmd.preprocess import PreprocessError, format_of, preprocess, preprocess_file
 
 
 def text_of(name, data, **kw):
@@ -24,8 +29,8 @@ def test_format_of_by_extension(name, fmt):
 
 def test_preprocess_plain_text_normalizes_newlines_only():
     pre = preprocess("a.txt", b"  indented\r\nline two\rthree\n\n\nend  ")
-    assert pre == Preprocessed(text="  indented\nline two\nthree\n\n\nend  ", source="a.txt",
-                               format="text")
+    assert (pre.text, pre.source, pre.format, pre.source_time) == (
+        "  indented\nline two\nthree\n\n\nend  ", "a.txt", "text", None)
 
 
 def test_preprocess_provenance_line_sets_source():
@@ -304,3 +309,89 @@ def test_preprocess_tsv_keeps_the_text_columns():
 def test_preprocess_sniffs_markup_and_json_under_unknown_names():
     assert preprocess("page", b"<!DOCTYPE html><p>hello there</p>").format == "html"
     assert preprocess("data", b'[{"text": "a record"}]').text == "a record"
+
+
+# ------------------------------------------------------------------------------ streamed files
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    # The streaming limits scaled down, so that small files cross every boundary.
+    import cllmd.preprocess as P
+    monkeypatch.setattr(P, "STREAM_MIN_BYTES", 1000)
+    monkeypatch.setattr(P, "READ_BYTES", 777)
+    monkeypatch.setattr(P, "PIECE_CHARS", 300)
+    monkeypatch.setattr(P, "WHOLE_DOCUMENT_MAX_BYTES", 5000)
+    return P
+
+
+def _both(name, data):
+    """(text, source, time, format, sha256, size, chars) of the whole path and the streamed one,
+    or the error each gives."""
+    out = []
+    for run in (lambda: preprocess(name, data), lambda: preprocess_file(name, io.BytesIO(data))):
+        try:
+            pre = run()
+            pieces = list(pre.pieces())
+            assert all(len(p) <= 300 for p in pieces)
+            out.append(("".join(pieces), pre.source, pre.source_time, pre.format, pre.sha256,
+                        pre.size, pre.chars))
+        except PreprocessError as e:
+            out.append(("error", str(e)))
+    return out
+
+
+@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(["héllo", "wörld", "the", "日本語", "a\r\n", "b\r", "c\n", "  "]),
+                      max_size=900),
+       provenance=st.booleans(), encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
+       damage=st.one_of(st.none(), st.tuples(st.floats(0, 1), st.sampled_from([0, 0xFF, 0xC3]))),
+       gz=st.booleans())
+def test_preprocess_file_streams_text_exactly_as_whole(small_pieces, words, provenance, encoding,
+                                                       damage, gz):
+    # Same text, hash and errors (decoding at any offset, NULs, CR LF split across reads, the
+    # provenance line, the prose check) as the whole path, in pieces of at most PIECE_CHARS.
+    text = " ".join(words)
+    if provenance:
+        text = "#cllm-source https://example.org/a 2026-01-01T00:00:00Z\n" + text
+    data = text.encode(encoding)
+    if damage and data:
+        at = int(damage[0] * (len(data) - 1))
+        data = data[:at] + bytes([damage[1]]) + data[at + 1:]
+    name = "a.txt"
+    if gz:
+        data, name = gzip.compress(data), "a.txt.gz"
+    whole, streamed = _both(name, data)
+    assert streamed == whole
+
+
+def test_preprocess_file_reads_a_large_text_twice_in_pieces(small_pieces):
+    text = "".join(f"line {i} of plain prose, in words.\n" for i in range(2000))
+    f = io.BytesIO(text.encode())
+    seen = []
+    pre = preprocess_file("big.txt", f, on_piece=seen.append)
+    assert pre.streamed and pre.chars == len(text) and seen[-1] == len(text) and len(seen) > 100
+    assert pre.sha256 == hashlib.sha256(text.encode()).hexdigest() and pre.size == len(text)
+    assert "".join(pre.pieces()) == text and pre.head(12) == "line 0 of pl"
+    # written to after the first pass: the second one says so rather than store other text
+    f.seek(0)
+    f.write(b"LINE")
+    with pytest.raises(RuntimeError, match="changed while it was being read"):
+        list(pre.pieces())
+
+
+@pytest.mark.parametrize("name", ["big.html", "big.xml", "big.json", "big.jsonl", "big.csv", "big.tsv"])
+def test_preprocess_file_holds_whole_document_formats_to_their_cap(small_pieces, name):
+    body = {"html": "<p>some words here</p>\n", "xml": "<a>some words here</a>\n",
+            "json": '"some words here",\n', "jsonl": '{"text": "some words here"}\n',
+            "csv": "1,some words here\n", "tsv": "1\tsome words here\n"}[name.split(".")[1]]
+    ok = (body * 150).encode()   # 3-4 KB: under the (scaled) cap of 5000 bytes
+    big = (body * 300).encode()
+    if name.endswith(".json"):
+        ok, big = b"[" + ok.rstrip(b",\n") + b"]", b"[" + big.rstrip(b",\n") + b"]"
+    if name.endswith(".xml"):
+        ok, big = b"<r>" + ok + b"</r>", b"<r>" + big + b"</r>"
+    assert "some words here" in preprocess_file(name, io.BytesIO(ok)).text
+    for run in (lambda: preprocess_file(name, io.BytesIO(big)), lambda: preprocess(name, big)):
+        with pytest.raises(PreprocessError, match=r"too large for .*: \d+ bytes .*parsed whole"):
+            run()

@@ -595,3 +595,56 @@ def test_server_msgpack_of_request_is_plain_msgpack(harness):
     # A client in another language builds the map with its own msgpack library.
     frame = msgpack.packb({"op": "ping", "args": {}, "id": "x", "v": 1}, use_bin_type=True)
     assert ask(harness.dealer(), frame)["id"] == "x"
+
+
+# --------------------------------------------------------------------------- large frames
+
+def test_server_large_frames_are_decoded_off_the_socket_thread_while_pings_go_on(make_harness):
+    # Frames over INLINE_DECODE_BYTES: the socket thread reads their id and op only; a worker
+    # decodes the rest. Meanwhile another client's pings are all answered (latency printed:
+    # timing is for benchmarks/bench_reliability.py, not asserted here).
+    import time
+    from cllmd.server import INLINE_DECODE_BYTES
+    h = make_harness(max_message_bytes=16 * 2**20)
+    h.server.register("sum", lambda req, ctx: {"n": len(req.args["ids"]), "sum": sum(req.args["ids"])},
+                      blocking=True)
+    ids = list(range(50_000)) * 20            # 1M ids, 3 MB of msgpack
+    big = encode(make_request("big", "sum", {"ids": ids}))
+    assert len(big) > 2**20
+    sender, pinger = h.dealer(), h.dealer()
+    for i in range(6):
+        sender.send(encode(make_request(f"big{i}", "sum", {"ids": ids})))
+    rtts = []
+    for i in range(100):
+        t0 = time.perf_counter()
+        assert ask(pinger, make_request(i, "ping"))["result"]["pong"] is True
+        rtts.append(time.perf_counter() - t0)
+    replies = {}
+    while len(replies) < 6:
+        msg = recv(sender, 60_000)
+        replies[msg["id"]] = msg
+    assert all(r["ok"] and r["result"] == {"n": len(ids), "sum": sum(ids)} for r in replies.values())
+    rtts.sort()
+    print(f"ping while 6 x {len(big) / 2**20:.1f} MiB requests are decoded: "
+          f"p50 {1e3 * rtts[50]:.2f} ms, max {1e3 * rtts[-1]:.2f} ms")
+
+    # what cannot be routed without decoding everything is refused at once, with its id
+    pad = "x" * (INLINE_DECODE_BYTES + 1)
+    d = h.dealer()
+    r = ask(d, encode(make_request(7, "echo", {"pad": pad})))
+    assert (r["id"], r["error"]["code"]) == (7, "too_large") and "echo request is at most" in r["error"]["message"]
+    r = ask(d, encode(make_request(8, "nope", {"pad": pad})))
+    assert (r["id"], r["error"]["code"]) == (8, "unknown_op")
+    r = ask(d, encode({"v": 1, "op": "sum", "args": {"ids": [1], "pad": pad}}))
+    assert (r["id"], r["error"]["code"]) == (None, "bad_request") and "'id'" in r["error"]["message"]
+    r = ask(d, msgpack.packb([pad]))
+    assert r["error"]["code"] == "bad_request" and "malformed msgpack" in r["error"]["message"]
+    # the worker checks the rest as the socket thread checks small frames
+    r = ask(d, encode({"v": 99, "id": 9, "op": "sum", "args": {"pad": pad}}))
+    assert (r["id"], r["error"]["code"]) == (9, "version")
+    r = ask(d, encode({"v": 1, "id": 10, "op": "sum", "args": {"ids": [1]}, "pad": pad}))
+    assert r["ok"] and r["result"] == {"n": 1, "sum": 1}
+    r = ask(d, encode({"id": 11, "op": "sum", "v": 1, "args": {"ids": [2, 3]}, "op ": pad}))
+    assert r["ok"] and r["result"]["sum"] == 5
+    r = ask(d, msgpack.packb({"v": 1, "id": 12, "op": "sum", "args": pad}))
+    assert (r["id"], r["error"]["code"]) == (12, "bad_request")

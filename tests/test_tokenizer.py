@@ -317,3 +317,60 @@ def test_load_tokenizer_refuses_lossy_bpe_json(bpe, tmp_path):
     path.write_text(json.dumps(obj))
     with pytest.raises(TokenizerError, match="no special token"):
         load_tokenizer(path)
+
+
+def _streamed(tok, pieces, chunk):
+    return np.concatenate(list(tok.encode_stream(pieces, chunk)) or [np.zeros(0, np.int32)])
+
+
+def _cut_into(text, rng, most):
+    out, at = [], 0
+    while at < len(text):
+        n = rng.randint(1, most)
+        out.append(text[at:at + n])
+        at += n
+    return out
+
+
+@settings(deadline=None)
+@given(s=tricky_text, extra=st.integers(0, 3), seed=st.integers(0, 100))
+def test_tokenizer_encode_stream_equals_whole(bpe_all_merges, s, extra, seed):
+    # Below 4 chunks without a cut it cuts only where the ids stay those of the whole text,
+    # however the pieces arrive.
+    pieces = _cut_into(s, random.Random(seed), 7)
+    chunk = len(s) // 4 + 1 + extra
+    for tok in (bpe_all_merges, BytesTokenizer()):
+        assert _streamed(tok, pieces, chunk).tolist() == tok.encode(s).tolist()
+
+
+@settings(deadline=None)
+@given(s=st.lists(st.sampled_from(list(" \naé日.") + [EOT]), max_size=200).map("".join),
+       chunk=st.integers(1, 6), seed=st.integers(0, 100))
+def test_tokenizer_encode_stream_always_decodes_to_the_text(bpe_all_merges, s, chunk, seed):
+    pieces = _cut_into(s, random.Random(seed), 7)
+    for tok in (bpe_all_merges, BytesTokenizer()):
+        ids = _streamed(tok, pieces, chunk)
+        assert tok.decode(ids) == s
+        assert (ids == tok.eot_id).sum() == s.count(EOT)
+
+
+def test_tokenizer_encode_stream_cuts_long_lines_at_blanks_with_the_same_ids(bpe_all_merges):
+    # Long lines without a newline cut: the blank rule keeps the ids of the whole text.
+    rng = random.Random(3)
+    words = [w for w in WORDS if "\n" not in w] + ["x", "日本語", "emoji😀"]
+    text = " ".join(rng.choice(words) + rng.choice(["", ",", ".", "  ", "\t"]) for _ in range(3000))
+    pieces = _cut_into(text, rng, 500)
+    arrays = list(bpe_all_merges.encode_stream(pieces, 300))
+    assert len(arrays) > 10 and max(len(a) for a in arrays) < 4 * 300 + 100
+    np.testing.assert_array_equal(np.concatenate(arrays), bpe_all_merges.encode(text))
+
+
+def test_tokenizer_encode_stream_bounds_text_without_any_blank(bpe_all_merges):
+    # No cut keeps the ids: the text is still cut (outside special tokens) and decodes exactly.
+    text = ("a" * 997 + EOT) * 40
+    for tok in (bpe_all_merges, BytesTokenizer()):
+        arrays = list(tok.encode_stream([text[i:i + 1000] for i in range(0, len(text), 1000)], 500))
+        assert len(arrays) > 10
+        ids = np.concatenate(arrays)
+        assert tok.decode(ids) == text
+        assert (ids == tok.eot_id).sum() == 40   # never a special token cut in two

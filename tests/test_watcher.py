@@ -1,6 +1,7 @@
 """The queue watcher on a real inotify-watched directory (cllmd.watcher over cllmd.queuedir),
 with real ingest functions."""
 
+import itertools
 import json
 import os
 import signal
@@ -433,3 +434,46 @@ def test_watcher_keeps_going_through_many_errors_in_a_row_and_says_it_recovered(
     q.wake()
     t.join(timeout=30)
     assert not t.is_alive()
+
+
+def test_watcher_streams_a_large_file_beating_between_pieces(tmp_path, monkeypatch):
+    # The daemon's ingest (encode_stream into append_stream) on a file of many pieces: the
+    # heartbeat comes after every piece of both passes, with the progress status shows.
+    import cllmd.preprocess as P
+    from cllmd.datastore import DataStore
+    from cllmd.tokenizer import BytesTokenizer
+    monkeypatch.setattr(P, "STREAM_MIN_BYTES", 10_000)
+    monkeypatch.setattr(P, "READ_BYTES", 4096)
+    monkeypatch.setattr(P, "PIECE_CHARS", 4096)
+    tok = BytesTokenizer()
+    text = "".join(f"line {i}: some plain words of prose.\n" for i in range(20_000))
+    with DataStore(tmp_path / "data", vocab_size=tok.vocab_size) as ds:
+        def ingest(pre, sha):
+            ids = itertools.chain(tok.encode_stream(pre.pieces(), 4096), [np.array([tok.eot_id])])
+            doc = ds.append_stream(ids, source=pre.source, sha256=sha, max_tokens=pre.size + 1)
+            return {"tokens": doc.tokens}
+
+        q = make_queue(tmp_path / "queue", ingest, max_file_bytes=len(text) + 1)
+        seen = []
+        stop = threading.Event()
+        t = threading.Thread(target=q.run, args=(stop, lambda: seen.append(q.watcher.progress)),
+                             daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: seen, "the watcher to start")
+            drop(tmp_path / "queue", "big.txt", text.encode())
+            wait_for(lambda: names(tmp_path / "queue", "done") == ["big.txt"], "big.txt done")
+        finally:
+            stop.set()
+            q.wake()
+            t.join(30)
+        docs = ds.documents()
+        assert len(docs) == 1 and docs[0].tokens == len(text) + 1
+        assert tok.decode(ds.read(docs[0])[:-1]) == text
+    pieces = len(text) // 4096
+    reading = [p["chars"] for p in seen if p and p["phase"] == "reading"]
+    storing = [p["chars"] for p in seen if p and p["phase"] == "storing"]
+    assert len(set(reading)) >= pieces and len(set(storing)) >= pieces
+    assert reading == sorted(reading) and storing == sorted(storing) and storing[-1] == len(text)
+    assert all(p["of"] == len(text) for p in seen if p and p["phase"] == "storing")
+    assert q.watcher.progress is None
