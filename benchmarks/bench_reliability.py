@@ -12,6 +12,10 @@ directories and attacks it three ways, then checks what it kept:
   separate client pings every 10 ms (p50 / p99 printed);
 - hostile files in incoming/: binary, bad encodings, empty, a --big-mb text file, a 1,000-file
   burst, symbolic and hard links, FIFOs, odd names (newline, not UTF-8, 250 bytes, leading dash).
+Before the attack, a --big-mb text file alone: its ingestion time and the daemon's peak RSS
+(VmHWM, reset before), and the longest gap between watchdog pings meanwhile (the daemon runs
+with a real notification socket and WATCHDOG_USEC=2 s: a ping every second while every worker's
+heartbeat is fresh; a worker silent for 5 s stops them).
 At the end (daemon stopped): every good file must be in done/ and its text in the data store
 exactly once (files lost / stored twice), the model, the checkpoint and the store must load
 (unloadable), and peak RSS (sampled every 50 ms) is compared with RSS when idle.
@@ -19,6 +23,7 @@ exactly once (files lost / stored twice), the model, the checkpoint and the stor
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -80,6 +85,81 @@ class RssSampler:
 
     def stop(self):
         self._stop.set()
+
+
+class WatchdogListener:
+    """systemd's notification socket, as the daemon sees it: the times of WATCHDOG=1 pings."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.pings: list[float] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if b"WATCHDOG=1" in data.split(b"\n"):
+                self.pings.append(time.monotonic())
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time without a ping between `start` and `end` (monotonic seconds)."""
+        inside = self.pings[bisect.bisect_left(self.pings, start):bisect.bisect_right(self.pings, end)]
+        marks = [start, *inside, end]
+        return max(b - a for a, b in zip(marks, marks[1:]))
+
+    def close(self):
+        self._stop.set()
+        self.sock.close()
+
+
+def vm_hwm(pid: int, reset: bool = False) -> int:
+    """Peak RSS of `pid` in bytes (VmHWM); with `reset`, first set it to the current RSS."""
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def write_big(path: Path, rng: random.Random, big_mb: int) -> None:
+    """A big text file, written in pieces under a hidden name, then renamed to `path`."""
+    part = path.with_name("." + path.name + ".part")
+    with open(part, "wb") as f:
+        block = prose(rng, 20_000, "big file").encode()
+        written = 0
+        while written < big_mb * 2**20 - len(block):
+            f.write(block)
+            written += len(block)
+    os.rename(part, path)
+
+
+def big_file_alone(d: Daemon, watchdog: WatchdogListener, rng: random.Random, big_mb: int,
+                   idle: int) -> tuple[dict, tuple[str, str]]:
+    inc = d.state / "queue" / "incoming"
+    base = vm_hwm(d.proc.pid, reset=True)
+    t0 = time.monotonic()
+    write_big(inc / "big-alone.txt", rng, big_mb)
+    t1 = time.monotonic()
+    wait_for(lambda: "big-alone.txt" in d.queue("done") or "big-alone.txt" in d.queue("failed"),
+             900, "the big file")
+    t2 = time.monotonic()
+    peak = vm_hwm(d.proc.pid)
+    text = (d.state / "queue" / "done" / "big-alone.txt").read_text()
+    return {"mib": big_mb, "ingest_seconds": round(t2 - t1, 1), "rss_before_mib": round(base / 2**20, 1),
+            "peak_rss_mib": round(peak / 2**20, 1), "peak_rss_vs_idle": round(peak / idle, 2),
+            "longest_watchdog_gap_s": round(watchdog.longest_gap(t0, t2), 2),
+            "withheld_pings_logged": d.output().count("withholding the watchdog ping")}, ("big-alone.txt", text)
 
 
 class Pinger:
@@ -218,15 +298,8 @@ def hostile_files(d: Daemon, rng: random.Random, big_mb: int) -> list[tuple[str,
     drop(d, "utf16-nobom.txt", "hello there".encode("utf-16-le"))
     drop(d, "empty.txt", b"")
     drop(d, "spaces.txt", b" \n\t\n")
-    with open(inc / ".big.part", "wb") as f:   # a big text file, written in pieces
-        block = prose(rng, 20_000, "big file").encode()
-        written = 0
-        while written < big_mb * 2**20 - len(block):
-            f.write(block)
-            written += len(block)
-    big_text = (inc / ".big.part").read_text()
-    os.rename(inc / ".big.part", inc / "big.txt")
-    good.append(("big.txt", big_text))
+    write_big(inc / "big.txt", rng, big_mb)
+    good.append(("big.txt", (inc / "big.txt").read_text()))
     for i in range(1000):   # a burst
         text = prose(rng, 60, f"burst file {i} {rng.random()}")
         drop(d, f"burst-{i:04d}.txt", text.encode())
@@ -339,32 +412,38 @@ def main() -> None:
     a = p.parse_args()
     rng = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="cllmd-rel-", dir="/tmp"))
+    watchdog = WatchdogListener(root / "notify.sock")
     d = Daemon(root, "--train-batch-size", "4", "--train-checkpoint-interval-steps", "50",
-               "--queue-max-file-bytes", str(max(64, a.big_mb + 1) * 2**20))
+               "--queue-max-file-bytes", str(max(64, a.big_mb + 1) * 2**20),
+               env={"NOTIFY_SOCKET": str(watchdog.path), "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""})
     d.start()
     try:
-        run(d, a, rng)
+        run(d, a, rng, watchdog)
     finally:
+        watchdog.close()
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
 
 
-def run(d: Daemon, a, rng: random.Random) -> None:
+def run(d: Daemon, a, rng: random.Random, watchdog: WatchdogListener) -> None:
     rss = RssSampler()
     rss.watch(d.proc.pid)
     time.sleep(2)
     idle = psutil.Process(d.proc.pid).memory_info().rss
     rss.peak = idle
     report: dict = {"idle_rss_mib": round(idle / 2**20, 1)}
+    report["big_file_alone"], big_alone = big_file_alone(d, watchdog, rng, a.big_mb, idle)
+    rss.peak = psutil.Process(d.proc.pid).memory_info().rss
 
     t0 = time.monotonic()
     pinger = Pinger(str(d.run / "cllmd.sock"))
-    good = hostile_files(d, rng, a.big_mb)
+    good = hostile_files(d, rng, a.big_mb) + [big_alone]
     report["messages"] = hostile_messages(str(d.run / "cllmd.sock"), a.messages, rng)
     wait_for(lambda: not d.queue("incoming") and not d.queue("processing") or None, 900, "the hostile files")
     pinger.stop()
     report["attack_seconds"] = round(time.monotonic() - t0, 1)
+    report["attack_longest_watchdog_gap_s"] = round(watchdog.longest_gap(t0, time.monotonic()), 2)
     report["ping_under_attack"] = percentiles(pinger.rtts)
     report["ping_timeouts"] = pinger.errors
     report["attack_peak_rss_mib"] = round(rss.peak / 2**20, 1)
@@ -388,7 +467,10 @@ def run(d: Daemon, a, rng: random.Random) -> None:
           f"unloadable {len(report['unloadable'])}; budget steps lost {campaign['budget_steps_lost']} "
           f"over {a.trials} kill -9 trials; ping under attack p50 {report['ping_under_attack']['p50_ms']} ms, "
           f"p99 {report['ping_under_attack']['p99_ms']} ms; peak RSS {report['attack_peak_rss_mib']} MiB "
-          f"= {report['attack_peak_rss_vs_idle']}x idle ({report['idle_rss_mib']} MiB)")
+          f"= {report['attack_peak_rss_vs_idle']}x idle ({report['idle_rss_mib']} MiB); "
+          f"the {a.big_mb} MiB file alone: {report['big_file_alone']['ingest_seconds']} s, peak RSS "
+          f"{report['big_file_alone']['peak_rss_mib']} MiB, longest watchdog gap "
+          f"{report['big_file_alone']['longest_watchdog_gap_s']} s")
 
 
 if __name__ == "__main__":
