@@ -51,6 +51,12 @@ _FORMAT_NOTES = {
 }
 
 
+# HTML, XML, JSON, JSON Lines, CSV and TSV are parsed whole, so they may weigh this much at most
+# (decompressed): a 32 MiB CSV, the worst, peaked at ~420 MiB beyond the daemon's own size, 64 MiB
+# ones at 841 MiB (CSV) and 717 MiB (XML). Plain text streams up to the queue's size limit.
+WHOLE_DOCUMENT_MAX_BYTES = 32 * 2**20
+
+
 def formats_help() -> str:
     """The accepted formats, one line each, for help texts."""
     lines = []
@@ -58,6 +64,8 @@ def formats_help() -> str:
         exts = " ".join(e for e, f in FORMATS.items() if f == fmt)
         lines.append(f"  {exts:<22} {note}")
     lines.append("  any of them + .gz      gzip-compressed, up to the queue's size limit unpacked")
+    lines.append(f"Plain text streams up to the queue's size limit; the formats parsed whole (all "
+                 f"but text) up to {WHOLE_DOCUMENT_MAX_BYTES // 2**20} MiB.")
     lines.append("Refused with the reason: binary files, SVG, roff (man page) sources, data "
                  "without words.")
     return "\n".join(lines)

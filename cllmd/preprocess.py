@@ -8,8 +8,8 @@ archives, SVG, roff sources, data without words) is refused with the reason.
 Memory is bounded by the file's format: plain text is streamed in pieces of at most
 PIECE_CHARS characters (two passes over the file: the first checks it and hashes its text, the
 second hands the pieces to the tokenizer), whatever its size. HTML, XML, JSON, JSON Lines, CSV
-and TSV are parsed whole, so they are held to WHOLE_DOCUMENT_MAX_BYTES (measured: a parse needs
-up to 13x its file size; docs/benchmarks.md, "Reliability").
+and TSV are parsed whole, so they are held to cllm.layout.WHOLE_DOCUMENT_MAX_BYTES (a parse
+needs up to 13x its file size).
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from html.parser import HTMLParser
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from cllm.layout import FORMATS  # noqa: F401  (the queue contract declares the formats)
+from cllm.layout import WHOLE_DOCUMENT_MAX_BYTES  # what a format parsed whole may weigh
 
 DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 
 PROVENANCE = "#cllm-source "
 # Plain text beyond this many bytes is streamed (below it, one piece costs less than two passes).
 STREAM_MIN_BYTES = 4 * 2**20
-# What a format parsed whole may weigh (decompressed): a 32 MiB CSV, the worst, peaked at
-# ~420 MiB over the daemon's own size; 64 MiB ones reached 841 MiB (CSV) and 717 MiB (XML).
-WHOLE_DOCUMENT_MAX_BYTES = 32 * 2**20
 READ_BYTES = 2**20          # read (and decompress) a file this much at a time
 PIECE_CHARS = 2**20         # the text is handed on in pieces of at most this many characters
 GZIP_MAGIC = b"\x1f\x8b"
