@@ -180,7 +180,8 @@ class Daemon:
         self.queue = QueueDir(self.dirs.queue, max_file_bytes=s.queue.max_file_bytes,
                               on_event=self._queue_event)
         self.watcher = QueueWatcher(self.queue, self._ingest, retry=RetryPolicy(s.queue.max_attempts),
-                                    rescan_seconds=s.queue.rescan_seconds, json_fields=s.queue.json_fields)
+                                    rescan_seconds=s.queue.rescan_seconds, json_fields=s.queue.json_fields,
+                                    furniture_path=self.dirs.furniture)
         if corpus is not None:
             # queue first, model file second: a crash in between re-creates the same model and
             # the store's sha256 dedup keeps the corpus from being stored twice

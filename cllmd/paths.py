@@ -109,6 +109,11 @@ class Dirs:
         return self.state / "cllmd.lock"
 
     @property
+    def furniture(self) -> Path:
+        """The memory of lines repeated across a site's pages (preprocess.RepeatedLines)."""
+        return self.state / "furniture.msgpack"
+
+    @property
     def socket_endpoint(self) -> str:
         return f"ipc://{self.socket}"
 

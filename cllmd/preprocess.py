@@ -20,17 +20,27 @@ import hashlib
 import io
 import itertools
 import json
+import logging
+import os
 import re
+import struct
+import time
 import zlib
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+import msgpack
+
+from cllm.durable import atomic_write
 from cllm.layout import FORMATS  # noqa: F401  (the queue contract declares the formats)
 from cllm.layout import WHOLE_DOCUMENT_MAX_BYTES  # what a format parsed whole may weigh
+
+log = logging.getLogger(__name__)
 
 DEFAULT_JSON_FIELDS: tuple[str, ...] = ("text", "content", "body")
 
@@ -681,13 +691,28 @@ class RepeatedLines:
 
     The site is the host of a document's http(s) source (its provenance line); documents from
     elsewhere pass unchanged. A line is dropped once ``min_pages`` earlier documents of the site
-    held it. Memory is bounded: ``max_lines`` line hashes per site, ``max_sites`` sites (the
-    least recently seen go first). It lives as long as the daemon: a restart starts afresh.
+    held it. Memory is bounded: ``max_lines`` line hashes per site (the lines seen once go
+    first, then the rarest), ``max_sites`` sites (the least recently seen go first): at most
+    max_sites * max_lines * 12 bytes on disk (15 MiB by default).
+
+    With a ``path``, the memory survives restarts: loaded from it, saved to it (atomically,
+    checksummed) by save(), at most every ``save_seconds`` unless forced. An unreadable file is
+    set aside with a warning: this is a filter's memory, not data.
     """
 
-    def __init__(self, min_pages: int = 4, max_lines: int = 200_000, max_sites: int = 256):
+    FORMAT = "cllmd-furniture"
+    VERSION = 1
+
+    def __init__(self, min_pages: int = 4, max_lines: int = 20_000, max_sites: int = 64,
+                 path: "os.PathLike | str | None" = None, save_seconds: float = 5.0):
         self.min_pages, self.max_lines, self.max_sites = min_pages, max_lines, max_sites
         self._sites: OrderedDict[str, dict[bytes, int]] = OrderedDict()
+        self.path = Path(path) if path is not None else None
+        self.save_seconds = save_seconds
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        if self.path is not None:
+            self._load()
 
     @staticmethod
     def site_of(source: str) -> str | None:
@@ -722,7 +747,63 @@ class RepeatedLines:
         if len(counts) > self.max_lines:   # forget the lines seen once: they are most of them
             for h in [h for h, n in counts.items() if n == 1]:
                 del counts[h]
+        if len(counts) > self.max_lines:   # then the rarest, down to the bound
+            for h in sorted(counts, key=counts.__getitem__)[:len(counts) - self.max_lines]:
+                del counts[h]
+        self._dirty = self._dirty or bool(seen)
         return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+
+    # ---- persistence: msgpack {format, version, sites: [[site, hashes, counts]]} + CRC-32
+
+    def to_bytes(self) -> bytes:
+        sites = [[site, b"".join(counts), struct.pack(f"<{len(counts)}I", *counts.values())]
+                 for site, counts in self._sites.items()]
+        body = msgpack.packb({"format": self.FORMAT, "version": self.VERSION, "sites": sites})
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def _load(self) -> None:
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("furniture memory %s unreadable (%s): starting afresh", self.path, e)
+            return
+        try:
+            body, crc = blob[:-4], blob[-4:]
+            if len(blob) < 4 or struct.unpack("<I", crc)[0] != zlib.crc32(body):
+                raise ValueError("checksum mismatch (torn or damaged)")
+            obj = msgpack.unpackb(body, raw=False)
+            if obj.get("format") != self.FORMAT or obj.get("version") != self.VERSION:
+                raise ValueError(f"not {self.FORMAT} version {self.VERSION}")
+            sites: OrderedDict[str, dict[bytes, int]] = OrderedDict()
+            for site, hashes, counts in obj["sites"][-self.max_sites:]:
+                n = len(hashes) // 8
+                if len(hashes) != 8 * n or len(counts) != 4 * n:
+                    raise ValueError(f"site {site!r}: {len(hashes)} hash bytes, {len(counts)} count bytes")
+                pairs = zip((hashes[8 * i:8 * i + 8] for i in range(n)), struct.unpack(f"<{n}I", counts))
+                sites[str(site)] = dict(sorted(pairs, key=lambda kv: -kv[1])[:self.max_lines])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            aside = self.path.with_name(self.path.name + ".bad")
+            log.warning("furniture memory %s set aside as %s and started afresh: %s", self.path,
+                        aside.name, e)
+            os.replace(self.path, aside)
+            return
+        self._sites = sites
+        log.info("furniture memory: %d site(s), %d line(s) from %s", len(sites),
+                 sum(map(len, sites.values())), self.path)
+
+    def save(self, force: bool = False) -> bool:
+        """Write the memory to `path` if it changed (and save_seconds have passed since the
+        last write, unless `force`); True if written."""
+        if self.path is None or not self._dirty:
+            return False
+        if not force and time.monotonic() - self._saved_at < self.save_seconds:
+            return False
+        atomic_write(self.path, self.to_bytes())
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        return True
 
 
 # ------------------------------------------------------------------------------------ JSON

@@ -39,7 +39,8 @@ class QueueWatcher:
     def __init__(self, queue: QueueDir, ingest: Callable[[Preprocessed, str], dict], *,
                  retry: RetryPolicy, rescan_seconds: float = 30,
                  json_fields: Iterable[str] = DEFAULT_JSON_FIELDS, settle_seconds: float = 2.0,
-                 error_wait: tuple[float, float] = (1.0, MAX_ERROR_BACKOFF)):
+                 error_wait: tuple[float, float] = (1.0, MAX_ERROR_BACKOFF),
+                 furniture_path: os.PathLike | str | None = None):
         if rescan_seconds <= 0:
             raise ValueError("rescan_seconds must be positive")
         self.queue = queue
@@ -48,7 +49,8 @@ class QueueWatcher:
         self.retries = RetrySchedule()
         self.rescan_seconds = rescan_seconds
         self.json_fields = tuple(json_fields)
-        self.repeats = RepeatedLines()   # lines repeated across a site's pages are furniture
+        # lines repeated across a site's pages are furniture; remembered in furniture_path
+        self.repeats = RepeatedLines(path=furniture_path)
         # A rescan leaves files younger than this alone: one written in place (not renamed in)
         # may still be open; its IN_CLOSE_WRITE will bring it.
         self.settle_seconds = settle_seconds
@@ -73,6 +75,13 @@ class QueueWatcher:
             log.exception("queue: %r: unexpected error; will retry", pname)
             self.retries.schedule(pname, self.policy.after_unexpected)
             self.queue.emit(name=pname, state="processing", reason=f"{type(e).__name__}: {e}")
+        self._save_furniture()
+
+    def _save_furniture(self, force: bool = False) -> None:
+        try:
+            self.repeats.save(force)
+        except OSError as e:   # a full disk: the memory stays in memory, the queue goes on
+            log.warning("queue: cannot save the furniture memory %s: %s", self.repeats.path, e)
 
     def _attempt_inner(self, pname: str) -> None:
         q = self.queue
@@ -244,6 +253,7 @@ class QueueWatcher:
         finally:
             self._wake_fd = None
             os.close(wake_fd)
+            self._save_furniture(force=True)
         log.info("queue: watcher stopped")
 
     def _watch(self, stop: threading.Event, beat: Callable[[], None], wake_fd: int) -> None:

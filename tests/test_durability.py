@@ -304,3 +304,30 @@ def test_durability_kill9_in_the_middle_of_a_streamed_file(daemon):
         (doc,) = store.documents()
         assert doc.tokens == len(data) + 1
         assert store.read(doc)[:-1].tobytes() == np.frombuffer(data, np.uint8).astype(store.dtype).tobytes()
+
+
+def test_durability_site_furniture_is_remembered_across_restarts(daemon):
+    # Lines repeated across a site's pages are dropped once 4 earlier pages held them; that
+    # memory lives in <state>/furniture.msgpack, so pages after a restart are still cleaned.
+    def page(i):
+        return (f"#cllm-source https://docs.example.org/p{i}.html 2026-01-01T00:00:00Z\n"
+                f"<html><body><div>Page {i} says something of its own, number {i}.</div>"
+                f"<div>Copyright 2026 Example Docs Team, all rights reserved.</div>"
+                f"</body></html>").encode()
+    d = daemon("--no-train-auto-train")
+    for i in range(4):
+        drop(d, f"p{i}.html", page(i))
+        wait_for(lambda: len(d.queue("done")) == i + 1, 60, f"p{i}.html in done/")
+    d.stop()
+    assert (d.state / "furniture.msgpack").exists()
+    d = daemon("--no-train-auto-train")
+    assert "furniture memory: 1 site(s)" in d.output()
+    drop(d, "p4.html", page(4))
+    wait_for(lambda: "p4.html" in d.queue("done"), 60, "p4.html in done/")
+    d.stop()
+    from cllmd.datastore import DataStore
+    from cllmd.tokenizer import BytesTokenizer
+    with DataStore(d.model_dir() / "data", vocab_size=257) as store:
+        texts = [BytesTokenizer().decode(store.read(doc)[:-1]) for doc in store.documents()]
+    assert len(texts) == 5 and sum("Copyright" in t for t in texts) == 4
+    assert "Page 4 says something of its own, number 4." in texts

@@ -395,3 +395,43 @@ def test_preprocess_file_holds_whole_document_formats_to_their_cap(small_pieces,
     for run in (lambda: preprocess_file(name, io.BytesIO(big)), lambda: preprocess(name, big)):
         with pytest.raises(PreprocessError, match=r"too large for .*: \d+ bytes .*parsed whole"):
             run()
+
+
+def _page(i, site="docs.example.org"):
+    return (f"#cllm-source https://{site}/p{i}.html 2026-01-01T00:00:00Z\n"
+            f"Page {i} has its own words, number {i}.\nPrevious topic\nNext topic\n").encode()
+
+
+def test_preprocess_repeated_lines_memory_survives_in_its_file(tmp_path, caplog):
+    from cllmd.preprocess import RepeatedLines
+    path = tmp_path / "furniture.msgpack"
+    first = RepeatedLines(min_pages=3, path=path, save_seconds=3600)
+    for i in range(3):
+        preprocess(f"p{i}.txt", _page(i), repeats=first)
+    assert first.save() is False          # throttled: written at most every save_seconds
+    assert first.save(force=True) is True and first.save(force=True) is False   # nothing new
+    again = RepeatedLines(min_pages=3, path=path)
+    assert preprocess("p3.txt", _page(3), repeats=again).text == "Page 3 has its own words, number 3."
+    # a damaged file is set aside (kept for a look) and the memory starts afresh
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    fresh = RepeatedLines(min_pages=3, path=path)
+    assert "checksum" in caplog.text and (tmp_path / "furniture.msgpack.bad").exists()
+    assert "Previous topic" in preprocess("p4.txt", _page(4), repeats=fresh).text
+
+
+def test_preprocess_repeated_lines_memory_is_bounded(tmp_path):
+    # max_lines per site however often lines repeat (the rarest go), max_sites sites.
+    from cllmd.preprocess import RepeatedLines
+    r = RepeatedLines(min_pages=2, max_lines=50, max_sites=3, path=tmp_path / "f")
+    r.filter("https://old.org/x", "a line")
+    for i in range(6):
+        for site in ("b.org", "c.org", "d.org"):
+            lines = "\n".join(f"line {k} of page {i // 2}" for k in range(40))
+            r.filter(f"https://{site}/{i}", lines + "\nfooter")
+    assert list(r._sites) == ["b.org", "c.org", "d.org"]
+    assert all(len(c) <= 50 for c in r._sites.values())
+    assert all(max(c.values()) == 6 for c in r._sites.values())   # the footer is kept
+    r.save(force=True)
+    assert len((tmp_path / "f").read_bytes()) <= 3 * 50 * 12 + 200
+    assert RepeatedLines(max_lines=50, path=tmp_path / "f")._sites == r._sites
