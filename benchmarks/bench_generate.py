@@ -1,28 +1,34 @@
-"""Generation benchmark: decode tokens/s, float32 and int8 weights, against PyTorch / transformers.
+"""Generation benchmark: decode tokens/s, float32, int8 and bf16 weights, against PyTorch / transformers.
 
     .venv/bin/python benchmarks/bench_generate.py                      # baby config, 400 tokens, 5 rounds
     .venv/bin/python benchmarks/bench_generate.py --model default      # the daemon's default model shape
     .venv/bin/python benchmarks/bench_generate.py --model gpt2 --threads 2 --tokens 64 --rounds 3
     .venv/bin/python benchmarks/bench_generate.py --streams 8 --tokens 300 --rounds 3   # through the daemon
-    .venv/bin/python benchmarks/bench_generate.py --accuracy MODEL.cllm              # int8's accuracy cost
+    .venv/bin/python benchmarks/bench_generate.py --accuracy MODEL.cllm      # int8's and bf16's accuracy cost
+
+bf16 columns appear where MKL is installed (the extra cllmd[mkl]).
 
 baby/default: times ways of producing greedy tokens, alternating rounds so a noisy machine
-affects all alike, and prints medians: cllmd's Decoder with float32 and with int8 weights (one
+affects all alike, and prints medians: cllmd's Decoder with float32, int8 and bf16 weights (one
 position per token against the KV cache), the full Generation iterator (sampling, UTF-8
 streaming, stop handling included), and a KV-cache decoder of the identical model in PyTorch.
 
 gpt2: GPT-2 small's shape (12 layers, 768 wide, context 1024, vocabulary 50257) with the random
-weights of a transformers GPT2LMHeadModel, copied into a cllmd Model: single-sequence decode
-tokens/s of cllmd int8, cllmd float32 and GPT2LMHeadModel.generate (greedy, its KV cache), and
-the time of a 1,000-token prompt's pass (--prompt) for each. Speed does not depend on what a
-model learned, so random weights do.
+weights of a transformers GPT2LMHeadModel, saved by a worker process that runs transformers
+alone (PyTorch's OpenMP threads never share the cores with numba's in one process) and read
+into a cllmd Model here: single-sequence decode tokens/s of cllmd int8, bf16 and float32 and
+GPT2LMHeadModel.generate (greedy, its KV cache), 8 sequences decoded together by cllmd
+(Decoder.advance, no daemon), and a 1,000-token prompt's pass (--prompt): prompt tokens/s and
+time to the first token. Rounds alternate between all of them. Speed does not depend on what
+a model learned, so random weights do. convert_*_seconds: int8 quantization and bf16
+rounding of the weights at load.
 
---streams N: a real `cllmd serve` with the default shape (bytes tokenizer), float32 then int8
-weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one pass
-per step) against one stream alone, alternating rounds.
+--streams N: a real `cllmd serve` with the default shape (bytes tokenizer), float32, int8 (and
+bf16) weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one
+pass per step) against one stream alone, alternating rounds.
 
---accuracy MODEL.cllm: perplexity of a trained model on the held-out end of --text with float32
-and with int8 weights, and the share of positions where both pick the same likeliest token.
+--accuracy MODEL.cllm: perplexity of a trained model on the held-out end of --text with float32,
+int8 (and bf16) weights, and the share of positions where each picks float32's likeliest token.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cllmd.generate import Decoder, Generation, KVCache, SamplingOptions
+from cllmd.generate import Decoder, Generation, KVCache, SamplingOptions, Sequence
 from cllmd.model import Model, ModelConfig
 from cllmd.tokenizer import BytesTokenizer
 
@@ -128,82 +134,143 @@ def torch_decoder(model: Model):
     return run
 
 
-def model_from_transformers(hf) -> Model:
-    """A cllmd Model holding a transformers GPT2LMHeadModel's weights (same names, Conv1D layout).
+def model_from_safetensors(directory: Path) -> Model:
+    """A cllmd Model holding a transformers GPT2LMHeadModel's saved weights (same names, Conv1D layout).
 
-    Copied in memory rather than through `cllmd import`: a random-weight checkpoint comes with no
-    tokenizer, which the import requires (and decoding speed does not depend on one)."""
-    c = hf.config
-    cfg = ModelConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                      block_size=c.n_positions)
+    Read with safetensors' numpy loader rather than `cllmd import`: a random-weight checkpoint
+    comes with no tokenizer, which the import requires (and decoding speed does not depend on one)."""
+    from safetensors.numpy import load_file
+    c = json.loads((directory / "config.json").read_text())
+    cfg = ModelConfig(vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                      block_size=c["n_positions"])
     model = Model(cfg, seed=0)
-    state = hf.state_dict()
+    state = load_file(str(directory / "model.safetensors"))
     for name, view in model.params.items():
-        view[...] = state["transformer." + (name + ".weight" if name in ("wte", "wpe") else name)].numpy()
+        view[...] = state["transformer." + (name + ".weight" if name in ("wte", "wpe") else name)]
     return model
 
 
-def gpt2_main(args) -> dict:
-    import numba
+def transformers_worker(args) -> None:
+    """--transformers-worker DIR: GPT2LMHeadModel(GPT2Config()) with seed-0 random weights, saved
+    to DIR, then timed on request (one JSON line per command on stdin): its own process, so
+    PyTorch's and numba's OpenMP thread pools never share the cores while either one is timed."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf.save_pretrained(args.transformers_worker)
+    print(json.dumps({"ready": True}), flush=True)
+    with torch.no_grad():
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            ids = torch.tensor([cmd["prompt"]])
+            t = time.perf_counter()
+            if cmd["op"] == "decode":
+                n = cmd["tokens"]
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                  pad_token_id=0, attention_mask=torch.ones_like(ids))
+                reply = {"tps": n / (time.perf_counter() - t), "tokens": out[0, ids.shape[1]:].tolist()}
+            else:   # the prompt's pass, filling the cache
+                hf(ids, use_cache=True)
+                reply = {"tps": ids.shape[1] / (time.perf_counter() - t), "seconds": time.perf_counter() - t}
+            print(json.dumps(reply), flush=True)
+
+
+def gpt2_main(args) -> dict:
+    """GPT-2 small: cllmd's weights (int8, bf16, float32) here, transformers in its own process."""
+    import subprocess
+    import tempfile
+    import numba
+    from cllmd.kernels import blas
     numba.set_num_threads(args.threads)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()      # GPT-2 small's shape, random weights
-    model = model_from_transformers(hf)
-    t0 = time.perf_counter()
-    Decoder(model, "int8")
-    quantize_s = time.perf_counter() - t0
-    prompt = [int(t) for t in np.random.default_rng(1).integers(0, model.cfg.vocab_size, 16)]
-    long_prompt = [int(t) for t in np.random.default_rng(2).integers(0, model.cfg.vocab_size, args.prompt)]
+    kinds = ["int8"] + (["bf16"] if blas.MKL_AVAILABLE else []) + ["float32"]
+    if "bf16" not in kinds:
+        print("MKL not found: no bf16 column (pip install 'cllmd[mkl]')", file=sys.stderr)
+    tmp = tempfile.TemporaryDirectory()
+    worker = subprocess.Popen([sys.executable, __file__, "--transformers-worker", tmp.name, "--threads",
+                               str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    @torch.no_grad()
-    def hf_decode(n):
-        ids = torch.tensor([prompt])
-        t = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                          pad_token_id=0, attention_mask=torch.ones_like(ids))
-        return n / (time.perf_counter() - t), out[0, len(prompt):].tolist()
+    def ask(**cmd) -> dict:
+        worker.stdin.write(json.dumps(cmd) + "\n")
+        worker.stdin.flush()
+        return json.loads(worker.stdout.readline())
 
-    @torch.no_grad()
-    def hf_prompt():
-        ids = torch.tensor([long_prompt])
-        t = time.perf_counter()
-        hf(ids, use_cache=True)
-        return len(long_prompt) / (time.perf_counter() - t)
+    try:
+        assert json.loads(worker.stdout.readline())["ready"]
+        model = model_from_safetensors(Path(tmp.name))
+        convert = {}
+        for kind in kinds[:-1]:          # converted once per model, at the first Decoder
+            t0 = time.perf_counter()
+            Decoder(model, kind)
+            convert[kind] = time.perf_counter() - t0
+        prompt = [int(t) for t in np.random.default_rng(1).integers(0, model.cfg.vocab_size, 16)]
+        long_prompt = [int(t) for t in np.random.default_rng(2).integers(0, model.cfg.vocab_size, args.prompt)]
 
-    def cllmd_prompt(weights):
-        dec = Decoder(model, weights)
-        t = time.perf_counter()
-        dec.prefill(long_prompt)
-        return len(long_prompt) / (time.perf_counter() - t)
+        def cllmd_prompt(kind) -> tuple[float, float]:
+            g = Generation(model, long_prompt, SamplingOptions(temperature=0, max_tokens=1, stop_at_eot=False),
+                           weights=kind)
+            g.text()
+            return len(long_prompt) / g.stats.prefill_seconds, g.stats.time_to_first_token
 
-    rows = {k: [] for k in ("int8", "float32", "transformers", "prompt_int8", "prompt_float32", "prompt_transformers")}
-    agree = {}
-    with threadpool_limits(args.threads):
-        decoder_round(model, prompt, 4, "int8"), decoder_round(model, prompt, 4), hf_decode(4)  # warm up
-        for _ in range(args.rounds):
-            tps, toks8 = decoder_round(model, prompt, args.tokens, "int8")
-            rows["int8"].append(tps)
-            tps, toks32 = decoder_round(model, prompt, args.tokens)
-            rows["float32"].append(tps)
-            tps, toks_hf = hf_decode(args.tokens)
-            rows["transformers"].append(tps)
-            agree = {"float32_vs_transformers": sum(a == b for a, b in zip(toks32, toks_hf)) / len(toks32),
-                     "int8_vs_float32": sum(a == b for a, b in zip(toks8, toks32)) / len(toks32)}
-        for _ in range(args.rounds):
-            rows["prompt_int8"].append(cllmd_prompt("int8"))
-            rows["prompt_float32"].append(cllmd_prompt("float32"))
-            rows["prompt_transformers"].append(hf_prompt())
+        def cllmd_batch(kind, S=8) -> float:
+            """S sequences decoded together in one Decoder.advance per step (no daemon), tokens/s."""
+            dec = Decoder(model, kind)
+            seqs = [Sequence(model, prompt, SamplingOptions(temperature=0.8, seed=i, max_tokens=args.tokens + 1,
+                                                            stop_at_eot=False)) for i in range(S)]
+            dec.advance(seqs)             # the prompts' pass
+            t, n = time.perf_counter(), 0
+            while not all(q.done for q in seqs):
+                live = [q for q in seqs if not q.done]
+                dec.advance(live)
+                n += len(live)
+            return n / (time.perf_counter() - t)
+
+        rows = {k: [] for k in [*kinds, "transformers", *[f"batch8_{k}" for k in kinds],
+                                *[f"prompt_{k}" for k in kinds], "prompt_transformers"]}
+        ttft = {k: [] for k in [*kinds, "transformers"]}
+        agree = {}
+        with threadpool_limits(args.threads):
+            for kind in kinds:             # warm up (numba's cache, first-call allocations)
+                decoder_round(model, prompt, 4, kind)
+                cllmd_batch(kind, 2)
+            ask(op="decode", prompt=prompt, tokens=4)
+            for _ in range(args.rounds):
+                toks = {}
+                for kind in kinds:
+                    tps, toks[kind] = decoder_round(model, prompt, args.tokens, kind)
+                    rows[kind].append(tps)
+                r = ask(op="decode", prompt=prompt, tokens=args.tokens)
+                rows["transformers"].append(r["tps"])
+                agree = {f"{k}_vs_transformers": sum(a == b for a, b in zip(toks[k], r["tokens"])) / args.tokens
+                         for k in kinds}
+                for kind in kinds:
+                    rows[f"batch8_{kind}"].append(cllmd_batch(kind))
+            for _ in range(args.rounds):
+                for kind in kinds:
+                    tps, first = cllmd_prompt(kind)
+                    rows[f"prompt_{kind}"].append(tps)
+                    ttft[kind].append(first)
+                r = ask(op="prompt", prompt=long_prompt)
+                rows["prompt_transformers"].append(r["tps"])
+                ttft["transformers"].append(r["seconds"])
+    finally:
+        worker.stdin.close()
+        worker.wait(60)
+        tmp.cleanup()
     out = {"model": "gpt2", "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
-           "prompt_tokens": args.prompt, "quantize_seconds": round(quantize_s, 2)}
+           "prompt_tokens": args.prompt, **{f"convert_{k}_seconds": round(v, 2) for k, v in convert.items()}}
     for name, values in rows.items():
         out[f"{name}_tokens_per_second"] = round(statistics.median(values), 1)
-    out["ratio_int8_vs_transformers"] = round(out["int8_tokens_per_second"] / out["transformers_tokens_per_second"], 2)
-    out["ratio_int8_vs_float32"] = round(out["int8_tokens_per_second"] / out["float32_tokens_per_second"], 2)
-    out["ratio_prompt_int8_vs_transformers"] = round(out["prompt_int8_tokens_per_second"]
-                                                     / out["prompt_transformers_tokens_per_second"], 2)
+    for name, values in ttft.items():
+        out[f"time_to_first_token_{name}_seconds"] = round(statistics.median(values), 3)
+    hf_tps, hf_prompt = out["transformers_tokens_per_second"], out["prompt_transformers_tokens_per_second"]
+    for kind in kinds:
+        out[f"ratio_{kind}_vs_transformers"] = round(out[f"{kind}_tokens_per_second"] / hf_tps, 2)
+        out[f"ratio_{kind}_vs_float32"] = round(out[f"{kind}_tokens_per_second"] / out["float32_tokens_per_second"], 2)
+        out[f"ratio_batch8_{kind}_vs_one"] = round(out[f"batch8_{kind}_tokens_per_second"]
+                                                   / out[f"{kind}_tokens_per_second"], 2)
+        out[f"ratio_prompt_{kind}_vs_transformers"] = round(out[f"prompt_{kind}_tokens_per_second"] / hf_prompt, 2)
     out["greedy_agreement"] = agree  # of the last round's tokens, position by position
     return out
 
@@ -217,8 +284,9 @@ def accuracy_main(args) -> dict:
     held = ids[int(len(ids) * (1 - args.val_fraction)):]
     T = model.cfg.block_size
     windows = [held[i:i + T + 1] for i in range(0, len(held) - T - 1, T)][:args.windows]
-    nll = {"float32": 0.0, "int8": 0.0}
-    same = count = 0
+    nll = {k: 0.0 for k in _kinds()}
+    same = {k: 0 for k in nll if k != "float32"}
+    count = 0
     for w in windows:
         top = {}
         for kind in nll:
@@ -227,13 +295,22 @@ def accuracy_main(args) -> dict:
             logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
             nll[kind] += -logp[np.arange(T), w[1:T + 1]].sum()
             top[kind] = logits.argmax(axis=1)
-        same += int((top["float32"] == top["int8"]).sum())
+        for kind in same:
+            same[kind] += int((top["float32"] == top[kind]).sum())
         count += T
     ppl = {k: math.exp(v / count) for k, v in nll.items()}
-    return {"model": str(args.accuracy), "text": str(args.text), "held_out_tokens": len(held), "windows": len(windows),
-            "positions": count, "perplexity_float32": round(ppl["float32"], 4), "perplexity_int8": round(ppl["int8"], 4),
-            "perplexity_increase_percent": round(100 * (ppl["int8"] / ppl["float32"] - 1), 3),
-            "greedy_top1_agreement": round(same / count, 4)}
+    out = {"model": str(args.accuracy), "text": str(args.text), "held_out_tokens": len(held), "windows": len(windows),
+           "positions": count, **{f"perplexity_{k}": round(v, 4) for k, v in ppl.items()}}
+    for kind in same:
+        out[f"perplexity_increase_percent_{kind}"] = round(100 * (ppl[kind] / ppl["float32"] - 1), 3)
+        out[f"greedy_top1_agreement_{kind}"] = round(same[kind] / count, 4)
+    return out
+
+
+def _kinds() -> list[str]:
+    """The inference weights measured: bf16 only where MKL is."""
+    from cllmd.kernels import blas
+    return ["float32", "int8"] + (["bf16"] if blas.MKL_AVAILABLE else [])
 
 
 def streams_main(args) -> dict:
@@ -243,7 +320,7 @@ def streams_main(args) -> dict:
     from tests.daemonproc import Daemon
     shape = SHAPES["default"]
     out = {"model": "default (bytes tokenizer)", "streams": args.streams, "tokens": args.tokens, "rounds": args.rounds}
-    for weights in ("float32", "int8"):
+    for weights in _kinds():
         with tempfile.TemporaryDirectory() as tmp:
             d = Daemon(Path(tmp), "--no-train-auto-train", "--server-generate-workers", str(args.streams),
                        "--inference-weights", weights, "--model-n-layer", "4", "--model-n-head", "4",
@@ -308,7 +385,11 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--windows", type=int, default=200, help="--accuracy: context-long windows scored at most")
     p.add_argument("--streams", type=int, default=0, help="concurrent streams through a real daemon, against one")
+    p.add_argument("--transformers-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.transformers_worker:
+        transformers_worker(args)
+        return
     if args.streams:
         out = streams_main(args)
         print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
@@ -332,7 +413,8 @@ def main() -> None:
     except ImportError:
         ref = None
         print("PyTorch is not installed: timing cllmd alone", file=sys.stderr)
-    rows = {"decoder": [], "decoder_int8": [], "generation": [], "torch": []}
+    rows = {"decoder": [], "decoder_int8": [], "decoder_bf16": [], "generation": [], "torch": []}
+    kinds = _kinds()
     import numba
     numba.set_num_threads(args.threads)
     if ref is not None:
@@ -340,12 +422,16 @@ def main() -> None:
     with threadpool_limits(args.threads):
         decoder_round(model, prompt, 20)  # warm up (numba cache load)
         decoder_round(model, prompt, 20, "int8")
+        if "bf16" in kinds:
+            decoder_round(model, prompt, 20, "bf16")
         if ref is not None:
             ref(prompt, 20)
         for _ in range(args.rounds):
             tps, ours = decoder_round(model, prompt, args.tokens)
             rows["decoder"].append(tps)
             rows["decoder_int8"].append(decoder_round(model, prompt, args.tokens, "int8")[0])
+            if "bf16" in kinds:
+                rows["decoder_bf16"].append(decoder_round(model, prompt, args.tokens, "bf16")[0])
             rows["generation"].append(generation_round(model, prompt, args.tokens))
             if ref is not None:
                 tps, theirs = ref(prompt, args.tokens)

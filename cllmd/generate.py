@@ -23,7 +23,7 @@ from cllm.catalogue import INFERENCE_WEIGHTS, SAMPLING, check_sampling
 from cllmd.kernels.bf16 import to_bf16
 from cllmd.kernels.blas import gemm_bf16
 from cllmd.kernels.gelu import gelu_forward
-from cllmd.kernels.bf16linear import BF16Weight, bf16_linear
+from cllmd.kernels.bf16linear import COLUMNS, BF16Weight, bf16_linear
 from cllmd.kernels.kvattention import (GEMM_ROWS, kv_append_attention, kv_append_attention_batch,
                                        kv_attention_uses_gemm)
 from cllmd.kernels.layernorm import layernorm_forward
@@ -194,7 +194,8 @@ class InferenceWeights:
             xb = np.empty((b - a, w.K), np.uint16)
             to_bf16(xb, x[a:b])
             part = np.empty((b - a, w.Mp), np.float32)
-            gemm_bf16(False, False, 1.0, xb, w.w, 0.0, part)
+            for s in range(w.w.shape[0]):      # a gemm per column block [K, COLUMNS]
+                gemm_bf16(False, False, 1.0, xb, w.w[s], 0.0, part[:, s * COLUMNS:(s + 1) * COLUMNS])
             part += bias
             full[a:b] = part
         return full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])

@@ -1,7 +1,7 @@
 """bfloat16 weights for inference: a product whose every row is computed alone, beside its reference.
 
 Shapes: x [N, K] float32 activations, w [K, Mp] bfloat16 bits (uint16, cllmd.kernels.bf16, round
-to nearest even; M columns padded with zeros to Mp, a multiple of COLUMNS), bias [Mp] float32,
+to nearest even; M columns padded with zeros to Mp, a multiple of COLUMNS, bias [Mp] float32,
 out [N, Mp] float32:
 
     out[n, m] = bias[m] + sum_k x[n, k] w[k, m]     (float32, k in order, multiply then add)
@@ -32,12 +32,12 @@ COLUMNS = LANES * STRIPS
 
 
 @intrinsic
-def _block(typingctx, out, out_at, x, x_at, w, w_at, K, Mp):
-    """out[out_at:+COLUMNS] += sum_k x[x_at + k] * w[w_at + k Mp : +COLUMNS] (flat arrays)."""
-    sig = types.void(out, out_at, x, x_at, w, w_at, K, Mp)
+def _block(typingctx, out, out_at, x, x_at, w, w_at, K):
+    """out[out_at:+COLUMNS] += sum_k x[x_at + k] * w[w_at + k COLUMNS : +COLUMNS] (flat arrays)."""
+    sig = types.void(out, out_at, x, x_at, w, w_at, K)
 
     def codegen(context, builder, signature, args):
-        out_, out_at_, x_, x_at_, w_, w_at_, K_, Mp_ = args
+        out_, out_at_, x_, x_at_, w_, w_at_, K_ = args
         ty = signature.args
         i32, f32 = ir.IntType(32), ir.FloatType()
         vf, vi, vh = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(ir.IntType(16), LANES)
@@ -53,7 +53,7 @@ def _block(typingctx, out, out_at, x, x_at, w, w_at, K, Mp):
             xk = builder.load(builder.gep(px, [k]))
             xb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xk, ir.Constant(i32, 0)),
                                         ir.Constant(vf, ir.Undefined), zeros)
-            row = builder.bitcast(builder.gep(pw, [builder.mul(k, Mp_)]), vh.as_pointer())
+            row = builder.bitcast(builder.gep(pw, [builder.mul(k, ir.Constant(k.type, COLUMNS))]), vh.as_pointer())
             for j, acc in enumerate(accs):
                 wv = builder.load(builder.gep(row, [ir.Constant(i32, j)]), align=2)
                 wf = builder.bitcast(builder.shl(builder.zext(wv, vi), sixteen), vf)
@@ -67,12 +67,12 @@ def _block(typingctx, out, out_at, x, x_at, w, w_at, K, Mp):
 
 def _blocks(out, x, w, bias, s):
     N, K = x.shape
-    Mp = w.shape[1]
+    Mp = w.shape[0] * COLUMNS
     fo, fx, fw = out.reshape(-1), x.reshape(-1), w.reshape(-1)
     for n in range(N):
         for j in range(COLUMNS):
             out[n, s * COLUMNS + j] = bias[s * COLUMNS + j]
-        _block(fo, n * Mp + s * COLUMNS, fx, n * K, fw, s * COLUMNS, K, Mp)
+        _block(fo, n * Mp + s * COLUMNS, fx, n * K, fw, s * K * COLUMNS, K)
 
 
 _blocks_inline = inline(_blocks)
@@ -80,28 +80,38 @@ _blocks_inline = inline(_blocks)
 
 @parallel_kernel
 def _linear_parallel(out, x, w, bias):
-    for s in prange(w.shape[1] // COLUMNS):
+    for s in prange(w.shape[0]):
         _blocks_inline(out, x, w, bias, s)
 
 
 @gil_kernel
 def _linear_serial(out, x, w, bias):
-    for s in range(w.shape[1] // COLUMNS):
+    for s in range(w.shape[0]):
         _blocks_inline(out, x, w, bias, s)
 
 
 class BF16Weight:
-    """One weight matrix [K, M] as bfloat16 bits [K, Mp] (zero columns past M)."""
+    """One weight matrix [K, M] as bfloat16 bits in column blocks, w [Mp/COLUMNS, K, COLUMNS]
+    (zero columns past M): a block's weights are contiguous, so the kernel streams them (a
+    [K, Mp] layout jumps a whole row, often a page, at every k: measured 3x slower at the
+    head's 50257 columns), and each block is a row-major [K, COLUMNS] matrix for MKL's gemm."""
 
     def __init__(self, w: np.ndarray):
         K, M = w.shape
         self.K, self.M, self.Mp = K, M, padded(M, COLUMNS)
-        self.w = np.zeros((K, self.Mp), np.uint16)
-        to_bf16(self.w[:, :M], np.ascontiguousarray(w, dtype=np.float32))
+        self.w = np.zeros((self.Mp // COLUMNS, K, COLUMNS), np.uint16)
+        w = np.asarray(w, dtype=np.float32)
+        for s in range(self.Mp // COLUMNS):
+            m0, m1 = s * COLUMNS, min(M, (s + 1) * COLUMNS)
+            to_bf16(self.w[s, :, :m1 - m0], w[:, m0:m1])
 
     @property
     def nbytes(self) -> int:
         return self.w.nbytes
+
+    def dense(self) -> np.ndarray:
+        """The bfloat16 bits as one [K, Mp] matrix (references, tests)."""
+        return self.w.transpose(1, 0, 2).reshape(self.K, self.Mp)
 
 
 def bf16_linear(out, x, w: BF16Weight, bias) -> None:
@@ -116,4 +126,4 @@ def bf16_linear(out, x, w: BF16Weight, bias) -> None:
 def bf16_linear_ref(x, w: BF16Weight, bias) -> np.ndarray:
     """numpy reference: the weights decoded exactly, the product in float64, [N, Mp]."""
     from .bf16 import from_bf16_ref
-    return x.astype(np.float64) @ from_bf16_ref(w.w).astype(np.float64) + bias
+    return x.astype(np.float64) @ from_bf16_ref(w.dense()).astype(np.float64) + bias

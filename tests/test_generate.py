@@ -233,7 +233,7 @@ def test_bf16_kernel_matches_reference():
     for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 300, 9)]:   # padding of M included
         W = rng.normal(size=(K, M)).astype(np.float32)
         w = bl.BF16Weight(W)
-        assert w.Mp % bl.COLUMNS == 0 and np.abs(w.w[:, M:]).max(initial=0) == 0
+        assert w.Mp % bl.COLUMNS == 0 and np.abs(w.dense()[:, M:]).max(initial=0) == 0
         bias = np.zeros(w.Mp, np.float32)
         bias[:M] = rng.normal(size=M)
         x = rng.normal(size=(N, K)).astype(np.float32)
