@@ -61,7 +61,11 @@ class Q8Weight:
         self.wq = np.empty((MB, self.Kp // 4, ROWS, 4), np.int8)
         self.wc = np.empty((MB, ng, ROWS), np.int32)
         self.ws = np.empty((MB, ng, ROWS), np.float32)
-        quantize_weight(self.wq, self.wc, self.ws, np.ascontiguousarray(w, dtype=np.float32))
+        w = np.asarray(w, dtype=np.float32)
+        if w.T.flags.c_contiguous and not w.flags.c_contiguous:   # e.g. the tied head, wte.T
+            quantize_weight(self.wq, self.wc, self.ws, w.T, True)
+        else:
+            quantize_weight(self.wq, self.wc, self.ws, np.ascontiguousarray(w), False)
 
     @property
     def nbytes(self) -> int:
@@ -75,34 +79,42 @@ class Q8Weight:
         return (q.reshape(self.Mp, ng, GROUP) * s[:, :, None]).reshape(self.Mp, self.Kp).T[:self.K, :self.M].copy()
 
 
-@kernel
-def quantize_weight(wq, wc, ws, w):
-    """w [K, M] float32 -> the block layout (padding: zero weights, scale 0)."""
-    K, M = w.shape
+@parallel_kernel
+def quantize_weight(wq, wc, ws, w, transposed):
+    """w [K, M] float32 (transposed: w is given as its transpose [M, K]) -> the block layout
+    (padding: zero weights, scale 0). Blocks of 16 outputs in parallel, each gathered once
+    along K from whichever layout is contiguous there."""
+    K = w.shape[1] if transposed else w.shape[0]
+    M = w.shape[0] if transposed else w.shape[1]
     MB, K4, R, _ = wq.shape
     Kp = K4 * 4
     ng = Kp // GROUP
-    col = np.empty(Kp, np.float32)
-    for m in range(MB * R):
-        mb, r = m // R, m % R
-        col[:] = 0.0
-        if m < M:
+    for mb in prange(MB):
+        col = np.zeros((R, Kp), np.float32)
+        rows = min(R, M - mb * R)
+        if transposed:
+            for r in range(rows):
+                for k in range(K):
+                    col[r, k] = w[mb * R + r, k]
+        else:
             for k in range(K):
-                col[k] = w[k, m]
-        for g in range(ng):
-            amax = np.float32(0.0)
-            for k in range(g * GROUP, (g + 1) * GROUP):
-                amax = max(amax, abs(col[k]))
-            s = amax / np.float32(127.0)
-            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-            total = 0
-            for k in range(g * GROUP, (g + 1) * GROUP):
-                q = np.int32(np.rint(col[k] * inv))
-                q = min(max(q, -127), 127)
-                wq[mb, k // 4, r, k % 4] = q
-                total += q
-            wc[mb, g, r] = -128 * total
-            ws[mb, g, r] = s
+                for r in range(rows):
+                    col[r, k] = w[k, mb * R + r]
+        for r in range(R):
+            for g in range(ng):
+                amax = np.float32(0.0)
+                for k in range(g * GROUP, (g + 1) * GROUP):
+                    amax = max(amax, abs(col[r, k]))
+                s = amax / np.float32(127.0)
+                inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+                total = 0
+                for k in range(g * GROUP, (g + 1) * GROUP):
+                    q = np.int32(np.rint(col[r, k] * inv))
+                    q = min(max(q, -127), 127)
+                    wq[mb, k // 4, r, k % 4] = q
+                    total += q
+                wc[mb, g, r] = -128 * total
+                ws[mb, g, r] = s
 
 
 @inline
