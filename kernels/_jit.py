@@ -11,7 +11,9 @@ kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
 # straight-line code it can vectorize (left to its own heuristics it may keep the call).
 inline_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
-# For reductions only: 'reassoc' lets LLVM vectorize a sum by splitting it into partial sums.
-# It changes nothing but the order of additions (no approximations, no finite-math
-# assumptions); the kernel tests bound the difference to the numpy references.
+# 'reassoc' lets LLVM vectorize a sum by splitting it into partial sums: nothing but the order
+# of additions changes (no approximations, no finite-math assumptions), but the order is then
+# LLVM's, and it differed between a kernel compiled fresh (inlined into a caller) and loaded
+# from the cache. Training kernels sum in vecmath's fixed lane order instead (row_sum,
+# row_dot_centered); this is left to inference kernels (kvattention).
 reduction_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})

@@ -1,10 +1,13 @@
 """LayerNorm over the last axis: forward, backward, and their numpy references.
 
 Shapes: inp, out, dout, dinp [N, C]; weight, bias [C]; mean, rstd [N] (saved for backward).
+The row sums run in vecmath's fixed lane order (row_sum, row_dot): the same bits whether a
+kernel is compiled fresh or loaded from the cache, inlined or not.
 """
 import numpy as np
 
-from ._jit import reduction_kernel as kernel
+from ._jit import kernel
+from .vecmath import row_dot_centered, row_sum
 
 
 @kernel
@@ -12,18 +15,10 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     N, C = inp.shape
     # every scalar stays in the working dtype (float32 would otherwise widen to float64 and
     # the row loops would not vectorize)
-    zero = inp.dtype.type(0.0)
     inv_c = inp.dtype.type(1.0 / C)
     for n in range(N):
-        m = zero
-        for c in range(C):
-            m += inp[n, c]
-        m = m * inv_c
-        var = zero
-        for c in range(C):
-            d = inp[n, c] - m
-            var += d * d
-        var = var * inv_c
+        m = row_sum(inp[n]) * inv_c
+        var = row_dot_centered(inp[n], m, inp[n], m) * inv_c
         s = inp.dtype.type(1.0 / np.sqrt(var + eps))
         for c in range(C):
             out[n, c] = (inp[n, c] - m) * s * weight[c] + bias[c]
@@ -38,18 +33,15 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     N, C = inp.shape
     zero = inp.dtype.type(0.0)
     inv_c = inp.dtype.type(1.0 / C)
+    dnorm_row = np.empty(C, dtype=inp.dtype)
     for n in range(N):
         m = mean[n]
         s = rstd[n]
-        dnorm_mean = zero
-        dnorm_norm_mean = zero
         for c in range(C):
-            norm = (inp[n, c] - m) * s
-            dnorm = weight[c] * dout[n, c]
-            dnorm_mean += dnorm
-            dnorm_norm_mean += dnorm * norm
-        dnorm_mean = dnorm_mean * inv_c
-        dnorm_norm_mean = dnorm_norm_mean * inv_c
+            dnorm_row[c] = weight[c] * dout[n, c]
+        dnorm_mean = row_sum(dnorm_row) * inv_c
+        # sum(dnorm * norm), norm = (inp - m) * s: the factor s taken out of the sum
+        dnorm_norm_mean = row_dot_centered(dnorm_row, zero, inp[n], m) * s * inv_c
         for c in range(C):
             norm = (inp[n, c] - m) * s
             dnorm = weight[c] * dout[n, c]

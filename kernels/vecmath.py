@@ -7,6 +7,7 @@ LLVM can vectorize. Float64, used for gradient checks, keeps the exact exp.
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._jit import inline_kernel
@@ -68,6 +69,15 @@ def _fast_exp_impl(x):
     return lambda x: np.exp(x)
 
 
+# Row reductions. The max is exact, so its order is free: eight independent maxima. A sum is
+# not: its order is part of its result. LLVM may reorder a sum only under the 'reassoc' flag,
+# and then chooses an order that depends on where the code lands: the same reduction gave
+# another last bit compiled fresh (inlined into the model pass) than loaded from numba's
+# cache. So sums are written as vector code in an order fixed here (row_sum, row_dot):
+# LANES running sums, lane j taking elements j, j + LANES, j + 2 LANES, ...; the lanes then
+# added pairwise ((l0 + l1) + (l2 + l3)) + ...; then the tail, in order. It is the same on
+# every machine (without AVX-512 LLVM splits each vector add into narrower ones, lane by lane).
+
 # Row reductions with 8 independent accumulators: LLVM turns the unrolled lanes into one
 # vector register, so a row's max or sum runs at SIMD speed without any fast-math flag. The
 # max is exact (order does not matter); the sum adds in a fixed lane order, so it is
@@ -96,28 +106,106 @@ def row_max(x):
     return m
 
 
+LANES = 64  # four AVX-512 registers of float32: four independent adds in flight hide their latency
+
+
+def _is_row(a) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(a.dtype, types.Float)
+
+
+def _lane_reduction(context, builder, rows, dtype, centers=None):
+    """IR for the sum, in the fixed order above, of one row's elements, or of the products of
+    two rows' elements less their centers: sum((a - ca) * (b - cb)). rows: (type, value) of
+    C-contiguous 1-D arrays; centers: the two scalars, or None."""
+    arrays = [context.make_array(ty)(context, builder, value) for ty, value in rows]
+    n = builder.extract_value(arrays[0].shape, 0)
+    intp = n.type
+    fty = context.get_value_type(dtype)
+    vty = ir.VectorType(fty, LANES)
+    lanes = ir.Constant(intp, LANES)
+    align = context.get_abi_sizeof(fty)  # an element's: rows start anywhere
+
+    def term(values, splat):
+        if centers is None:
+            return values[0]
+        (x, y), (cx, cy) = values, centers
+        if splat:
+            cx, cy = vector_centers
+        return builder.fmul(builder.fsub(x, cx), builder.fsub(y, cy))
+
+    if centers is not None:  # each center in every lane
+        zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        vector_centers = [builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined), c, ir.Constant(ir.IntType(32), 0)),
+                                                 ir.Constant(vty, ir.Undefined), zero_mask) for c in centers]
+    full = builder.sub(n, builder.srem(n, lanes))
+    acc = cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(fty, 0.0)] * LANES))
+    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), full, lanes, intp) as (i, _):
+        values = [builder.load(builder.bitcast(builder.gep(a.data, [i]), vty.as_pointer()), align=align)
+                  for a in arrays]
+        builder.store(builder.fadd(builder.load(acc), term(values, True)), acc)
+    vec = builder.load(acc)
+    level = [builder.extract_element(vec, ir.Constant(ir.IntType(32), j)) for j in range(LANES)]
+    while len(level) > 1:
+        level = [builder.fadd(level[j], level[j + 1]) for j in range(0, len(level), 2)]
+    total = cgutils.alloca_once_value(builder, level[0])
+    with cgutils.for_range_slice(builder, full, n, ir.Constant(intp, 1), intp) as (i, _):
+        values = [builder.load(builder.gep(a.data, [i])) for a in arrays]
+        builder.store(builder.fadd(builder.load(total), term(values, False)), total)
+    return builder.load(total)
+
+
+@intrinsic
+def _lane_sum(typingctx, x):
+    """sum(x) over a C-contiguous 1-D float array, in the working dtype, in the fixed order."""
+    if not _is_row(x):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _lane_reduction(context, builder, [(signature.args[0], args[0])], signature.args[0].dtype)
+    return x.dtype(x), codegen
+
+
+@intrinsic
+def _lane_dot_centered(typingctx, a, ca, b, cb):
+    """sum((a - ca) * (b - cb)) over two C-contiguous 1-D float arrays of one dtype and length
+    (the caller's to ensure), ca and cb scalars of that dtype, in the fixed order; each
+    product rounded before it is added (no fused multiply-add). ca = cb = 0 is a plain dot."""
+    if not (_is_row(a) and _is_row(b) and a.dtype == b.dtype and ca == a.dtype and cb == a.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = [(signature.args[0], args[0]), (signature.args[2], args[2])]
+        return _lane_reduction(context, builder, rows, signature.args[0].dtype, centers=(args[1], args[3]))
+    return a.dtype(a, ca, b, cb), codegen
+
+
 @inline_kernel
 def row_sum(x):
-    """sum(x) over a 1-D array, in the working dtype."""
-    n = x.size
-    z = x.dtype.type(0.0)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
-    i = 0
-    while i + 8 <= n:
-        s0 += x[i]
-        s1 += x[i + 1]
-        s2 += x[i + 2]
-        s3 += x[i + 3]
-        s4 += x[i + 4]
-        s5 += x[i + 5]
-        s6 += x[i + 6]
-        s7 += x[i + 7]
-        i += 8
-    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-    while i < n:
-        s += x[i]
-        i += 1
-    return s
+    """sum(x) over a C-contiguous 1-D float array, in the working dtype, in the fixed order."""
+    return _lane_sum(x)
+
+
+@inline_kernel
+def row_dot_centered(a, ca, b, cb):
+    """sum((a - ca) * (b - cb)) over two C-contiguous 1-D float arrays of one dtype and length,
+    in the fixed order; ca = cb = 0 is a plain dot product."""
+    return _lane_dot_centered(a, ca, b, cb)
+
+
+def lane_order_sum_ref(terms: np.ndarray):
+    """The fixed order of row_sum/row_dot, in numpy: bit-exact for the same terms."""
+    t = np.ascontiguousarray(terms)
+    full = t.size - t.size % LANES
+    acc = np.zeros(LANES, dtype=t.dtype)
+    for k in range(0, full, LANES):
+        acc = acc + t[k:k + LANES]
+    level = list(acc)
+    while len(level) > 1:
+        level = [t.dtype.type(level[j] + level[j + 1]) for j in range(0, len(level), 2)]
+    total = level[0]
+    for v in t[full:]:
+        total = t.dtype.type(total + v)
+    return total
 
 
 def row_max_ref(x):

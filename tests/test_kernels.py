@@ -283,6 +283,21 @@ def test_kernels_exp_f32_is_accurate_and_keeps_special_values():
     assert vecmath.exp_f32(np.float32(1.5)) == pytest.approx(vecmath.exp_f32_ref(np.float32(1.5)), rel=3e-7)
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 257, 768])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_lane_sums_follow_their_documented_order_bit_for_bit(n, dtype):
+    rng = np.random.default_rng(n)
+    a, b = rand(rng, n, dtype, 3.0), rand(rng, n, dtype, 2.0)
+    ca, cb = dtype(0.25), dtype(-1.5)
+    assert vecmath.row_sum(a) == vecmath.lane_order_sum_ref(a)
+    assert vecmath.row_dot_centered(a, ca, b, cb) == vecmath.lane_order_sum_ref((a - ca) * (b - cb))
+    assert vecmath.row_dot_centered(a, dtype(0), b, dtype(0)) == vecmath.lane_order_sum_ref(a * b)
+    rows = rand(rng, (3, n), dtype, 1.0)  # a row of a matrix is a row too
+    assert vecmath.row_sum(rows[1]) == vecmath.lane_order_sum_ref(rows[1])
+    if n:
+        assert vecmath.row_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 257])
 def test_kernels_row_reductions_match_reference(n):
     rng = np.random.default_rng(n)

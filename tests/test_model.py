@@ -275,3 +275,31 @@ def test_model_naive_gemm_path_matches_the_cblas_path(tmp_path):
     assert runs["1"]["cblas"] is False and runs[""]["cblas"] is True
     assert runs["1"]["loss"] == pytest.approx(runs[""]["loss"], rel=1e-12)
     np.testing.assert_allclose(runs["1"]["g"], runs[""]["g"], rtol=1e-10, atol=1e-13)
+
+
+def test_model_gradients_are_the_same_bits_compiled_fresh_and_loaded_from_the_cache(tmp_path):
+    # The same kernels compiled afresh (inlined into the model pass) and loaded from numba's
+    # cache once gave gradients differing in the last bit (LLVM's reassociated sums in layer
+    # norm); a resumed run, or another machine, would drift from the first.
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import hashlib, numpy as np\n"
+        "from cllmd.model import Model, ModelConfig\n"
+        "m = Model(ModelConfig(vocab_size=67, n_layer=2, n_head=2, n_embd=80, block_size=24), seed=3)\n"
+        "rng = np.random.default_rng(0)\n"
+        "idx, tg = rng.integers(0, 67, (3, 24)), rng.integers(0, 67, (3, 24))\n"
+        "ws = m.workspace(3, 24)\n"
+        "loss, _ = m.forward_backward(ws, idx, tg, weights_t=m.transposed_weights())\n"
+        "print(hashlib.sha256(ws.grad_flat.tobytes()).hexdigest(), repr(loss))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = []
+    for _ in ("fresh", "cached"):
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        runs.append(r.stdout)
+    assert any((tmp_path / "numba").rglob("*.nbi")), "the second run did not load from a cache"
+    assert runs[0] == runs[1], f"fresh: {runs[0]} cached: {runs[1]}"
