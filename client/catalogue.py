@@ -352,6 +352,22 @@ SETTINGS: dict[str, Setting] = _settings(
 
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS.values()))
 
+# A model's own settings (<state>/models/NAME/settings.json): the runtime train settings, all but
+# threads (the machine's, not the model's). They stand over the configuration file for that
+# model, the command line over them; train.config.set records its changes there.
+MODEL_SETTINGS: tuple[str, ...] = tuple(s.name for s in SETTINGS.values()
+                                        if s.runtime and s.key != "train.threads")
+
+# The fine-tuning defaults: the own settings a model made from existing weights gets (`cllm model
+# create NAME --from` a Hugging Face directory or a .cllm file); the defaults above suit training
+# from scratch. Measured by benchmarks/bench_finetune.py (docs/huggingface.md, "Fine-tuning").
+FINETUNE: dict[str, Any] = {
+    "lr": 3e-4,              # the weights know a language already: 1e-3 learns a new file faster
+    "min_lr": 3e-5,          # but forgets 1.5x as much of what they knew
+    "warmup": 20,            # AdamW's moments start empty: ~1/(1 - beta2) steps to fill them
+    "replay_fraction": 0.5,  # half of each batch replays the files learnt before
+}
+
 # Keys that were renamed because their meaning changed: old key -> (new key, how to convert).
 RENAMED: dict[str, tuple[str, str]] = {
     "train.decay_steps": ("train.decay_end_step",
@@ -530,10 +546,11 @@ def check_sampling(values: Mapping[str, Any]) -> list[str]:
 
 
 def parse_sampling(name: str, text: str | None) -> Any:
-    """A scalar sampling value from its typed form ('none' or '' = the default); ValueError."""
+    """A scalar sampling value from its typed form; 'none', 'default' or '' give None: not given,
+    so the model's own default applies, else the catalogue's. ValueError."""
     opt = SAMPLING[name]
     if text is None or text.strip().lower() in ("none", "default", ""):
-        return opt.default
+        return None
     try:
         return opt.kind.value(text)
     except ValueError as e:
@@ -545,10 +562,10 @@ def unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def add_sampling_arguments(parser: Any, *, with_defaults: bool) -> None:
+def add_sampling_arguments(parser: Any) -> None:
     """The sampling options as flags (--max-tokens, ..., --stop), for `cllm generate`, `cllm
-    chat` and `cllmd generate`. with_defaults=False leaves the options not given at None, so a
-    client sends only those and the daemon's defaults (the same) apply."""
+    chat` and `cllmd generate`. The options not given stay None, so that only those given are
+    sent: the model's own generation defaults apply to the rest, else the catalogue's."""
     import argparse
 
     def typed(name: str) -> Callable[[str], Any]:
@@ -562,9 +579,8 @@ def add_sampling_arguments(parser: Any, *, with_defaults: bool) -> None:
 
     for name in SCALAR_SAMPLING:
         opt = SAMPLING[name]
-        shown = "fresh each time" if opt.default is None else opt.default
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typed(name),
-                            default=opt.default if with_defaults else None,
+        shown = "fresh each time" if opt.default is None else f"the model's, else {opt.default}"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typed(name), default=None,
                             metavar=opt.kind.metavar, help=f"{opt.doc} (default {shown})")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when TEXT appears, which is left out of the text "

@@ -352,8 +352,10 @@ class ChatLoop:
     def _set(self, arg: str) -> str:
         s = self.s
         if not arg:
-            shown = {k: s.options.get(k, SAMPLING[k].default) for k in SAMPLING}
-            lines = [f"{k:15} {'-' if v is None else v}" for k, v in shown.items()]
+            def unset(k):  # not sent: the daemon applies the model's own default, else this
+                return "fresh each time" if SAMPLING[k].default is None else \
+                    f"default (the model's, else {SAMPLING[k].default})"
+            lines = [f"{k:15} {unset(k) if s.options.get(k) is None else s.options[k]}" for k in SAMPLING]
             lines.append(f"{'stop':15} {', '.join(map(repr, s.stops)) or '-'}")
             return "\n".join(lines)
         key, _, value = arg.partition(" ")

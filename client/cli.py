@@ -74,7 +74,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    add_sampling_arguments(p, with_defaults=False)  # the daemon's defaults, the catalogue's
+    add_sampling_arguments(p)  # only what is given is sent: the model's defaults, the catalogue's
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -496,6 +496,8 @@ def cmd_model_show(ctx: Ctx, a) -> int:
         print(f"from        {info['source']}")
     if info.get("generation_defaults"):
         print("generation  " + ", ".join(f"{k}={v}" for k, v in sorted(info["generation_defaults"].items())))
+    if info.get("settings"):  # its own train settings, over the configuration file's
+        print("training    " + ", ".join(f"{k}={v}" for k, v in sorted(info["settings"].items())))
     return EXIT_OK
 
 

@@ -189,6 +189,8 @@ class Api:
         problem = check_section("train", {**self.s.controller.config(), **changes})
         if problem:  # the values are checked one by one already: a rule across them (min_lr <= lr)
             raise ProtocolError(BAD_REQUEST, f"train.config.set: {problem}")
+        # kept with the active model (its settings.json), so they hold across restarts and switches
+        self.s.models.record_settings(self.s.active_model, changes)
         config = self.s.controller.configure(changes)
         return {"config": config, "applies_at_step": self.s.controller.step + 1}
 
@@ -319,8 +321,9 @@ class Api:
         """Streams token events; returns the done statistics. Runs on a server worker thread."""
         from cllmd.generate import SamplingOptions, Sequence
         with protocol_errors():  # bad options, no room; errors while generating are the server's
-            seq = Sequence(self._generation_model(req.args.get("model")), req.args["prompt"],
-                           SamplingOptions.from_args(req.args), cancel=ctx.cancelled)
+            model = self._generation_model(req.args.get("model"))
+            opts = SamplingOptions.from_args(req.args, model.metadata.get("generation_defaults"))
+            seq = Sequence(model, req.args["prompt"], opts, cancel=ctx.cancelled)
             stream = self.s.batcher.submit(seq)  # decoded with the others from the next step on
         for piece in stream:  # the server collects the pieces itself for stream: false
             yield {"text": piece}

@@ -269,14 +269,15 @@ def cmd_train(args) -> int:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The catalogue's sampling options as flags: the same as `cllm generate`'s."""
     from cllm.catalogue import add_sampling_arguments
-    add_sampling_arguments(p.add_argument_group("sampling"), with_defaults=True)
+    add_sampling_arguments(p.add_argument_group("sampling"))
 
 
-def _sampling_options(args):
+def _sampling_options(args, model):
+    """The flags given, then the model's own generation defaults, then the catalogue's."""
     from cllm.catalogue import sampling_from_args
     from cllmd.generate import SamplingOptions
     try:
-        return SamplingOptions.from_args(sampling_from_args(args))
+        return SamplingOptions.from_args(sampling_from_args(args), model.metadata.get("generation_defaults"))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -290,7 +291,7 @@ def cmd_generate(args) -> int:
     if model.tokenizer is None:
         raise UsageError(f"{args.model}: the model carries no tokenizer")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    opts = _sampling_options(args)
+    opts = _sampling_options(args, model)
     gen = Generation(model, prompt, opts, weights=args.weights)
     pieces = []
     try:

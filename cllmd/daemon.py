@@ -98,25 +98,38 @@ class Daemon:
                       metadata={"created": time.time(), "created_by": f"cllmd {__version__}"})
         return model, corpus
 
-    def _train_config(self, base=None):
+    def _settings_for(self, md, settings=None):
+        """The settings (self.settings, or `settings`) as they apply to the model in md: its own
+        train settings (settings.json, cllm.catalogue.MODEL_SETTINGS) over the configuration
+        file's, the command line over both. ModelsError naming the file and what is wrong."""
+        from cllmd.models import ModelsError
+        settings = settings or self.settings
+        own = {f"train.{k}": v for k, v in self.models.own_settings(md).items()
+               if f"train.{k}" not in self.config_overrides}
+        try:
+            return settings.replace(own, origin=str(md.settings)) if own else settings
+        except SettingsError as e:  # a rule across the two: the file's min_lr over the model's lr
+            raise ModelsError(str(e)) from None
+
+    def _train_config(self, settings, base=None):
         """TrainConfig from the settings of the catalogue that apply to the trainer; over a
         checkpoint's config (base), all but the seed, which only counts at the start."""
         from cllm.catalogue import SETTINGS
         from cllmd.trainer import TrainConfig
-        values = {s.name: self.settings.get(s.key) for s in SETTINGS.values() if s.applies == "trainer"}
+        values = {s.name: settings.get(s.key) for s in SETTINGS.values() if s.applies == "trainer"}
         if base is None:
             return TrainConfig(**values)
         import dataclasses
         return dataclasses.replace(base, **{k: v for k, v in values.items() if k != "seed"})
 
-    def _controller_settings(self):
+    def _controller_settings(self, settings):
         import dataclasses
 
         from cllmd.controller import ControllerSettings
-        t = self.settings.train
+        t = settings.train
         values = {f.name: getattr(t, f.name) for f in dataclasses.fields(ControllerSettings)
                   if f.name != "events_interval"}
-        return ControllerSettings(**values, events_interval=self.settings.server.events_interval)
+        return ControllerSettings(**values, events_interval=settings.server.events_interval)
 
     def _starting(self, what: str) -> None:
         """Say what start-up is doing: to clients (ping, and every other op's `unavailable`),
@@ -226,8 +239,8 @@ class Daemon:
         from cllmd.tokensource import ReplayMix
         from cllmd.trainer import usable_cores
         Trainer = trainer_class()  # the DistributedTrainer under mpirun (docs/distributed.md)
-        s = self.settings
         md.ensure()
+        s = self._settings_for(md)
         checkpoint = md.checkpoint
         threads = s.train.threads or usable_cores()
         corpus = None
@@ -242,19 +255,20 @@ class Daemon:
         source = ReplayMix(store, s.train.replay_fraction)
         if checkpoint.exists():
             trainer = Trainer.from_checkpoint(checkpoint, source, threads=threads)
-            trainer.update_config(**{k: v for k, v in vars(self._train_config(trainer.config)).items()})
+            trainer.update_config(**{k: v for k, v in vars(self._train_config(s, trainer.config)).items()})
             log.info("resumed from %s at step %d", checkpoint, trainer.step_num)
         else:
             if corpus is None:
                 model = Model.load(md.model)
                 log.info("loaded %s", md.model)
-            trainer = Trainer(model, source, self._train_config(), threads=threads)
+            trainer = Trainer(model, source, self._train_config(s), threads=threads)
         return store, trainer, corpus
 
     def _make_controller(self, trainer, md, store):
         from cllmd.controller import TrainingController
         controller = TrainingController(trainer, checkpoint_path=md.checkpoint, model_path=md.model,
-                                        settings=self._controller_settings(), publish=self.server.publish)
+                                        settings=self._controller_settings(self._settings_for(md)),
+                                        publish=self.server.publish)
         controller.restore_plan([doc.tokens for doc in store.documents("train")],
                                 resumed=md.checkpoint.exists())
         return controller
@@ -435,16 +449,19 @@ class Daemon:
 
     def reload(self) -> None:
         sdnotify.reloading()
+        from cllmd.models import ModelsError
         try:
             new = load_settings(self.dirs.config_file, self.config_overrides)
-        except SettingsError as e:
+            train = self._settings_for(self.dirs.model_dir(self.active_model), new)
+        except (SettingsError, ModelsError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             sdnotify.ready()
             return
         self.settings = new
         logging.getLogger().setLevel(new.log.level.upper())
         from cllm.catalogue import runtime_settings
-        self.controller.configure({s.name: new.get(s.key) for s in runtime_settings()})
+        # the active model's own settings still stand over the file's
+        self.controller.configure({s.name: train.get(s.key) for s in runtime_settings()})
         self.controller.settings.events_interval = new.server.events_interval
         from cllmd.generate import weights_problem
         weights = new.inference.weights
@@ -550,9 +567,10 @@ def serve(argv: list[str] | None = None) -> int:
         return 1
     daemon = Daemon(dirs, settings, overrides)
     daemon.install_signals()
+    from cllmd.models import ModelsError
     try:
         daemon.start()
-    except SettingsError as e:
+    except (SettingsError, ModelsError) as e:
         print(f"cllmd: {e}", file=sys.stderr)
         return 2
     return daemon.supervise()

@@ -57,9 +57,13 @@ class SamplingOptions:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def from_args(cls, args: dict) -> "SamplingOptions":
-        """From generate's validated arguments (or any map holding the catalogue's names)."""
-        return cls(**{k: (tuple(v or ()) if k == "stop" else v) for k, v in args.items() if k in SAMPLING})
+    def from_args(cls, args: dict, defaults: dict | None = None) -> "SamplingOptions":
+        """From generate's validated arguments (or any map holding the catalogue's names). An
+        option not given (or nil) takes the model's own default (`defaults`: its
+        generation_defaults, from a generation_config.json), else the catalogue's."""
+        given = {k: v for k, v in args.items() if k in SAMPLING and v is not None}
+        chosen = {**{k: v for k, v in (defaults or {}).items() if k in SAMPLING}, **given}
+        return cls(**{k: (tuple(v or ()) if k == "stop" else v) for k, v in chosen.items()})
 
 
 def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,

@@ -1,11 +1,13 @@
 """Named models: each one a directory <state>/models/NAME/ (model file, checkpoints, data store
-in its tokenizer's ids), one of them active (its name in <state>/active-model).
+in its tokenizer's ids, its own train settings), one of them active (its name in
+<state>/active-model).
 
 A model is created whole in a temporary directory and renamed into place; a state directory
 from before named models migrates to a model named "default" on first start.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from cllm.catalogue import FINETUNE, MODEL_SETTINGS, SETTINGS, check_section
 from cllm.durable import atomic_write, fsync_dir
 from cllmd.paths import Dirs, ModelDir
 
@@ -93,7 +96,43 @@ class Models:
                 "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size} if tok else None,
                 "step": int(checkpoint.get("step", 0)), "tokens_seen": int(checkpoint.get("tokens_seen", 0)),
                 "config": cfg, "source": meta.get("imported_from") or meta.get("created_from"),
-                "generation_defaults": meta.get("generation_defaults") or {}}
+                "generation_defaults": meta.get("generation_defaults") or {}, **self._settings_info(d)}
+
+    def _settings_info(self, d: ModelDir) -> dict:
+        # a bad settings file is said, not a reason to hide the model from the listing
+        try:
+            return {"settings": self.own_settings(d)}
+        except ModelsError as e:
+            return {"settings": {}, "settings_error": str(e)}
+
+    def own_settings(self, d: ModelDir) -> dict:
+        """The model's own train settings ({"lr": 1e-4, ...}; {} when it has none): they stand
+        over the configuration file's for this model. ModelsError naming the file and the key
+        when the file is unreadable or a value is out of bounds."""
+        try:
+            values = json.loads(d.settings.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelsError(f"{d.settings}: unreadable: {e}") from None
+        if not isinstance(values, dict):
+            raise ModelsError(f"{d.settings}: not a JSON object")
+        unknown = sorted(set(values) - set(MODEL_SETTINGS))
+        if unknown:
+            raise ModelsError(f"{d.settings}: {unknown[0]} is not a model's own setting "
+                              f"(those are: {', '.join(MODEL_SETTINGS)})")
+        problem = check_section("train", values)
+        if problem:
+            raise ModelsError(f"{d.settings}: {problem}")
+        # normalized as the catalogue's kinds give them (JSON has no float 1.0 vs int 1)
+        return {k: SETTINGS[f"train.{k}"].kind.value(v, from_text=False) for k, v in values.items()}
+
+    def record_settings(self, name: str, changes: dict) -> dict:
+        """Adds `changes` (checked by the caller) to the model's own settings; returns them all."""
+        d = self.dir(name)
+        values = {**self.own_settings(d), **{k: v for k, v in changes.items() if k in MODEL_SETTINGS}}
+        _write_settings(d, values)
+        return values
 
     def list(self) -> list[dict]:
         return [self.info(n) for n in self.names()]
@@ -120,6 +159,8 @@ class Models:
         return self.info(name)
 
     def _fill(self, tmp: ModelDir, source: str, make_default) -> None:
+        """A fresh default model keeps the catalogue's defaults (made for training from
+        scratch); one made from existing weights gets the fine-tuning defaults as its own."""
         from cllmd.hf import HFError, import_hf
         from cllmd.model import Model
         from cllmd.modelfile import ModelFileError
@@ -129,6 +170,7 @@ class Models:
             model.metadata["created_from"] = DEFAULT
             model.save(tmp.model)
             return
+        _write_settings(tmp, FINETUNE)
         path = Path(source).expanduser()
         try:
             if path.is_dir():
@@ -186,6 +228,10 @@ class Models:
         if not self.dirs.active_model_file.exists():
             atomic_write(self.dirs.active_model_file, DEFAULT + "\n")
         return True
+
+
+def _write_settings(d: ModelDir, values: dict) -> None:
+    atomic_write(d.settings, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = ["DEFAULT", "Models", "ModelsError", "NoSuchModel", "check_name"]

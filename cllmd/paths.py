@@ -162,6 +162,11 @@ class ModelDir:
     def data(self) -> Path:
         return self.root / "data"
 
+    @property
+    def settings(self) -> Path:
+        """The model's own train settings (cllm.catalogue.MODEL_SETTINGS), JSON."""
+        return self.root / "settings.json"
+
     def ensure(self) -> None:
         """Only the daemon reads a model's files (mode 0700; looser existing ones tightened)."""
         for d in (self.root, self.checkpoints, self.data):

@@ -247,8 +247,8 @@ OP_SPECS: dict[str, ArgsSpec] = {
     "cancel": ArgsSpec({"id": Field(_ID, doc="id of the request to cancel")}),
     "generate": ArgsSpec({
         "prompt": Field(str, hi=DEFAULT_MAX_MESSAGE_BYTES),
-        **{name: from_kind(SAMPLING[name].kind, SAMPLING[name].default, SAMPLING[name].doc)
-           for name in SCALAR_SAMPLING},
+        # nil = not given: the model's own generation default applies, else the catalogue's
+        **{name: from_kind(SAMPLING[name].kind, None, SAMPLING[name].doc) for name in SCALAR_SAMPLING},
         "stop": Field(ListOf(str, 1, MAX_STOP_CHARS), [], 0, MAX_STOPS, doc=SAMPLING["stop"].doc),
         "stream": Field(bool, True),
         "model": Field(str, None, 1, 64, doc="a named model; nil: the active one"),

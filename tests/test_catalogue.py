@@ -135,18 +135,17 @@ def test_catalogue_sampling_defaults_agree_across_entry_points():
     for name, opt in SAMPLING.items():
         default = opt.default
         assert getattr(opts, name) == (tuple(default) if name == "stop" else default), name
-        assert spec[name].default == (list(default) if name == "stop" else default), name
+        # nil when not given, so the daemon can apply the model's own generation defaults first
+        assert spec[name].default == ([] if name == "stop" else None), name
         if name == "stop":
             continue
         flag = "--" + name.replace("_", "-")
-        assert cllmd_generate[flag].default == default, name
         assert CHAT[name] is opt, name
-        for actions in surfaces.values():
-            # cllm sends only what was given: the daemon's default applies, and --help says it
-            shown = "fresh each time" if default is None else str(default)
+        # every entry point sends (or uses) only what was given, and --help says what applies
+        shown = "fresh each time" if default is None else f"the model's, else {default}"
+        for actions in (*surfaces.values(), cllmd_generate):
+            assert actions[flag].default is None, name
             assert f"(default {shown})" in actions[flag].help, name
-        shown = "fresh each time" if default is None else str(default)
-        assert f"(default {shown})" in cllmd_generate[flag].help, name
     assert SamplingOptions(min_p=1.0).min_p == 1.0  # 0 .. 1, as docs/protocol.md says
     assert set(SCALAR_SAMPLING) | {"stop"} == set(SAMPLING)
 
@@ -181,7 +180,7 @@ def test_catalogue_docs_tables_agree_with_the_code():
         return "2⁶⁴−1" if x == 2**64 - 1 else catalogue.plain_number(x)
 
     for name, opt in SAMPLING.items():
-        shown = {None: "nil", (): "[]"}.get(opt.default, str(opt.default))
+        shown = {None: "nil", (): "[]"}.get(opt.default, f"the model's, else {opt.default}")
         assert gen[name][2] == shown, name
         if name != "stop":  # the bounds column: "> 0 .. 1", "0 .. 2147483647"
             k = opt.kind
@@ -296,6 +295,13 @@ def test_catalogue_entries_are_well_formed():
         assert key not in catalogue.RENAMED, key
     for old, (new, how) in catalogue.RENAMED.items():
         assert new in SETTINGS and how, old
+    # the fine-tuning defaults: a model's own settings, each within its bounds, the rules kept
+    assert set(catalogue.FINETUNE) <= set(catalogue.MODEL_SETTINGS)
+    assert "threads" not in catalogue.MODEL_SETTINGS
+    assert catalogue.check_section("train", {**{s.name: s.default for s in runtime_settings()},
+                                             **catalogue.FINETUNE}) is None
+    for name, value in catalogue.FINETUNE.items():
+        assert SETTINGS[f"train.{name}"].kind.check(value) == value != SETTINGS[f"train.{name}"].default, name
     for name, opt in SAMPLING.items():
         if opt.default is None:
             assert opt.nullable, name

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from cllm.catalogue import FINETUNE, SETTINGS
 from cllm.client import RequestError
 from cllmd.datastore import DataStore
 from cllmd.model import Model, ModelConfig
@@ -145,6 +146,99 @@ def test_models_create_from_a_hugging_face_directory(daemon, tmp_path):
     d = daemon("--no-train-auto-train")
     info = d.client.request("model.create", name="gpt2-tiny", **{"from": str(tmp_path / "hf")})
     assert info["tokenizer"]["kind"] == "bpe" and info["vocab_size"] == len(tok) and info["source"]
+    assert info["settings"] == FINETUNE  # an imported model is fine-tuned, not trained from scratch
+
+
+def test_models_generation_config_defaults_apply_where_the_request_gives_none(daemon, tmp_path):
+    torch = pytest.importorskip("torch", reason="the Hugging Face fixture is written by transformers (test-only)")
+    transformers = pytest.importorskip("transformers", reason="the fixture is written by transformers (test-only)")
+    from cllmd.generate import Generation, SamplingOptions
+    from tests.test_hf import _randomize, _train_tokenizer
+    tok = transformers.GPT2TokenizerFast(tokenizer_object=_train_tokenizer(), eos_token="<|endoftext|>")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok))
+    torch.manual_seed(0)
+    hf = _randomize(transformers.GPT2LMHeadModel(cfg))
+    # greedy, 9 new tokens, a penalty over the whole context: what the file says
+    hf.generation_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=9,
+                                                         repetition_penalty=1.3, eos_token_id=tok.eos_token_id)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "generation_config.json").is_file()
+    d = daemon("--no-train-auto-train")
+    c = d.client
+    c.request("model.create", name="greedy", **{"from": str(tmp_path / "hf")})
+    assert c.request("model.show", name="greedy")["generation_defaults"] == {
+        "temperature": 0.0, "max_tokens": 9, "repeat_penalty": 1.3, "repeat_last_n": 64}
+    model = Model.load(d.model_dir("greedy") / "model.cllm")
+    prompt = "the model's own defaults"
+
+    def expect(**opts):
+        return Generation(model, prompt, SamplingOptions(**opts)).text()
+
+    greedy = expect(temperature=0.0, max_tokens=9, repeat_penalty=1.3, repeat_last_n=64)
+    out = c.request("generate", prompt=prompt, model="greedy", stream=False)  # nothing given
+    assert (out["text"], out["tokens_generated"]) == (greedy, 9)
+    # what the request gives wins, option by option; the rest still comes from the model
+    out = c.request("generate", prompt=prompt, model="greedy", max_tokens=4, stream=False)
+    assert (out["text"], out["tokens_generated"]) == (expect(temperature=0.0, max_tokens=4, repeat_penalty=1.3,
+                                                             repeat_last_n=64), 4)
+    out = c.request("generate", prompt=prompt, model="greedy", temperature=1.0, seed=5, stream=False)
+    assert out["text"] == expect(temperature=1.0, seed=5, max_tokens=9, repeat_penalty=1.3, repeat_last_n=64)
+    out = c.request("generate", prompt=prompt, model="greedy", max_tokens=None, stream=False)  # nil = not given
+    assert out["tokens_generated"] == 9
+    # the client sends only the flags given; streamed, and once the model is the active one
+    r = _cllm(d, "generate", "--model", "greedy", "--json", prompt)
+    assert r.returncode == 0 and json.loads(r.stdout)["text"] == greedy, r.stderr
+    c.request("model.use", name="greedy", timeout=330)
+    assert "".join(d.client.generate(prompt)) == greedy
+    r = _cllm(d, "generate", "--help")
+    assert "(default the model's, else 0.8)" in " ".join(r.stdout.split())  # as argparse wraps it
+    # a model without generation defaults: the catalogue's (128 tokens at most, temperature 0.8)
+    ref = Model.load(d.model_dir("default") / "model.cllm")
+    out = c.request("generate", prompt="ab", model="default", seed=3, stream=False)
+    assert out["text"] == Generation(ref, "ab", SamplingOptions(seed=3)).text()
+
+
+def test_models_own_settings_fine_tuning_defaults_kept_with_the_model(daemon, tmp_path):
+    config = tmp_path / "cllmd.toml"
+    config.write_text("[train]\nweight_decay = 0.05\nlr = 5e-4\n")
+    d = daemon("--no-train-auto-train", "--config", str(config))
+    c = d.client
+    _tiny(tmp_path / "pre.cllm", seed=4)
+    info = c.request("model.create", name="tuned", **{"from": str(tmp_path / "pre.cllm")})
+    assert info["settings"] == FINETUNE
+    assert c.request("model.show", name="default")["settings"] == {}  # a fresh model: today's defaults
+    assert c.request("train.config.get")["lr"] == 5e-4  # default follows the file
+    c.request("model.use", name="tuned", timeout=330)
+    got = c.request("train.config.get")
+    for key, value in FINETUNE.items():  # the model's own stand over the file's
+        assert got[key] == value, key
+    assert got["weight_decay"] == 0.05 and got["auto_train"] is False  # the rest: file, command line
+    # a change is kept with the active model
+    c.request("train.config.set", lr=2e-4, warmup=7)
+    assert c.request("model.show", name="tuned")["settings"] == {**FINETUNE, "lr": 2e-4, "warmup": 7}
+    assert json.loads((d.model_dir("tuned") / "settings.json").read_text())["lr"] == 2e-4
+    c.request("model.use", name="default", timeout=330)
+    got = c.request("train.config.get")
+    assert (got["lr"], got["warmup"], got["replay_fraction"]) == (5e-4, SETTINGS["train.warmup"].default,
+                                                                 SETTINGS["train.replay_fraction"].default)
+    c.request("model.use", name="tuned", timeout=330)
+    assert (c.request("train.config.get")["lr"], c.request("train.config.get")["warmup"]) == (2e-4, 7)
+    d.stop()
+    d.start()  # across a restart
+    assert d.client.request("train.config.get")["lr"] == 2e-4
+    d.stop()
+    # the same state directory, and the command line still beats the model's own
+    d2 = daemon("--no-train-auto-train", "--config", str(config), "--train-lr", "3e-4")
+    assert d2.client.request("train.config.get")["lr"] == 3e-4
+    assert d2.client.request("model.show", name="tuned")["settings"]["lr"] == 2e-4
+    # a bad settings file is refused naming the file and the key; the daemon serves on
+    c2 = d2.client
+    c2.request("model.use", name="default", timeout=330)
+    (d2.model_dir("tuned") / "settings.json").write_text('{"lr": 7}')
+    with pytest.raises(RequestError, match=r"tuned/settings.json: lr must be a number > 0 and <= 1"):
+        c2.request("model.use", name="tuned", timeout=330)
+    assert c2.request("status")["model"]["name"] == "default"
 
 
 def test_models_use_switches_live_during_generation_and_training(daemon, tmp_path):

@@ -320,10 +320,16 @@ def test_op_specs_queue_add_refuses_unsafe_names(name):
 
 
 def test_op_specs_generate_defaults():
+    # a sampling option not given is nil: the daemon applies the model's own default, else the
+    # catalogue's (SamplingOptions.from_args)
+    from cllmd.generate import SamplingOptions
     args = validate_args(OP_SPECS["generate"], {"prompt": ""}, "generate")
-    assert args == {"prompt": "", "max_tokens": 128, "temperature": 0.8, "top_k": 0,
-                    "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "repeat_last_n": 64,
+    assert args == {"prompt": "", "max_tokens": None, "temperature": None, "top_k": None,
+                    "top_p": None, "min_p": None, "repeat_penalty": None, "repeat_last_n": None,
                     "seed": None, "stop": [], "stream": True, "model": None}
+    assert SamplingOptions.from_args(args) == SamplingOptions()
+    opts = SamplingOptions.from_args({**args, "top_k": 5}, {"top_k": 40, "temperature": 0.0})
+    assert (opts.top_k, opts.temperature, opts.max_tokens) == (5, 0.0, 128)
 
 
 # --------------------------------------------------------------------------- the document and the code
