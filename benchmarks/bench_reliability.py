@@ -26,6 +26,7 @@ import argparse
 import bisect
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -162,40 +163,45 @@ def big_file_alone(d: Daemon, watchdog: WatchdogListener, rng: random.Random, bi
             "withheld_pings_logged": d.output().count("withholding the watchdog ping")}, ("big-alone.txt", text)
 
 
+def _ping_loop(path: str, stop, out) -> None:
+    """The pinger's process: ping every 10 ms on its own connection; the round trips go to `out`."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{path}")
+    rtts, errors, rid = [], 0, 0
+    while not stop.is_set():
+        rid += 1
+        t0 = time.perf_counter()
+        s.send(msgpack.packb({"v": 1, "id": rid, "op": "ping"}))
+        while True:
+            if not s.poll(5000):
+                errors += 1
+                break
+            if msgpack.unpackb(s.recv()).get("id") == rid:
+                rtts.append(time.perf_counter() - t0)
+                break
+        stop.wait(0.01)
+    ctx.destroy(0)
+    out.put((rtts, errors))
+
+
 class Pinger:
-    """Pings every 10 ms on its own connection, recording round trips."""
+    """Pings every 10 ms from a process of its own (the attack, sent from this process, must
+    not delay the pings on this side: only the daemon's answer time is measured)."""
 
     def __init__(self, sock_path: str):
+        mp = multiprocessing.get_context("spawn")
+        self._stop, self._out = mp.Event(), mp.Queue()
+        self.proc = mp.Process(target=_ping_loop, args=(sock_path, self._stop, self._out), daemon=True)
+        self.proc.start()
         self.rtts: list[float] = []
         self.errors = 0
-        self._stop = threading.Event()
-        self.path = sock_path
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"ipc://{self.path}")
-        rid = 0
-        while not self._stop.is_set():
-            rid += 1
-            t0 = time.perf_counter()
-            s.send(msgpack.packb({"v": 1, "id": rid, "op": "ping"}))
-            while True:
-                if not s.poll(5000):
-                    self.errors += 1
-                    break
-                if msgpack.unpackb(s.recv()).get("id") == rid:
-                    self.rtts.append(time.perf_counter() - t0)
-                    break
-            self._stop.wait(0.01)
-        ctx.destroy(0)
 
     def stop(self):
         self._stop.set()
-        self.t.join(10)
+        self.rtts, self.errors = self._out.get(timeout=60)
+        self.proc.join(10)
 
 
 # ----------------------------------------------------------------------------- hostile messages
