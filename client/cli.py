@@ -511,6 +511,9 @@ def cmd_model_create(ctx: Ctx, a) -> int:
     else:
         print(f"created model {info.get('name')} from {a.source}: {human_count(info.get('parameters'))} parameters, "
               f"context {info.get('context')}")
+        if info.get("settings"):  # a model made from existing weights: the fine-tuning defaults
+            print("training with its own " + ", ".join(f"{k}={v}" for k, v in sorted(info["settings"].items()))
+                  + " (cllm train config changes them while it is active)")
     return EXIT_OK
 
 

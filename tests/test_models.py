@@ -120,10 +120,12 @@ def test_models_cli_commands_with_json(daemon, tmp_path):
     r = _cllm(d, "model", "create", "second", "--from", str(tmp_path / "m.cllm"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["name"] == "second"
+    r = _cllm(d, "model", "create", "third", "--from", str(tmp_path / "m.cllm"))
+    assert r.returncode == 0 and "training with its own lr=0.0003, min_lr=3e-05" in r.stdout, r.stderr
     r = _cllm(d, "models")
     assert r.returncode == 0 and "* default" in r.stdout and "  second" in r.stdout
     listed = json.loads(_cllm(d, "models", "--json").stdout)
-    assert {m["name"] for m in listed["models"]} == {"default", "second"}
+    assert {m["name"] for m in listed["models"]} == {"default", "second", "third"}
     r = _cllm(d, "model", "show", "second")
     assert r.returncode == 0 and "name        second" in r.stdout and "bytes (257 symbols)" in r.stdout
     r = _cllm(d, "generate", "--model", "second", "--max-tokens", "5", "--json", "hi")
@@ -224,6 +226,12 @@ def test_models_own_settings_fine_tuning_defaults_kept_with_the_model(daemon, tm
                                                                  SETTINGS["train.replay_fraction"].default)
     c.request("model.use", name="tuned", timeout=330)
     assert (c.request("train.config.get")["lr"], c.request("train.config.get")["warmup"]) == (2e-4, 7)
+    # a reload applies the file's values, but not over the model's own
+    import signal
+    config.write_text("[train]\nweight_decay = 0.07\nlr = 6e-4\n")
+    d.proc.send_signal(signal.SIGHUP)
+    got = wait_for(lambda: (g := c.request("train.config.get"))["weight_decay"] == 0.07 and g, 30, "the reload")
+    assert (got["lr"], got["warmup"]) == (2e-4, 7)
     d.stop()
     d.start()  # across a restart
     assert d.client.request("train.config.get")["lr"] == 2e-4
