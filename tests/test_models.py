@@ -247,6 +247,14 @@ def test_models_own_settings_fine_tuning_defaults_kept_with_the_model(daemon, tm
     with pytest.raises(RequestError, match=r"tuned/settings.json: lr must be a number > 0 and <= 1"):
         c2.request("model.use", name="tuned", timeout=330)
     assert c2.request("status")["model"]["name"] == "default"
+    assert "lr must be" in c2.request("model.show", name="tuned")["settings_error"]
+    d2.stop()
+    # at start-up, one line naming the file, and exit code 2 (as for a bad configuration file)
+    (d2.state / "active-model").write_text("tuned\n")
+    d3 = daemon("--no-train-auto-train", start=False).start(wait=False)
+    assert d3.proc.wait(120) == 2
+    last = d3.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("cllmd: ") and "tuned/settings.json: lr must be a number > 0 and <= 1" in last
 
 
 def test_models_use_switches_live_during_generation_and_training(daemon, tmp_path):
