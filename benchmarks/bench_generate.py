@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_generate.py --model default      # the daemon's default model shape
     .venv/bin/python benchmarks/bench_generate.py --model gpt2 --threads 2 --tokens 64 --rounds 3
     .venv/bin/python benchmarks/bench_generate.py --streams 8 --tokens 300 --rounds 3   # through the daemon
+    .venv/bin/python benchmarks/bench_generate.py --streams 8 --model gpt2 --threads 2 --tokens 48 --rounds 3
     .venv/bin/python benchmarks/bench_generate.py --accuracy MODEL.cllm      # int8's and bf16's accuracy cost
 
 bf16 columns appear where MKL is installed (the extra cllmd[mkl]).
@@ -23,8 +24,8 @@ time to the first token. Rounds alternate between all of them. Speed does not de
 a model learned, so random weights do. convert_*_seconds: int8 quantization and bf16
 rounding of the weights at load.
 
---streams N: a real `cllmd serve` with the default shape (bytes tokenizer), float32, int8 (and
-bf16) weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one
+--streams N: a real `cllmd serve` with the default shape (--model gpt2: GPT-2 small's; bytes
+tokenizer, random weights), float32, int8 (and bf16) weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one
 pass per step) against one stream alone, alternating rounds.
 
 --accuracy MODEL.cllm: perplexity of a trained model on the held-out end of --text with float32,
@@ -318,17 +319,26 @@ def streams_main(args) -> dict:
     import tempfile
     sys.path.insert(0, str(HERE.parent))
     from tests.daemonproc import Daemon
-    shape = SHAPES["default"]
-    out = {"model": "default (bytes tokenizer)", "streams": args.streams, "tokens": args.tokens, "rounds": args.rounds}
+    if args.model == "gpt2":   # GPT-2 small's shape, random weights, the bytes tokenizer
+        cfg = ModelConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    else:
+        cfg = ModelConfig(**{**SHAPES["default"], "vocab_size": 257})
+    big = args.model == "gpt2"
+    out = {"model": f"{'gpt2' if big else 'default'} (bytes tokenizer)", "streams": args.streams,
+           "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads if big else "daemon default"}
+    threads = {"NUMBA_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)} if big else {}
     for weights in _kinds():
         with tempfile.TemporaryDirectory() as tmp:
             d = Daemon(Path(tmp), "--no-train-auto-train", "--server-generate-workers", str(args.streams),
-                       "--inference-weights", weights, "--model-n-layer", "4", "--model-n-head", "4",
-                       "--model-n-embd", "128", "--model-block-size", "128", model=False)
+                       "--inference-weights", weights, "--model-n-layer", str(cfg.n_layer), "--model-n-head",
+                       str(cfg.n_head), "--model-n-embd", str(cfg.n_embd), "--model-block-size",
+                       str(cfg.block_size), model=False, env=threads)
             d.state.mkdir(parents=True)
-            m = Model(ModelConfig(**{**shape, "vocab_size": 257}), seed=0, tokenizer=BytesTokenizer())
-            m.flat += np.random.default_rng(0).normal(0.0, 0.05, m.flat.shape).astype(np.float32)
+            m = Model(cfg, seed=0, tokenizer=BytesTokenizer())
+            if not big:   # nudged off the init so attention is not uniform (GPT-2's init is varied enough)
+                m.flat += np.random.default_rng(0).normal(0.0, 0.05, m.flat.shape).astype(np.float32)
             m.save(d.state / "model.cllm")
+            del m
             d.start()
             try:
                 out.update(_streams_rounds(args, d, weights))
