@@ -258,22 +258,29 @@ class Decoder:
         hs = C // NH
         # a prompt's many rows sit after every sequence's few (decoding steps): bf16 products
         # take the few together in the row-exact kernel and each prompt in a gemm of its own
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]) >= GEMM_ROWS)
+        lengths = [len(t) for t in tokens]
+        order = range(len(tokens))
+        if max(lengths, default=0) >= GEMM_ROWS:
+            order = sorted(order, key=lambda i: lengths[i] >= GEMM_ROWS)
         spans: list = [None] * len(tokens)       # (first row, end row, first position) per sequence
         n = 0
         for i in order:
-            cache, toks = caches[i], tokens[i]
-            if not toks or cache.length + len(toks) > cache.capacity:
-                raise ValueError(f"{len(toks)} new positions do not fit a cache holding {cache.length} "
+            cache, m = caches[i], lengths[i]
+            if not m or cache.length + m > cache.capacity:
+                raise ValueError(f"{m} new positions do not fit a cache holding {cache.length} "
                                  f"of {cache.capacity}")
-            spans[i] = (n, n + len(toks), cache.length)
-            n += len(toks)
-        ids = np.fromiter((t for i in order for t in tokens[i]), np.int64, n)
-        pos = np.concatenate([np.arange(spans[i][2], spans[i][2] + len(tokens[i])) for i in order])
+            spans[i] = (n, n + m, cache.length)
+            n += m
+        if n == len(tokens):                     # one new position each (decoding steps)
+            ids = np.array([t[0] for t in tokens], np.int64)
+            pos = np.array([c.length for c in caches], np.int64)
+        else:
+            ids = np.fromiter((t for i in order for t in tokens[i]), np.int64, n)
+            pos = np.concatenate([np.arange(spans[i][2], spans[i][2] + lengths[i]) for i in order])
         x = P["wte"][ids] + self.wpe[pos]                              # (N, C)
         # sequences with few new rows (decoding steps) attend in one call per layer; a prompt's
         # many rows go through gemms, one sequence at a time
-        many = [i for i, (a, b, _) in enumerate(spans) if kv_attention_uses_gemm(b - a)]
+        many = [i for i, m in enumerate(lengths) if kv_attention_uses_gemm(m)]
         few = self._few_rows(caches, spans, many)
         prompts = [(a, b) for a, b, _ in spans if b - a >= GEMM_ROWS]
         ln = np.empty_like(x)
