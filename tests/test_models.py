@@ -151,21 +151,27 @@ def test_models_create_from_a_hugging_face_directory(daemon, tmp_path):
     assert info["settings"] == FINETUNE  # an imported model is fine-tuned, not trained from scratch
 
 
-def test_models_generation_config_defaults_apply_where_the_request_gives_none(daemon, tmp_path):
+def _greedy_hf(directory):
+    """A GPT-2 directory written by transformers whose generation_config.json says: greedy, 9
+    new tokens, a repetition penalty (over the whole context, as HF applies it)."""
     torch = pytest.importorskip("torch", reason="the Hugging Face fixture is written by transformers (test-only)")
     transformers = pytest.importorskip("transformers", reason="the fixture is written by transformers (test-only)")
-    from cllmd.generate import Generation, SamplingOptions
     from tests.test_hf import _randomize, _train_tokenizer
     tok = transformers.GPT2TokenizerFast(tokenizer_object=_train_tokenizer(), eos_token="<|endoftext|>")
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok))
     torch.manual_seed(0)
     hf = _randomize(transformers.GPT2LMHeadModel(cfg))
-    # greedy, 9 new tokens, a penalty over the whole context: what the file says
     hf.generation_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=9,
                                                          repetition_penalty=1.3, eos_token_id=tok.eos_token_id)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    tok.save_pretrained(tmp_path / "hf")
-    assert (tmp_path / "hf" / "generation_config.json").is_file()
+    hf.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    assert (directory / "generation_config.json").is_file()
+    return directory
+
+
+def test_models_generation_config_defaults_apply_where_the_request_gives_none(daemon, tmp_path):
+    from cllmd.generate import Generation, SamplingOptions
+    _greedy_hf(tmp_path / "hf")
     d = daemon("--no-train-auto-train")
     c = d.client
     c.request("model.create", name="greedy", **{"from": str(tmp_path / "hf")})
@@ -199,6 +205,28 @@ def test_models_generation_config_defaults_apply_where_the_request_gives_none(da
     ref = Model.load(d.model_dir("default") / "model.cllm")
     out = c.request("generate", prompt="ab", model="default", seed=3, stream=False)
     assert out["text"] == Generation(ref, "ab", SamplingOptions(seed=3)).text()
+
+
+def test_models_generation_config_defaults_through_the_http_gateway(daemon, tmp_path):
+    pytest.importorskip("aiohttp", reason="the http extra installs aiohttp (pip install -e '.[http]')")
+    from cllmd.generate import Generation, SamplingOptions
+    from tests.gatewayproc import Gateway
+    _greedy_hf(tmp_path / "hf")
+    d = daemon("--no-train-auto-train")
+    d.client.request("model.create", name="greedy", **{"from": str(tmp_path / "hf")})
+    d.client.request("model.use", name="greedy", timeout=330)
+    expected = Generation(Model.load(d.model_dir("greedy") / "model.cllm"), "Hi there",
+                          SamplingOptions(temperature=0.0, max_tokens=9, repeat_penalty=1.3, repeat_last_n=64)).text()
+    g = Gateway(d.run / "cllmd.sock", tmp_path / "gw.log").start()
+    try:
+        # an OpenAI client that gives no max_tokens or temperature gets the model's own
+        status, body = g.json("POST", "/v1/completions", {"model": "greedy", "prompt": "Hi there"})
+        assert status == 200, body
+        assert body["choices"][0]["text"] == expected and body["usage"]["completion_tokens"] == 9
+        status, body = g.json("POST", "/v1/completions", {"model": "greedy", "prompt": "Hi there", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3, body
+    finally:
+        g.stop()
 
 
 def test_models_own_settings_fine_tuning_defaults_kept_with_the_model(daemon, tmp_path):
