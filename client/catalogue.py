@@ -321,6 +321,10 @@ SETTINGS: dict[str, Setting] = _settings(
     Setting("train.grad_checkpointing", boolean(), False,
             "recompute each block's activations in the backward pass: 60-74% less activation "
             "memory, 12-17% slower steps", "trainer", runtime=True, offline=True),
+    Setting("train.precision", choice("auto", "float32", "bf16"), "auto",
+            "the trainer's matrix products: bf16 = bfloat16 operands, float32 accumulation and "
+            "weights (needs MKL, cllmd[mkl], and AMX or AVX-512 BF16); auto = bf16 where "
+            "available and faster, else float32", "trainer", offline=True),
     Setting("train.auto_epochs", number(gt=0, le=1e6), 1.0,
             "auto-training budget: passes over the newly arrived tokens", "controller", "passes",
             runtime=True),

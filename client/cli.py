@@ -264,7 +264,7 @@ def _print_train(t: dict) -> None:
     print(f"lr        {number(t.get('lr'), '.2e')}, grad norm {number(t.get('grad_norm'), '.3f')}, "
           f"{human_count(t.get('tokens_per_second'))} tokens/s")
     print(f"threads   {t.get('threads')}, batch {t.get('batch_size', '-')}, "
-          f"{plural(t.get('skipped_steps') or 0, 'skipped step')}")
+          f"{plural(t.get('skipped_steps') or 0, 'skipped step')}, {t.get('precision', '-')} products")
     spheres = t.get("spheres") or []
     if spheres:
         by_state: dict[str, int] = {}

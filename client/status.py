@@ -343,7 +343,7 @@ def _training_rows(d: Dashboard, t: dict, spark_width: int, unicode: bool) -> li
         ("speed", f"{human_count(t.get('tokens_per_second'))} tokens/s", None),
         ("eta", duration(t.get("eta_s")), None),
         ("skipped", f"{t.get('skipped_steps', 0)} steps", "bad" if t.get("skipped_steps") else None),
-        ("threads", f"{t.get('threads', '-')}   batch {t.get('batch_size', '-')}", None),
+        ("threads", f"{t.get('threads', '-')}   batch {t.get('batch_size', '-')}   {t.get('precision', '-')}", None),
         ("saved", ck_text, None),
     ]
     if t.get("last_error"):

@@ -187,7 +187,7 @@ def cmd_train(args) -> int:
             trainer = Trainer.from_checkpoint(args.resume, source, threads=threads)
         except FileNotFoundError:
             raise UsageError(f"no such checkpoint: {args.resume}") from None
-        except ModelFileError as e:
+        except (ModelFileError, ValueError) as e:  # ValueError: a precision this machine lacks
             raise UsageError(str(e)) from None
         model = trainer.model
         if model.cfg.vocab_size != tokenizer.vocab_size:
@@ -200,10 +200,13 @@ def cmd_train(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         model = Model(cfg, seed=args.seed, tokenizer=tokenizer)
-        trainer = Trainer(model, source, train_cfg, threads=threads)
-    log.info("model: %d layers, %d heads, width %d, context %d: %.2fM parameters; %d thread(s) for 12 spheres",
-             model.cfg.n_layer, model.cfg.n_head, model.cfg.n_embd, model.cfg.block_size,
-             model.num_params / 1e6, trainer.pool.size)
+        try:
+            trainer = Trainer(model, source, train_cfg, threads=threads)
+        except ValueError as e:  # train.precision = bf16 where it cannot run
+            raise UsageError(str(e)) from None
+    log.info("model: %d layers, %d heads, width %d, context %d: %.2fM parameters; %d thread(s) for 12 spheres, "
+             "%s products", model.cfg.n_layer, model.cfg.n_head, model.cfg.n_embd, model.cfg.block_size,
+             model.num_params / 1e6, trainer.pool.size, trainer.precision)
 
     tty = _is_tty() and not args.quiet
     t0 = time.perf_counter()
@@ -246,7 +249,7 @@ def cmd_train(args) -> int:
         "steps": trainer.step_num, "train_loss": train_loss, "val_loss": ev["val_loss"],
         "perplexity": ev["perplexity"], "tokens": tokens_trained, "seconds": round(seconds, 3),
         "tokens_per_second": tokens_trained / seconds if seconds > 0 else 0.0,
-        "skipped_steps": trainer.skipped_steps, "threads": trainer.pool.size,
+        "skipped_steps": trainer.skipped_steps, "threads": trainer.pool.size, "precision": trainer.precision,
         "parameters": model.num_params, "out": str(args.out),
     }
     meta = {"trained_on": what, "train_summary": {k: v for k, v in summary.items() if k != "out"}}

@@ -371,6 +371,8 @@ class DistributedTrainer(Trainer):
     Evaluation (forward only) stays on rank 0's threads. A lost rank's spheres move to the
     survivors (rank 0 alone in the end) and the micro-step is redone on the same batch."""
 
+    bf16_capable = False  # the worker ranks run float32 products (train.precision auto: float32)
+
     def __init__(self, model, source, config, threads: int | None = None, world_: World | None = None):
         super().__init__(model, source, config, threads)
         self.world = world_ or world()

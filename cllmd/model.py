@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, model_forward, model_forward_backward,
+from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, bf16_weights, model_forward, model_forward_backward,
                                        model_forward_loss, transpose_weights)
 
 INIT_STD = 0.02
@@ -147,18 +147,23 @@ class Workspace:
     With checkpointing, per-layer activations keep one slot instead of n_layer: the backward
     recomputes each block's activations from its input (the residual stream, kept for every
     layer). head_rows: the fused head's chunk of logits (None: all B * T rows, as
-    Model.forward_into needs; the trainer passes head_chunk_rows).
+    Model.forward_into needs; the trainer passes head_chunk_rows). bf16: also the bfloat16
+    scratch the mixed-precision passes round their products' inputs into (h_in, h_out: 2 bytes
+    per element, 4 N C + max(4 N C, R V) of them); without it they are empty.
     """
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
-                 checkpointing: bool = False, head_rows: int | None = None):
+                 checkpointing: bool = False, head_rows: int | None = None, bf16: bool = False):
         # grad_flat: where forward_backward writes gradients when not given another buffer;
         # allocated on first use (the trainer's workspaces never use it: spheres write into
         # rows of node zero's gradient sum)
         self.cfg, self.T, self.dtype, self.checkpointing = cfg, T, np.dtype(dtype), bool(checkpointing)
-        self.capacity, self.head_rows = B, head_rows
+        self.capacity, self.head_rows, self.bf16 = B, head_rows, bool(bf16)
+        if self.bf16 and self.dtype != np.float32:
+            raise ValueError(f"bfloat16 products accumulate in float32: a {self.dtype} workspace cannot have them")
         self._arena = np.empty(sum(-(-math.prod(shape) // 16) * 16 for shape in self._shapes(B).values()),
                                dtype=self.dtype)
+        self._arena_h = np.empty(sum(-(-n // 32) * 32 for n in self._sizes_h(B).values()), dtype=np.uint16)
         self._ones = np.ones(B * T, dtype=self.dtype)
         self.use(B)
         self.table = param_table(cfg)
@@ -185,6 +190,14 @@ class Workspace:
             empty=(0, C),
         )
 
+    def _sizes_h(self, B: int) -> dict[str, int]:
+        """Elements of the bfloat16 scratch buffers (Buffers.h_in, h_out) for B rows."""
+        if not self.bf16:
+            return dict(h_in=0, h_out=0)
+        N, C, V = B * self.T, self.cfg.n_embd, self.cfg.vocab_size
+        R = N if self.head_rows is None else max(1, min(N, self.head_rows))
+        return dict(h_in=4 * N * C, h_out=max(4 * N * C, R * V))
+
     def use(self, B: int) -> "Workspace":
         """Carves the buffers for B rows (B <= capacity), each contiguous, from the one allocation."""
         if not 1 <= B <= self.capacity:
@@ -194,6 +207,10 @@ class Workspace:
             n = math.prod(shape)
             views[name] = self._arena[at:at + n].reshape(shape)
             at += -(-n // 16) * 16  # 64-byte steps in float32
+        at = 0
+        for name, n in self._sizes_h(B).items():
+            views[name] = self._arena_h[at:at + n]
+            at += -(-n // 32) * 32  # 64-byte steps in uint16
         self.buffers = Buffers(**views)
         for name, array in zip(Buffers._fields, self.buffers):
             setattr(self, name, array)
@@ -214,7 +231,7 @@ class Workspace:
     @property
     def nbytes(self) -> int:
         """Bytes of the activation buffers (the gradient buffer not included)."""
-        return self._arena.nbytes + self._ones.nbytes
+        return self._arena.nbytes + self._arena_h.nbytes + self._ones.nbytes
 
 
 def param_offsets(cfg: ModelConfig) -> np.ndarray:
@@ -249,6 +266,7 @@ class Model:
         self.clock = clock_features(cfg.block_size, cfg.n_embd).astype(self.dtype) if cfg.clock_positions else None
         self._workspace: Workspace | None = None
         self._no_transpose = np.empty(0, dtype=self.dtype)
+        self._no_bf16 = np.empty(0, dtype=np.uint16)
 
     def _init(self, seed: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 n_layer) because each
@@ -271,11 +289,11 @@ class Model:
     def num_params(self) -> int:
         return self.flat.size
 
-    def workspace(self, B: int, T: int, checkpointing: bool = False) -> Workspace:
+    def workspace(self, B: int, T: int, checkpointing: bool = False, bf16: bool = False) -> Workspace:
         """The model's own cached workspace for (B, T) (single-threaded use)."""
         ws = self._workspace
-        if ws is None or (ws.B, ws.T, ws.checkpointing) != (B, T, checkpointing) or ws.dtype != self.dtype:
-            ws = self._workspace = Workspace(self.cfg, B, T, self.dtype, checkpointing=checkpointing)
+        if ws is None or (ws.B, ws.T, ws.checkpointing, ws.bf16) != (B, T, checkpointing, bf16) or ws.dtype != self.dtype:
+            ws = self._workspace = Workspace(self.cfg, B, T, self.dtype, checkpointing=checkpointing, bf16=bf16)
         return ws
 
     def _check_idx(self, idx: np.ndarray) -> np.ndarray:
@@ -336,12 +354,42 @@ class Model:
     # ---- forward + backward ------------------------------------------------------------------
 
     def forward_loss(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
-                     mask: np.ndarray | None = None) -> tuple[float, float]:
-        """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position."""
+                     mask: np.ndarray | None = None, weights_h: np.ndarray | None = None) -> tuple[float, float]:
+        """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position.
+        weights_h: an up-to-date bf16_weights() buffer (the products in bfloat16), or None."""
         weights, count = self._weights(ws, mask, idx.size)
         total = model_forward_loss(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
-                              self.flat, self._no_transpose, self.offsets, self._positions(), self.cfg.n_head)
+                                   self.flat, self._no_transpose, self._check_bf16(ws, weights_h), self.offsets,
+                                   self._positions(), self.cfg.n_head)
         return (total / count if count else 0.0), count
+
+    def bf16_weights(self, out: np.ndarray | None = None, parts=None) -> np.ndarray:
+        """The weight matrices rounded to bfloat16 (uint16 bits, round to nearest even), [2P]:
+        each at its own offset, and its transpose at P + offset (cllmd.kernels.transformer).
+
+        forward_backward(weights_h=...) and forward_loss(weights_h=...) then run every product
+        of a weight matrix in bfloat16 with float32 accumulation; the weights themselves stay
+        float32 (the optimizer's), so this copy must be refreshed whenever they change. parts:
+        as for transposed_weights.
+        """
+        if self.dtype != np.float32:
+            raise ValueError(f"bfloat16 weights are made from float32 ones, this model is {self.dtype}")
+        if out is None:
+            out = np.zeros(2 * self.flat.size, dtype=np.uint16)
+        for part in range(self.cfg.n_layer + 1) if parts is None else parts:
+            bf16_weights(out, self.flat, self.offsets, part, self.cfg.n_embd)
+        return out
+
+    def _check_bf16(self, ws: Workspace, weights_h: np.ndarray | None) -> np.ndarray:
+        """weights_h checked against the model and the workspace (empty: float32 products)."""
+        if weights_h is None:
+            return self._no_bf16
+        if weights_h.shape != (2 * self.flat.size,) or weights_h.dtype != np.uint16:
+            raise ValueError(f"weights_h has shape {weights_h.shape} and dtype {weights_h.dtype}, "
+                             f"expected ({2 * self.flat.size},) uint16 (Model.bf16_weights)")
+        if not ws.bf16:
+            raise ValueError("bfloat16 products need a workspace with bfloat16 scratch (Workspace(bf16=True))")
+        return weights_h
 
     def transposed_weights(self, out: np.ndarray | None = None, parts=None) -> np.ndarray:
         """The weight matrices transposed, each at its own offset in a flat-sized buffer.
@@ -359,7 +407,8 @@ class Model:
 
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
                          mask: np.ndarray | None = None, normalizer: float | None = None,
-                         weights_t: np.ndarray | None = None, grad: np.ndarray | None = None) -> tuple[float, float]:
+                         weights_t: np.ndarray | None = None, grad: np.ndarray | None = None,
+                         weights_h: np.ndarray | None = None) -> tuple[float, float]:
         """Loss and gradients of one batch into grad (a flat [P] buffer, written whole), by
         default ws.grad_flat (ws.grads are its named views).
 
@@ -368,15 +417,17 @@ class Model:
         d(sum of counted losses / normalizer)/d(params); normalizer defaults to the count, i.e.
         the gradient of the mean (the trainer passes 1 and divides once after its reduction).
         With a checkpointing workspace the blocks recompute their activations in the backward.
-        weights_t: an up-to-date transposed_weights() buffer, or None.
+        weights_t: an up-to-date transposed_weights() buffer, or None; weights_h: an up-to-date
+        bf16_weights() buffer for bfloat16 products (weights_t is then not read), or None.
         Returns (mean loss, number of counted positions).
         """
         weights, count = self._weights(ws, mask, idx.size)
         grad = ws.grad_flat if grad is None else grad
         if grad.shape != self.flat.shape or grad.dtype != self.dtype:
             raise ValueError(f"grad has shape {grad.shape} and dtype {grad.dtype}, expected {self.flat.shape} {self.dtype}")
+        flat_h = self._check_bf16(ws, weights_h)
         if count == 0.0:
-            self.forward_loss(ws, idx, targets, mask)
+            self.forward_loss(ws, idx, targets, mask, weights_h)
             grad[:] = 0.0
             return 0.0, 0.0
         scale = 1.0 / (count if normalizer is None else normalizer)
@@ -384,12 +435,14 @@ class Model:
         if flat_t.size and flat_t.shape != self.flat.shape:
             raise ValueError(f"weights_t has shape {flat_t.shape}, expected {self.flat.shape}")
         total = model_forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
-                                  scale, self.flat, flat_t, self.offsets, self._positions(), self.cfg.n_head, grad)
+                                       scale, self.flat, flat_t, flat_h, self.offsets, self._positions(),
+                                       self.cfg.n_head, grad)
         return total / count, count
 
-    def loss_and_grads(self, idx, targets, mask=None,
-                       checkpointing: bool = False) -> tuple[float, dict[str, np.ndarray]]:
-        """Mean cross-entropy and its gradients (fresh arrays, same keys as params)."""
+    def loss_and_grads(self, idx, targets, mask=None, checkpointing: bool = False,
+                       bf16: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean cross-entropy and its gradients (fresh arrays, same keys as params); bf16: with
+        the products in bfloat16 (float32 accumulation), as the trainer's precision "bf16"."""
         idx = self._check_idx(idx)
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         if targets.shape != idx.shape:
@@ -401,8 +454,8 @@ class Model:
             if mask.shape != idx.shape:
                 raise ValueError(f"mask shape {mask.shape} differs from idx shape {idx.shape}")
         B, T = idx.shape
-        ws = self.workspace(B, T, checkpointing)
-        loss, _ = self.forward_backward(ws, idx, targets, mask)
+        ws = self.workspace(B, T, checkpointing, bf16)
+        loss, _ = self.forward_backward(ws, idx, targets, mask, weights_h=self.bf16_weights() if bf16 else None)
         return loss, {name: g.copy() for name, g in ws.grads.items()}
 
     # ---- persistence -------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class Sphere:
         self.id = sphere_id
         self.model = model
         self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
+        self.weights_h: np.ndarray | None = None  # or its bfloat16 weights (precision bf16)
         self.stats = SphereStats()
         self.rank = 0  # the MPI rank that runs this sphere (cllmd.distributed); 0 in one process
         self.lock = threading.Lock()
@@ -74,11 +75,12 @@ class Sphere:
         self._set_state("working")
         try:
             if forward_only:
-                self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask)
+                self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask, self.weights_h)
                 self.losses = ws.losses.copy()
             else:
                 self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
-                                                          weights_t=self.weights_t, grad=grad)
+                                                          weights_t=self.weights_t, grad=grad,
+                                                          weights_h=self.weights_h)
         finally:
             self._set_state("waiting")
         if not forward_only:
@@ -112,12 +114,14 @@ class ThreadWorkspaces:
 
     A thread's workspace holds the largest micro-batch asked of it and is carved for smaller
     ones; it is replaced when the shape or the checkpointing setting changes, and let go when
-    its thread leaves the pool. The head's logits are chunked (head_chunk_rows).
+    its thread leaves the pool. The head's logits are chunked (head_chunk_rows). bf16: with
+    the bfloat16 scratch of the mixed-precision passes.
     """
 
-    def __init__(self, model: Model, checkpointing: bool = False):
+    def __init__(self, model: Model, checkpointing: bool = False, bf16: bool = False):
         self.model = model
         self.checkpointing = checkpointing  # read at the next get(): a changed setting reallocates
+        self.bf16 = bf16                    # likewise
         self._by_thread: dict[int, Workspace] = {}
         self._lock = threading.Lock()
         self.allocations = 0  # workspaces ever allocated
@@ -126,13 +130,14 @@ class ThreadWorkspaces:
         """The calling thread's workspace, holding at least max(B, capacity) rows of T."""
         key = threading.get_ident()
         ws = self._by_thread.get(key)
-        if ws is None or ws.T != T or ws.checkpointing != self.checkpointing or ws.capacity < B:
+        if ws is None or ws.T != T or ws.checkpointing != self.checkpointing or ws.bf16 != self.bf16 \
+                or ws.capacity < B:
             with self._lock:
                 self._by_thread.pop(key, None)  # let the old buffers go before the new ones exist
             ws = None
             cfg, dtype = self.model.cfg, self.model.dtype
             ws = Workspace(cfg, max(B, capacity), T, dtype, checkpointing=self.checkpointing,
-                           head_rows=head_chunk_rows(cfg.vocab_size, dtype))
+                           head_rows=head_chunk_rows(cfg.vocab_size, dtype), bf16=self.bf16)
             with self._lock:
                 self._by_thread[key] = ws
                 self.allocations += 1

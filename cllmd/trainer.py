@@ -7,6 +7,12 @@ token count, skips the step on NaN/Inf, clips by global norm and applies AdamW. 
 reduction order never depends on which thread ran which sphere, the same seed and data give
 bit-identical weights with any thread count. Node zero's own passes (transposed weights,
 AdamW) are cut at fixed places and shared over the same thread pool.
+
+Precision (train.precision): float32, or bf16, where node zero also rounds the weight matrices
+to bfloat16 once per step (Model.bf16_weights) and the spheres run every product of a weight
+in bfloat16 with float32 accumulation; the weights, AdamW, the reduction and everything else
+stay float32, and MKL's products are sequential and reproducible, so the weights are still
+bit-identical for any thread count.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cllm.catalogue import check_section, fields_of
+from cllmd.kernels.blas import bf16_cpu_features, bf16_unavailable
 from cllmd.model import Model
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
@@ -34,6 +41,31 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "cllmd-checkpoint"
 # tokens per sphere up to which the spheres use a transposed copy of the weights (see Trainer)
 TRANSPOSED_MAX_TOKENS = 128
+# train.precision = auto takes bf16 from this model width up (below, the products are too
+# small for bfloat16 to outrun float32: see choose_precision)
+BF16_AUTO_MIN_WIDTH = 256
+
+
+def choose_precision(requested: str, model: Model) -> tuple[str, str]:
+    """(the precision the trainer runs, why) for train.precision = requested. bf16 asked for
+    where it cannot run is an error naming what is missing; auto takes bf16 where it runs and
+    measured faster (docs/benchmarks.md, "The trainer in bfloat16"), else float32."""
+    if requested == "float32":
+        return "float32", "train.precision = float32"
+    why_not = bf16_unavailable()
+    if why_not is None and model.dtype != np.float32:
+        why_not = f"bfloat16 products accumulate in float32, the model is {model.dtype}"
+    if requested == "bf16":
+        if why_not is not None:
+            raise ValueError(f"train.precision = bf16: {why_not}")
+        return "bf16", "train.precision = bf16"
+    if requested != "auto":
+        raise ValueError(f"train.precision must be auto, float32 or bf16, got {requested!r}")
+    if why_not is not None:
+        return "float32", f"auto: {why_not}"
+    if model.cfg.n_embd < BF16_AUTO_MIN_WIDTH:
+        return "float32", f"auto: width {model.cfg.n_embd} < {BF16_AUTO_MIN_WIDTH}, where bf16 measured no faster"
+    return "bf16", "auto: MKL and the CPU's " + " and ".join(bf16_cpu_features())
 
 
 def usable_cores() -> int:
@@ -91,6 +123,8 @@ TrainConfig.__doc__ = "The trainer's configuration: the catalogue's trainer sett
 class Trainer:
     """Node zero plus 12 spheres on a pool of N threads. The only writer of the model's weights."""
 
+    bf16_capable = True  # whether every sphere of this trainer can run bfloat16 products
+
     def __init__(self, model: Model, source: TokenSource, config: TrainConfig, threads: int | None = None):
         if config.padded and not isinstance(source, DocumentSource):
             raise ValueError(f"padded batches need a source that knows its documents (the data "
@@ -103,9 +137,15 @@ class Trainer:
         # spheres' head and input-gradient gemms run faster on them (Model.transposed_weights,
         # cllmd.kernels.linear); above, they cost P floats for nothing measurable
         self.weights_t: np.ndarray | None = None
+        # with precision bf16: the weight matrices in bfloat16 (Model.bf16_weights), refreshed
+        # at the start of every step (and before an evaluation), in place of weights_t
+        self.weights_h: np.ndarray | None = None
+        self.precision, self.precision_reason = self._choose_precision(config.precision)
+        log.info("training precision: %s (%s)", self.precision, self.precision_reason)
         self.spheres = [Sphere(i + 1, model) for i in range(NUM_SPHERES)]
         # activations belong to the running threads, not the spheres
-        self.workspaces = ThreadWorkspaces(model, checkpointing=config.grad_checkpointing)
+        self.workspaces = ThreadWorkspaces(model, checkpointing=config.grad_checkpointing,
+                                           bf16=self.precision == "bf16")
         self.pool = SpherePool(threads or usable_cores(), on_exit=self.workspaces.release)
         # one BLAS thread per worker thread, so N workers really use N cores
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
@@ -148,8 +188,13 @@ class Trainer:
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
         new = dataclasses.replace(self.config, **changes)
+        precision = self._choose_precision(new.precision) if new.precision != self.config.precision else None
         with self._lock:
             self.config = new
+            if precision is not None and precision[0] != self.precision:
+                log.info("training precision: %s (%s), from the next step", *precision)
+                self.precision, self.precision_reason = precision
+                self.workspaces.bf16 = self.precision == "bf16"  # threads reallocate at their next sphere
             self.optimizer.weight_decay = new.weight_decay
             self.optimizer.beta1, self.optimizer.beta2, self.optimizer.eps = new.beta1, new.beta2, new.eps
             self.workspaces.checkpointing = new.grad_checkpointing  # threads reallocate at their next sphere
@@ -212,19 +257,35 @@ class Trainer:
         self.pool.run([lambda s=s: task(s) for s in used])
         return used
 
-    def _refresh_transposed(self) -> None:
-        """weights_t = the current weights' matrices transposed, one layer (or the head) per
-        task, when this step's spheres are small enough for them to pay; else none."""
+    def _choose_precision(self, requested: str) -> tuple[str, str]:
+        if requested != "float32" and not self.bf16_capable:
+            if requested == "bf16":
+                raise ValueError(f"train.precision = bf16: not available with {type(self).__name__}")
+            return "float32", f"auto: {type(self).__name__} runs float32 products"
+        return choose_precision(requested, self.model)
+
+    def _refresh_weight_copies(self) -> None:
+        """The spheres' copies of the current weights, one layer (or the head) per task: in
+        bf16, weights_h; in float32, weights_t (the matrices transposed) when this step's
+        spheres are small enough for them to pay, else none."""
+        parts = range(self.model.cfg.n_layer + 1)
         tokens = -(-self.config.batch_size // NUM_SPHERES) * self.model.cfg.block_size
-        if tokens > TRANSPOSED_MAX_TOKENS:
+        if self.precision == "bf16":
+            self.weights_t = None
+            if self.weights_h is None:
+                self.weights_h = np.zeros(2 * self.model.flat.size, dtype=np.uint16)
+            self.pool.run([lambda part=part: self.model.bf16_weights(self.weights_h, (part,)) for part in parts])
+        elif tokens > TRANSPOSED_MAX_TOKENS:
+            self.weights_h = None
             self.weights_t = None
         else:
             if self.weights_t is None:
                 self.weights_t = np.zeros_like(self.model.flat)
+            self.weights_h = None
             self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
-                           for part in range(self.model.cfg.n_layer + 1)])
+                           for part in parts])
         for s in self.spheres:
-            s.weights_t = self.weights_t
+            s.weights_t, s.weights_h = self.weights_t, self.weights_h
 
     def step(self) -> dict:
         """One optimizer step (accum_steps micro-steps); returns its figures."""
@@ -232,7 +293,7 @@ class Trainer:
         cfg = self.config
         T = self.model.cfg.block_size
         t0 = time.perf_counter()
-        self._refresh_transposed()
+        self._refresh_weight_copies()
         loss_sum = 0.0
         count = 0.0
         for micro in range(cfg.accum_steps):
@@ -275,6 +336,8 @@ class Trainer:
         Symmetry groups: the target token id mod 12; each group's mean loss is reported.
         """
         self._apply_pending()
+        if self.precision == "bf16":  # the forward reads bfloat16 copies of the current weights
+            self._refresh_weight_copies()
         T = self.model.cfg.block_size
         x, y = self.source.eval_windows(self.config.eval_windows, T, split=split)
         loss_sum, count = 0.0, 0.0
@@ -308,7 +371,7 @@ class Trainer:
             "val_loss": self.last_eval.get("val_loss"), "perplexity": self.last_eval.get("perplexity"),
             "lr": last.get("lr"), "grad_norm": last.get("grad_norm"),
             "tokens_per_second": self.tokens_per_second, "skipped_steps": self.skipped_steps,
-            "threads": self.pool.size, "batch_size": self.config.batch_size,
+            "threads": self.pool.size, "batch_size": self.config.batch_size, "precision": self.precision,
             "spheres": [s.snapshot() for s in self.spheres],
         }
 
@@ -324,7 +387,8 @@ class Trainer:
             # PCG64's state holds 128-bit integers, which msgpack cannot carry: keep it as JSON text
             "rng_state": json.dumps(self.rng.bit_generator.state),
             "optimizer": self.optimizer.state(),
-            "train_config": dataclasses.asdict(self.config),
+            "train_config": dataclasses.asdict(self.config),  # precision as asked (auto, ...)
+            "precision": self.precision,                      # and as it ran
             "time": time.time(),
         }
         if extra is not None:

@@ -35,6 +35,7 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enum values
 _ALIASES = {"s": "cllmd_cblas_sgemm", "d": "cllmd_cblas_dgemm"}
 _MKL_ALIASES = {"s": "cllmd_mkl_sgemm", "bf16": "cllmd_mkl_gemm_bf16"}
 MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64 = 1, 0  # MKL_Set_Threading_Layer, MKL_Set_Interface_Layer
+MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_SUCCESS = 2, 0x10000, 0  # MKL_CBWR_Set
 
 
 def _find_gemm() -> dict[str, int] | None:
@@ -247,7 +248,11 @@ def _find_mkl() -> dict[str, int] | None:
     sequential layer (the sphere threads are the parallelism; no OpenMP runtime of its own)
     and to LP64, before any call: _SIG's 64-bit integers reach it as their low halves (see _SIG;
     the self-test checks), and PyTorch's own MKL, linked into torch, was seen to crash in a
-    process where this one ran ILP64."""
+    process where this one ran ILP64. Conditional numerical reproducibility is set to its
+    strict mode on the CPU's own code branch (MKL_CBWR_AUTO | MKL_CBWR_STRICT), also before any
+    call: a product's bits then depend neither on its operands' alignment nor on the run, which
+    the trainer's bit-identical weights for any thread count rest on (measured: the same bits
+    and speed as without it; MKL_CBWR=COMPATIBLE would cost 20x)."""
     global _mkl_lib
     if os.environ.get("CLLMD_NO_MKL"):
         return None
@@ -256,12 +261,16 @@ def _find_mkl() -> dict[str, int] | None:
             lib = ctypes.CDLL(path)
             fns = {"s": lib.cblas_sgemm, "bf16": lib.cblas_gemm_bf16bf16f32}
             set_threading, set_interface = lib.MKL_Set_Threading_Layer, lib.MKL_Set_Interface_Layer
+            set_cbwr = lib.MKL_CBWR_Set
         except (OSError, AttributeError) as e:
             log.info("MKL at %s not usable (%s)", path, e)
             continue
-        set_threading.argtypes = set_interface.argtypes = [ctypes.c_int]
+        set_threading.argtypes = set_interface.argtypes = set_cbwr.argtypes = [ctypes.c_int]
         set_interface(MKL_INTERFACE_LP64)
         set_threading(MKL_THREADING_SEQUENTIAL)
+        if set_cbwr(MKL_CBWR_AUTO | MKL_CBWR_STRICT) != MKL_CBWR_SUCCESS:  # MKL ran before this
+            log.warning("MKL at %s refused strict reproducibility (MKL_CBWR_Set): bfloat16 products "
+                        "may then depend on their operands' alignment", path)
         _mkl_lib = lib
         return {t: ctypes.cast(f, ctypes.c_void_p).value for t, f in fns.items()}
     return None
@@ -367,3 +376,30 @@ def _bind_mkl() -> bool:
 
 
 MKL_AVAILABLE = _bind_mkl()
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo's names for the bfloat16 units
+
+
+def bf16_cpu_features() -> list[str]:
+    """Which of BF16_CPU_FLAGS this CPU has (Linux's /proc/cpuinfo; none elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in BF16_CPU_FLAGS if name in flags]
+    except OSError:
+        pass
+    return []
+
+
+def bf16_unavailable() -> str | None:
+    """Why the trainer cannot run its products in bfloat16 here, or None when it can: MKL must
+    be bound (without it gemm_bf16 only emulates, at float32 speed and with extra copies) and
+    the CPU must multiply bfloat16 natively (AMX or AVX-512 BF16)."""
+    if not MKL_AVAILABLE:
+        why = "CLLMD_NO_MKL is set" if os.environ.get("CLLMD_NO_MKL") else "install the extra: pip install 'cllmd[mkl]'"
+        return f"bfloat16 products need Intel's MKL, which is not loaded ({why})"
+    if not bf16_cpu_features():
+        return "bfloat16 products need a CPU with AMX or AVX-512 BF16 (neither flag is in /proc/cpuinfo)"
+    return None

@@ -15,6 +15,14 @@ with gradient checkpointing, when a block's activations are recomputed from its 
 residual stream, always kept per layer) just before its backward. The head and the
 cross-entropy run fused, R rows at a time (R = buf.logits.shape[0]), so the [N, V] logits
 never exist unless R = N (model_forward, which returns them, needs that).
+
+Precision: the training passes take flat_h, the weight matrices in bfloat16 (uint16 bits,
+[2P]: each matrix at its own offset in [0, P), its transpose at P + offset; bf16_weights fills
+it once per step), or an empty array for float32. With it, every product of a weight matrix
+(the blocks' four and the tied head's) runs in bfloat16 with float32 accumulation
+(cllmd.kernels.linear), its activation rounded to bfloat16 into the workspace's h_in / h_out;
+the embeddings, layer norms, attention (its per-head T x T products included), GELU, the
+cross-entropy and every gradient stay float32. Empty flat_h: float32, the same calls as ever.
 """
 from collections import namedtuple
 
@@ -27,7 +35,9 @@ from .crossentropy import crossentropy_backward, crossentropy_forward
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_forward_grad, mul_inplace
 from .layernorm import layernorm_backward, layernorm_forward
-from .linear import linear_backward, linear_forward, transpose, weight_grad
+from .bf16 import to_bf16
+from .blas import gemm_bf16
+from .linear import gemm_rounding_a, linear_backward, linear_forward, transpose, weight_grad
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -51,6 +61,8 @@ Buffers = namedtuple("Buffers", [
     "dqkv",                             # [B, T, 3C]
     "dfch",                             # [N, 4C] pre-activation (forward); d fch_gelu, then d pre (backward)
     "empty",                            # [0, C]: "no residual" for linear_forward
+    "h_in", "h_out",                    # bfloat16 scratch (uint16): [N 4C] a product's input,
+                                        # [max(N 4C, R V)] a gradient operand; [0] for float32
 ])
 
 
@@ -65,6 +77,26 @@ def _mat(flat, off, rows, cols):
 
 
 @kernel
+def _h(scratch, rows, cols):
+    """The first rows x cols of a bfloat16 scratch buffer, as a matrix ([0, 0] when it is empty)."""
+    if scratch.size:
+        return scratch[:rows * cols].reshape((rows, cols))
+    return scratch[:0].reshape((0, 0))
+
+
+@kernel
+def _mat_h(flat_h, off, rows, cols, transposed):
+    """A weight [rows, cols] in bfloat16 from flat_h (transposed: its transpose [cols, rows]),
+    or an empty one when flat_h is empty (float32)."""
+    if flat_h.size == 0:
+        return flat_h[:0].reshape((0, 0))
+    if transposed:
+        at = flat_h.size // 2 + off
+        return flat_h[at:at + rows * cols].reshape((cols, rows))
+    return flat_h[off:off + rows * cols].reshape((rows, cols))
+
+
+@kernel
 def _mat_t(flat_t, off, rows, cols):
     """A transposed weight [rows, cols] in flat_t, or an empty one when flat_t is empty."""
     if flat_t.size:
@@ -75,32 +107,38 @@ def _mat_t(flat_t, off, rows, cols):
 # ---- one block -----------------------------------------------------------------------------
 
 @kernel
-def block_forward(buf, l, x, flat, offs, n_head, write_output):
+def block_forward(buf, l, x, flat, flat_h, offs, n_head, write_output):
     """Block l on input x [N, C]: fills layer slot l (slot 0 when checkpointing) and, if
-    write_output, residual3[l] = x + attn(ln_1(x)) + mlp(ln_2(...))."""
+    write_output, residual3[l] = x + attn(ln_1(x)) + mlp(ln_2(...)). flat_h: see the module."""
     la = l % buf.ln1.shape[0]
     N, C = x.shape
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    W = lambda k, rows, cols: _mat(flat, o[k], rows, cols)           # noqa: E731 - weight k of the layer
+    Wht = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, True)  # noqa: E731 - its bf16 transpose
+    h = lambda cols: _h(buf.h_in, N, cols)                          # noqa: E731 - a product's bf16 input
     ln1, qkv, atty, res2 = buf.ln1[la], buf.qkv[la], buf.atty[la], buf.residual2[la]
     layernorm_forward(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec(flat, o[0], C), _vec(flat, o[1], C), LN_EPS)
-    linear_forward(qkv.reshape((N, 3 * C)), ln1, _mat(flat, o[2], C, 3 * C), _vec(flat, o[3], 3 * C), buf.empty)
+    linear_forward(qkv.reshape((N, 3 * C)), ln1, W(2, C, 3 * C), _vec(flat, o[3], 3 * C), buf.empty,
+                   Wht(2, C, 3 * C), h(C))
     attention_forward(atty, buf.att[la], qkv, n_head)                            # (B, T, C)
-    linear_forward(res2, atty.reshape((N, C)), _mat(flat, o[4], C, C), _vec(flat, o[5], C), x)  # x + attn
+    linear_forward(res2, atty.reshape((N, C)), W(4, C, C), _vec(flat, o[5], C), x, Wht(4, C, C), h(C))  # x + attn
     ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
     layernorm_forward(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec(flat, o[6], C), _vec(flat, o[7], C), LN_EPS)
     # the pre-activation goes to the (idle) backward scratch; the layer keeps gelu' of it.
     # Separate buffers: written in place, the aliasing would stop LLVM vectorizing the tanh.
-    linear_forward(buf.dfch, ln2, _mat(flat, o[8], C, 4 * C), _vec(flat, o[9], 4 * C), buf.empty)  # (N, 4C)
+    linear_forward(buf.dfch, ln2, W(8, C, 4 * C), _vec(flat, o[9], 4 * C), buf.empty, Wht(8, C, 4 * C), h(C))  # (N, 4C)
     gelu_forward_grad(fch_gelu, fch, buf.dfch)
     if write_output:
-        linear_forward(buf.residual3[l], fch_gelu, _mat(flat, o[10], 4 * C, C), _vec(flat, o[11], C), res2)
+        linear_forward(buf.residual3[l], fch_gelu, W(10, 4 * C, C), _vec(flat, o[11], C), res2,
+                       Wht(10, 4 * C, C), h(4 * C))
 
 
 @kernel
-def block_backward(buf, l, x, flat, flat_t, offs, grad, n_head):
+def block_backward(buf, l, x, flat, flat_t, flat_h, offs, grad, n_head):
     """Inverts block l: buf.dresidual holds d residual3[l] on entry and d x on return;
     layer l's gradients are written into grad (LayerNorm ones accumulate, pre-zeroed).
-    flat_t: the weight matrices transposed at the same offsets, or empty (see linear)."""
+    flat_t: the weight matrices transposed at the same offsets, or empty (see linear);
+    flat_h: in bfloat16, or empty (see the module)."""
     la = l % buf.ln1.shape[0]
     N, C = x.shape
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
@@ -109,19 +147,25 @@ def block_backward(buf, l, x, flat, flat_t, offs, grad, n_head):
     dx, dtmp = buf.dresidual, buf.dtmp
     W = lambda k, rows, cols: _mat(flat, o[k], rows, cols)      # noqa: E731 - weight k of the layer
     Wt = lambda k, rows, cols: _mat_t(flat_t, o[k], cols, rows)  # noqa: E731 - its transpose
+    Wh = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, False)  # noqa: E731 - in bfloat16
     dW = lambda k, rows, cols: _mat(grad, o[k], rows, cols)     # noqa: E731 - its gradient
     db = lambda k, n: _vec(grad, o[k], n)                       # noqa: E731
+    hi = lambda cols: _h(buf.h_in, N, cols)                     # noqa: E731 - bf16 scratch: the input
+    ho = lambda cols: _h(buf.h_out, N, cols)                    # noqa: E731 - and d output
     # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
-    linear_backward(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, buf.fch_gelu[la], W(10, 4 * C, C), Wt(10, 4 * C, C))
+    linear_backward(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, buf.fch_gelu[la], W(10, 4 * C, C), Wt(10, 4 * C, C),
+                    Wh(10, 4 * C, C), hi(4 * C), ho(C))
     mul_inplace(buf.dfch, buf.fch[la])                         # d pre-activation = gelu'(pre) d fch_gelu
-    linear_backward(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, buf.ln2[la], W(8, C, 4 * C), Wt(8, C, 4 * C))
+    linear_backward(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, buf.ln2[la], W(8, C, 4 * C), Wt(8, C, 4 * C),
+                    Wh(8, C, 4 * C), hi(C), ho(4 * C))
     layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
                        buf.ln2_mean[la], buf.ln2_rstd[la])
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
-    linear_backward(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape((N, C)), W(4, C, C), Wt(4, C, C))
+    linear_backward(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape((N, C)), W(4, C, C), Wt(4, C, C),
+                    Wh(4, C, C), hi(C), ho(C))
     attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
     linear_backward(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), buf.ln1[la],
-                    W(2, C, 3 * C), Wt(2, C, 3 * C))
+                    W(2, C, 3 * C), Wt(2, C, 3 * C), Wh(2, C, 3 * C), hi(C), ho(3 * C))
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 
@@ -139,10 +183,26 @@ def transpose_weights(flat_t, flat, offs, l, n_embd):
         transpose(_mat(flat_t, o[k], cols, rows), _mat(flat, o[k], rows, cols))
 
 
+@kernel
+def bf16_weights(flat_h, flat, offs, l, n_embd):
+    """flat_h [2P] gets layer l's four weight matrices rounded to bfloat16 (nearest even) at
+    their offsets, and their transposes at P + offset; for l = n_layer, the token embedding."""
+    C = n_embd
+    if 4 + 12 * l == offs.size:
+        V = (offs[1] - offs[0]) // C
+        to_bf16(_mat_h(flat_h, offs[0], V, C, False), _mat(flat, offs[0], V, C))
+        transpose(_mat_h(flat_h, offs[0], V, C, True), _mat_h(flat_h, offs[0], V, C, False))
+        return
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    for k, rows, cols in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
+        to_bf16(_mat_h(flat_h, o[k], rows, cols, False), _mat(flat, o[k], rows, cols))
+        transpose(_mat_h(flat_h, o[k], rows, cols, True), _mat_h(flat_h, o[k], rows, cols, False))
+
+
 # ---- the model -----------------------------------------------------------------------------
 
 @kernel
-def trunk_forward(buf, idx, flat, offs, wpe, n_head):
+def trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head):
     """Embeddings, the blocks and the final LayerNorm into buf.lnf [N, C]; every activation saved.
     wpe [block, C] is the position table in use (the learned one, plus the clock features)."""
     B, T = idx.shape
@@ -152,17 +212,20 @@ def trunk_forward(buf, idx, flat, offs, wpe, n_head):
     embedding_forward(buf.encoded.reshape((B, T, C)), idx, _mat(flat, offs[0], V, C), wpe, 0)
     x = buf.encoded
     for l in range(L):
-        block_forward(buf, l, x, flat, offs, n_head, True)
+        block_forward(buf, l, x, flat, flat_h, offs, n_head, True)
         x = buf.residual3[l]
     layernorm_forward(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec(flat, offs[2], C), _vec(flat, offs[3], C), LN_EPS)
 
 
 @kernel
-def _head_logits(logits, x, flat, flat_t, offs):
-    """logits [R, V] = x [R, C] wte^T (the tied head); a plain product on the transposed copy."""
+def _head_logits(logits, x, flat, flat_t, flat_h, offs, x_h):
+    """logits [R, V] = x [R, C] wte^T (the tied head); a plain product on the transposed copy.
+    In bfloat16 (flat_h not empty): x rounded into x_h [R, C], wte's bf16 copy as the NT operand."""
     R, V = logits.shape
     C = x.shape[1]
-    if flat_t.size:
+    if flat_h.size:
+        gemm_rounding_a(False, True, 1.0, x, x_h, _mat_h(flat_h, offs[0], V, C, False), 0.0, logits)
+    elif flat_t.size:
         gemm(False, False, 1.0, x, _mat(flat_t, offs[0], C, V), 0.0, logits)
     else:
         gemm(False, True, 1.0, x, _mat(flat, offs[0], V, C), 0.0, logits)
@@ -171,19 +234,21 @@ def _head_logits(logits, x, flat, flat_t, offs):
 @kernel
 def model_forward(buf, idx, flat, flat_t, offs, wpe, n_head):
     """Logits into buf.logits [N, V] (a workspace whose head chunk is all N rows); every
-    activation saved. flat_t: transposed weights (transposed_weights) or empty."""
-    trunk_forward(buf, idx, flat, offs, wpe, n_head)
+    activation saved. flat_t: transposed weights (transposed_weights) or empty. float32."""
+    no_h = buf.h_in[:0]
+    trunk_forward(buf, idx, flat, no_h, offs, wpe, n_head)
     if buf.logits.shape[0] != buf.lnf.shape[0]:
         raise ValueError("model_forward: the workspace's head holds fewer rows than the batch")
-    _head_logits(buf.logits, buf.lnf, flat, flat_t, offs)
+    _head_logits(buf.logits, buf.lnf, flat, flat_t, no_h, offs, _h(no_h, 0, 0))
 
 
 @kernel
-def head_loss(buf, targets, mask, flat, flat_t, offs, backward, scale, grad):
+def head_loss(buf, targets, mask, flat, flat_t, flat_h, offs, backward, scale, grad):
     """The tied head and the cross-entropy, fused, R rows at a time: per-position losses into
     buf.losses; returns sum(losses * mask) in float64. With backward, also the head's
     gradients: grad's wte (written, = then +=) and d lnf into buf.dtmp, for the loss
-    scale * sum(losses * mask). Shapes: targets, mask [N]; a chunk's logits [R, V]."""
+    scale * sum(losses * mask). Shapes: targets, mask [N]; a chunk's logits [R, V].
+    flat_h: the products in bfloat16 (see the module), or empty."""
     N, C = buf.lnf.shape
     R, V = buf.logits.shape
     wte = _mat(flat, offs[0], V, C)
@@ -191,7 +256,8 @@ def head_loss(buf, targets, mask, flat, flat_t, offs, backward, scale, grad):
     for r0 in range(0, N, R):
         r1 = min(r0 + R, N)
         lg, x = buf.logits[:r1 - r0], buf.lnf[r0:r1]
-        _head_logits(lg, x, flat, flat_t, offs)
+        x_h = _h(buf.h_in, r1 - r0, C)
+        _head_logits(lg, x, flat, flat_t, flat_h, offs, x_h)
         crossentropy_forward(lg, buf.losses[r0:r1], lg, targets[r0:r1])               # logits -> probs
         for n in range(r0, r1):
             total += np.float64(buf.losses[n]) * mask[n]
@@ -201,28 +267,35 @@ def head_loss(buf, targets, mask, flat, flat_t, offs, backward, scale, grad):
             crossentropy_backward(lg, lg, targets[r0:r1], buf.dlosses[r0:r1])          # probs -> dlogits
             # logits = lnf wte^T: dwte = dlogits^T lnf over all rows (the embedding adds to it later)
             dwte = _mat(grad, offs[0], V, C)
-            if r0 == 0:
-                weight_grad(dwte, lg, x)
+            if flat_h.size:  # x_h still holds this chunk's x in bfloat16 (from _head_logits)
+                lg_h = _h(buf.h_out, r1 - r0, V)
+                to_bf16(lg_h, lg)
+                gemm_bf16(True, False, 1.0, lg_h, x_h, 0.0 if r0 == 0 else 1.0, dwte)
+                gemm_bf16(False, True, 1.0, lg_h, _mat_h(flat_h, offs[0], V, C, True), 0.0, buf.dtmp[r0:r1])
             else:
-                gemm(True, False, 1.0, lg, x, 1.0, dwte)
-            gemm(False, False, 1.0, lg, wte, 0.0, buf.dtmp[r0:r1])                     # dlnf
+                if r0 == 0:
+                    weight_grad(dwte, lg, x)
+                else:
+                    gemm(True, False, 1.0, lg, x, 1.0, dwte)
+                gemm(False, False, 1.0, lg, wte, 0.0, buf.dtmp[r0:r1])                 # dlnf
     return total
 
 
 @kernel
-def model_forward_loss(buf, idx, targets, mask, flat, flat_t, offs, wpe, n_head):
+def model_forward_loss(buf, idx, targets, mask, flat, flat_t, flat_h, offs, wpe, n_head):
     """Forward and per-position losses into buf.losses; returns sum(losses * mask) in float64.
-    Shapes: idx, targets [B, T]; mask [N]."""
-    trunk_forward(buf, idx, flat, offs, wpe, n_head)
-    return head_loss(buf, targets.reshape(-1), mask, flat, flat_t, offs, False, 1.0, flat[:0])
+    Shapes: idx, targets [B, T]; mask [N]. flat_h: bfloat16 products (see the module) or empty."""
+    trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head)
+    return head_loss(buf, targets.reshape(-1), mask, flat, flat_t, flat_h, offs, False, 1.0, flat[:0])
 
 
 @kernel
-def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, wpe, n_head, grad):
+def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, offs, wpe, n_head, grad):
     """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole.
-    flat_t: transposed weight matrices (see transpose_weights) or empty. Returns
-    sum(losses * mask) in float64."""
-    trunk_forward(buf, idx, flat, offs, wpe, n_head)
+    flat_t: transposed weight matrices (see transpose_weights) or empty; flat_h: the weight
+    matrices in bfloat16 (bf16_weights) or empty for float32. Returns sum(losses * mask) in
+    float64."""
+    trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -236,7 +309,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
     grad[offs[1]:offs[1] + wpe.size] = 0.0
     grad[offs[2]:offs[2] + C] = 0.0
     grad[offs[3]:offs[3] + C] = 0.0
-    total = head_loss(buf, targets.reshape(-1), mask, flat, flat_t, offs, True, scale, grad)  # dwte, dlnf
+    total = head_loss(buf, targets.reshape(-1), mask, flat, flat_t, flat_h, offs, True, scale, grad)  # dwte, dlnf
     dwte = _mat(grad, offs[0], V, C)
     buf.dresidual[:] = 0.0
     layernorm_backward(buf.dresidual, _vec(grad, offs[2], C), _vec(grad, offs[3], C), buf.dtmp, buf.residual3[L - 1],
@@ -246,7 +319,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, offs, w
         if Lc < L and l < L - 1:
             # checkpointing: slot 0 holds layer L-1's activations; recompute layer l's from its
             # saved input (its output, residual3[l], is already kept)
-            block_forward(buf, l, x_in, flat, offs, n_head, False)
-        block_backward(buf, l, x_in, flat, flat_t, offs, grad, n_head)
+            block_forward(buf, l, x_in, flat, flat_h, offs, n_head, False)
+        block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
     return total

@@ -195,3 +195,218 @@ def test_bf16_float32_passes_are_bit_identical_with_and_without_mkl():
     assert runs["1"]["loss"] == runs[""]["loss"]
     assert runs["1"]["g"] == runs[""]["g"]
     assert runs["1"]["bf16_error"] < BF16_TOL
+
+
+# ---- the trainer's bfloat16 path ---------------------------------------------------------------
+
+BF16_REASON = blas.bf16_unavailable()
+requires_bf16 = pytest.mark.skipif(BF16_REASON is not None, reason=BF16_REASON or "")
+
+
+def _bf16_bits(x) -> np.ndarray:
+    h = np.zeros(x.shape, np.uint16)
+    bf16.to_bf16(h, np.ascontiguousarray(x, np.float32))
+    return h
+
+
+def test_bf16_linear_products_match_their_rounded_references_and_float32():
+    # the layer's bf16 products against the exact products of the rounded operands (float32
+    # sums only), and against the float32 layer within BF16_TOL (rounding both operands)
+    from cllmd.kernels import linear
+    rng = np.random.default_rng(21)
+    N, K, M = 40, 96, 72
+    inp, w = rng.normal(size=(N, K)).astype(np.float32), rng.normal(size=(K, M)).astype(np.float32)
+    b, res, dout = (rng.normal(size=s).astype(np.float32) for s in (M, (N, M), (N, M)))
+    w_h, w_ht = _bf16_bits(w), _bf16_bits(w.T)
+    none = np.empty((0, 0), np.uint16)
+    out, ref, f32 = (np.full((N, M), np.nan, np.float32) for _ in range(3))
+    linear.linear_forward(out, inp, w, b, res, w_ht, np.zeros((N, K), np.uint16))
+    linear.linear_forward_ref(ref, inp, w, b, res, w_ht, none)
+    linear.linear_forward(f32, inp, w, b, res, none, none)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * np.sqrt(K))
+    assert 1e-4 < np.linalg.norm(out - res - (inp.astype(np.float64) @ w + b)) / np.linalg.norm(f32 - res) < BF16_TOL
+    grads = {}
+    for name, fn, wh in (("bf16", linear.linear_backward, w_h), ("ref", linear.linear_backward_ref, w_h),
+                         ("f32", linear.linear_backward, none)):
+        g = (np.full((N, K), np.nan, np.float32), np.full((K, M), np.nan, np.float32), np.full(M, np.nan, np.float32))
+        fn(*g, dout, inp, w, np.empty((0, 0), np.float32), wh, np.zeros((N, K), np.uint16), np.zeros((N, M), np.uint16))
+        grads[name] = g
+    for got, want, exact in zip(grads["bf16"], grads["ref"], grads["f32"]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.sqrt(max(N, M)))
+        err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+        assert err < BF16_TOL
+    np.testing.assert_array_equal(grads["bf16"][2], grads["f32"][2])  # the bias gradient stays float32
+
+
+def test_bf16_weights_are_each_matrix_rounded_and_transposed():
+    from cllmd.model import Model, ModelConfig
+    m = Model(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=20, block_size=5), seed=3)
+    h = m.bf16_weights()
+    P = m.flat.size
+    for name, shape in m.table:
+        if len(shape) != 2 or name == "wpe":  # the products' weights: the blocks' four, and wte
+            continue
+        at = sum(int(np.prod(s)) for n, s in m.table[:[n for n, _ in m.table].index(name)])
+        n = int(np.prod(shape))
+        np.testing.assert_array_equal(h[at:at + n].reshape(shape), bf16.to_bf16_ref(m.params[name]))
+        np.testing.assert_array_equal(h[P + at:P + at + n].reshape(shape[::-1]), bf16.to_bf16_ref(m.params[name].T))
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b)))
+
+
+# A bf16 pass rounds every product's operands to 8 significant bits (relative 2**-9 each):
+# against the float64 gradients (themselves checked by finite differences in test_model.py)
+# each tensor's gradient is off by about 1e-3 to 1e-2 of its norm. BF16_GRAD_TOL bounds it.
+BF16_GRAD_TOL = 3e-2
+
+
+@requires_bf16
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_bf16_gradients_match_float64_and_finite_differences_within_the_bf16_tolerance(checkpointing):
+    from cllmd.model import Model, ModelConfig
+    cfg = ModelConfig(vocab_size=23, n_layer=2, n_head=2, n_embd=32, block_size=12, clock_positions=True)
+    m64 = Model(cfg, seed=1, dtype=np.float64)
+    m64.flat += np.random.default_rng(1).normal(0.0, 0.05, m64.flat.shape)  # away from the init
+    m32 = Model(cfg, dtype=np.float32, _flat=m64.flat.astype(np.float32))
+    rng = np.random.default_rng(2)
+    idx, targets = rng.integers(0, 23, (3, 12)), rng.integers(0, 23, (3, 12))
+    mask = (rng.random((3, 12)) > 0.2).astype(np.float32)
+    loss64, g64 = m64.loss_and_grads(idx, targets, mask)
+    loss16, g16 = m32.loss_and_grads(idx, targets, mask, checkpointing=checkpointing, bf16=True)
+    _, g32 = m32.loss_and_grads(idx, targets, mask, checkpointing=checkpointing)
+    assert abs(loss16 - loss64) < 1e-2 * loss64
+    worst = {name: _rel(g16[name], g64[name]) for name in g64}
+    assert max(worst.values()) < BF16_GRAD_TOL, worst
+    assert _rel(np.concatenate([g.ravel() for g in g16.values()]),
+                np.concatenate([g.ravel() for g in g32.values()])) > 1e-5  # the products did run in bf16
+    # the directional derivative along random directions, by central differences in float64
+    for seed in range(3):
+        d = {n: np.random.default_rng(10 + seed).normal(size=g.shape) for n, g in g64.items()}
+        eps = 1e-5
+        flat_d = np.concatenate([d[n].ravel() for n, _ in m64.table])
+        m64.flat += eps * flat_d
+        up, _ = m64.loss_and_grads(idx, targets, mask)
+        m64.flat -= 2 * eps * flat_d
+        down, _ = m64.loss_and_grads(idx, targets, mask)
+        m64.flat += eps * flat_d
+        numeric = (up - down) / (2 * eps)
+        analytic = sum(float((g16[n].astype(np.float64) * d[n]).sum()) for n in d)
+        assert abs(analytic - numeric) < BF16_GRAD_TOL * abs(numeric), (seed, analytic, numeric)
+
+
+def _train(threads, precision, steps=4, batch=13, **cfg):
+    from cllmd.model import Model, ModelConfig
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+    rng = np.random.default_rng(0)
+    tokens = (np.arange(6000) % 37 + (rng.random(6000) < 0.1) * rng.integers(0, 3, 6000)) % 40
+    model_cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12)
+    tr = Trainer(Model(model_cfg, seed=0), TokenArraySource(tokens.astype(np.uint16), 0.1),
+                 TrainConfig(batch_size=batch, warmup=2, precision=precision, **cfg), threads=threads)
+    losses = [tr.step()["loss"] for _ in range(steps)]
+    tr.val_loss = tr.evaluate()["val_loss"]
+    tr.close()
+    return tr, losses
+
+
+@requires_bf16
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_bf16_trainer_weights_bit_identical_across_1_2_and_12_threads(checkpointing):
+    results = [_train(threads, "bf16", grad_checkpointing=checkpointing) for threads in (1, 2, 12)]
+    base, losses = results[0]
+    assert base.precision == "bf16" and base.snapshot()["precision"] == "bf16"
+    for tr, ls in results[1:]:
+        assert np.array_equal(tr.model.flat, base.model.flat), f"{tr.pool.size} threads diverged"
+        assert ls == losses
+    f32, f32_losses = _train(1, "float32", grad_checkpointing=checkpointing)
+    assert not np.array_equal(f32.model.flat, base.model.flat)  # bf16 really ran
+    assert max(abs(a - b) for a, b in zip(losses, f32_losses)) < 0.02
+
+
+@requires_bf16
+def test_bf16_trainer_losses_stay_close_to_float32_while_learning():
+    # CI scale of the quality check (docs/benchmarks.md has the 2000-step tinyshakespeare one)
+    results = {p: _train(2, p, steps=60, batch=12, lr=3e-3) for p in ("float32", "bf16")}
+    (f32, lf), (b16, lb) = results["float32"], results["bf16"]
+    assert lf[-1] < lf[0] - 1.0  # it learned
+    assert abs(lb[-1] - lf[-1]) < 0.05, (lf[-1], lb[-1])
+    assert abs(f32.val_loss - b16.val_loss) < 0.05
+
+
+@requires_bf16
+def test_bf16_checkpoint_records_the_precision_and_resumes_bit_for_bit(tmp_path):
+    from cllmd.modelfile import read_model_file
+    from cllmd.trainer import Trainer
+    straight, _ = _train(2, "bf16", steps=6)
+    half, _ = _train(2, "bf16", steps=3)
+    half.save_checkpoint(tmp_path / "ck.cllm")
+    header, _ = read_model_file(tmp_path / "ck.cllm")
+    meta = header["metadata"]["checkpoint"]
+    assert meta["precision"] == "bf16" and meta["train_config"]["precision"] == "bf16"
+    resumed = Trainer.from_checkpoint(tmp_path / "ck.cllm", half.source, threads=1)
+    assert resumed.precision == "bf16"
+    for _ in range(3):
+        resumed.step()
+    resumed.close()
+    assert np.array_equal(resumed.model.flat, straight.model.flat)
+
+
+_TRAIN_SCRIPT = """
+import hashlib, json, sys
+import numpy as np
+sys.path.insert(0, %r)
+from test_bf16 import _train
+out = {}
+for precision in ("float32", "auto"):
+    try:
+        tr, losses = _train(2, precision, steps=3)
+        out[precision] = [tr.precision, hashlib.sha256(tr.model.flat.tobytes()).hexdigest(), losses]
+    except ValueError as e:
+        out[precision] = str(e)
+try:
+    _train(1, "bf16", steps=1)
+    out["bf16"] = "ran"
+except ValueError as e:
+    out["bf16"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@requires_mkl
+def test_bf16_float32_training_is_bit_identical_with_mkl_absent_and_present_but_not_chosen():
+    # float32 chosen (and auto at this small width) with MKL loaded, and with MKL kept out
+    # (CLLMD_NO_MKL): the same weights to the bit. Without MKL, bf16 is refused by name.
+    runs = {}
+    for flag in ("", "1"):
+        env = {**os.environ, "CLLMD_NO_MKL": flag}
+        r = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT % os.path.dirname(__file__)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[flag] = json.loads(r.stdout)
+    with_mkl, without = runs[""], runs["1"]
+    assert with_mkl["float32"] == without["float32"] == with_mkl["auto"] == without["auto"]
+    assert with_mkl["float32"][0] == "float32"
+    assert without["bf16"] == ("train.precision = bf16: bfloat16 products need Intel's MKL, which is not "
+                               "loaded (CLLMD_NO_MKL is set)")
+    if BF16_REASON is None:
+        assert with_mkl["bf16"] == "ran"
+
+
+def test_bf16_precision_auto_chooses_by_machine_and_width():
+    from cllmd.model import Model, ModelConfig
+    from cllmd.trainer import BF16_AUTO_MIN_WIDTH, choose_precision
+    small = Model(ModelConfig(n_embd=32, n_head=2, n_layer=1, block_size=8), seed=0)
+    wide = Model(ModelConfig(n_embd=BF16_AUTO_MIN_WIDTH, n_head=4, n_layer=1, block_size=8), seed=0)
+    assert choose_precision("float32", wide)[0] == "float32"
+    assert choose_precision("auto", small)[0] == "float32"
+    if BF16_REASON is None:
+        assert choose_precision("auto", wide)[0] == "bf16"
+        assert choose_precision("bf16", small)[0] == "bf16"
+    else:
+        assert choose_precision("auto", wide) == ("float32", f"auto: {BF16_REASON}")
+        with pytest.raises(ValueError, match="train.precision = bf16: "):
+            choose_precision("bf16", wide)
+    with pytest.raises(ValueError, match="train.precision must be"):
+        choose_precision("fp8", wide)

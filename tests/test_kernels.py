@@ -224,6 +224,9 @@ def test_kernels_gemm_and_naive_gemm_match_numpy_for_every_transpose_and_stride(
                     np.testing.assert_allclose(n, r, **TOL[dtype])
 
 
+NO_BF16 = np.empty((0, 0), np.uint16)  # "no bfloat16 operand": the float32 products
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_linear_matches_reference(dtype):
     rng = np.random.default_rng(11)
@@ -231,8 +234,8 @@ def test_kernels_linear_matches_reference(dtype):
     inp, w, b, res = rand(rng, (N, K), dtype), rand(rng, (K, M), dtype), rand(rng, M, dtype), rand(rng, (N, M), dtype)
     for residual in (res, np.empty((0, M), dtype)):
         a, r = np.full((N, M), np.nan, dtype), np.full((N, M), np.nan, dtype)
-        linear.linear_forward(a, inp, w, b, residual)
-        linear.linear_forward_ref(r, inp, w, b, residual)
+        linear.linear_forward(a, inp, w, b, residual, NO_BF16, NO_BF16)
+        linear.linear_forward_ref(r, inp, w, b, residual, NO_BF16, NO_BF16)
         np.testing.assert_allclose(a, r, **TOL[dtype])
     dout = rand(rng, (N, M), dtype)
     w_t = np.empty((M, K), dtype)
@@ -242,7 +245,7 @@ def test_kernels_linear_matches_reference(dtype):
     for bwd, weight_t in ((linear.linear_backward, np.empty((0, 0), dtype)), (linear.linear_backward, w_t),
                           (linear.linear_backward_ref, np.empty((0, 0), dtype))):
         dinp, dw, db = np.full((N, K), np.nan, dtype), np.full((K, M), np.nan, dtype), np.full(M, np.nan, dtype)
-        bwd(dinp, dw, db, dout, inp, w, weight_t)
+        bwd(dinp, dw, db, dout, inp, w, weight_t, NO_BF16, NO_BF16, NO_BF16)
         results.append((dinp, dw, db))
     for got in results[:2]:
         for x, y in zip(got, results[2]):
@@ -360,7 +363,7 @@ def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(
         assert ws.logits.shape == (head_rows or B * T, cfg.vocab_size)
         ws.grad_flat[:] = np.nan  # every gradient must be written
         total = transformer.model_forward_backward(ws.buffers, idx, targets, mask, 0.25, m.flat, weights_t,
-                                                   m.offsets, wpe, cfg.n_head, ws.grad_flat)
+                                                   NO_BF16.reshape(0), m.offsets, wpe, cfg.n_head, ws.grad_flat)
         outs.append((total, ws.losses.copy(), ws.residual3.copy(), ws.grad_flat.copy()))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-6)
     assert not np.isnan(outs[0][3]).any()
@@ -377,8 +380,8 @@ def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(
     assert float((losses.astype(np.float64) * mask).sum()) == pytest.approx(outs[0][0], rel=tol["rtol"])
     # forward and loss only: the same total
     ws = Workspace(cfg, B, T, dtype)
-    total = transformer.model_forward_loss(ws.buffers, idx, targets, mask, m.flat, m.flat[:0], m.offsets, wpe,
-                                           cfg.n_head)
+    total = transformer.model_forward_loss(ws.buffers, idx, targets, mask, m.flat, m.flat[:0], NO_BF16.reshape(0),
+                                           m.offsets, wpe, cfg.n_head)
     assert total == pytest.approx(outs[0][0], rel=tol["rtol"])
 
 
