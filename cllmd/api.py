@@ -89,12 +89,14 @@ class Api:
 
     def register(self, server) -> None:
         quick = ["status", "stats", "train.start", "train.stop", "train.pause",
-                 "train.resume", "train.status", "train.config.get", "train.config.set", "queue.list",
+                 "train.resume", "train.status", "train.config.get", "queue.list",
                  "queue.retry", "model.info", "models.list", "model.show", "shutdown"]
         for op in quick:
             server.register(op, self._handler(op))
         server.add_pool("control", workers=1, max_pending=32)  # generations never starve these
-        for op in ("queue.add", "model.save", "checkpoint", "model.create", "model.rm", "model.use"):
+        # each writes a file durably (fsync): never on the socket thread
+        for op in ("queue.add", "train.config.set", "model.save", "checkpoint", "model.create", "model.rm",
+                   "model.use"):
             server.register(op, self._handler(op), blocking=True, pool="control")
         # a 16 MiB text takes seconds to tokenize: never on the socket thread, one at a time
         server.add_pool("tokens", workers=1, max_pending=4)
