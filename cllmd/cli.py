@@ -557,8 +557,15 @@ def _start_mpi(argv: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     code = _start_mpi(argv)
-    if code is not None:
-        return code
+    if code is None:
+        code = _run(argv)
+    dist = sys.modules.get("cllmd.distributed")
+    if dist is not None and dist.started():
+        dist.finish(code)  # under mpirun: rank 0 stops the workers; MPI_Finalize, bounded
+    return code
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] == "serve" or (argv[0].startswith("--") and argv[0] not in ("--help", "--version")):
         from cllmd.daemon import serve
         return serve(argv[1:] if argv and argv[0] == "serve" else argv)

@@ -37,6 +37,7 @@ CHUNK = 1 << 20                 # elements per message of a gradient or weights 
 HEARTBEAT_SECONDS = 0.5         # every rank tells its peers it is alive this often
 TIMEOUT_ENV = "CLLMD_MPI_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0          # seconds without a heartbeat after which a rank is lost
+FINALIZE_SECONDS = 10.0         # MPI_Finalize gets this long at exit (World.finalize)
 
 # message tags; the per-attempt ones are offset by the epoch, which changes whenever a rank is
 # lost, so a message of an abandoned attempt can never be matched by a later one
@@ -99,7 +100,9 @@ class World:
         self._peers = [0] if self.rank else list(range(1, self.size))
         self._seen = {p: now for p in self._peers}
         self._lost: dict[int, str] = {}
-        self.loss_seen = False     # some rank of the job was lost (a worker learns it from an abort)
+        self._failed: set[int] = set()
+        self.loss_seen = False     # some rank of the job failed (a worker learns it from an abort);
+                                   # one that said goodbye left in order and does not count
         self._stop = threading.Event()
         self._beat = np.zeros(1, dtype=np.int64)
         self._thread = threading.Thread(target=self._heartbeats, name="mpi-heartbeat", daemon=True)
@@ -107,14 +110,21 @@ class World:
 
     # ---- liveness --------------------------------------------------------------------------
 
-    def lose(self, rank: int, reason: str) -> bool:
-        """Marks rank lost; True if it was not already."""
+    def lose(self, rank: int, reason: str, failed: bool = True) -> bool:
+        """Marks rank lost; True if it was not already. failed: it died or went silent (False:
+        it said goodbye)."""
         with self._lock:
             if rank in self._lost or rank not in self._seen:
                 return False
             self._lost[rank] = reason
-            self.loss_seen = True
-        return True
+            if failed:
+                self._failed.add(rank)
+                self.loss_seen = True
+            return True
+
+    def failed(self, rank: int) -> bool:
+        with self._lock:
+            return rank in self._failed
 
     def lost(self, rank: int) -> str | None:
         with self._lock:
@@ -151,7 +161,7 @@ class World:
             for p, (beat, bye) in list(recvs.items()):
                 try:
                     if bye.Test():
-                        self.lose(p, "it left (said goodbye)")
+                        self.lose(p, "it left (said goodbye)", failed=False)
                         del recvs[p]
                         continue
                     while beat.Test():
@@ -233,23 +243,36 @@ class World:
         self._stop.set()
         self._thread.join(timeout=2.0)
 
-    def finalize(self) -> None:
-        """MPI_Finalize at exit, unless a rank was lost. Open MPI's Finalize ends in a fence
-        over every rank of the job, the lost one included, and was seen never to return after
-        a worker had been frozen; so a rank that saw a loss exits without it (with
-        --with-ft ulfm, mpirun still exits 0 once rank 0 has)."""
+    def finalize(self, code: int) -> None:
+        """MPI_Finalize, bounded. Open MPI's Finalize ends in a fence over every rank of the
+        job: after a rank had failed it was caught (in gdb) never returning, about one run in
+        six, leaving mpirun waiting on the survivors. So a rank that saw a failure exits
+        without it, and any other gives it FINALIZE_SECONDS before exiting with code anyway
+        (mpirun --with-ft ulfm then exits once rank 0 has)."""
         if self.MPI.Is_finalized():
             return
-        if self.loss_seen:
-            log.warning("a rank was lost: exiting without MPI_Finalize, which would wait for it")
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            return
         self.close()
-        self.MPI.Finalize()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if self.loss_seen:
+            log.warning("a rank failed: exiting without MPI_Finalize, which would wait for it")
+            return
+        returned = threading.Event()
+
+        def guard():
+            if not returned.wait(FINALIZE_SECONDS):
+                log.error("MPI_Finalize did not return within %.0f s: exiting without it", FINALIZE_SECONDS)
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                os._exit(code)
+
+        threading.Thread(target=guard, name="mpi-finalize-guard", daemon=True).start()
+        self.MPI.Finalize()  # mpi4py releases the GIL here, so the guard can run
+        returned.set()
 
 
 _world: World | None = None
+_finished = False
 
 
 def world() -> World:
@@ -257,7 +280,6 @@ def world() -> World:
     global _world
     if _world is None:
         _world = World()
-        atexit.register(_world.finalize)  # registered first, so it runs after stop_workers
     return _world
 
 
@@ -423,8 +445,10 @@ class DistributedTrainer(Trainer):
         self.world.lose(e.rank, e.reason)
         self.epoch += 1
         survivors = self.world.alive_workers()
+        failed = self.world.failed(e.rank)  # or it said goodbye
         for w in survivors:
-            self._abandoned.append(self.world.send_object({"op": "abort", "epoch": self.epoch}, w, TAG_CONTROL))
+            self._abandoned.append(self.world.send_object({"op": "abort", "epoch": self.epoch, "failed": failed},
+                                                          w, TAG_CONTROL))
         self.placement = placement(survivors)
         self._place()
         self._workers_version = -1  # a worker may have missed the last weights
@@ -592,7 +616,7 @@ class Worker:
                 if op == "setup":
                     self._setup(msg)
                 elif op == "abort":
-                    w.loss_seen = True
+                    w.loss_seen = w.loss_seen or msg.get("failed", True)
                     self.epoch = msg["epoch"]
                     self._abandon()
                 elif op == "stop":
@@ -629,7 +653,7 @@ class Worker:
         if msg is None:
             return
         if msg.get("op") == "abort":
-            self.world.loss_seen = True
+            self.world.loss_seen = self.world.loss_seen or msg.get("failed", True)
             self.epoch = msg["epoch"]
             self._abandon()
             raise StepAborted()
@@ -725,22 +749,34 @@ def run_worker(threads: int | None = None) -> int:
 
 
 def stop_workers() -> None:
-    """Rank 0 on the way out: every alive worker ends (a worker also ends by itself once rank
-    0's heartbeats stop)."""
+    """Rank 0 on the way out: tells every alive worker to end, and keeps its heartbeats going
+    until each has said goodbye (or is lost), so that no worker, slow to read the stop on a
+    loaded machine, takes rank 0's silence for a failure."""
     w = _world
     if w is None or w.rank != 0:
         return
-    reqs = [(w.send_object({"op": "stop"}, r, TAG_CONTROL), r) for r in w.alive_workers()]
-    deadline = time.monotonic() + 2.0
-    for req, _ in reqs:
-        while time.monotonic() < deadline and not w._test(req):
-            time.sleep(0.005)
-    w.close()
+    for r in w.alive_workers():
+        w.send_object({"op": "stop"}, r, TAG_CONTROL)
+    deadline = time.monotonic() + w.timeout + 1.0
+    while w.alive_workers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if w.alive_workers():
+        log.warning("ranks %s did not say goodbye within %.0f s", w.alive_workers(), w.timeout + 1.0)
+
+
+def finish(code: int) -> None:
+    """The end of a rank's life under mpirun: rank 0 stops the workers, then MPI_Finalize
+    (bounded). Called by the command line with its exit code, and at exit (idempotent)."""
+    global _finished
+    if _world is None or _finished:
+        return
+    _finished = True
+    stop_workers()
+    _world.finalize(code)
 
 
 def start() -> None:
     """Called first thing under mpirun on every rank: MPI up and heartbeats going, so the
     workers see rank 0 alive while it prepares (tokenizing a corpus can take a while)."""
-    w = world()
-    if w.rank == 0:
-        atexit.register(stop_workers)
+    world()
+    atexit.register(finish, 1)  # a path that never reached the command line's own finish()
