@@ -15,7 +15,7 @@ rows of one sequence) goes through MKL's gemm_bf16 instead (cllmd.generate; AMX 
 has it). LLVM does not vectorize the scalar loop (measured: ~1 GMAC/s), so a block of COLUMNS
 columns is written as LLVM vector IR: for each k, load 8 x 16 bfloat16 (256 contiguous bytes),
 widen (zero-extend, shift by 16, bitcast), multiply by the broadcast activation, add to 8
-registers of float32 accumulators.
+registers of float32 accumulators; rows go two at a time, each weight vector widened once for both.
 """
 import numpy as np
 from llvmlite import ir
@@ -31,38 +31,54 @@ STRIPS = 8     # registers of accumulators: each weight row's 256 contiguous byt
 COLUMNS = LANES * STRIPS
 
 
-@intrinsic
-def _block(typingctx, out, out_at, x, x_at, w, w_at, K):
-    """out[out_at:+COLUMNS] += sum_k x[x_at + k] * w[w_at + k COLUMNS : +COLUMNS] (flat arrays)."""
-    sig = types.void(out, out_at, x, x_at, w, w_at, K)
-
+def _rows_codegen(R):
+    """LLVM IR for R rows at once (rows r at out_at + r Mp, x_at + r K): each weight vector is
+    loaded and widened once for the R rows; every element is still its own in-order sum."""
     def codegen(context, builder, signature, args):
-        out_, out_at_, x_, x_at_, w_, w_at_, K_ = args
+        out_, out_at_, Mp_, x_, x_at_, w_, w_at_, K_ = args
         ty = signature.args
         i32, f32 = ir.IntType(32), ir.FloatType()
         vf, vi, vh = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(ir.IntType(16), LANES)
-        po = builder.bitcast(_data_ptr(context, builder, ty[0], out_, out_at_), vf.as_pointer())
-        px = _data_ptr(context, builder, ty[2], x_, x_at_)
-        pw = _data_ptr(context, builder, ty[4], w_, w_at_)
-        accs = [cgutils.alloca_once_value(builder, builder.load(builder.gep(po, [ir.Constant(i32, j)]), align=4))
-                for j in range(STRIPS)]
+        pos = [builder.bitcast(_data_ptr(context, builder, ty[0], out_, builder.add(out_at_, builder.mul(Mp_, ir.Constant(Mp_.type, r)))),
+                               vf.as_pointer()) for r in range(R)]
+        pxs = [_data_ptr(context, builder, ty[3], x_, builder.add(x_at_, builder.mul(K_, ir.Constant(K_.type, r))))
+               for r in range(R)]
+        pw = _data_ptr(context, builder, ty[5], w_, w_at_)
+        accs = [[cgutils.alloca_once_value(builder, builder.load(builder.gep(po, [ir.Constant(i32, j)]), align=4))
+                 for j in range(STRIPS)] for po in pos]
         sixteen = ir.Constant(vi, [16] * LANES)
         zeros = ir.Constant(vi, [0] * LANES)
         with cgutils.for_range(builder, K_) as loop:
             k = loop.index
-            xk = builder.load(builder.gep(px, [k]))
-            xb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xk, ir.Constant(i32, 0)),
-                                        ir.Constant(vf, ir.Undefined), zeros)
+            xbs = []
+            for px in pxs:
+                xk = builder.load(builder.gep(px, [k]))
+                xbs.append(builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xk, ir.Constant(i32, 0)),
+                                                  ir.Constant(vf, ir.Undefined), zeros))
             row = builder.bitcast(builder.gep(pw, [builder.mul(k, ir.Constant(k.type, COLUMNS))]), vh.as_pointer())
-            for j, acc in enumerate(accs):
+            for j in range(STRIPS):
                 wv = builder.load(builder.gep(row, [ir.Constant(i32, j)]), align=2)
                 wf = builder.bitcast(builder.shl(builder.zext(wv, vi), sixteen), vf)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(xb, wf)), acc)
-        for j, acc in enumerate(accs):
-            builder.store(builder.load(acc), builder.gep(po, [ir.Constant(i32, j)]), align=4)
+                for xb, racc in zip(xbs, accs):
+                    builder.store(builder.fadd(builder.load(racc[j]), builder.fmul(xb, wf)), racc[j])
+        for po, racc in zip(pos, accs):
+            for j, acc in enumerate(racc):
+                builder.store(builder.load(acc), builder.gep(po, [ir.Constant(i32, j)]), align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _block(typingctx, out, out_at, Mp, x, x_at, w, w_at, K):
+    """out[out_at:+COLUMNS] += sum_k x[x_at + k] * w[w_at + k COLUMNS : +COLUMNS] (flat arrays)."""
+    return types.void(out, out_at, Mp, x, x_at, w, w_at, K), _rows_codegen(1)
+
+
+@intrinsic
+def _block2(typingctx, out, out_at, Mp, x, x_at, w, w_at, K):
+    """_block for two rows at once: out_at and out_at + Mp, x_at and x_at + K."""
+    return types.void(out, out_at, Mp, x, x_at, w, w_at, K), _rows_codegen(2)
 
 
 def _blocks(out, x, w, bias, s):
@@ -72,7 +88,10 @@ def _blocks(out, x, w, bias, s):
     for n in range(N):
         for j in range(COLUMNS):
             out[n, s * COLUMNS + j] = bias[s * COLUMNS + j]
-        _block(fo, n * Mp + s * COLUMNS, fx, n * K, fw, s * K * COLUMNS, K)
+    for n in range(0, N - 1, 2):
+        _block2(fo, n * Mp + s * COLUMNS, Mp, fx, n * K, fw, s * K * COLUMNS, K)
+    if N % 2:
+        _block(fo, (N - 1) * Mp + s * COLUMNS, Mp, fx, (N - 1) * K, fw, s * K * COLUMNS, K)
 
 
 _blocks_inline = inline(_blocks)
