@@ -52,8 +52,9 @@ _FORMAT_NOTES = {
 
 
 # HTML, XML, JSON, JSON Lines, CSV and TSV are parsed whole, so they may weigh this much at most
-# (decompressed): a 32 MiB CSV, the worst, peaked at ~420 MiB beyond the daemon's own size, 64 MiB
-# ones at 841 MiB (CSV) and 717 MiB (XML). Plain text streams up to the queue's size limit.
+# (decompressed): a 32 MiB CSV, the worst, takes 453 MiB beyond the process's own size, 64 MiB
+# ones 905 MiB (CSV) and 769 MiB (XML) (benchmarks/bench_preprocess_memory.py). Plain text
+# streams up to the queue's size limit.
 WHOLE_DOCUMENT_MAX_BYTES = 32 * 2**20
 
 

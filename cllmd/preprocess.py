@@ -9,7 +9,7 @@ Memory is bounded by the file's format: plain text is streamed in pieces of at m
 PIECE_CHARS characters (two passes over the file: the first checks it and hashes its text, the
 second hands the pieces to the tokenizer), whatever its size. HTML, XML, JSON, JSON Lines, CSV
 and TSV are parsed whole, so they are held to cllm.layout.WHOLE_DOCUMENT_MAX_BYTES (a parse
-needs up to 13x its file size).
+needs up to 14x its file size: benchmarks/bench_preprocess_memory.py).
 """
 
 from __future__ import annotations
