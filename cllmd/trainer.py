@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "cllmd-checkpoint"
 # tokens per sphere up to which the spheres use a transposed copy of the weights (see Trainer)
 TRANSPOSED_MAX_TOKENS = 128
-# train.precision = auto takes bf16 from this model width up (below, the products are too
-# small for bfloat16 to outrun float32: see choose_precision)
+# train.precision = auto takes bf16 from this model width up. Measured (docs/benchmarks.md,
+# "The trainer in bfloat16"): 1.8x float32 at width 768, but only 1.09x at the baby shape
+# (width 128), where the products are small and the float32 parts dominate; there float32
+# keeps the bits of earlier runs for so little.
 BF16_AUTO_MIN_WIDTH = 256
 
 
@@ -64,7 +66,7 @@ def choose_precision(requested: str, model: Model) -> tuple[str, str]:
     if why_not is not None:
         return "float32", f"auto: {why_not}"
     if model.cfg.n_embd < BF16_AUTO_MIN_WIDTH:
-        return "float32", f"auto: width {model.cfg.n_embd} < {BF16_AUTO_MIN_WIDTH}, where bf16 measured no faster"
+        return "float32", f"auto: width {model.cfg.n_embd} < {BF16_AUTO_MIN_WIDTH}, where bf16 gains little"
     return "bf16", "auto: MKL and the CPU's " + " and ".join(bf16_cpu_features())
 
 
