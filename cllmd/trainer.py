@@ -42,9 +42,9 @@ CHECKPOINT_KIND = "cllmd-checkpoint"
 # tokens per sphere up to which the spheres use a transposed copy of the weights (see Trainer)
 TRANSPOSED_MAX_TOKENS = 128
 # train.precision = auto takes bf16 from this model width up. Measured (docs/benchmarks.md,
-# "The trainer in bfloat16"): 1.8x float32 at width 768, but only 1.09x at the baby shape
-# (width 128), where the products are small and the float32 parts dominate; there float32
-# keeps the bits of earlier runs for so little.
+# "The trainer in bfloat16"): 1.8x float32 at width 768, 1.09x to 1.39x at the baby shape
+# (width 128, loaded machine), where the products are small; below it float32 keeps the
+# bits of earlier runs until a quiet side-by-side run says bf16 is worth it there too.
 BF16_AUTO_MIN_WIDTH = 256
 
 
