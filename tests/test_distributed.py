@@ -74,6 +74,20 @@ def train(cmd_prefix: list[str], corpus: Path, out: Path, *extra, timeout=240) -
 PLAIN = [sys.executable, "-m", "cllmd.cli"]
 
 
+def kill_ranks(proc: subprocess.Popen) -> None:
+    """SIGKILL for every rank of a job still running: killing mpirun alone leaves them behind."""
+    import psutil
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for r in ranks:
+        try:
+            r.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_distributed_placement_is_contiguous_with_rank0_last():
     assert placement([]) == [0] * NUM_SPHERES
     assert placement([1]) == [1] * 6 + [0] * 6
@@ -164,6 +178,7 @@ def test_distributed_lost_worker_does_not_hang_rank0(corpus, tmp_path, how):
             stdout = out_path.read_text()
         finally:
             if proc.poll() is None:
+                kill_ranks(proc)
                 proc.kill()
                 proc.wait()
     log = log_path.read_text()
@@ -191,6 +206,8 @@ def test_distributed_serve_shows_which_rank_runs_which_sphere(tmp_path):
         os.kill(d.client.request("status")["daemon"]["pid"], signal.SIGTERM)
         assert d.proc.wait(60) == 0, d.output()[-3000:]
     finally:
+        if d.proc.poll() is None:
+            kill_ranks(d.proc)
         d.stop(signal.SIGKILL, timeout=60)
     log = d.output()
     assert "checkpoint at step" in log and "stopped" in log, log[-3000:]
