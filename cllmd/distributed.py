@@ -393,8 +393,6 @@ class DistributedTrainer(Trainer):
     Evaluation (forward only) stays on rank 0's threads. A lost rank's spheres move to the
     survivors (rank 0 alone in the end) and the micro-step is redone on the same batch."""
 
-    bf16_capable = False  # the worker ranks run float32 products (train.precision auto: float32)
-
     def __init__(self, model, source, config, threads: int | None = None, world_: World | None = None):
         super().__init__(model, source, config, threads)
         self.world = world_ or world()
@@ -418,7 +416,8 @@ class DistributedTrainer(Trainer):
             s.rank = self.placement[s.id - 1]
 
     def _setup(self, workers: list[int]) -> None:
-        msg = {"op": "setup", "config": self.model.cfg.to_dict(), "dtype": self.model.dtype.str}
+        msg = {"op": "setup", "config": self.model.cfg.to_dict(), "dtype": self.model.dtype.str,
+               "bf16": self.precision == "bf16"}
         for w in workers:
             if w not in self._setup_sent:
                 self.world.wait(self.world.send_object(msg, w, TAG_CONTROL), w)
@@ -588,7 +587,16 @@ class Worker:
         self.model = Model(cfg, seed=0, dtype=np.dtype(msg["dtype"]))
         self.weights_t = None      # transposed weights, when rank 0's spheres use them (the same choice)
         self._transposed_fresh = False
-        self.workspaces = ThreadWorkspaces(self.model)
+        # precision bf16: the weights in bfloat16, made here from the weights received, as
+        # node zero makes its own (Model.bf16_weights: the same rounding, so the same bits)
+        self.bf16 = bool(msg.get("bf16"))
+        if self.bf16:
+            from cllmd.kernels.blas import bf16_unavailable
+            problem = bf16_unavailable()
+            if problem:
+                raise RuntimeError(f"rank 0 trains in bf16, but on this rank {problem}")
+        self.weights_h = np.zeros(2 * self.model.flat.size, dtype=np.uint16) if self.bf16 else None
+        self.workspaces = ThreadWorkspaces(self.model, bf16=self.bf16)
         self.spheres = {}
         self.gradsum = ChainedGradientSum(self.world, self.model.flat.size, self.model.dtype, rows=self.pool.size)
         log.info("pid %d: sphere worker for a model of %d parameters, %d thread(s)", os.getpid(),
@@ -614,7 +622,11 @@ class Worker:
                 delay = 1e-4
                 op = msg.get("op")
                 if op == "setup":
-                    self._setup(msg)
+                    try:
+                        self._setup(msg)
+                    except RuntimeError as e:
+                        log.error("%s: leaving the job (rank 0 moves this rank's spheres)", e)
+                        return 1
                 elif op == "abort":
                     w.loss_seen = w.loss_seen or msg.get("failed", True)
                     self.epoch = msg["epoch"]
@@ -676,6 +688,9 @@ class Worker:
                 if msg["weights_to"] is not None:
                     self._relay.append((w.isend(flat[a:b], msg["weights_to"], t_weights), msg["weights_to"]))
             self._transposed_fresh = False
+            if self.bf16:
+                self.pool.run([lambda part=part: self.model.bf16_weights(self.weights_h, (part,))
+                               for part in range(self.model.cfg.n_layer + 1)])
         if not msg["transposed"]:
             self.weights_t = None
         elif self.weights_t is None or not self._transposed_fresh:
@@ -693,7 +708,7 @@ class Worker:
             if s is None:
                 s = self.spheres[sid] = Sphere(sid, self.model)
                 s.rank = w.rank
-            s.weights_t = self.weights_t
+            s.weights_t, s.weights_h = self.weights_t, self.weights_h
             s.idx, s.targets = np.ascontiguousarray(xs), np.ascontiguousarray(ys)
             s.mask = None if ms is None else np.ascontiguousarray(ms)
             spheres.append(s)

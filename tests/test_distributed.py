@@ -36,6 +36,11 @@ def _mpi_missing() -> str | None:
     return None
 
 
+def _bf16_missing() -> str | None:
+    from cllmd.kernels.blas import bf16_unavailable
+    return bf16_unavailable()
+
+
 needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 
 # as root, oversubscribed, TCP over loopback only; ULFM so a dead rank is an error, not the job's end
@@ -126,7 +131,10 @@ def test_distributed_plain_train_does_not_import_mpi4py(corpus, tmp_path):
     ["--steps", "3", "--batch-size", "5", "--accum-steps", "2"],
     # a step message above 32 KiB (mpi4py's irecv buffer): rows go by matched probe, any size
     ["--steps", "2", "--batch-size", "96", "--block-size", "48"],
-], ids=["batch12", "batch5-accum2", "big-rows"])
+    # bfloat16 products: each worker rounds the weights it receives as node zero does
+    pytest.param(["--steps", "4", "--batch-size", "12", "--precision", "bf16"], marks=pytest.mark.skipif(
+        _bf16_missing() is not None, reason=str(_bf16_missing()))),
+], ids=["batch12", "batch5-accum2", "big-rows", "bf16"])
 def test_distributed_weights_bit_identical_to_one_process(corpus, tmp_path, extra):
     train(PLAIN, corpus, tmp_path / "plain.cllm", "--threads", "2", *extra)
     expected = weights_sha256(tmp_path / "plain.cllm")
