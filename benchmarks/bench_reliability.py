@@ -23,7 +23,6 @@ exactly once (files lost / stored twice), the model, the checkpoint and the stor
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import json
 import multiprocessing
@@ -44,7 +43,7 @@ import zmq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.daemonproc import Daemon, drop, wait_for  # noqa: E402
+from tests.daemonproc import Daemon, NotifyListener, drop, wait_for  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch from old oak "
          "trees and count every star above the quiet sleeping town").split()
@@ -88,40 +87,6 @@ class RssSampler:
         self._stop.set()
 
 
-class WatchdogListener:
-    """systemd's notification socket, as the daemon sees it: the times of WATCHDOG=1 pings."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.pings: list[float] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if b"WATCHDOG=1" in data.split(b"\n"):
-                self.pings.append(time.monotonic())
-
-    def longest_gap(self, start: float, end: float) -> float:
-        """The longest time without a ping between `start` and `end` (monotonic seconds)."""
-        inside = self.pings[bisect.bisect_left(self.pings, start):bisect.bisect_right(self.pings, end)]
-        marks = [start, *inside, end]
-        return max(b - a for a, b in zip(marks, marks[1:]))
-
-    def close(self):
-        self._stop.set()
-        self.sock.close()
-
-
 def vm_hwm(pid: int, reset: bool = False) -> int:
     """Peak RSS of `pid` in bytes (VmHWM); with `reset`, first set it to the current RSS."""
     if reset:
@@ -145,7 +110,7 @@ def write_big(path: Path, rng: random.Random, big_mb: int) -> None:
     os.rename(part, path)
 
 
-def big_file_alone(d: Daemon, watchdog: WatchdogListener, rng: random.Random, big_mb: int,
+def big_file_alone(d: Daemon, watchdog: NotifyListener, rng: random.Random, big_mb: int,
                    idle: int) -> tuple[dict, tuple[str, str]]:
     inc = d.state / "queue" / "incoming"
     base = vm_hwm(d.proc.pid, reset=True)
@@ -418,7 +383,7 @@ def main() -> None:
     a = p.parse_args()
     rng = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="cllmd-rel-", dir="/tmp"))
-    watchdog = WatchdogListener(root / "notify.sock")
+    watchdog = NotifyListener(root / "notify.sock")
     d = Daemon(root, "--train-batch-size", "4", "--train-checkpoint-interval-steps", "50",
                "--queue-max-file-bytes", str(max(64, a.big_mb + 1) * 2**20),
                env={"NOTIFY_SOCKET": str(watchdog.path), "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""})
@@ -432,7 +397,7 @@ def main() -> None:
             d.proc.wait()
 
 
-def run(d: Daemon, a, rng: random.Random, watchdog: WatchdogListener) -> None:
+def run(d: Daemon, a, rng: random.Random, watchdog: NotifyListener) -> None:
     rss = RssSampler()
     rss.watch(d.proc.pid)
     time.sleep(2)

@@ -1,6 +1,7 @@
 """A real cllmd daemon as a subprocess on temporary directories, for tests of any client."""
 from __future__ import annotations
 
+import bisect
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ class NotifyListener:
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self.pings: list[float] = []  # when each WATCHDOG=1 arrived (monotonic seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -58,7 +60,16 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            self.messages.extend(data.decode().splitlines())
+            lines = data.decode().splitlines()
+            if "WATCHDOG=1" in lines:
+                self.pings.append(time.monotonic())
+            self.messages.extend(lines)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time without a watchdog ping between `start` and `end` (monotonic seconds)."""
+        inside = self.pings[bisect.bisect_left(self.pings, start):bisect.bisect_right(self.pings, end)]
+        marks = [start, *inside, end]
+        return max(b - a for a, b in zip(marks, marks[1:]))
 
     def close(self):
         self._stop.set()
