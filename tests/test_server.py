@@ -13,6 +13,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from cllmd.generate import SamplingOptions
 from cllmd.protocol import NOT_FOUND, ProtocolError, decode, encode, make_request
 from cllmd.server import Server
 
@@ -66,10 +67,11 @@ class Harness:
     def generate(self, req, ctx):
         """Numbers as text until max_tokens or cancellation; prompts pick special behaviours."""
         prompt, n = req.args["prompt"], 0
+        limit = SamplingOptions.from_args(req.args).max_tokens  # nil: the default, as the daemon does
         if prompt == "hold":
             self.started.set()
             self.release.wait(10)
-        while n < req.args["max_tokens"] and not ctx.cancelled.is_set():
+        while n < limit and not ctx.cancelled.is_set():
             if prompt == "fail" and n == 1:
                 raise ValueError("broken after one token")
             yield ("x" * 4096) if prompt == "flood" else {"text": str(n), "n": n}
