@@ -637,7 +637,7 @@ class Worker:
                     try:
                         self._step(msg)
                     except StepAborted:
-                        pass
+                        pass  # rank 0 gave the attempt up: its next message says what comes next
                     except RankLost as e:
                         if e.rank == 0:
                             raise

@@ -13,6 +13,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import inline_kernel, kernel
+from .vecmath import f32_from_bits
 
 
 @intrinsic
@@ -21,14 +22,6 @@ def _f32_bits(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, u):
-    """The float32 whose bits are the uint32 u."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
 
 
 @inline_kernel
@@ -47,7 +40,7 @@ def bf16_of(x):
 @inline_kernel
 def f32_of(h):
     """bfloat16 bits h -> the float32 it denotes (exact)."""
-    return _bits_f32(np.uint32(h) << np.uint32(16))
+    return f32_from_bits(np.int32(np.uint32(h) << np.uint32(16)))
 
 
 @kernel

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from numba import carray, cfunc, types
 
-from ._jit import kernel
+from ._jit import inline_kernel, kernel
 from .bf16 import from_bf16
 
 log = logging.getLogger(__name__)
@@ -74,23 +74,30 @@ _sgemm = types.ExternalFunction(_ALIASES["s"], _SIG["s"])
 _dgemm = types.ExternalFunction(_ALIASES["d"], _SIG["d"])
 
 
+@inline_kernel
+def _cblas_dims(trans_a, trans_b, a, b, c):
+    """(M, N, K, CBLAS transposes of a and b, lda, ldb, ldc) of c = op(a) op(b), row-major:
+    each leading dimension in its own array's elements (a single row may report any stride)."""
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    ta = TRANS if trans_a else NO_TRANS
+    tb = TRANS if trans_b else NO_TRANS
+    lda = max(a.strides[0] // a.itemsize, a.shape[1], 1)
+    ldb = max(b.strides[0] // b.itemsize, b.shape[1], 1)
+    ldc = max(c.strides[0] // c.itemsize, c.shape[1], 1)
+    return M, N, K, ta, tb, lda, ldb, ldc
+
+
 @kernel
 def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c = alpha op(a) op(b) + beta c, op(x) = x.T when trans_x; 2-D arrays with unit column stride.
 
     Shapes: op(a) [M, K], op(b) [K, N], c [M, N]; a, b, c may be strided views (row stride >= cols).
     """
-    M, N = c.shape
-    K = a.shape[0] if trans_a else a.shape[1]
+    M, N, K, ta, tb, lda, ldb, ldc = _cblas_dims(trans_a, trans_b, a, b, c)
     if M == 0 or N == 0:
         return
-    isz = c.itemsize
-    ta = TRANS if trans_a else NO_TRANS
-    tb = TRANS if trans_b else NO_TRANS
-    lda = max(a.strides[0] // isz, a.shape[1], 1)  # a single row may report any stride
-    ldb = max(b.strides[0] // isz, b.shape[1], 1)
-    ldc = max(c.strides[0] // isz, c.shape[1], 1)
-    if isz == 4:
+    if c.itemsize == 4:
         _sgemm(ROW_MAJOR, ta, tb, M, N, K, np.float32(alpha), a.ctypes, lda, b.ctypes, ldb,
                np.float32(beta), c.ctypes, ldc)
     else:
@@ -308,15 +315,9 @@ def _mkl_self_test(found) -> bool:
 def gemm_bf16(trans_a, trans_b, alpha, a, b, beta, c):
     """c = alpha op(a) op(b) + beta c: a, b bfloat16 bits (uint16, cllmd.kernels.bf16), c float32,
     every product accumulated in float32. Same shapes and strides as gemm."""
-    M, N = c.shape
-    K = a.shape[0] if trans_a else a.shape[1]
+    M, N, K, ta, tb, lda, ldb, ldc = _cblas_dims(trans_a, trans_b, a, b, c)
     if M == 0 or N == 0:
         return
-    ta = TRANS if trans_a else NO_TRANS
-    tb = TRANS if trans_b else NO_TRANS
-    lda = max(a.strides[0] // a.itemsize, a.shape[1], 1)
-    ldb = max(b.strides[0] // b.itemsize, b.shape[1], 1)
-    ldc = max(c.strides[0] // c.itemsize, c.shape[1], 1)
     _mkl_gemm_bf16(ROW_MAJOR, ta, tb, M, N, K, np.float32(alpha), a.ctypes, lda, b.ctypes, ldb,
                    np.float32(beta), c.ctypes, ldc)
 
@@ -324,15 +325,9 @@ def gemm_bf16(trans_a, trans_b, alpha, a, b, beta, c):
 @kernel
 def gemm_mkl(trans_a, trans_b, alpha, a, b, beta, c):
     """gemm (float32 only) on MKL's sgemm where MKL is present, else on gemm's own provider."""
-    M, N = c.shape
-    K = a.shape[0] if trans_a else a.shape[1]
+    M, N, K, ta, tb, lda, ldb, ldc = _cblas_dims(trans_a, trans_b, a, b, c)
     if M == 0 or N == 0:
         return
-    ta = TRANS if trans_a else NO_TRANS
-    tb = TRANS if trans_b else NO_TRANS
-    lda = max(a.strides[0] // 4, a.shape[1], 1)
-    ldb = max(b.strides[0] // 4, b.shape[1], 1)
-    ldc = max(c.strides[0] // 4, c.shape[1], 1)
     _mkl_sgemm(ROW_MAJOR, ta, tb, M, N, K, np.float32(alpha), a.ctypes, lda, b.ctypes, ldb,
                np.float32(beta), c.ctypes, ldc)
 

@@ -17,7 +17,7 @@ EXP_HI = np.float32(88.72283)    # e^x overflows float32 above this
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
+def f32_from_bits(typingctx, bits):
     """Reinterprets an int32's bits as a float32 (what a C union does; one vector instruction)."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
@@ -45,7 +45,7 @@ def exp_f32(x):
     y = p * r * r + r + np.float32(1.0)
     n = np.int32(fx)
     # 2^n as n+127 in the exponent field; n = 128 gives the bits of inf
-    scaled = y * _f32_from_bits((n + np.int32(127)) << np.int32(23))
+    scaled = y * f32_from_bits((n + np.int32(127)) << np.int32(23))
     if x < EXP_LO:
         return np.float32(0.0)
     if x >= EXP_LO:
