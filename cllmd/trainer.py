@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "cllmd-checkpoint"
 # tokens per sphere up to which the spheres use a transposed copy of the weights (see Trainer)
 TRANSPOSED_MAX_TOKENS = 128
-# train.precision = auto takes bf16 from this model width up. Measured (docs/benchmarks.md,
-# "The trainer in bfloat16"): 1.8x float32 at width 768, 1.09x to 1.39x at the baby shape
-# (width 128, loaded machine), where the products are small; below it float32 keeps the
-# bits of earlier runs until a quiet side-by-side run says bf16 is worth it there too.
-BF16_AUTO_MIN_WIDTH = 256
+# train.precision = auto takes bf16 from this model width up. Measured on a quiet machine at 2
+# threads (docs/benchmarks.md, "The trainer in bfloat16"): 1.96x float32 at width 768, 1.47x at
+# the baby shape and 1.62x at the default shape (width 128), 1.23x at width 64, 0.91x at 32,
+# where MKL's per-call cost outweighs the products.
+BF16_AUTO_MIN_WIDTH = 64
 
 
 def choose_precision(requested: str, model: Model) -> tuple[str, str]:
