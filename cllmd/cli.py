@@ -541,6 +541,12 @@ def _start_mpi(argv: list[str]) -> int | None:
         print(f"cllmd: started by mpirun as {launch.size} ranks, but {e.name or 'mpi4py'} is missing: "
               "pip install 'cllmd[mpi]'", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        distributed.timeout_from_env()
+    except ValueError as e:
+        if launch.rank == 0:  # every rank reads the same environment: all leave, one says why
+            print(f"cllmd: {e}", file=sys.stderr)
+        return EXIT_USAGE
     distributed.start()
     if launch.rank == 0:
         return None

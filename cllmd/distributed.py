@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,21 @@ assert CHUNK % REDUCE_BLOCK == 0  # chunk boundaries are block boundaries: sumsq
 
 def _tag(kind: int, epoch: int) -> int:
     return 16 + _EPOCH_TAGS * (epoch % 4000) + kind  # MPI guarantees tags up to 32767
+
+
+def timeout_from_env() -> float:
+    """The heartbeat timeout in seconds: CLLMD_MPI_TIMEOUT, or DEFAULT_TIMEOUT. An environment
+    variable, not a setting: every rank needs it before any configuration has reached it."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds above 0, got {raw!r}")
+    return value
 
 
 class RankLost(Exception):
@@ -93,7 +109,7 @@ class World:
         self.comm = MPI.COMM_WORLD
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)  # a dead peer is an error to handle, not an abort
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)) if timeout is None else timeout
+        self.timeout = timeout_from_env() if timeout is None else timeout
         self.bytes_sent = 0        # payload bytes this rank sent in steps (weights, sums, batches)
         self._lock = threading.Lock()
         now = time.monotonic()

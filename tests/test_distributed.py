@@ -145,6 +145,18 @@ def test_distributed_weights_bit_identical_to_one_process(corpus, tmp_path, extr
 
 
 @needs_mpi
+@pytest.mark.parametrize("bad", ["abc", "0", "-3", "nan"])
+def test_distributed_bad_heartbeat_timeout_is_refused_in_one_line(corpus, tmp_path, bad):
+    cmd = [*mpirun(2), "train", "--data", str(corpus), *TINY, "--out", str(tmp_path / "m.cllm"), "--steps", "1"]
+    proc = subprocess.run(cmd, env={**os.environ, **MPI_ENV, "CLLMD_MPI_TIMEOUT": bad}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"cllmd: CLLMD_MPI_TIMEOUT must be a number of seconds above 0, got {bad!r}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.cllm").exists()
+
+
+@needs_mpi
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_distributed_lost_worker_does_not_hang_rank0(corpus, tmp_path, how):
     """killed (SIGKILL): under ULFM the dead rank's requests fail at once; frozen (SIGSTOP):
