@@ -1,13 +1,15 @@
 """The spheres over MPI ranks against the one-process trainer, side by side, and the bytes per step.
 
     .venv/bin/python benchmarks/bench_distributed.py --steps 30 --rounds 3
+    .venv/bin/python benchmarks/bench_distributed.py --steps 30 --rounds 3 --precision bf16   # needs cllmd[mkl]
 
 Each round runs, one after the other: the one-process trainer with 2 threads, then
 `mpirun -np 1` and `mpirun -np 2` with one thread per rank (TCP over loopback), all on the
 same model, data and seed; it prints median tokens/s per contender, the ratio to the
 one-process run, whether the final weights are bit-identical, and the payload bytes exchanged
 per step, measured (what the ranks handed to MPI) and computed (8 (R-1) P + the batch rows),
-then extrapolates the exchange to GPT-2 small on a 10 Gbit/s network.
+then extrapolates the exchange to GPT-2 small on a 10 Gbit/s network. --precision is the
+trainer's train.precision (float32 by default, so runs on machines with and without MKL compare).
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def inner(args) -> None:
     cfg = ModelConfig(**SHAPES[args.model])
     model = Model(cfg, seed=1)
     trainer = trainer_class()(model, TokenArraySource(tokens % cfg.vocab_size, 0.1),
-                              TrainConfig(batch_size=12, warmup=5, decay_end_step=1000, eval_interval=0), args.threads)
+                              TrainConfig(batch_size=12, warmup=5, decay_end_step=1000, eval_interval=0,
+                                          precision=args.precision), args.threads)
     trainer.step()  # kernels compiled, buffers allocated, workers set up
     times, tokens_done, step_bytes = [], 0, []
     for _ in range(args.steps):
@@ -80,6 +83,8 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(SHAPES), default="baby")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precision", choices=["float32", "bf16", "auto"], default="float32",
+                   help="the trainer's train.precision (default float32)")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -88,11 +93,13 @@ def main() -> None:
     mpirun = shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if mpirun is None:
         raise SystemExit("no mpirun: pip install 'cllmd[mpi]'")
-    me = [sys.executable, str(Path(__file__).resolve()), "--inner", "--model", args.model, "--steps", str(args.steps)]
+    me = [sys.executable, str(Path(__file__).resolve()), "--inner", "--model", args.model, "--steps", str(args.steps),
+          "--precision", args.precision]
     contenders = {"1 process, 2 threads": me + ["--threads", "2"],
                   "mpirun -np 1, 1 thread": [mpirun, "-np", "1", *MCA, *me, "--threads", "1"],
                   "mpirun -np 2, 1 thread/rank": [mpirun, "-np", "2", *MCA, *me, "--threads", "1"]}
-    print(f"load average before: {os.getloadavg()[0]:.2f}; model {args.model}, {args.steps} steps x {args.rounds} rounds")
+    print(f"load average before: {os.getloadavg()[0]:.2f}; model {args.model}, precision {args.precision}, "
+          f"{args.steps} steps x {args.rounds} rounds")
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
         for name, cmd in contenders.items():
