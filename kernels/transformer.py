@@ -21,7 +21,8 @@ Precision: the training passes take flat_h, the weight matrices in bfloat16 (uin
 it once per step), or an empty array for float32. With it, every product of a weight matrix
 (the blocks' four and the tied head's) runs in bfloat16 with float32 accumulation
 (cllmd.kernels.linear), its activation rounded to bfloat16 into the workspace's h_in / h_out;
-the embeddings, layer norms, attention (its per-head T x T products included), GELU, the
+attention's per-head T x T products run in bfloat16 too (attention_forward_bf16, its softmax
+kept in bfloat16 in att_h); the embeddings, layer norms, the softmax itself, GELU, the
 cross-entropy and every gradient stay float32. Empty flat_h: float32, the same calls as ever.
 """
 from collections import namedtuple
@@ -29,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from ._jit import kernel
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_backward_bf16, attention_forward, attention_forward_bf16
 from .blas import gemm
 from .crossentropy import crossentropy_backward, crossentropy_forward
 from .embedding import embedding_backward, embedding_forward
@@ -48,7 +49,8 @@ Buffers = namedtuple("Buffers", [
     "encoded",                          # [N, C] token + position embeddings
     "ln1", "ln1_mean", "ln1_rstd",      # [Lc, N, C], [Lc, N]
     "qkv",                              # [Lc, B, T, 3C]
-    "att",                              # [Lc, B, NH, T, T] softmax, transposed (see attention)
+    "att",                              # [Lc, B, NH, T, T] softmax, transposed (see attention);
+                                        # in bfloat16 [1, 1, 1, T, T], float32 scratch of att_h's
     "atty",                             # [Lc, B, T, C] attention output before c_proj
     "residual2",                        # [Lc, N, C] x + attn(ln_1(x))
     "ln2", "ln2_mean", "ln2_rstd",      # [Lc, N, C], [Lc, N]
@@ -63,6 +65,7 @@ Buffers = namedtuple("Buffers", [
     "empty",                            # [0, C]: "no residual" for linear_forward
     "h_in", "h_out",                    # bfloat16 scratch (uint16): [N 4C] a product's input,
                                         # [max(N 4C, R V)] a gradient operand; [0] for float32
+    "att_h",                            # [Lc B NH T T] the softmax in bfloat16 (uint16); [0] for float32
 ])
 
 
@@ -82,6 +85,14 @@ def _h(scratch, rows, cols):
     if scratch.size:
         return scratch[:rows * cols].reshape((rows, cols))
     return scratch[:0].reshape((0, 0))
+
+
+@kernel
+def _att_h(buf, la, n_head):
+    """Layer slot la of the bfloat16 softmax, [B, NH, T, T] (bf16 workspaces only)."""
+    B, T = buf.qkv.shape[1], buf.qkv.shape[2]
+    per = B * n_head * T * T
+    return buf.att_h[la * per:(la + 1) * per].reshape((B, n_head, T, T))
 
 
 @kernel
@@ -120,7 +131,11 @@ def block_forward(buf, l, x, flat, flat_h, offs, n_head, write_output):
     layernorm_forward(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec(flat, o[0], C), _vec(flat, o[1], C), LN_EPS)
     linear_forward(qkv.reshape((N, 3 * C)), ln1, W(2, C, 3 * C), _vec(flat, o[3], 3 * C), buf.empty,
                    Wht(2, C, 3 * C), h(C))
-    attention_forward(atty, buf.att[la], qkv, n_head)                            # (B, T, C)
+    if flat_h.size:  # qkv rounded into the idle input scratch
+        attention_forward_bf16(atty, _att_h(buf, la, n_head), buf.att[0, 0, 0], qkv,
+                               h(3 * C).reshape(qkv.shape), n_head)
+    else:
+        attention_forward(atty, buf.att[la], qkv, n_head)                        # (B, T, C)
     linear_forward(res2, atty.reshape((N, C)), W(4, C, C), _vec(flat, o[5], C), x, Wht(4, C, C), h(C))  # x + attn
     ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
     layernorm_forward(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec(flat, o[6], C), _vec(flat, o[7], C), LN_EPS)
@@ -163,7 +178,11 @@ def block_backward(buf, l, x, flat, flat_t, flat_h, offs, grad, n_head):
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
     linear_backward(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape((N, C)), W(4, C, C), Wt(4, C, C),
                     Wh(4, C, C), hi(C), ho(C))
-    attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
+    if flat_h.size:
+        attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
+                                hi(3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
+    else:
+        attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
     linear_backward(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), buf.ln1[la],
                     W(2, C, 3 * C), Wt(2, C, 3 * C), Wh(2, C, 3 * C), hi(C), ho(3 * C))
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])

@@ -238,6 +238,38 @@ def test_bf16_linear_products_match_their_rounded_references_and_float32():
     np.testing.assert_array_equal(grads["bf16"][2], grads["f32"][2])  # the bias gradient stays float32
 
 
+@requires_bf16
+def test_bf16_attention_matches_its_rounded_reference_and_float32():
+    # the T x T products in bfloat16: against the exact products of the rounded operands
+    # (float32 sums only), and against float32 attention within BF16_TOL
+    from cllmd.kernels import attention
+    rng = np.random.default_rng(5)
+    B, T, C, NH = 2, 11, 12, 3
+    qkv = (2.0 * rng.normal(size=(B, T, 3 * C))).astype(np.float32)
+    dout = rng.normal(size=(B, T, C)).astype(np.float32)
+    out, att_h = np.full((B, T, C), np.nan, np.float32), np.zeros((B, NH, T, T), np.uint16)
+    attention.attention_forward_bf16(out, att_h, np.empty((T, T), np.float32), qkv,
+                                     np.zeros((B, T, 3 * C), np.uint16), NH)
+    out_r, att_hr = np.empty((B, T, C)), np.zeros_like(att_h)
+    attention.attention_forward_bf16_ref(out_r, att_hr, qkv, NH)
+    np.testing.assert_allclose(out, out_r, rtol=2e-5, atol=2e-5)
+    p, p_r = bf16.from_bf16_ref(att_h), bf16.from_bf16_ref(att_hr)
+    np.testing.assert_allclose(p, p_r, rtol=2 ** -8, atol=1e-7)  # at most a rounding step apart
+    below = np.tril_indices(T, -1)
+    assert np.all(att_h[:, :, below[0], below[1]] == 0)  # exact zeros past each query
+    out32, att32 = np.empty_like(out), np.empty((B, NH, T, T), np.float32)
+    attention.attention_forward(out32, att32, qkv, NH)
+    assert 1e-4 < np.linalg.norm(out - out32) / np.linalg.norm(out32) < BF16_TOL
+    dqkv, dqkv_r = np.full_like(qkv, np.nan), np.empty(qkv.shape)  # written whole
+    attention.attention_backward_bf16(dqkv, dout, qkv, att_h, np.zeros((B, T, 3 * C), np.uint16),
+                                      np.zeros((B, T, C), np.uint16), np.empty((T, T), np.float32))
+    attention.attention_backward_bf16_ref(dqkv_r, dout, qkv, att_h, NH)
+    np.testing.assert_allclose(dqkv, dqkv_r, rtol=2e-5, atol=2e-5 * np.abs(dqkv_r).max())
+    d32 = np.empty_like(qkv)
+    attention.attention_backward(d32, dout, qkv, att32, NH)
+    assert 1e-4 < np.linalg.norm(dqkv - d32) / np.linalg.norm(d32) < BF16_TOL
+
+
 def test_bf16_weights_are_each_matrix_rounded_and_transposed():
     from cllmd.model import Model, ModelConfig
     m = Model(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=20, block_size=5), seed=3)
