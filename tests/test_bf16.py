@@ -143,6 +143,36 @@ def test_bf16_gemm_mkl_matches_gemm():
             np.testing.assert_allclose(c, r, rtol=2e-5, atol=2e-5)
 
 
+def test_bf16_clear_streaming_zeroes_exactly_its_array():
+    buf = np.ones(3 + 37 * 41 + 5, np.float32)
+    blas.clear_streaming(buf[3:-5].reshape(37, 41))  # an unaligned start and end: scalar head and tail
+    assert np.all(buf[3:-5] == 0) and np.all(buf[:3] == 1) and np.all(buf[-5:] == 1)
+
+
+@requires_mkl
+def test_bf16_gemm_beta_zero_on_a_large_output_keeps_mkls_bits():
+    # gemm_bf16 clears a large c itself and accumulates onto it (beta = 1): the bits must be
+    # those of MKL's own beta = 0, whatever c held (NaN included), for each operand layout
+    import ctypes
+    fn = blas._mkl_lib.cblas_gemm_bf16bf16f32
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                                                 ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(13)
+    M, N = 768, 1024
+    assert M * N >= blas.STREAMING_CLEAR_MIN
+    for K in (12, 256):
+        for ta in (False, True):
+            a = _bf16_bits(rng.normal(size=(K, M) if ta else (M, K)))
+            b = _bf16_bits(rng.normal(size=(K, N)))
+            c = np.full((M, N), np.nan, np.float32)
+            blas.gemm_bf16(ta, False, 1.0, a, b, 0.0, c)
+            r = np.full((M, N), np.nan, np.float32)
+            fn(blas.ROW_MAJOR, blas.TRANS if ta else blas.NO_TRANS, blas.NO_TRANS, M, N, K, 1.0, a.ctypes.data,
+               a.shape[1], b.ctypes.data, N, 0.0, r.ctypes.data, N)
+            np.testing.assert_array_equal(c.view(np.uint32), r.view(np.uint32))
+
+
 @requires_mkl
 def test_bf16_mkl_is_found_when_installed_and_runs_sequential():
     assert blas.MKL_AVAILABLE, "the mkl package is installed but cllmd.kernels.blas did not bind it"
