@@ -1,22 +1,28 @@
-"""int8 weights for inference (q8_0-style groups of 32 with a float32 scale), and their matmul.
+"""int8 weights for inference (q8_0-style groups of 32 with a float16 scale), and their matmul.
 
 A weight W [K, M] (y = x W, GPT-2's layout) is quantized per output m and per group of GROUP
-inputs: q = round(W / s), s = max|W| / 127 over the group. Activations are quantized the same
-way per row at run time, and each group's dot product runs in int32:
+inputs: q = round(W / s), s = max|W| / 127 over the group, rounded to float16 (llama.cpp's
+q8_0 stores it so too: 2 bytes per 32 weights, where a float32 scale and an int32 correction
+added 8). Activations are quantized the same way per row at run time (float32 scales), and
+each group's dot product runs in int32:
 
     y[n, m] = sum_g  xs[n, g] ws[m, g]  sum_{k in g} xq[n, k] wq[m, k]
 
 On a CPU with AVX-512 VNNI the inner sum is vpdpbusd (64 byte products into 16 int32 lanes in
-one instruction). It multiplies unsigned by signed bytes, so activations are stored offset by
-128 (xu = xq + 128) and each group's accumulator starts at -128 sum_k wq[m, k] (wc), which
+one instruction). It multiplies unsigned by signed bytes, so the weights are stored offset by
+128 (wu = wq + 128) and each group's accumulator starts at -128 sum_k xq[n, k] (xc, computed
+once per activation row and group when the row is quantized, shared by every output), which
 cancels the offset exactly. LLVM does not emit vpdpbusd from a scalar loop here (measured: it
-does not even vectorize the group loop well), so the 16-row block product is written as LLVM
-vector IR through a numba intrinsic. The layout serves it: 16 output rows interleaved by 4
-bytes, wq [M/16, K/4, 16, 4], so one 64-byte load feeds one vpdpbusd and the 4 activation bytes
-are a broadcast. Without VNNI the same integer sums run in a plain numba loop.
+does not even vectorize the group loop well), so the block product is written as LLVM vector
+IR through a numba intrinsic. The layout serves it: 16 output rows interleaved by 4 bytes,
+wu [M/16, K/4, 16, 4], so one 64-byte load feeds one vpdpbusd and the 4 activation bytes are a
+broadcast. Up to TILE activation rows share each weight load (batches, prompts). Without VNNI
+the same integer sums run in a plain numba loop.
 
-Every output element is computed by the same instructions whatever the number of rows N:
-a row's result never depends on the other rows in the batch (batched decoding is exact).
+Every output element is computed by the same instructions whatever the number of rows N and
+however they are tiled: integer sums are exact in any order, and each row's float32 work (one
+scale product and one FMA per group, groups in order) is its own. A row's result never
+depends on the other rows in the batch (batched decoding is exact).
 Shapes: K and M are padded to multiples of GROUP and ROWS (zero weights, zero activations).
 """
 from __future__ import annotations
@@ -30,9 +36,17 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import kernel
+from .vecmath import bits_from_f32, f32_from_bits
 
 GROUP = 32    # inputs per scale (llama.cpp's q8_0)
 ROWS = 16     # output rows per block: one AVX-512 register of int32 or float32 lanes
+TILE = 4      # activation rows multiplied per load of a block's weights
+F16_MAX = 65504.0
+# weights are prefetched this many bytes ahead of the loads (into L1). Decoding streams every
+# weight from memory once per token; the hardware prefetchers alone left GPT-2 small's products
+# at 10.9 GB/s on one core, 11.4-12.6 with this (512 to 16384 bytes ahead tried), 20 -> 22 GB/s
+# on two.
+PREFETCH = 4096
 
 VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 
@@ -51,42 +65,79 @@ def padded(n: int, multiple: int) -> int:
 
 
 class Q8Weight:
-    """One quantized weight matrix: wq, wc, ws in the block layout above; K, M unpadded."""
+    """One quantized weight matrix: wu (wq + 128) and ws (float16 bits) in the block layout
+    above; K, M unpadded."""
 
     def __init__(self, w: np.ndarray):
         K, M = w.shape
         self.K, self.M = K, M
         self.Kp, self.Mp = padded(K, GROUP), padded(M, ROWS)
         MB, ng = self.Mp // ROWS, self.Kp // GROUP
-        self.wq = np.empty((MB, self.Kp // 4, ROWS, 4), np.int8)
-        self.wc = np.empty((MB, ng, ROWS), np.int32)
-        self.ws = np.empty((MB, ng, ROWS), np.float32)
+        self.wu = np.empty((MB, self.Kp // 4, ROWS, 4), np.uint8)
+        self.ws = np.empty((MB, ng, ROWS), np.uint16)
         w = np.asarray(w, dtype=np.float32)
         if w.T.flags.c_contiguous and not w.flags.c_contiguous:   # e.g. the tied head, wte.T
-            quantize_weight(self.wq, self.wc, self.ws, w.T, True)
+            quantize_weight(self.wu, self.ws, w.T, True)
         else:
-            quantize_weight(self.wq, self.wc, self.ws, np.ascontiguousarray(w), False)
+            quantize_weight(self.wu, self.ws, np.ascontiguousarray(w), False)
+        if (self.ws >= 0x7C00).any():
+            raise ValueError(f"int8 weights: a group of this {K} x {M} matrix has |w| > "
+                             f"{F16_MAX * 127:.3g} (its scale overflows float16), or is not finite")
 
     @property
     def nbytes(self) -> int:
-        return self.wq.nbytes + self.wc.nbytes + self.ws.nbytes
+        return self.wu.nbytes + self.ws.nbytes
+
+    @property
+    def wq(self) -> np.ndarray:
+        """The signed int8 values [Mp, Kp] (tests, references)."""
+        return (self.wu.transpose(0, 2, 1, 3).reshape(self.Mp, self.Kp).astype(np.int16) - 128).astype(np.int8)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """The float32 values of the float16 scales [Mp, Kp / GROUP]."""
+        return self.ws.view(np.float16).astype(np.float32).transpose(0, 2, 1).reshape(self.Mp, self.Kp // GROUP)
 
     def dequantized(self) -> np.ndarray:
         """The float32 weight [K, M] these int8 values stand for (tests, accuracy reports)."""
-        MB, ng = self.Mp // ROWS, self.Kp // GROUP
-        q = self.wq.transpose(0, 2, 1, 3).reshape(self.Mp, self.Kp).astype(np.float32)
-        s = self.ws.transpose(0, 2, 1).reshape(self.Mp, ng)
-        return (q.reshape(self.Mp, ng, GROUP) * s[:, :, None]).reshape(self.Mp, self.Kp).T[:self.K, :self.M].copy()
+        ng = self.Kp // GROUP
+        q = self.wq.astype(np.float32).reshape(self.Mp, ng, GROUP)
+        return (q * self.scales[:, :, None]).reshape(self.Mp, self.Kp).T[:self.K, :self.M].copy()
+
+
+@inline
+def f16_round(s):
+    """A float32 s >= 0 -> (the float16 nearest it, ties to even, as float32; its bits).
+    Beyond float16's range the bits are those of infinity (0x7C00) or above (not finite)."""
+    if s < np.float32(2.0 ** -14):     # float16's subnormals: multiples of 2^-24
+        q = np.int32(np.rint(s * np.float32(2.0 ** 24)))
+        return np.float32(q) * np.float32(2.0 ** -24), np.uint16(q)
+    b = bits_from_f32(s)
+    b = (b + 0xFFF + ((b >> 13) & 1)) & ~0x1FFF        # round the mantissa to 10 bits
+    e = ((b >> 23) & 0xFF) - 127 + 15
+    if e >= 31:
+        return np.float32(np.inf), np.uint16(0x7C00)
+    return f32_from_bits(np.int32(b)), np.uint16((e << 10) | ((b >> 13) & 0x3FF))
+
+
+@inline
+def f32_from_f16(h):
+    """float16 bits (finite) -> their float32 value, exactly."""
+    e = (np.int32(h) >> 10) & 0x1F
+    m = np.int32(h) & 0x3FF
+    if e == 0:
+        return np.float32(m) * np.float32(2.0 ** -24)
+    return f32_from_bits(np.int32(((e - 15 + 127) << 23) | (m << 13)))
 
 
 @parallel_kernel
-def quantize_weight(wq, wc, ws, w, transposed):
+def quantize_weight(wu, ws, w, transposed):
     """w [K, M] float32 (transposed: w is given as its transpose [M, K]) -> the block layout
     (padding: zero weights, scale 0). Blocks of 16 outputs in parallel, each gathered once
     along K from whichever layout is contiguous there."""
     K = w.shape[1] if transposed else w.shape[0]
     M = w.shape[0] if transposed else w.shape[1]
-    MB, K4, R, _ = wq.shape
+    MB, K4, R, _ = wu.shape
     Kp = K4 * 4
     ng = Kp // GROUP
     for mb in prange(MB):
@@ -103,24 +154,26 @@ def quantize_weight(wq, wc, ws, w, transposed):
         for r in range(R):
             for g in range(ng):
                 amax = np.float32(0.0)
+                bad = False
                 for k in range(g * GROUP, (g + 1) * GROUP):
-                    amax = max(amax, abs(col[r, k]))
-                s = amax / np.float32(127.0)
+                    a = abs(col[r, k])
+                    bad |= not a <= np.float32(F16_MAX * 127.0)   # too large, or not finite
+                    amax = max(amax, a)
+                if bad:
+                    ws[mb, g, r] = 0xFFFF
+                    continue
+                s, bits = f16_round(amax / np.float32(127.0))
+                ws[mb, g, r] = bits
                 inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-                total = 0
                 for k in range(g * GROUP, (g + 1) * GROUP):
                     q = np.int32(np.rint(col[r, k] * inv))
-                    q = min(max(q, -127), 127)
-                    wq[mb, k // 4, r, k % 4] = q
-                    total += q
-                wc[mb, g, r] = -128 * total
-                ws[mb, g, r] = s
+                    wu[mb, k // 4, r, k % 4] = min(max(q, -127), 127) + 128
 
 
 @inline
-def _quantize_rows(xu, xs, x):
+def _quantize_rows(xq, xs, xc, x):
     N, K = x.shape
-    Kp = xu.shape[1]
+    Kp = xq.shape[1]
     for n in range(N):
         for g in range(Kp // GROUP):
             a, b = g * GROUP, min((g + 1) * GROUP, K)
@@ -130,118 +183,172 @@ def _quantize_rows(xu, xs, x):
             s = amax / np.float32(127.0)
             inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
             xs[n, g] = s
+            total = 0
             for k in range(a, b):
-                xu[n, k] = np.uint8(np.int32(np.rint(x[n, k] * inv)) + 128)
+                q = min(max(np.int32(np.rint(x[n, k] * inv)), -127), 127)
+                xq[n, k] = q
+                total += q
             for k in range(max(a, b), (g + 1) * GROUP):
-                xu[n, k] = np.uint8(128)
+                xq[n, k] = 0
+            xc[n, g] = -128 * total
 
 
 @kernel
-def _quantize_rows_nogil(xu, xs, x):
-    _quantize_rows(xu, xs, x)
+def _quantize_rows_nogil(xq, xs, xc, x):
+    _quantize_rows(xq, xs, xc, x)
 
 
 @gil_kernel
-def _quantize_rows_gil(xu, xs, x):
-    _quantize_rows(xu, xs, x)
+def _quantize_rows_gil(xq, xs, xc, x):
+    _quantize_rows(xq, xs, xc, x)
 
 
-def quantize_rows(xu, xs, x):
-    """Activations x [N, K] -> xu [N, Kp] uint8 (q + 128), xs [N, Kp/GROUP] float32 scales."""
-    (_quantize_rows_nogil if xu.size >= 1 << 16 else _quantize_rows_gil)(xu, xs, x)
+def quantize_rows(xq, xs, xc, x):
+    """Activations x [N, K] -> xq [N, Kp] int8, xs [N, Kp/GROUP] float32 scales, xc [N, Kp/GROUP]
+    int32 corrections (-128 times each group's sum of xq)."""
+    (_quantize_rows_nogil if xq.size >= 1 << 16 else _quantize_rows_gil)(xq, xs, xc, x)
+
+
+def quantized_rows(x):
+    """quantize_rows into fresh arrays: (xq, xs, xc)."""
+    N, K = x.shape
+    Kp = padded(K, GROUP)
+    xq = np.empty((N, Kp), np.int8)
+    xs = np.empty((N, Kp // GROUP), np.float32)
+    xc = np.empty((N, Kp // GROUP), np.int32)
+    quantize_rows(xq, xs, xc, x)
+    return xq, xs, xc
 
 
 def _data_ptr(context, builder, aryty, ary, offset):
     return builder.gep(context.make_array(aryty)(context, builder, ary).data, [offset])
 
 
-@intrinsic
-def _block_vnni(typingctx, out, out_at, xu, xu_at, xs, xs_at, wq, wq_at, wc, ws, s_at, ngroups):
-    """out[out_at:out_at+16] = one 16-row block's products with one activation row (vpdpbusd)."""
-    sig = types.void(out, out_at, xu, xu_at, xs, xs_at, wq, wq_at, wc, ws, s_at, ngroups)
-
+def _block_codegen(nrows):
+    """One 16-row block's products with nrows activation rows (vpdpbusd), as LLVM IR: each
+    weight vector is loaded once for all nrows; every row's arithmetic is the same as alone."""
     def codegen(context, builder, signature, args):
-        out_, out_at_, xu_, xu_at_, xs_, xs_at_, wq_, wq_at_, wc_, ws_, s_at_, ng_ = args
+        out_, out_at, out_step, xq_, x_at, x_step, xs_, xc_, g_at, g_step, wu_, w_at, ws_, s_at, ng = args
         ty = signature.args
         i32, f32 = ir.IntType(32), ir.FloatType()
-        vi, vf = ir.VectorType(i32, ROWS), ir.VectorType(f32, ROWS)
+        vi, vf, vh = ir.VectorType(i32, ROWS), ir.VectorType(f32, ROWS), ir.VectorType(ir.HalfType(), ROWS)
         lanes0 = ir.Constant(vi, [0] * ROWS)
         mod = builder.module
         dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi, [vi, vi, vi]), "llvm.x86.avx512.vpdpbusd.512")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+        prefetch = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
 
         def broadcast(value, vty):
             one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(i32, 0))
             return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), lanes0)
 
-        x4 = builder.bitcast(_data_ptr(context, builder, ty[2], xu_, xu_at_), i32.as_pointer())
-        sx = _data_ptr(context, builder, ty[4], xs_, xs_at_)
-        w64 = builder.bitcast(_data_ptr(context, builder, ty[6], wq_, wq_at_), vi.as_pointer())
-        c16 = builder.bitcast(_data_ptr(context, builder, ty[8], wc_, s_at_), vi.as_pointer())
-        s16 = builder.bitcast(_data_ptr(context, builder, ty[9], ws_, s_at_), vf.as_pointer())
-        total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * ROWS))
+        def at(base, step, i):
+            return builder.add(base, builder.mul(step, ir.Constant(step.type, i)))
+
+        x4 = [builder.bitcast(_data_ptr(context, builder, ty[3], xq_, at(x_at, x_step, i)), i32.as_pointer())
+              for i in range(nrows)]
+        sx = [_data_ptr(context, builder, ty[6], xs_, at(g_at, g_step, i)) for i in range(nrows)]
+        cx = [_data_ptr(context, builder, ty[7], xc_, at(g_at, g_step, i)) for i in range(nrows)]
+        w64 = builder.bitcast(_data_ptr(context, builder, ty[10], wu_, w_at), vi.as_pointer())
+        s16 = builder.bitcast(_data_ptr(context, builder, ty[12], ws_, s_at), vh.as_pointer())
+        totals = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * ROWS)) for _ in range(nrows)]
         chunks = GROUP // 4
-        with cgutils.for_range(builder, ng_) as loop:
+        zero = ir.Constant(vi, [0] * ROWS)
+        with cgutils.for_range(builder, ng) as loop:
             g = loop.index
             base = builder.mul(g, ir.Constant(g.type, chunks))
-            acc = builder.load(builder.gep(c16, [g]), align=4)
-            for c in range(chunks):
-                at = builder.add(base, ir.Constant(g.type, c))
-                xb = broadcast(builder.load(builder.gep(x4, [at]), align=1), vi)
-                acc = builder.call(dpbusd, [acc, xb, builder.load(builder.gep(w64, [at]), align=1)])
-            scale = builder.fmul(builder.load(builder.gep(s16, [g]), align=4), broadcast(builder.load(builder.gep(sx, [g])), vf))
-            builder.store(builder.call(fma, [builder.sitofp(acc, vf), scale, builder.load(total)]), total)
-        po = builder.bitcast(_data_ptr(context, builder, ty[0], out_, out_at_), vf.as_pointer())
-        builder.store(builder.load(total), po, align=4)
+            idx = [builder.add(base, ir.Constant(g.type, c)) for c in range(chunks)]
+            if PREFETCH:   # each 64-byte line of this group's weights, PREFETCH bytes on
+                ahead = builder.bitcast(builder.gep(w64, [builder.add(base, ir.Constant(g.type, PREFETCH // 64))]),
+                                        ir.IntType(8).as_pointer())
+                for line in range(0, GROUP * ROWS, 64):
+                    builder.call(prefetch, [builder.gep(ahead, [ir.Constant(i32, line)]), ir.Constant(i32, 0),
+                                            ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            wv = [builder.load(builder.gep(w64, [j]), align=1) for j in idx]
+            wscale = builder.fpext(builder.load(builder.gep(s16, [g]), align=2), vf)
+            for i in range(nrows):
+                accs = [broadcast(builder.load(builder.gep(cx[i], [g])), vi), zero]  # two chains
+                for c in range(chunks):
+                    xb = broadcast(builder.load(builder.gep(x4[i], [idx[c]]), align=1), vi)
+                    accs[c % 2] = builder.call(dpbusd, [accs[c % 2], wv[c], xb])
+                acc = builder.add(accs[0], accs[1])
+                scale = builder.fmul(wscale, broadcast(builder.load(builder.gep(sx[i], [g])), vf))
+                builder.store(builder.call(fma, [builder.sitofp(acc, vf), scale, builder.load(totals[i])]),
+                              totals[i])
+        for i in range(nrows):
+            po = builder.bitcast(_data_ptr(context, builder, ty[0], out_, at(out_at, out_step, i)), vf.as_pointer())
+            builder.store(builder.load(totals[i]), po, align=4)
         return context.get_dummy_value()
+    return codegen
 
-    return sig, codegen
+
+def _block_intrinsic(nrows):
+    @intrinsic
+    def block(typingctx, out, out_at, out_step, xq, x_at, x_step, xs, xc, g_at, g_step, wu, w_at, ws, s_at, ng):
+        """out[out_at + i out_step :+16] for i < nrows = a 16-row block's products with rows i."""
+        sig = types.void(out, out_at, out_step, xq, x_at, x_step, xs, xc, g_at, g_step, wu, w_at, ws, s_at, ng)
+        return sig, _block_codegen(nrows)
+    return block
 
 
-def _vnni_body(out, xu, xs, wq, wc, ws, mb):
+_block1 = _block_intrinsic(1)
+_block_tile = _block_intrinsic(TILE)
+
+
+def _vnni_body(out, xq, xs, xc, wu, ws, mb):
     N = out.shape[0]
-    MB, K4, R, _ = wq.shape
-    ng = K4 * 4 // GROUP
-    fo, fxu, fxs = out.reshape(-1), xu.reshape(-1), xs.reshape(-1)
-    fwq, fwc, fws = wq.reshape(-1), wc.reshape(-1), ws.reshape(-1)
-    for n in range(N):
-        _block_vnni(fo, n * MB * R + mb * R, fxu, n * K4 * 4, fxs, n * ng, fwq, mb * K4 * R * 4,
-                    fwc, fws, mb * ng * R, ng)
+    MB, K4, R, _ = wu.shape
+    Kp = K4 * 4
+    ng = Kp // GROUP
+    Mp = MB * R
+    fo, fxq, fxs, fxc = out.reshape(-1), xq.reshape(-1), xs.reshape(-1), xc.reshape(-1)
+    fwu, fws = wu.reshape(-1), ws.reshape(-1)
+    n = 0
+    while n + TILE <= N:
+        _block_tile(fo, n * Mp + mb * R, Mp, fxq, n * Kp, Kp, fxs, fxc, n * ng, ng,
+                    fwu, mb * Kp * R, fws, mb * ng * R, ng)
+        n += TILE
+    while n < N:
+        _block1(fo, n * Mp + mb * R, Mp, fxq, n * Kp, Kp, fxs, fxc, n * ng, ng,
+                fwu, mb * Kp * R, fws, mb * ng * R, ng)
+        n += 1
 
 
 _vnni_block_rows = inline(_vnni_body)
 
 
 @parallel_kernel
-def _matmul_vnni(out, xu, xs, wq, wc, ws):
-    for mb in prange(wq.shape[0]):
-        _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
+def _matmul_vnni(out, xq, xs, xc, wu, ws):
+    for mb in prange(wu.shape[0]):
+        _vnni_block_rows(out, xq, xs, xc, wu, ws, mb)
 
 
 @gil_kernel
-def _matmul_vnni_serial(out, xu, xs, wq, wc, ws):
-    for mb in range(wq.shape[0]):
-        _vnni_block_rows(out, xu, xs, wq, wc, ws, mb)
+def _matmul_vnni_serial(out, xq, xs, xc, wu, ws):
+    for mb in range(wu.shape[0]):
+        _vnni_block_rows(out, xq, xs, xc, wu, ws, mb)
 
 
 @parallel_kernel
-def _matmul_generic(out, xu, xs, wq, wc, ws):
+def _matmul_generic(out, xq, xs, xc, wu, ws):
     N = out.shape[0]
-    MB, K4, R, _ = wq.shape
+    MB, K4, R, _ = wu.shape
     ng = K4 * 4 // GROUP
     for mb in prange(MB):
         acc = np.empty(R, np.int32)
+        scale = np.empty(R, np.float32)
         for n in range(N):
             total = np.zeros(R, np.float32)
             for g in range(ng):
-                acc[:] = wc[mb, g]
+                acc[:] = xc[n, g]
                 for k4 in range(g * GROUP // 4, (g + 1) * GROUP // 4):
                     for j in range(4):
-                        x = np.int32(xu[n, k4 * 4 + j])
+                        x = np.int32(xq[n, k4 * 4 + j])
                         for r in range(R):
-                            acc[r] += x * np.int32(wq[mb, k4, r, j])
+                            acc[r] += x * np.int32(wu[mb, k4, r, j])
                 for r in range(R):
-                    total[r] += np.float32(acc[r]) * (ws[mb, g, r] * xs[n, g])
+                    scale[r] = f32_from_f16(ws[mb, g, r]) * xs[n, g]
+                    total[r] += np.float32(acc[r]) * scale[r]
             out[n, mb * R:(mb + 1) * R] = total
 
 
@@ -251,29 +358,30 @@ def _matmul_generic(out, xu, xs, wq, wc, ws):
 PARALLEL_MIN_MACS = 1 << 20
 
 
-def q8_matmul(out, xu, xs, w: Q8Weight) -> None:
-    """out [N, Mp] float32 = (dequantized xu, xs) @ (dequantized w); all arrays C-contiguous.
+def q8_matmul(out, xq, xs, xc, w: Q8Weight) -> None:
+    """out [N, Mp] float32 = (dequantized xq, xs) @ (dequantized w); all arrays C-contiguous.
 
     Each element is computed by the same instructions on one thread or many: exact either way."""
     if not VNNI:
-        _matmul_generic(out, xu, xs, w.wq, w.wc, w.ws)
+        _matmul_generic(out, xq, xs, xc, w.wu, w.ws)
     elif out.shape[0] * w.Mp * w.Kp >= PARALLEL_MIN_MACS:  # (the GIL is released in here)
-        _matmul_vnni(out, xu, xs, w.wq, w.wc, w.ws)
+        _matmul_vnni(out, xq, xs, xc, w.wu, w.ws)
     else:
-        _matmul_vnni_serial(out, xu, xs, w.wq, w.wc, w.ws)
+        _matmul_vnni_serial(out, xq, xs, xc, w.wu, w.ws)
 
 
 @gil_kernel
-def _linear_small(out, x, wq, wc, ws, bias):
+def _linear_small(out, x, wu, ws, bias):
     N, K = x.shape
-    MB, K4, R, _ = wq.shape
+    MB, K4, R, _ = wu.shape
     M = out.shape[1]
-    xu = np.empty((N, K4 * 4), np.uint8)
+    xq = np.empty((N, K4 * 4), np.int8)
     xs = np.empty((N, K4 * 4 // GROUP), np.float32)
-    _quantize_rows(xu, xs, x)
+    xc = np.empty((N, K4 * 4 // GROUP), np.int32)
+    _quantize_rows(xq, xs, xc, x)
     full = np.empty((N, MB * R), np.float32)
     for mb in range(MB):
-        _vnni_block_rows(full, xu, xs, wq, wc, ws, mb)
+        _vnni_block_rows(full, xq, xs, xc, wu, ws, mb)
     for n in range(N):
         for m in range(M):
             out[n, m] = full[n, m] + bias[m]
@@ -287,24 +395,20 @@ def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
     N = x.shape[0]
     if VNNI and N * w.Mp * w.Kp < PARALLEL_MIN_MACS:
         out = np.empty((N, w.M), np.float32)
-        _linear_small(out, x, w.wq, w.wc, w.ws, bias)
+        _linear_small(out, x, w.wu, w.ws, bias)
         return out
-    xu = np.empty((N, w.Kp), np.uint8)
-    xs = np.empty((N, w.Kp // GROUP), np.float32)
-    quantize_rows(xu, xs, x)
+    xq, xs, xc = quantized_rows(x)
     full = np.empty((N, w.Mp), np.float32)
-    q8_matmul(full, xu, xs, w)
+    q8_matmul(full, xq, xs, xc, w)
     out = full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])
     out += bias
     return out
 
 
-def q8_matmul_ref(xu, xs, w: Q8Weight) -> np.ndarray:
+def q8_matmul_ref(xq, xs, w: Q8Weight) -> np.ndarray:
     """numpy reference of q8_matmul: the same integer group sums in float64, [N, Mp]."""
-    N, Kp = xu.shape
+    N, Kp = xq.shape
     ng = Kp // GROUP
-    xq = (xu.astype(np.int64) - 128).reshape(N, ng, GROUP)
-    q = w.wq.transpose(0, 2, 1, 3).reshape(w.Mp, ng, GROUP).astype(np.int64)
-    sums = np.einsum("ngk,mgk->nmg", xq, q).astype(np.float64)
-    s = w.ws.transpose(0, 2, 1).reshape(w.Mp, ng).astype(np.float64)
-    return np.einsum("nmg,mg,ng->nm", sums, s, xs.astype(np.float64))
+    sums = np.einsum("ngk,mgk->nmg", xq.astype(np.int64).reshape(N, ng, GROUP),
+                     w.wq.astype(np.int64).reshape(w.Mp, ng, GROUP)).astype(np.float64)
+    return np.einsum("nmg,mg,ng->nm", sums, w.scales.astype(np.float64), xs.astype(np.float64))

@@ -24,6 +24,14 @@ def f32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def bits_from_f32(typingctx, x):
+    """A float32's bits as an int32 (the inverse of f32_from_bits)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
 @inline_kernel
 def exp_f32(x):
     """e^x for float32, |relative error| < 3e-7 on [EXP_LO, 88.37] (Cephes expf).

@@ -297,29 +297,54 @@ def test_bf16_refused_without_mkl(tmp_path):
 def test_q8_kernel_matches_reference():
     from cllmd.kernels import q8
     rng = np.random.default_rng(3)
-    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 16, 9)]:   # padding of K and M included
+    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 16, 9), (64, 32, 4)]:   # padding of K and M, tiles
         W = rng.normal(size=(K, M)).astype(np.float32)
         w = q8.Q8Weight(W)
-        assert np.abs(w.dequantized() - W).max() <= np.abs(W).max() / 127 * 0.5 + 1e-6
+        # the scale is max|w| / 127 rounded to float16 (relative error 2^-11 at most)
+        assert np.abs(w.dequantized() - W).max() <= np.abs(W).max() / 127 * 0.5 * (1 + 2 ** -10)
         x = rng.normal(size=(N, K)).astype(np.float32)
-        xu = np.empty((N, w.Kp), np.uint8)
-        xs = np.empty((N, w.Kp // q8.GROUP), np.float32)
-        q8.quantize_rows(xu, xs, x)
+        xq, xs, xc = q8.quantized_rows(x)
+        assert xq.shape == (N, w.Kp) and (xc == -128 * xq.astype(np.int32).reshape(N, -1, q8.GROUP).sum(2)).all()
         out = np.empty((N, w.Mp), np.float32)
-        q8.q8_matmul(out, xu, xs, w)
-        ref = q8.q8_matmul_ref(xu, xs, w)
+        q8.q8_matmul(out, xq, xs, xc, w)
+        ref = q8.q8_matmul_ref(xq, xs, w)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         generic = np.empty_like(out)  # the no-VNNI path gives the same sums
-        q8._matmul_generic(generic, xu, xs, w.wq, w.wc, w.ws)
+        q8._matmul_generic(generic, xq, xs, xc, w.wu, w.ws)
         np.testing.assert_allclose(generic, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         assert np.abs(out[:, :M] - x @ W).max() <= 0.02 * np.abs(x @ W).max()
-        one = np.empty((1, w.Mp), np.float32)  # a row alone gives exactly its row of the batch
-        q8.q8_matmul(one, xu[-1:], xs[-1:], w)
-        np.testing.assert_array_equal(one[0], out[-1])
+        for n in range(N):  # a row alone gives exactly its row of the batch (tiled or not)
+            one = np.empty((1, w.Mp), np.float32)
+            q8.q8_matmul(one, xq[n:n + 1], xs[n:n + 1], xc[n:n + 1], w)
+            np.testing.assert_array_equal(one[0], out[n])
         if q8.VNNI:  # the parallel kernel (large products) computes every element as the serial one
             par = np.empty_like(out)
-            q8._matmul_vnni(par, xu, xs, w.wq, w.wc, w.ws)
+            q8._matmul_vnni(par, xq, xs, xc, w.wu, w.ws)
             np.testing.assert_array_equal(par, out)
+
+
+def test_q8_scales_round_to_float16_as_numpy_does():
+    """The weights' scales: max|w| / 127 rounded to the nearest float16 (ties to even), as
+    numpy's cast does, subnormals included; a scale beyond float16's range is refused."""
+    from cllmd.kernels import q8
+    rng = np.random.default_rng(7)
+    magnitude = np.repeat(np.exp(rng.uniform(-22, 8, size=(2, 512))), q8.GROUP, axis=0)  # per group
+    W = (rng.normal(size=(64, 512)) * magnitude).astype(np.float32)
+    w = q8.Q8Weight(W)
+    amax = np.abs(W).reshape(2, q8.GROUP, 512).max(axis=1).T            # [M, groups]
+    expect = (amax / np.float32(127)).astype(np.float16)
+    np.testing.assert_array_equal(w.scales[:512], expect.astype(np.float32))
+    assert (w.scales[:512] < 2 ** -14).any()                              # subnormal scales occur
+    # each group within half its scale (and float16's subnormal step) of its weights
+    err = np.abs(w.dequantized() - W).reshape(2, q8.GROUP, 512).max(axis=1).T
+    assert (err <= amax / 127 * 0.5 * (1 + 2 ** -10) + 127 * 2.0 ** -25).all()
+    big = np.ones((32, 16), np.float32)
+    big[3, 5] = 1e7
+    with pytest.raises(ValueError, match="float16"):
+        q8.Q8Weight(big)
+    big[3, 5] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        q8.Q8Weight(big)
 
 
 @pytest.mark.parametrize("N", [1, 6, 20], ids=["step", "rows", "gemm"])
