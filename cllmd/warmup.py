@@ -5,8 +5,9 @@ use, a cold cache cost a minute or two of "step 0" with nothing said, and the fi
 generation after start sent one token, then nothing for 44 s: its prefill and its decoding step
 each compiled their kernels in turn, sharing the GIL with the trainer compiling its own. Here
 one tiny model of the same dtype (numba specialises on dtypes and layouts, not sizes) runs a
-training step and a short generation, so every kernel the daemon uses is compiled (or loaded
-from the cache) once, up front, with progress reported.
+training step and every path of decoding (short and long prompts, a batch, a window sliding
+past the context), so every kernel the daemon uses is compiled (or loaded from the cache)
+once, up front, with progress reported. tests/test_warmup.py checks that nothing is left.
 """
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ def cache_is_warm() -> bool:
 
 def _exercise(train_cfg, model_options: dict, weights: str) -> None:
     from cllmd.generate import Decoder, SamplingOptions, Sequence
+    from cllmd.kernels.kvattention import GEMM_ROWS
     from cllmd.model import Model, ModelConfig
     from cllmd.tokensource import TokenArraySource
     from cllmd.trainer import Trainer
 
-    # n_embd 32: int8 weights come in groups of 32
-    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=8, **model_options)
+    # n_embd 32: int8 weights come in groups of 32; a context of 2 x GEMM_ROWS, so that a
+    # window sliding past it refeeds GEMM_ROWS positions (the prompt path below)
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=2 * GEMM_ROWS,
+                      **model_options)
     model = Model(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, 64, 4096)
     train = dataclasses.replace(train_cfg, batch_size=12, eval_interval=0, warmup=0)
@@ -66,14 +70,22 @@ def _exercise(train_cfg, model_options: dict, weights: str) -> None:
         trainer.evaluate()
     finally:
         trainer.close()
-    # decoding as the daemon's batcher does it: one sequence alone, then two together
-    opts = SamplingOptions(max_tokens=3, temperature=1.0, seed=0)
+    # decoding as the daemon's batcher does it, each path once: a short prompt alone (rows one
+    # at a time), then a prompt of GEMM_ROWS positions (gemms: its own kernels, 11 s of
+    # compiling on a cold cache, which a first long prompt or the first generation to pass
+    # the context paid in the batcher, silent past the heartbeat limit) joining a sequence
+    # that decodes, in one pass, and decoding past the context, whose slide refeeds GEMM_ROWS
+    def opts(n: int) -> SamplingOptions:
+        return SamplingOptions(max_tokens=n, temperature=1.0, seed=0)
+
     for kind in dict.fromkeys(("float32", weights)):
         decoder = Decoder(model, kind)
-        for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):
-            seqs = [Sequence(model, p, opts) for p in prompts]
-            while not all(s.done for s in seqs):
-                decoder.advance([s for s in seqs if not s.done])
+        short = Sequence(model, [1, 2, 3], opts(3))
+        decoder.advance([short])
+        prompt = Sequence(model, list(range(1, GEMM_ROWS + 1)), opts(cfg.block_size))
+        seqs = [short, prompt]
+        while not all(s.done for s in seqs):
+            decoder.advance([s for s in seqs if not s.done])
 
 
 def warm_up(model_cfg, train_cfg, report: Callable[[str], None], weights: str = "float32") -> dict:
