@@ -88,16 +88,22 @@ class Api:
         self._loaded = None  # (key, Model) of the last model generate loaded by name
 
     def register(self, server) -> None:
-        quick = ["status", "stats", "train.start", "train.stop", "train.pause",
-                 "train.resume", "train.status", "train.config.get", "queue.list",
-                 "queue.retry", "model.info", "models.list", "model.show", "shutdown"]
+        # on the socket thread: only what reads the daemon's memory (a ping waits behind them)
+        quick = ["train.start", "train.stop", "train.pause", "train.resume", "train.status",
+                 "train.config.get", "model.info", "shutdown"]
         for op in quick:
             server.register(op, self._handler(op))
         server.add_pool("control", workers=1, max_pending=32)  # generations never starve these
         # each writes a file durably (fsync): never on the socket thread
-        for op in ("queue.add", "train.config.set", "model.save", "checkpoint", "model.create", "model.rm",
-                   "model.use"):
+        for op in ("queue.add", "queue.retry", "train.config.set", "model.save", "checkpoint", "model.create",
+                   "model.rm", "model.use"):
             server.register(op, self._handler(op), blocking=True, pool="control")
+        # each reads the disk or /proc, in proportion to the queue or the models: queue.list of
+        # 1,000 files took 100-290 ms on the socket thread under issue 11's attack (its lstats and
+        # reason files, each giving the GIL up and waiting to take it back), status 10-20 ms
+        server.add_pool("reads", workers=1, max_pending=32)
+        for op in ("status", "stats", "queue.list", "models.list", "model.show"):
+            server.register(op, self._handler(op), blocking=True, pool="reads")
         # a 16 MiB text takes seconds to tokenize: never on the socket thread, one at a time
         server.add_pool("tokens", workers=1, max_pending=4)
         for op in ("tokenize", "detokenize", "queue.show"):   # queue.show preprocesses a file

@@ -33,6 +33,7 @@ IPC_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1
 POLL_MS = 100               # loop turn when idle: bounds heartbeat and stop latency
 BACKLOG_POLL_MS = 10        # loop turn while some client's queue is full
 RECV_BATCH = 64             # messages taken from one socket per turn, for fairness
+OUTBOX_BATCH = 256          # workers' replies and events sent per turn, likewise
 # A frame larger than this is not decoded on the socket thread: its id and op are read (the
 # rest skipped, allocating nothing) and a pool worker decodes and checks it. Ops served inline
 # take small arguments only, so they refuse such a frame. Below it, decoding and checking take
@@ -513,7 +514,7 @@ class Server:
         for sock, _ in self._routers:
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        drain_deadline = None
+        drain_deadline, more = None, False
         log.info("serving on %s (events on %s)%s", self.endpoint, self.events_endpoint,
                  f", CURVE on {self.tcp_endpoint}" if self.tcp_endpoint else "")
         while True:
@@ -526,7 +527,7 @@ class Server:
                     (not self._active and self._outbox.empty() and not self._backlog)
                     or time.monotonic() > drain_deadline):
                 break
-            ready = dict(poller.poll(BACKLOG_POLL_MS if self._backlog else POLL_MS))
+            ready = dict(poller.poll(0 if more else BACKLOG_POLL_MS if self._backlog else POLL_MS))
             if heartbeat is not None:
                 heartbeat()
             for route, (sock, transport) in enumerate(self._routers):
@@ -538,7 +539,7 @@ class Server:
                         pass
                 except BlockingIOError:
                     pass
-            self._drain_outbox()
+            more = self._drain_outbox()
             if self._backlog:
                 self._flush_backlog()
         if self._active:
@@ -659,12 +660,14 @@ class Server:
             self._active[key] = job
             pool.submit(job)
 
-    def _drain_outbox(self) -> None:
-        while True:
+    def _drain_outbox(self) -> bool:
+        """Sends what the workers posted, OUTBOX_BATCH items at most (a burst of events must not
+        keep the requests waiting); returns whether some are left for the next turn."""
+        for _ in range(OUTBOX_BATCH):
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
-                return
+                return False
             kind = item[0]
             if kind == "send":
                 self._send(item[1], item[2], item[3])
@@ -679,6 +682,7 @@ class Server:
                 item[2].accepted -= 1
             elif kind == "malformed":
                 self._malformed(item[1])
+        return not self._outbox.empty()
 
     def _send(self, client: tuple, envelope: list[bytes], frame: bytes) -> None:
         parts = [client[1], *envelope, frame]
