@@ -149,8 +149,9 @@ class Workspace:
     layer). head_rows: the fused head's chunk of logits (None: all B * T rows, as
     Model.forward_into needs; the trainer passes head_chunk_rows). bf16: also the bfloat16
     scratch the mixed-precision passes round their products' inputs into (h_in, h_out: 2 bytes
-    per element, 4 N C + max(4 N C, R V) of them) and the softmax in bfloat16 (att_h, in place
-    of float32's att); without it they are empty.
+    per element, 4 N C + max(4 N C, R V) of them), the softmax in bfloat16 (att_h, in place
+    of float32's att) and the products' inputs (acts_h, in place of float32's ln1, atty, ln2,
+    fch_gelu); without it they are empty.
     """
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
@@ -177,14 +178,16 @@ class Workspace:
         N = B * T
         Lc = 1 if self.checkpointing else L
         R = N if self.head_rows is None else max(1, min(N, self.head_rows))
+        # bf16 keeps the softmax in att_h and the products' inputs in acts_h: att is then one
+        # head's float32 scratch, atty one layer's, and ln1, ln2, fch_gelu go unused
+        Lf = 1 if self.bf16 else Lc
         return dict(
             encoded=(N, C),
-            ln1=(Lc, N, C), ln1_mean=(Lc, N), ln1_rstd=(Lc, N),
-            # bf16 keeps the softmax in att_h; att is then one head's float32 scratch
+            ln1=(Lf, N, C), ln1_mean=(Lc, N), ln1_rstd=(Lc, N),
             qkv=(Lc, B, T, 3 * C), att=(1, 1, 1, T, T) if self.bf16 else (Lc, B, NH, T, T),
-            atty=(Lc, B, T, C), residual2=(Lc, N, C),
-            ln2=(Lc, N, C), ln2_mean=(Lc, N), ln2_rstd=(Lc, N),
-            fch=(Lc, N, 4 * C), fch_gelu=(Lc, N, 4 * C),
+            atty=(Lf, B, T, C), residual2=(Lc, N, C),
+            ln2=(Lf, N, C), ln2_mean=(Lc, N), ln2_rstd=(Lc, N),
+            fch=(Lc, N, 4 * C), fch_gelu=(Lf, N, 4 * C),
             residual3=(L, N, C),
             lnf=(N, C), lnf_mean=(N,), lnf_rstd=(N,),
             logits=(R, V),  # a chunk of rows: logits, then probabilities, then dlogits, in place
@@ -194,14 +197,15 @@ class Workspace:
         )
 
     def _sizes_h(self, B: int) -> dict[str, int]:
-        """Elements of the bfloat16 buffers (Buffers.h_in, h_out, att_h) for B rows."""
+        """Elements of the bfloat16 buffers (Buffers.h_in, h_out, att_h, acts_h) for B rows."""
         if not self.bf16:
-            return dict(h_in=0, h_out=0, att_h=0)
+            return dict(h_in=0, h_out=0, att_h=0, acts_h=0)
         cfg, T = self.cfg, self.T
         N, C, V = B * T, cfg.n_embd, cfg.vocab_size
         R = N if self.head_rows is None else max(1, min(N, self.head_rows))
         Lc = 1 if self.checkpointing else cfg.n_layer
-        return dict(h_in=4 * N * C, h_out=max(4 * N * C, R * V), att_h=Lc * B * cfg.n_head * T * T)
+        return dict(h_in=4 * N * C, h_out=max(4 * N * C, R * V), att_h=Lc * B * cfg.n_head * T * T,
+                    acts_h=Lc * 7 * N * C)
 
     def use(self, B: int) -> "Workspace":
         """Carves the buffers for B rows (B <= capacity), each contiguous, from the one allocation."""

@@ -16,6 +16,7 @@ from numba import types
 from numba.extending import overload
 
 from ._jit import kernel
+from .bf16 import bf16_of
 
 GELU_K = math.sqrt(2.0 / math.pi)
 
@@ -87,6 +88,40 @@ def gelu_forward_grad(out, dgelu, inp):
         g, d = gelu_scalar(x_flat[i])
         o_flat[i] = g
         g_flat[i] = d
+
+
+@kernel
+def gelu_forward_grad_h(out_h, dgelu, inp):
+    """gelu_forward_grad for the trainer's bfloat16 products: out_h (uint16) receives gelu(inp)
+    rounded to bfloat16 (nearest even), the only form its consumer (a product) reads; dgelu =
+    gelu'(inp) in float32. float32 inp only."""
+    x_flat, o_flat, g_flat = inp.reshape(-1), out_h.reshape(-1), dgelu.reshape(-1)
+    for i in range(x_flat.size):
+        g, d = gelu_scalar(x_flat[i])
+        o_flat[i] = bf16_of(g)
+        g_flat[i] = d
+
+
+@kernel
+def gelu_backward_h(dinp_h, dbias, dout, dgelu):
+    """The GELU backward fused with what follows it in the trainer's bfloat16 pass: d pre =
+    dout * dgelu (dgelu = gelu'(pre), saved by the forward), rounded into dinp_h [N, M]
+    (uint16) for the products, and summed over rows into dbias [M] (the preceding layer's bias
+    gradient, =, float32, rows in order). dout, dgelu [N, M] float32."""
+    N, M = dout.shape
+    dbias[:] = 0.0
+    for n in range(N):
+        d, g, h = dout[n], dgelu[n], dinp_h[n]
+        if n == 0:
+            for j in range(M):
+                x = d[j] * g[j]
+                h[j] = bf16_of(x)
+                dbias[j] = x
+        else:
+            for j in range(M):
+                x = d[j] * g[j]
+                h[j] = bf16_of(x)
+                dbias[j] += x
 
 
 @kernel

@@ -7,6 +7,7 @@ kernel is compiled fresh or loaded from the cache, inlined or not.
 import numpy as np
 
 from ._jit import kernel
+from .bf16 import bf16_of
 from .vecmath import row_dot_centered, row_sum
 
 
@@ -22,6 +23,24 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
         s = inp.dtype.type(1.0 / np.sqrt(var + eps))
         for c in range(C):
             out[n, c] = (inp[n, c] - m) * s * weight[c] + bias[c]
+        mean[n] = m
+        rstd[n] = s
+
+
+@kernel
+def layernorm_forward_h(out_h, mean, rstd, inp, weight, bias, eps):
+    """layernorm_forward for the trainer's bfloat16 products: out_h [N, C] (uint16) receives
+    the output rounded to bfloat16 (nearest even), the only form its consumers (the products)
+    read; mean and rstd as layernorm_forward's, bit for bit. float32 inp only."""
+    N, C = inp.shape
+    inv_c = inp.dtype.type(1.0 / C)
+    for n in range(N):
+        m = row_sum(inp[n]) * inv_c
+        var = row_dot_centered(inp[n], m, inp[n], m) * inv_c
+        s = inp.dtype.type(1.0 / np.sqrt(var + eps))
+        oh, x = out_h[n], inp[n]
+        for c in range(C):
+            oh[c] = bf16_of((x[c] - m) * s * weight[c] + bias[c])
         mean[n] = m
         rstd[n] = s
 

@@ -19,7 +19,7 @@ trainer keeps such copies, refreshed from the weights every step.
 import numpy as np
 
 from ._jit import kernel
-from .bf16 import to_bf16
+from .bf16 import bf16_of, to_bf16
 from .blas import gemm, gemm_bf16
 
 
@@ -32,7 +32,8 @@ def gemm_rounding_a(trans_a, trans_b, alpha, a, a_h, b_h, beta, c):
 
 
 @kernel
-def linear_forward(out, inp, weight, bias, residual, weight_ht, inp_h):
+def _seed(out, bias, residual):
+    """out = bias (+ residual): the forward's products then accumulate onto it."""
     N, M = out.shape
     if residual.shape[0]:
         for n in range(N):
@@ -42,10 +43,23 @@ def linear_forward(out, inp, weight, bias, residual, weight_ht, inp_h):
     else:
         for n in range(N):
             out[n, :] = bias
+
+
+@kernel
+def linear_forward(out, inp, weight, bias, residual, weight_ht, inp_h):
+    _seed(out, bias, residual)
     if weight_ht.shape[0]:
         gemm_rounding_a(False, True, 1.0, inp, inp_h, weight_ht, 1.0, out)
     else:
         gemm(False, False, 1.0, inp, weight, 1.0, out)
+
+
+@kernel
+def linear_forward_h(out, inp_h, bias, residual, weight_ht):
+    """linear_forward in bfloat16 on an input already rounded (inp_h [N, K] uint16, written so
+    by its producer): out = inp_h weight + bias (+ residual), float32."""
+    _seed(out, bias, residual)
+    gemm_bf16(False, True, 1.0, inp_h, weight_ht, 1.0, out)
 
 
 @kernel
@@ -91,6 +105,35 @@ def linear_backward(dinp, dweight, dbias, dout, inp, weight, weight_t, weight_h,
         gemm(False, False, 1.0, dout, weight_t, 0.0, dinp)
     else:
         gemm(False, True, 1.0, dout, weight, 0.0, dinp)
+
+
+@kernel
+def round_rows_sum(dout_h, dsum, dout):
+    """dout_h = dout rounded to bfloat16 (nearest even), and dsum = the sum of dout's rows
+    (float32, rows in order, =), in one pass. dout [N, M] float32, dout_h [N, M] uint16."""
+    N, M = dout.shape
+    dsum[:] = 0.0
+    for n in range(N):
+        d, h = dout[n], dout_h[n]
+        if n == 0:
+            for j in range(M):
+                h[j] = bf16_of(d[j])
+                dsum[j] = d[j]
+        else:
+            for j in range(M):
+                h[j] = bf16_of(d[j])
+                dsum[j] += d[j]
+
+
+@kernel
+def linear_backward_h(dinp, dweight, dbias, dout, inp_h, weight_h, dout_h, rounded):
+    """linear_backward in bfloat16 on the forward's rounded input inp_h [N, K]: dout rounded
+    into dout_h [N, M] and dbias summed in one pass, unless rounded (the caller did both, as
+    gelu_backward_h does); then dweight = inp_h^T dout_h, dinp = dout_h weight_h^T."""
+    if not rounded:
+        round_rows_sum(dout_h, dbias, dout)
+    gemm_bf16(True, False, 1.0, inp_h, dout_h, 0.0, dweight)
+    gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
 
 
 @kernel

@@ -34,11 +34,12 @@ from .attention import attention_backward, attention_backward_bf16, attention_fo
 from .blas import gemm
 from .crossentropy import crossentropy_backward, crossentropy_forward
 from .embedding import embedding_backward, embedding_forward
-from .gelu import gelu_forward_grad, mul_inplace
-from .layernorm import layernorm_backward, layernorm_forward
+from .gelu import gelu_backward_h, gelu_forward_grad, gelu_forward_grad_h, mul_inplace
+from .layernorm import layernorm_backward, layernorm_forward, layernorm_forward_h
 from .bf16 import to_bf16
 from .blas import gemm_bf16
-from .linear import gemm_rounding_a, linear_backward, linear_forward, transpose, weight_grad
+from .linear import (gemm_rounding_a, linear_backward, linear_backward_h, linear_forward, linear_forward_h, transpose,
+                     weight_grad)
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -66,6 +67,8 @@ Buffers = namedtuple("Buffers", [
     "h_in", "h_out",                    # bfloat16 scratch (uint16): [N 4C] a product's input,
                                         # [max(N 4C, R V)] a gradient operand; [0] for float32
     "att_h",                            # [Lc B NH T T] the softmax in bfloat16 (uint16); [0] for float32
+    "acts_h",                           # [Lc N 7C] the products' inputs in bfloat16 (uint16): per
+                                        # layer ln1 | atty | ln2 | fch_gelu; [0] for float32
 ])
 
 
@@ -93,6 +96,19 @@ def _att_h(buf, la, n_head):
     B, T = buf.qkv.shape[1], buf.qkv.shape[2]
     per = B * n_head * T * T
     return buf.att_h[la * per:(la + 1) * per].reshape((B, n_head, T, T))
+
+
+@kernel
+def _acts_h(buf, la):
+    """Layer slot la's products' inputs in bfloat16: ln1 [N, C], atty [N, C], ln2 [N, C],
+    fch_gelu [N, 4C] (bf16 workspaces only)."""
+    N, C = buf.encoded.shape
+    at = la * 7 * N * C
+    ln1 = buf.acts_h[at:at + N * C].reshape((N, C))
+    atty = buf.acts_h[at + N * C:at + 2 * N * C].reshape((N, C))
+    ln2 = buf.acts_h[at + 2 * N * C:at + 3 * N * C].reshape((N, C))
+    fch_gelu = buf.acts_h[at + 3 * N * C:at + 7 * N * C].reshape((N, 4 * C))
+    return ln1, atty, ln2, fch_gelu
 
 
 @kernel
@@ -131,11 +147,7 @@ def block_forward(buf, l, x, flat, flat_h, offs, n_head, write_output):
     layernorm_forward(ln1, buf.ln1_mean[la], buf.ln1_rstd[la], x, _vec(flat, o[0], C), _vec(flat, o[1], C), LN_EPS)
     linear_forward(qkv.reshape((N, 3 * C)), ln1, W(2, C, 3 * C), _vec(flat, o[3], 3 * C), buf.empty,
                    Wht(2, C, 3 * C), h(C))
-    if flat_h.size:  # qkv rounded into the idle input scratch
-        attention_forward_bf16(atty, _att_h(buf, la, n_head), buf.att[0, 0, 0], qkv,
-                               h(3 * C).reshape(qkv.shape), n_head)
-    else:
-        attention_forward(atty, buf.att[la], qkv, n_head)                        # (B, T, C)
+    attention_forward(atty, buf.att[la], qkv, n_head)                            # (B, T, C)
     linear_forward(res2, atty.reshape((N, C)), W(4, C, C), _vec(flat, o[5], C), x, Wht(4, C, C), h(C))  # x + attn
     ln2, fch, fch_gelu = buf.ln2[la], buf.fch[la], buf.fch_gelu[la]
     layernorm_forward(ln2, buf.ln2_mean[la], buf.ln2_rstd[la], res2, _vec(flat, o[6], C), _vec(flat, o[7], C), LN_EPS)
@@ -178,13 +190,67 @@ def block_backward(buf, l, x, flat, flat_t, flat_h, offs, grad, n_head):
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
     linear_backward(dtmp, dW(4, C, C), db(5, C), dx, buf.atty[la].reshape((N, C)), W(4, C, C), Wt(4, C, C),
                     Wh(4, C, C), hi(C), ho(C))
-    if flat_h.size:
-        attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
-                                hi(3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
-    else:
-        attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
+    attention_backward(buf.dqkv, dtmp.reshape((B, T, C)), qkv, buf.att[la], n_head)
     linear_backward(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), buf.ln1[la],
                     W(2, C, 3 * C), Wt(2, C, 3 * C), Wh(2, C, 3 * C), hi(C), ho(3 * C))
+    layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
+
+
+@kernel
+def block_forward_h(buf, l, x, flat, flat_h, offs, n_head, write_output):
+    """block_forward with bfloat16 products (flat_h not empty): the same math, but each
+    product's input is written in bfloat16 by its producer (layer norm, attention, GELU) into
+    layer slot l's acts_h, where the backward finds it again, and the float32 activations
+    that only products read (ln1, atty, ln2, fch_gelu) are not kept (their buffers hold one
+    slot of scratch)."""
+    la = l % buf.ln1_mean.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    Wht = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, True)  # noqa: E731 - weight k's bf16 transpose
+    b = lambda k, n: _vec(flat, o[k], n)                                  # noqa: E731
+    ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
+    qkv, atty, res2 = buf.qkv[la], buf.atty[0], buf.residual2[la]
+    layernorm_forward_h(ln1_h, buf.ln1_mean[la], buf.ln1_rstd[la], x, b(0, C), b(1, C), LN_EPS)
+    linear_forward_h(qkv.reshape((N, 3 * C)), ln1_h, b(3, 3 * C), buf.empty, Wht(2, C, 3 * C))
+    attention_forward_bf16(atty, _att_h(buf, la, n_head), buf.att[0, 0, 0], qkv,
+                           _h(buf.h_in, N, 3 * C).reshape(qkv.shape), n_head)       # (B, T, C)
+    to_bf16(atty_h, atty.reshape((N, C)))
+    linear_forward_h(res2, atty_h, b(5, C), x, Wht(4, C, C))                          # x + attn
+    layernorm_forward_h(ln2_h, buf.ln2_mean[la], buf.ln2_rstd[la], res2, b(6, C), b(7, C), LN_EPS)
+    linear_forward_h(buf.dfch, ln2_h, b(9, 4 * C), buf.empty, Wht(8, C, 4 * C))      # pre-activation (N, 4C)
+    gelu_forward_grad_h(fch_gelu_h, buf.fch[la], buf.dfch)
+    if write_output:
+        linear_forward_h(buf.residual3[l], fch_gelu_h, b(11, C), res2, Wht(10, 4 * C, C))
+
+
+@kernel
+def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head):
+    """block_backward with bfloat16 products, after block_forward_h: each gradient that feeds
+    products is rounded once, with its bias gradient summed in the same pass."""
+    la = l % buf.ln1_mean.shape[0]
+    N, C = x.shape
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    qkv = buf.qkv[la]
+    B, T = qkv.shape[0], qkv.shape[1]
+    dx, dtmp = buf.dresidual, buf.dtmp
+    Wh = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, False)  # noqa: E731 - weight k in bfloat16
+    dW = lambda k, rows, cols: _mat(grad, o[k], rows, cols)             # noqa: E731 - its gradient
+    db = lambda k, n: _vec(grad, o[k], n)                               # noqa: E731
+    ho = lambda cols: _h(buf.h_out, N, cols)                            # noqa: E731 - a gradient in bf16
+    ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
+    # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
+    linear_backward_h(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False)
+    # fch_gelu = gelu(pre): d pre = gelu'(pre) d fch_gelu, rounded, and the c_fc bias gradient
+    gelu_backward_h(ho(4 * C), db(9, 4 * C), buf.dfch, buf.fch[la])
+    linear_backward_h(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True)
+    layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
+                       buf.ln2_mean[la], buf.ln2_rstd[la])
+    # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
+    linear_backward_h(dtmp, dW(4, C, C), db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False)
+    attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
+                            _h(buf.h_in, N, 3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
+    linear_backward_h(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
+                      Wh(2, C, 3 * C), ho(3 * C), False)
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 
@@ -231,7 +297,10 @@ def trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head):
     embedding_forward(buf.encoded.reshape((B, T, C)), idx, _mat(flat, offs[0], V, C), wpe, 0)
     x = buf.encoded
     for l in range(L):
-        block_forward(buf, l, x, flat, flat_h, offs, n_head, True)
+        if flat_h.size:
+            block_forward_h(buf, l, x, flat, flat_h, offs, n_head, True)
+        else:
+            block_forward(buf, l, x, flat, flat_h, offs, n_head, True)
         x = buf.residual3[l]
     layernorm_forward(buf.lnf, buf.lnf_mean, buf.lnf_rstd, x, _vec(flat, offs[2], C), _vec(flat, offs[3], C), LN_EPS)
 
@@ -319,7 +388,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h,
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
     V = buf.logits.shape[1]
-    Lc = buf.ln1.shape[0]
+    Lc = buf.ln1_mean.shape[0]
     # gradients that kernels accumulate into (+=) start at zero; gemms write the others whole
     for l in range(L):
         o = offs[4 + 12 * l:4 + 12 * (l + 1)]
@@ -338,7 +407,13 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h,
         if Lc < L and l < L - 1:
             # checkpointing: slot 0 holds layer L-1's activations; recompute layer l's from its
             # saved input (its output, residual3[l], is already kept)
-            block_forward(buf, l, x_in, flat, flat_h, offs, n_head, False)
-        block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
+            if flat_h.size:
+                block_forward_h(buf, l, x_in, flat, flat_h, offs, n_head, False)
+            else:
+                block_forward(buf, l, x_in, flat, flat_h, offs, n_head, False)
+        if flat_h.size:
+            block_backward_h(buf, l, x_in, flat, flat_h, offs, grad, n_head)
+        else:
+            block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
     return total
