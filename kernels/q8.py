@@ -171,42 +171,44 @@ def quantize_weight(wu, ws, w, transposed):
 
 
 @inline
-def _quantize_rows(xq, xs, xc, x):
-    N, K = x.shape
-    Kp = xq.shape[1]
-    for n in range(N):
-        for g in range(Kp // GROUP):
-            a, b = g * GROUP, min((g + 1) * GROUP, K)
-            amax = np.float32(0.0)
-            for k in range(a, b):
-                amax = max(amax, abs(x[n, k]))
-            s = amax / np.float32(127.0)
-            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-            xs[n, g] = s
-            total = 0
-            for k in range(a, b):
-                q = min(max(np.int32(np.rint(x[n, k] * inv)), -127), 127)
-                xq[n, k] = q
-                total += q
-            for k in range(max(a, b), (g + 1) * GROUP):
-                xq[n, k] = 0
-            xc[n, g] = -128 * total
+def _quantize_row(xq, xs, xc, x, n):
+    K = x.shape[1]
+    for g in range(xq.shape[1] // GROUP):
+        a, b = g * GROUP, min((g + 1) * GROUP, K)
+        amax = np.float32(0.0)
+        for k in range(a, b):
+            amax = max(amax, abs(x[n, k]))
+        s = amax / np.float32(127.0)
+        inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+        xs[n, g] = s
+        total = 0
+        for k in range(a, b):
+            q = min(max(np.int32(np.rint(x[n, k] * inv)), -127), 127)
+            xq[n, k] = q
+            total += q
+        for k in range(max(a, b), (g + 1) * GROUP):
+            xq[n, k] = 0
+        xc[n, g] = -128 * total
 
 
-@kernel
-def _quantize_rows_nogil(xq, xs, xc, x):
-    _quantize_rows(xq, xs, xc, x)
+# (each compiled form its own function: numba's cache keys compiled code by the function's
+# name, so two dispatchers of one function would load each other's code)
+@parallel_kernel
+def _quantize_rows_parallel(xq, xs, xc, x):
+    for n in prange(x.shape[0]):
+        _quantize_row(xq, xs, xc, x, n)
 
 
 @gil_kernel
 def _quantize_rows_gil(xq, xs, xc, x):
-    _quantize_rows(xq, xs, xc, x)
+    for n in range(x.shape[0]):
+        _quantize_row(xq, xs, xc, x, n)
 
 
 def quantize_rows(xq, xs, xc, x):
     """Activations x [N, K] -> xq [N, Kp] int8, xs [N, Kp/GROUP] float32 scales, xc [N, Kp/GROUP]
     int32 corrections (-128 times each group's sum of xq)."""
-    (_quantize_rows_nogil if xq.size >= 1 << 16 else _quantize_rows_gil)(xq, xs, xc, x)
+    (_quantize_rows_parallel if xq.size >= 1 << 16 else _quantize_rows_gil)(xq, xs, xc, x)
 
 
 def quantized_rows(x):
@@ -353,9 +355,13 @@ def _matmul_generic(out, xq, xs, xc, wu, ws):
 
 
 # Below this many multiply-adds a product runs on the calling thread: a parallel region costs
-# tens of microseconds to open, and on a loaded machine it waits for every thread's turn
-# (measured: the default model's int8 decoding fell from ~6,000 to 16 tokens/s on 2 busy cores).
-PARALLEL_MIN_MACS = 1 << 20
+# tens of microseconds to open when its threads sleep, and on a loaded machine it waits for
+# every thread's turn (measured: the default model's int8 decoding fell from ~6,000 to 16
+# tokens/s on 2 busy cores). The bound lies above the default shape's largest product (its
+# head, 128 x 4096 = 524,288: that whole model sits in L2, a product takes microseconds) and
+# below GPT-2 small's smallest (768 x 768 = 589,824, read from memory every token: 6.3 us on
+# 2 threads against 8.3 on one with the weights in cache, ~1.5 us of it the region's cost).
+PARALLEL_MIN_MACS = 560_000
 
 
 def q8_matmul(out, xq, xs, xc, w: Q8Weight) -> None:
@@ -370,38 +376,53 @@ def q8_matmul(out, xq, xs, xc, w: Q8Weight) -> None:
         _matmul_vnni_serial(out, xq, xs, xc, w.wu, w.ws)
 
 
-@gil_kernel
-def _linear_small(out, x, wu, ws, bias):
+def _linear_body(out, x, wu, ws, bias):
+    """out [N, M] = x @ w + bias, quantizing x first: one call per product (decoding steps run
+    dozens per token, so each numpy temporary and call counts)."""
     N, K = x.shape
     MB, K4, R, _ = wu.shape
     M = out.shape[1]
     xq = np.empty((N, K4 * 4), np.int8)
     xs = np.empty((N, K4 * 4 // GROUP), np.float32)
     xc = np.empty((N, K4 * 4 // GROUP), np.int32)
-    _quantize_rows(xq, xs, xc, x)
-    full = np.empty((N, MB * R), np.float32)
-    for mb in range(MB):
-        _vnni_block_rows(full, xq, xs, xc, wu, ws, mb)
     for n in range(N):
-        for m in range(M):
-            out[n, m] = full[n, m] + bias[m]
+        _quantize_row(xq, xs, xc, x, n)
+    full = np.empty((N, MB * R), np.float32)
+    for mb in prange(MB):
+        _vnni_block_rows(full, xq, xs, xc, wu, ws, mb)
+        for n in range(N):
+            for m in range(mb * R, min((mb + 1) * R, M)):
+                out[n, m] = full[n, m] + bias[m]
+
+
+_linear_rows = inline(_linear_body)
+
+
+@parallel_kernel
+def _linear_parallel(out, x, wu, ws, bias):
+    _linear_rows(out, x, wu, ws, bias)
+
+
+@gil_kernel
+def _linear_serial(out, x, wu, ws, bias):
+    _linear_rows(out, x, wu, ws, bias)
 
 
 def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
     """x [N, K] float32 -> x @ w + bias [N, M] through int8: quantize, multiply, add the bias.
 
-    A small product goes through one call holding the GIL (decoding steps: dozens per token,
-    each a few microseconds); a large one through quantize_rows and the parallel kernel."""
+    A small product runs holding the GIL on the calling thread (decoding steps of small
+    models: dozens per token, each a few microseconds); a large one on all threads. Either
+    way, each output element comes from the same instructions (exact)."""
     N = x.shape[0]
-    if VNNI and N * w.Mp * w.Kp < PARALLEL_MIN_MACS:
-        out = np.empty((N, w.M), np.float32)
-        _linear_small(out, x, w.wu, w.ws, bias)
-        return out
-    xq, xs, xc = quantized_rows(x)
-    full = np.empty((N, w.Mp), np.float32)
-    q8_matmul(full, xq, xs, xc, w)
-    out = full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])
-    out += bias
+    if not VNNI or N >= 64:   # (a prompt: its rows quantized on all threads first)
+        xq, xs, xc = quantized_rows(x)
+        full = np.empty((N, w.Mp), np.float32)
+        q8_matmul(full, xq, xs, xc, w)
+        return full[:, :w.M] + bias
+    out = np.empty((N, w.M), np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    (_linear_serial if N * w.Mp * w.Kp < PARALLEL_MIN_MACS else _linear_parallel)(out, x, w.wu, w.ws, bias)
     return out
 
 
