@@ -170,10 +170,53 @@ def quantize_weight(wu, ws, w, transposed):
                     wu[mb, k // 4, r, k % 4] = min(max(q, -127), 127) + 128
 
 
+@intrinsic
+def _quantize_group(typingctx, x, x_at, xq, q_at, xs, xc, g_at):
+    """One full group of GROUP activations x[x_at:] -> xq[q_at:], xs[g_at], xc[g_at], in LLVM
+    vector IR (the scalar loop below, which it equals exactly, ran at ~2.5 ns per activation:
+    LLVM neither vectorizes its max nor its rint)."""
+    sig = types.void(x, x_at, xq, q_at, xs, xc, g_at)
+
+    def codegen(context, builder, signature, args):
+        x_, x_at_, xq_, q_at_, xs_, xc_, g_at_ = args
+        ty = signature.args
+        f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
+        vf, vi, vb = ir.VectorType(f32, GROUP), ir.VectorType(i32, GROUP), ir.VectorType(i8, GROUP)
+        mod = builder.module
+
+        def fn(name, ret, *argtys):
+            return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, list(argtys)), name)
+
+        v = builder.load(builder.bitcast(_data_ptr(context, builder, ty[0], x_, x_at_), vf.as_pointer()), align=4)
+        amax = builder.call(fn(f"llvm.vector.reduce.fmax.v{GROUP}f32", f32, vf),
+                            [builder.call(fn(f"llvm.fabs.v{GROUP}f32", vf, vf), [v])])
+        scale = builder.fdiv(amax, ir.Constant(f32, 127.0))
+        inv = builder.select(builder.fcmp_ordered(">", scale, ir.Constant(f32, 0.0)),
+                             builder.fdiv(ir.Constant(f32, 1.0), scale), ir.Constant(f32, 0.0))
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), inv, ir.Constant(i32, 0)),
+                                       ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * GROUP))
+        q = builder.fptosi(builder.call(fn(f"llvm.rint.v{GROUP}f32", vf, vf), [builder.fmul(v, splat)]), vi)
+        q = builder.call(fn(f"llvm.smin.v{GROUP}i32", vi, vi, vi), [q, ir.Constant(vi, [127] * GROUP)])
+        q = builder.call(fn(f"llvm.smax.v{GROUP}i32", vi, vi, vi), [q, ir.Constant(vi, [-127] * GROUP)])
+        builder.store(builder.trunc(q, vb), builder.bitcast(_data_ptr(context, builder, ty[2], xq_, q_at_),
+                                                              vb.as_pointer()), align=1)
+        total = builder.call(fn(f"llvm.vector.reduce.add.v{GROUP}i32", i32, vi), [q])
+        builder.store(scale, _data_ptr(context, builder, ty[4], xs_, g_at_))
+        builder.store(builder.mul(total, ir.Constant(i32, -128)), _data_ptr(context, builder, ty[5], xc_, g_at_))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @inline
 def _quantize_row(xq, xs, xc, x, n):
     K = x.shape[1]
-    for g in range(xq.shape[1] // GROUP):
+    ng = xq.shape[1] // GROUP
+    full = K // GROUP
+    fx, fq, fs, fc = x.reshape(-1), xq.reshape(-1), xs.reshape(-1), xc.reshape(-1)
+    for g in range(full):
+        _quantize_group(fx, n * K + g * GROUP, fq, n * xq.shape[1] + g * GROUP, fs, fc, n * ng + g)
+    for g in range(full, ng):           # a last partial group (K not a multiple of GROUP)
         a, b = g * GROUP, min((g + 1) * GROUP, K)
         amax = np.float32(0.0)
         for k in range(a, b):
@@ -207,12 +250,13 @@ def _quantize_rows_gil(xq, xs, xc, x):
 
 def quantize_rows(xq, xs, xc, x):
     """Activations x [N, K] -> xq [N, Kp] int8, xs [N, Kp/GROUP] float32 scales, xc [N, Kp/GROUP]
-    int32 corrections (-128 times each group's sum of xq)."""
+    int32 corrections (-128 times each group's sum of xq); x C-contiguous."""
     (_quantize_rows_parallel if xq.size >= 1 << 16 else _quantize_rows_gil)(xq, xs, xc, x)
 
 
 def quantized_rows(x):
     """quantize_rows into fresh arrays: (xq, xs, xc)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     N, K = x.shape
     Kp = padded(K, GROUP)
     xq = np.empty((N, Kp), np.int8)
@@ -424,6 +468,20 @@ def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     (_linear_serial if N * w.Mp * w.Kp < PARALLEL_MIN_MACS else _linear_parallel)(out, x, w.wu, w.ws, bias)
     return out
+
+
+def quantized_rows_ref(x):
+    """numpy reference of quantized_rows (the same float32 operations)."""
+    N, K = x.shape
+    Kp = padded(K, GROUP)
+    xp = np.zeros((N, Kp), np.float32)
+    xp[:, :K] = x
+    g = xp.reshape(N, Kp // GROUP, GROUP)
+    xs = np.abs(g).max(axis=2) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(xs > 0, np.float32(1) / xs, np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint(g * inv[:, :, None]), -127, 127).astype(np.int8)
+    return xq.reshape(N, Kp), xs, -128 * xq.astype(np.int32).sum(axis=2)
 
 
 def q8_matmul_ref(xq, xs, w: Q8Weight) -> np.ndarray:
