@@ -120,15 +120,59 @@ def attention_backward(dqkv, dout, qkv, att, n_head):
             gemm(False, False, 1.0, d, q, 0.0, dqkv[b, :, C + h * hs:C + (h + 1) * hs])  # dk_s = sum_t dz[t, s] q_t
 
 
+CAUSAL_BLOCK = 128  # bfloat16 attention: queries (and keys) in blocks of this many; see below
+
+
+@inline_kernel
+def _causal_softmax_h(a, att, m, tot, block):
+    """Causal softmax of the scores a [T keys, T queries] (float32, computed where key block
+    <= query block, modified in place) down each column t over s <= t, rounded into att
+    (uint16). Row s is touched from its own block's first column lo on: the masked entries of
+    the diagonal blocks become -inf, then exactly 0; those left of it are never read. The
+    loops index views that start at lo from 0 (numba then knows no index is negative, and
+    LLVM vectorizes them: measured 3x faster than indexing from lo)."""
+    T = a.shape[0]
+    dt = a.dtype.type
+    m[:] = -np.inf
+    for s in range(T):
+        lo = s // block * block
+        row, mm = a[s, lo:], m[lo:]
+        for t in range(s - lo):
+            row[t] = -np.inf
+        for t in range(T - lo):
+            mm[t] = max(mm[t], row[t])
+    tot[:] = 0.0
+    for s in range(T):
+        lo = s // block * block
+        row, mm, tt = a[s, lo:], m[lo:], tot[lo:]
+        for t in range(T - lo):
+            e = fast_exp(row[t] - mm[t])
+            row[t] = e
+            tt[t] += e
+    for t in range(T):
+        tot[t] = dt(1.0) / tot[t]
+    for s in range(T):
+        lo = s // block * block
+        row, ah, tt = a[s, lo:], att[s, lo:], tot[lo:]
+        for t in range(T - lo):
+            ah[t] = bf16_of(row[t] * tt[t])
+
+
 @kernel
 def attention_forward_bf16(out, att_h, scores, qkv, qkv_h, n_head):
     """attention_forward with bfloat16 products: out [B, T, C] float32; att_h [B, NH, T, T]
-    the probabilities in bfloat16 (transposed, as att); scores [T, T] float32 scratch; qkv_h
-    [B, T, 3C] receives qkv rounded (nearest even)."""
+    the probabilities in bfloat16 (transposed, as att; defined where s <= t and in the diagonal
+    blocks, the only entries the backward reads); scores [T, T] float32 scratch; qkv_h
+    [B, T, 3C] receives qkv rounded (nearest even).
+
+    Causal blocks: query block j (CAUSAL_BLOCK queries) attends to keys 0 .. its end, so its
+    scores and its value product take only those rows: at T = 1024, 10 of 16 blocks' work
+    (56% of the square's at 128-blocks), the products and the softmax alike."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
     scale = 1.0 / math.sqrt(hs)
+    bs = CAUSAL_BLOCK
     to_bf16(qkv_h.reshape((B * T, C3)), qkv.reshape((B * T, C3)))
     m = np.empty(T, qkv.dtype)
     tot = np.empty(T, qkv.dtype)
@@ -137,26 +181,30 @@ def attention_forward_bf16(out, att_h, scores, qkv, qkv_h, n_head):
             q = qkv_h[b, :, h * hs:(h + 1) * hs]                    # (T, hs), row stride 3C
             k = qkv_h[b, :, C + h * hs:C + (h + 1) * hs]
             v = qkv_h[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
-            gemm_bf16(False, True, scale, k, q, 0.0, scores)        # scores[s, t] = scale k_s . q_t
-            _causal_exp_columns(scores, m, tot)
             a = att_h[b, h]
-            for s in range(T):                                      # normalized and rounded in one pass
-                row, ah = scores[s], a[s]
-                for t in range(T):
-                    ah[t] = bf16_of(row[t] * tot[t])
-            gemm_bf16(True, False, 1.0, a, v, 0.0, out[b, :, h * hs:(h + 1) * hs])   # y_t = sum_s att[s, t] v_s
+            for t0 in range(0, T, bs):                              # scores[s, t] = scale k_s . q_t, s < t1
+                t1 = min(t0 + bs, T)
+                gemm_bf16(False, True, scale, k[:t1], q[t0:t1], 0.0, scores[:t1, t0:t1])
+            _causal_softmax_h(scores, a, m, tot, bs)
+            y = out[b, :, h * hs:(h + 1) * hs]
+            for t0 in range(0, T, bs):                              # y_t = sum_{s <= t} att[s, t] v_s
+                t1 = min(t0 + bs, T)
+                gemm_bf16(True, False, 1.0, a[:t1, t0:t1], v[:t1], 0.0, y[t0:t1])
 
 
 @kernel
 def attention_backward_bf16(dqkv, dout, qkv, att_h, qkv_h, dout_h, d):
     """attention_backward with bfloat16 products, after attention_forward_bf16: att_h its
     probabilities; qkv_h [B, T, 3C] and dout_h [B, T, C] receive qkv and dout rounded; d
-    [T, T] float32 scratch. dqkv is written whole."""
+    [T, T] float32 scratch. dqkv is written whole. The same causal blocks as the forward:
+    products by query block read keys up to the block's end, by key block queries from the
+    block's start."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     n_head = att_h.shape[1]
     hs = C // n_head
     scale = np.float32(1.0 / math.sqrt(hs))
+    bs = CAUSAL_BLOCK
     to_bf16(qkv_h.reshape((B * T, C3)), qkv.reshape((B * T, C3)))
     to_bf16(dout_h.reshape((B * T, C)), dout.reshape((B * T, C)))
     d_h = np.empty((T, T), np.uint16)  # dz^T rounded, the operand of the last two products
@@ -167,20 +215,29 @@ def attention_backward_bf16(dqkv, dout, qkv, att_h, qkv_h, dout_h, d):
             k = qkv_h[b, :, C + h * hs:C + (h + 1) * hs]
             v = qkv_h[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
             dy = dout_h[b, :, h * hs:(h + 1) * hs]
+            dq = dqkv[b, :, h * hs:(h + 1) * hs]
+            dk = dqkv[b, :, C + h * hs:C + (h + 1) * hs]
+            dv = dqkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
             a = att_h[b, h]
-            gemm_bf16(False, True, 1.0, v, dy, 0.0, d)                                    # d[s, t] = v_s . dy_t
-            gemm_bf16(False, False, 1.0, a, dy, 0.0, dqkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs])  # dv
+            for t0 in range(0, T, bs):
+                t1 = min(t0 + bs, T)
+                gemm_bf16(False, True, 1.0, v[:t1], dy[t0:t1], 0.0, d[:t1, t0:t1])   # d[s, t] = v_s . dy_t
+                gemm_bf16(False, False, 1.0, a[t0:t1, t0:], dy[t0:], 0.0, dv[t0:t1])  # dv_s = sum_t att[s, t] dy_t
             w[:] = 0.0
+            for s in range(T):  # from each row's block on, by 0-based views (see _causal_softmax_h)
+                lo = s // bs * bs
+                row, ds, ww = a[s, lo:], d[s, lo:], w[lo:]
+                for t in range(T - lo):
+                    ww[t] += f32_of(row[t]) * ds[t]
             for s in range(T):
-                row, ds = a[s], d[s]
-                for t in range(T):
-                    w[t] += f32_of(row[t]) * ds[t]
-            for s in range(T):
-                row, ds, dh = a[s], d[s], d_h[s]
-                for t in range(T):
-                    dh[t] = bf16_of(scale * f32_of(row[t]) * (ds[t] - w[t]))
-            gemm_bf16(True, False, 1.0, d_h, k, 0.0, dqkv[b, :, h * hs:(h + 1) * hs])          # dq_t = sum_s dz[t, s] k_s
-            gemm_bf16(False, False, 1.0, d_h, q, 0.0, dqkv[b, :, C + h * hs:C + (h + 1) * hs])  # dk_s = sum_t dz[t, s] q_t
+                lo = s // bs * bs
+                row, ds, dh, ww = a[s, lo:], d[s, lo:], d_h[s, lo:], w[lo:]
+                for t in range(T - lo):
+                    dh[t] = bf16_of(scale * f32_of(row[t]) * (ds[t] - ww[t]))
+            for t0 in range(0, T, bs):
+                t1 = min(t0 + bs, T)
+                gemm_bf16(True, False, 1.0, d_h[:t1, t0:t1], k[:t1], 0.0, dq[t0:t1])   # dq_t = sum_s dz[t, s] k_s
+                gemm_bf16(False, False, 1.0, d_h[t0:t1, t0:], q[t0:], 0.0, dk[t0:t1])  # dk_s = sum_t dz[t, s] q_t
 
 
 def _heads(qkv, n_head):
@@ -225,6 +282,12 @@ def _bf16_values(h):
     return from_bf16_ref(h).astype(np.float64)
 
 
+def _causal_values(att_h):
+    """float64 values of att_h where a key s <= query t, 0 elsewhere (entries never read)."""
+    T = att_h.shape[-1]
+    return np.where(np.triu(np.ones((T, T), dtype=bool)), _bf16_values(att_h), 0.0)
+
+
 def _rounded(x):
     """x rounded to bfloat16, as float64 (the bf16 references' operands)."""
     from .bf16 import to_bf16_ref
@@ -240,7 +303,7 @@ def attention_forward_bf16_ref(out, att_h, qkv, n_head):
     att_h[...] = to_bf16_ref(att.astype(np.float32))
     B, T, C3 = qkv.shape
     v = _heads(_rounded(qkv), n_head)[2]
-    p = _bf16_values(att_h).transpose(0, 1, 3, 2)
+    p = _causal_values(att_h).transpose(0, 1, 3, 2)
     out[...] = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
 
 
@@ -250,7 +313,7 @@ def attention_backward_bf16_ref(dqkv, dout, qkv, att_h, n_head):
     C = C3 // 3
     hs = C // n_head
     q, k, v = _heads(_rounded(qkv), n_head)
-    p = _bf16_values(att_h).transpose(0, 1, 3, 2)
+    p = _causal_values(att_h).transpose(0, 1, 3, 2)
     dy = _rounded(dout).reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     dp = dy @ v.transpose(0, 1, 3, 2)
     dv = p.transpose(0, 1, 3, 2) @ dy
