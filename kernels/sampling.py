@@ -15,82 +15,106 @@ else is in the batch:
     renormalize; the token is the first id whose cumulative probability exceeds u * the total
     (numpy's Generator.choice(p=...) with its one rng.random() draw)
 """
+import numba
 import numpy as np
+from numba import prange
 
-from ._jit import kernel
+from ._jit import inline_kernel, kernel
 from .vecmath import exp_f32, exp_f32_ref
 
 
-@kernel
 def sample_rows(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
-    S, V = logits.shape
+    """tokens[s] = row s's next token. A batch's rows are shared among the threads (at GPT-2's
+    vocabulary a row takes ~0.2 ms); every row runs the same code either way (no fast-math:
+    the compiled loops compute the same values in both), so it samples what it would alone."""
+    args = (tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u)
+    if logits.shape[0] > 1 and logits.size >= 1 << 16:
+        _sample_rows_parallel(*args)
+    else:
+        _sample_rows_serial(*args)
+
+
+@kernel
+def _sample_rows_serial(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
+    for s in range(logits.shape[0]):
+        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def _sample_rows_parallel(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
+    for s in prange(logits.shape[0]):
+        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s)
+
+
+@inline_kernel
+def _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s):
+    V = logits.shape[1]
     x = np.empty(V, np.float64)
     probs = np.empty(V, np.float64)
     seen = np.zeros(V, np.bool_)
-    for s in range(S):
+    for i in range(V):
+        x[i] = logits[s, i]
+    pen = repeat_penalty[s]
+    if pen != 1.0:
+        a, b = offsets[s], offsets[s + 1]
+        for j in range(a, b):
+            t = recent[j]
+            if 0 <= t < V and not seen[t]:
+                seen[t] = True
+                x[t] = x[t] / pen if x[t] > 0 else x[t] * pen
+        for j in range(a, b):
+            t = recent[j]
+            if 0 <= t < V:
+                seen[t] = False
+    if temperature[s] == 0.0:
+        tokens[s] = np.argmax(x)
+        return
+    for i in range(V):
+        x[i] /= temperature[s]
+    k = top_k[s]
+    if k > 0 and k < V:
+        kth = np.partition(x, V - k)[V - k]
         for i in range(V):
-            x[i] = logits[s, i]
-        pen = repeat_penalty[s]
-        if pen != 1.0:
-            a, b = offsets[s], offsets[s + 1]
-            for j in range(a, b):
-                t = recent[j]
-                if 0 <= t < V and not seen[t]:
-                    seen[t] = True
-                    x[t] = x[t] / pen if x[t] > 0 else x[t] * pen
-            for j in range(a, b):
-                t = recent[j]
-                if 0 <= t < V:
-                    seen[t] = False
-        if temperature[s] == 0.0:
-            tokens[s] = np.argmax(x)
-            continue
-        for i in range(V):
-            x[i] /= temperature[s]
-        k = top_k[s]
-        if k > 0 and k < V:
-            kth = np.partition(x, V - k)[V - k]
-            for i in range(V):
-                if x[i] < kth:
-                    x[i] = -np.inf
-        top = np.max(x)
-        for i in range(V):
-            probs[i] = exp_f32(np.float32(x[i] - top))   # vectorizes; libm's float64 exp does not
-        total = 0.0
-        for i in range(V):
-            total += probs[i]
-        for i in range(V):
-            probs[i] /= total
-        if top_p[s] < 1.0:
-            order = np.argsort(-probs, kind="mergesort")   # stable: ties in id order
-            cumulative = 0.0
-            keep = V
-            for j in range(V):
-                cumulative += probs[order[j]]
-                if cumulative >= top_p[s]:
-                    keep = j + 1
-                    break
-            for j in range(keep, V):
-                probs[order[j]] = 0.0
-        if min_p[s] > 0.0:
-            floor = min_p[s] * np.max(probs)
-            for i in range(V):
-                if probs[i] < floor:
-                    probs[i] = 0.0
-        total = 0.0
-        for i in range(V):
-            total += probs[i]
-        target = u[s] * total
+            if x[i] < kth:
+                x[i] = -np.inf
+    top = np.max(x)
+    for i in range(V):
+        probs[i] = exp_f32(np.float32(x[i] - top))   # vectorizes; libm's float64 exp does not
+    total = 0.0
+    for i in range(V):
+        total += probs[i]
+    for i in range(V):
+        probs[i] /= total
+    if top_p[s] < 1.0:
+        order = np.argsort(-probs, kind="mergesort")   # stable: ties in id order
         cumulative = 0.0
-        choice = V - 1
-        for i in range(V):
-            cumulative += probs[i]
-            if cumulative > target:
-                choice = i
+        keep = V
+        for j in range(V):
+            cumulative += probs[order[j]]
+            if cumulative >= top_p[s]:
+                keep = j + 1
                 break
-        while probs[choice] == 0.0 and choice > 0:  # rounding at the very end: the last kept id
-            choice -= 1
-        tokens[s] = choice
+        for j in range(keep, V):
+            probs[order[j]] = 0.0
+    if min_p[s] > 0.0:
+        floor = min_p[s] * np.max(probs)
+        for i in range(V):
+            if probs[i] < floor:
+                probs[i] = 0.0
+    total = 0.0
+    for i in range(V):
+        total += probs[i]
+    target = u[s] * total
+    cumulative = 0.0
+    choice = V - 1
+    for i in range(V):
+        cumulative += probs[i]
+        if cumulative > target:
+            choice = i
+            break
+    while probs[choice] == 0.0 and choice > 0:  # rounding at the very end: the last kept id
+        choice -= 1
+    tokens[s] = choice
 
 
 def sample_row_ref(logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, u) -> int:

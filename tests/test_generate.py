@@ -153,6 +153,11 @@ def test_sample_rows_matches_reference(V):
             for s in range(S)]
     assert tokens.tolist() == want
     assert all(0 <= t < V for t in want)
+    from cllmd.kernels.sampling import _sample_rows_parallel, _sample_rows_serial
+    for rows in (_sample_rows_serial, _sample_rows_parallel):  # (a batch's rows on the threads or not)
+        again = np.empty(S, np.int64)
+        rows(again, logits, temperature, top_k, top_p, min_p, penalty, flat, offsets, u)
+        assert again.tolist() == want
 
 
 def test_generate_rejects_bad_options():
