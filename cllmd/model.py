@@ -149,7 +149,7 @@ class Workspace:
     layer). head_rows: the fused head's chunk of logits (None: all B * T rows, as
     Model.forward_into needs; the trainer passes head_chunk_rows). bf16: also the bfloat16
     scratch the mixed-precision passes round their products' inputs into (h_in, h_out: 2 bytes
-    per element, 4 N C + max(4 N C, R V) of them), the softmax in bfloat16 (att_h, in place
+    per element, 4 N C + max(4 N C, N V) of them), the softmax in bfloat16 (att_h, in place
     of float32's att) and the products' inputs (acts_h, in place of float32's ln1, atty, ln2,
     fch_gelu); without it they are empty.
     """
@@ -204,7 +204,7 @@ class Workspace:
         N, C, V = B * T, cfg.n_embd, cfg.vocab_size
         R = N if self.head_rows is None else max(1, min(N, self.head_rows))
         Lc = 1 if self.checkpointing else cfg.n_layer
-        return dict(h_in=4 * N * C, h_out=max(4 * N * C, R * V), att_h=Lc * B * cfg.n_head * T * T,
+        return dict(h_in=4 * N * C, h_out=max(4 * N * C, N * V), att_h=Lc * B * cfg.n_head * T * T,
                     acts_h=Lc * 7 * N * C)
 
     def use(self, B: int) -> "Workspace":

@@ -7,6 +7,7 @@ probs may alias logits: the forward overwrites each row in place.
 import numpy as np
 
 from ._jit import kernel
+from .bf16 import bf16_of
 from .vecmath import fast_exp, row_max, row_sum
 
 
@@ -45,6 +46,33 @@ def crossentropy_backward(dlogits, probs, targets, dlosses):
         for j in range(V):
             d[j] = p[j] * w
         d[targets[n]] -= w
+
+
+@kernel
+def crossentropy_forward_backward_h(dlogits_h, losses, logits, targets, dlosses):
+    """crossentropy_forward and crossentropy_backward in one pass per row, for the trainer's
+    bfloat16 head: losses [N], and dlogits rounded to bfloat16 (nearest even) into dlogits_h
+    [N, V] (uint16), the only form its consumers (the head's gradient products) read; the
+    probabilities are never stored. Each value is the same float32 arithmetic as the two
+    kernels': p = e / sum, d = p dlosses[n], d[y] -= dlosses[n]."""
+    N, V = logits.shape
+    e = np.empty(V, logits.dtype)
+    for n in range(N):
+        y = targets[n]
+        if y < 0 or y >= V:  # numba does not bounds-check
+            raise IndexError("cross-entropy: target id outside [0, vocab_size)")
+        row, h = logits[n], dlogits_h[n]
+        maxval = row_max(row)
+        losses[n] = maxval - row[y]
+        for j in range(V):
+            e[j] = fast_exp(row[j] - maxval)
+        total = row_sum(e)
+        inv = logits.dtype.type(1.0) / total
+        w = dlosses[n]
+        for j in range(V):
+            h[j] = bf16_of(e[j] * inv * w)
+        h[y] = bf16_of(e[y] * inv * w - w)
+        losses[n] += np.log(total)
 
 
 def crossentropy_forward_ref(probs, losses, logits, targets):

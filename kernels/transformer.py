@@ -14,7 +14,8 @@ below). Activations: a Buffers tuple; per-layer activations have a leading axis 
 with gradient checkpointing, when a block's activations are recomputed from its input (the
 residual stream, always kept per layer) just before its backward. The head and the
 cross-entropy run fused, R rows at a time (R = buf.logits.shape[0]), so the [N, V] logits
-never exist unless R = N (model_forward, which returns them, needs that).
+never exist unless R = N (model_forward, which returns them, needs that); in bfloat16 the
+training pass keeps their gradient, rounded, for all N rows (head_loss_h).
 
 Precision: the training passes take flat_h, the weight matrices in bfloat16 (uint16 bits,
 [2P]: each matrix at its own offset in [0, P), its transpose at P + offset; bf16_weights fills
@@ -32,7 +33,7 @@ import numpy as np
 from ._jit import kernel
 from .attention import attention_backward, attention_backward_bf16, attention_forward, attention_forward_bf16
 from .blas import gemm
-from .crossentropy import crossentropy_backward, crossentropy_forward
+from .crossentropy import crossentropy_backward, crossentropy_forward, crossentropy_forward_backward_h
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward_h, gelu_forward_grad, gelu_forward_grad_h, mul_inplace
 from .layernorm import layernorm_backward, layernorm_forward, layernorm_forward_h
@@ -65,7 +66,7 @@ Buffers = namedtuple("Buffers", [
     "dfch",                             # [N, 4C] pre-activation (forward); d fch_gelu, then d pre (backward)
     "empty",                            # [0, C]: "no residual" for linear_forward
     "h_in", "h_out",                    # bfloat16 scratch (uint16): [N 4C] a product's input,
-                                        # [max(N 4C, R V)] a gradient operand; [0] for float32
+                                        # [max(N 4C, N V)] a gradient operand; [0] for float32
     "att_h",                            # [Lc B NH T T] the softmax in bfloat16 (uint16); [0] for float32
     "acts_h",                           # [Lc N 7C] the products' inputs in bfloat16 (uint16): per
                                         # layer ln1 | atty | ln2 | fch_gelu; [0] for float32
@@ -337,6 +338,8 @@ def head_loss(buf, targets, mask, flat, flat_t, flat_h, offs, backward, scale, g
     gradients: grad's wte (written, = then +=) and d lnf into buf.dtmp, for the loss
     scale * sum(losses * mask). Shapes: targets, mask [N]; a chunk's logits [R, V].
     flat_h: the products in bfloat16 (see the module), or empty."""
+    if flat_h.size and backward:
+        return head_loss_h(buf, targets, mask, flat_h, offs, scale, grad)
     N, C = buf.lnf.shape
     R, V = buf.logits.shape
     wte = _mat(flat, offs[0], V, C)
@@ -366,6 +369,35 @@ def head_loss(buf, targets, mask, flat, flat_t, flat_h, offs, backward, scale, g
                 else:
                     gemm(True, False, 1.0, lg, x, 1.0, dwte)
                 gemm(False, False, 1.0, lg, wte, 0.0, buf.dtmp[r0:r1])                 # dlnf
+    return total
+
+
+@kernel
+def head_loss_h(buf, targets, mask, flat_h, offs, scale, grad):
+    """head_loss with backward, in bfloat16: lnf rounded once for all N rows; per chunk of R
+    rows the logits product, then the cross-entropy and its gradient in one pass, which keeps
+    only the gradient, rounded, for all N rows (h_out holds N V); then each of the head's two
+    gradient products runs once over all N rows (not per chunk, which re-read and re-wrote
+    the [V, C] gradient of wte for every chunk)."""
+    N, C = buf.lnf.shape
+    R, V = buf.logits.shape
+    x_h = _h(buf.h_in, N, C)
+    to_bf16(x_h, buf.lnf)
+    dlogits_h = _h(buf.h_out, N, V)
+    wte_h = _mat_h(flat_h, offs[0], V, C, False)
+    total = 0.0
+    for r0 in range(0, N, R):
+        r1 = min(r0 + R, N)
+        lg = buf.logits[:r1 - r0]
+        gemm_bf16(False, True, 1.0, x_h[r0:r1], wte_h, 0.0, lg)                        # logits = lnf wte^T
+        for n in range(r0, r1):
+            buf.dlosses[n] = mask[n] * scale
+        crossentropy_forward_backward_h(dlogits_h[r0:r1], buf.losses[r0:r1], lg, targets[r0:r1], buf.dlosses[r0:r1])
+        for n in range(r0, r1):
+            total += np.float64(buf.losses[n]) * mask[n]
+    # logits = lnf wte^T: dwte = dlogits^T lnf (the embedding adds to it later), dlnf = dlogits wte
+    gemm_bf16(True, False, 1.0, dlogits_h, x_h, 0.0, _mat(grad, offs[0], V, C))
+    gemm_bf16(False, True, 1.0, dlogits_h, _mat_h(flat_h, offs[0], V, C, True), 0.0, buf.dtmp)
     return total
 
 

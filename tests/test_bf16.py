@@ -312,6 +312,24 @@ def test_bf16_attention_matches_its_rounded_reference_and_float32(T):
     assert 1e-4 < np.linalg.norm(dqkv - d32) / np.linalg.norm(d32) < 2 * BF16_TOL
 
 
+def test_bf16_crossentropy_fused_is_the_two_kernels_rounded_bit_for_bit():
+    from cllmd.kernels import crossentropy
+    rng = np.random.default_rng(6)
+    N, V = 7, 301
+    logits = (3.0 * rng.normal(size=(N, V))).astype(np.float32)
+    targets, dlosses = rng.integers(0, V, N), rng.random(N).astype(np.float32)
+    losses, losses_h = np.empty(N, np.float32), np.empty(N, np.float32)
+    d = np.empty_like(logits)
+    crossentropy.crossentropy_forward(d, losses, logits, targets)
+    crossentropy.crossentropy_backward(d, d, targets, dlosses)
+    d_h = np.zeros((N, V), np.uint16)
+    crossentropy.crossentropy_forward_backward_h(d_h, losses_h, logits, targets, dlosses)
+    np.testing.assert_array_equal(losses_h, losses)
+    np.testing.assert_array_equal(d_h, _bf16_bits(d))
+    with pytest.raises(IndexError, match="target id"):
+        crossentropy.crossentropy_forward_backward_h(d_h, losses_h, logits, np.full(N, V), dlosses)
+
+
 def test_bf16_weights_are_each_matrix_rounded_and_transposed():
     from cllmd.model import Model, ModelConfig
     m = Model(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=20, block_size=5), seed=3)
