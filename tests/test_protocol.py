@@ -293,6 +293,21 @@ def test_validate_args_names_the_bad_field(args, fragment):
     assert fragment in e.value.message
 
 
+def test_validate_args_checks_long_id_arrays_by_chunks_and_names_the_first_bad_item():
+    # token ids are checked ITEM_CHUNK at a time in C; a bad item is still named exactly
+    from cllmd.protocol import ITEM_CHUNK
+    spec = OP_SPECS["detokenize"]
+    ids = list(range(1000)) * (3 * ITEM_CHUNK // 1000)
+    assert validate_args(spec, {"ids": ids}, "detokenize")["ids"] == list(range(1000)) * (3 * ITEM_CHUNK // 1000)
+    at = ITEM_CHUNK + 17
+    for bad, fragment in ((True, "must be an integer, got a boolean"), (1.0, "must be an integer, got a number"),
+                          ("7", "must be an integer, got a str"), (-1, "must be between 0 and 2147483647, got -1"),
+                          (2**70, f"must be between 0 and 2147483647, got {2**70}")):
+        with pytest.raises(ProtocolError) as e:
+            validate_args(spec, {"ids": ids[:at] + [bad] + ids[at:]}, "detokenize")
+        assert e.value.message == f"detokenize: argument 'ids' item {at} {fragment}", e.value.message
+
+
 def test_validate_args_strict_spec_refuses_unknown_arguments():
     with pytest.raises(ProtocolError) as e:
         validate_args(OP_SPECS["train.config.set"], {"lrr": 0.1}, "train.config.set")
