@@ -30,12 +30,6 @@ log = logging.getLogger("cllmd.daemon")
 # long, stops the watchdog pings: systemd then restarts the daemon.
 STALE_HEARTBEAT_SECONDS = 5.0
 SWITCH_INTERVAL = 5e-5           # see Daemon.start
-# Serving before training: the threads that train (node zero and the spheres) and ingest run
-# this much nicer than the socket loop, the request pools and the batcher, so that where cores
-# are short a ping or a decoding step does not wait for a training kernel to leave the CPU.
-# Nice only matters under contention: alone, training runs as fast. Threads inherit it from
-# the thread that creates them (the spheres a resize adds come from the training thread).
-BACKGROUND_NICE = 10
 
 
 class Heartbeats:
@@ -56,19 +50,6 @@ class Heartbeats:
         now = time.monotonic()
         with self._lock:
             return [n for n, t in self._beats.items() if now - t > limit]
-
-
-def run_in_background(native_id: int | None = None) -> None:
-    """Lowers a thread's priority (this thread's by default) by BACKGROUND_NICE, on Linux,
-    where nice is per thread; a refusal (a sandbox) is logged and changes nothing else."""
-    if sys.platform != "linux":   # elsewhere PRIO_PROCESS takes the id for a process's
-        return
-    tid = threading.get_native_id() if native_id is None else native_id
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except OSError as e:
-        log.warning("cannot lower the priority of thread %d (training then competes with serving "
-                    "for the cores): %s", tid, e)
 
 
 class _EventLogHandler(logging.Handler):
@@ -244,7 +225,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         self.server.starting = None
-        self._spawn("queue", self.watcher.run, background=True)
+        self._spawn("queue", self.watcher.run)
         self._start_trainer()
         self._spawn("batcher", self.batcher.run)
         sdnotify.ready()
@@ -302,12 +283,7 @@ class Daemon:
         """The active model's training thread, with a stop event of its own (a switch stops it)."""
         self.trainer_stop = stop = threading.Event()
         controller = self.controller
-
-        def run(_daemon_stop, beat) -> None:
-            for tid in controller.trainer.pool.native_ids():   # made by the thread that built it
-                run_in_background(tid)
-            controller.run(stop, beat)
-        self._spawn("trainer", run, background=True)
+        self._spawn("trainer", lambda _daemon_stop, beat: controller.run(stop, beat))
         self.trainer_thread = self.threads[-1]
 
     def train_on_existing(self) -> int:
@@ -321,7 +297,6 @@ class Daemon:
         q = self.settings.queue
 
         def run() -> None:
-            run_in_background()
             repeats, stored = RepeatedLines(), 0
             for name in names:
                 if self.stop_event.is_set():
@@ -418,16 +393,13 @@ class Daemon:
         return {"tcp": s.tcp or None, "events_tcp": s.events_tcp or None,
                 "curve": (secret_key, public, s.curve_authorized_keys_dir)}
 
-    def _spawn(self, name: str, target, background: bool = False) -> None:
+    def _spawn(self, name: str, target) -> None:
         beat = self.heartbeats.beater(name)
-        t = threading.Thread(target=self._guard, args=(name, target, beat, background), name=name,
-                             daemon=True)
+        t = threading.Thread(target=self._guard, args=(name, target, beat), name=name, daemon=True)
         t.start()
         self.threads.append(t)
 
-    def _guard(self, name, target, beat, background: bool) -> None:
-        if background:
-            run_in_background()
+    def _guard(self, name, target, beat) -> None:
         try:
             target(self.stop_event, beat)
         except Exception:

@@ -200,11 +200,6 @@ class SpherePool:
     def size(self) -> int:
         return len(self._threads)
 
-    def native_ids(self) -> list[int]:
-        """The operating system's ids of the worker threads (e.g. to set their priority)."""
-        with self._lock:
-            return [t.native_id for t in self._threads]
-
     def resize(self, threads: int) -> None:
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")

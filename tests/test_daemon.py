@@ -454,30 +454,6 @@ def test_daemon_answers_ping_while_a_big_tokenize_runs(daemon):
         ctx.destroy(0)
 
 
-def _thread_nices(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
-        except FileNotFoundError:   # a thread that just ended
-            continue
-        out.append(int(stat.rsplit(")", 1)[1].split()[16]))   # field 19 of proc(5): nice
-    return out
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice is read from Linux's /proc")
-def test_daemon_trains_and_ingests_nicer_than_it_serves(daemon):
-    # serving before training: node zero's thread, its 2 sphere threads and the queue's run
-    # BACKGROUND_NICE nicer; the socket loop, the request pools and the batcher as started
-    from cllmd.daemon import BACKGROUND_NICE
-    d = daemon("--train-threads", "2")
-    base = os.getpriority(os.PRIO_PROCESS, d.proc.pid)   # the main thread's
-    nices = wait_for(lambda: (n := _thread_nices(d.proc.pid)).count(min(19, base + BACKGROUND_NICE)) == 4 and n,
-                     30, "4 threads at the background priority")
-    assert sorted(set(nices)) == [base, min(19, base + BACKGROUND_NICE)], nices
-    assert d.client.request("ping")["pong"] is True
-
-
 def _poller(*socks):
     p = zmq.Poller()
     for s in socks:
