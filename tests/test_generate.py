@@ -329,6 +329,22 @@ def test_q8_kernel_matches_reference():
             np.testing.assert_array_equal(par, out)
 
 
+def test_q8_linear_without_vnni_gives_the_same_products(monkeypatch):
+    """q8_linear on a CPU without VNNI (the generic kernel, chosen by the module's flag) gives
+    the VNNI path's values, padding and bias included."""
+    from cllmd.kernels import q8
+    rng = np.random.default_rng(8)
+    W = rng.normal(size=(100, 70)).astype(np.float32)
+    w, bias = q8.Q8Weight(W), rng.normal(size=70).astype(np.float32)
+    x = rng.normal(size=(5, 100)).astype(np.float32)
+    fast = q8.q8_linear(x, w, bias)
+    monkeypatch.setattr(q8, "VNNI", False)
+    generic = q8.q8_linear(x, w, bias)
+    assert generic.shape == fast.shape == (5, 70)
+    np.testing.assert_allclose(generic, fast, rtol=1e-5, atol=1e-5 * np.abs(fast).max())
+    assert np.abs(generic - (x @ W + bias)).max() <= 0.02 * np.abs(x @ W).max()
+
+
 def test_q8_scales_round_to_float16_as_numpy_does():
     """The weights' scales: max|w| / 127 rounded to the nearest float16 (ties to even), as
     numpy's cast does, subnormals included; a scale beyond float16's range is refused."""
