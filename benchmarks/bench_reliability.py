@@ -1,6 +1,6 @@
 """Reliability benchmark: kill -9 campaign, hostile messages, hostile files (issue 11).
 
-    .venv/bin/python benchmarks/bench_reliability.py [--trials 20] [--messages 10000] [--big-mb 64] [--cold-cache]
+    .venv/bin/python benchmarks/bench_reliability.py [--trials 20] [--messages 10000] [--big-mb 64] [--cold-cache] [--keep]
 
 Runs a real `cllmd serve` (tiny bytes-tokenizer model, so restarts are quick) on temporary
 directories and attacks it three ways, then checks what it kept:
@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -389,6 +390,8 @@ def main() -> None:
     p.add_argument("--big-mb", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cold-cache", action="store_true", help="an empty numba cache, as at a first start")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the run's directory (the daemon's log, state, queue: ~400 MiB) for a look")
     a = p.parse_args()
     rng = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="cllmd-rel-", dir="/tmp"))
@@ -407,6 +410,10 @@ def main() -> None:
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+        if a.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run(d: Daemon, a, rng: random.Random, watchdog: NotifyListener) -> None:
