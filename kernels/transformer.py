@@ -19,12 +19,14 @@ training pass keeps their gradient, rounded, for all N rows (head_loss_h).
 
 Precision: the training passes take flat_h, the weight matrices in bfloat16 (uint16 bits,
 [2P]: each matrix at its own offset in [0, P), its transpose at P + offset; bf16_weights fills
-it once per step), or an empty array for float32. With it, every product of a weight matrix
-(the blocks' four and the tied head's) runs in bfloat16 with float32 accumulation
-(cllmd.kernels.linear), its activation rounded to bfloat16 into the workspace's h_in / h_out;
-attention's per-head T x T products run in bfloat16 too (attention_forward_bf16, its softmax
-kept in bfloat16 in att_h); the embeddings, layer norms, the softmax itself, GELU, the
-cross-entropy and every gradient stay float32. Empty flat_h: float32, the same calls as ever.
+it once per step), or an empty array for float32. With it, the blocks run as block_forward_h
+/ block_backward_h and the head as head_loss_h: every product of a weight matrix (the blocks'
+four and the tied head's) runs in bfloat16 with float32 accumulation (cllmd.kernels.linear),
+on inputs its producer wrote in bfloat16 (layer norm, attention, GELU into acts_h; each
+gradient rounded with its bias sum in one pass, into h_out); attention's per-head T x T
+products run in bfloat16 too (attention_forward_bf16, its softmax kept in bfloat16 in att_h).
+The embeddings, layer norm's and the softmax's arithmetic, GELU, the cross-entropy and every
+gradient stay float32. Empty flat_h: float32, block_forward / block_backward, as ever.
 """
 from collections import namedtuple
 
