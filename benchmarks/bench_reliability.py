@@ -102,8 +102,10 @@ def vm_hwm(pid: int, reset: bool = False) -> int:
     raise RuntimeError("no VmHWM")
 
 
-def write_big(path: Path, rng: random.Random, big_mb: int) -> None:
-    """A big text file, written in pieces under a hidden name, then renamed to `path`."""
+def write_big(path: Path, rng: random.Random, big_mb: int) -> tuple[bytes, int]:
+    """A big text file, written in pieces under a hidden name, then renamed to `path`; returns
+    (block, times): its content is block * times (the daemon may claim it at once, so it is
+    not read back)."""
     part = path.with_name("." + path.name + ".part")
     with open(part, "wb") as f:
         block = prose(rng, 20_000, "big file").encode()
@@ -112,6 +114,7 @@ def write_big(path: Path, rng: random.Random, big_mb: int) -> None:
             f.write(block)
             written += len(block)
     os.rename(part, path)
+    return block, written // len(block)
 
 
 def big_file_alone(d: Daemon, watchdog: NotifyListener, rng: random.Random, big_mb: int,
@@ -278,8 +281,8 @@ def hostile_files(d: Daemon, rng: random.Random, big_mb: int) -> list[tuple[str,
     drop(d, "utf16-nobom.txt", "hello there".encode("utf-16-le"))
     drop(d, "empty.txt", b"")
     drop(d, "spaces.txt", b" \n\t\n")
-    write_big(inc / "big.txt", rng, big_mb)
-    good.append(("big.txt", (inc / "big.txt").read_text()))
+    block, times = write_big(inc / "big.txt", rng, big_mb)
+    good.append(("big.txt", (block * times).decode()))
     for i in range(1000):   # a burst
         text = prose(rng, 60, f"burst file {i} {rng.random()}")
         drop(d, f"burst-{i:04d}.txt", text.encode())
