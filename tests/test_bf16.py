@@ -159,7 +159,7 @@ def test_bf16_gemm_beta_zero_on_a_large_output_keeps_mkls_bits():
                                                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                                                                  ctypes.c_void_p, ctypes.c_int64]
     rng = np.random.default_rng(13)
-    M, N = 768, 1024
+    M, N = 768, 2048
     assert M * N >= blas.STREAMING_CLEAR_MIN
     for K in (12, 256):
         for ta in (False, True):
