@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cllmd import __version__, sdnotify
 from cllm.durable import sweep_temps
+from cllmd.heap import return_large_blocks
 from cllmd.lockfile import AlreadyRunning, StateLock
 from cllmd.paths import Dirs, PathsError
 from cllmd.settings import SettingsError, add_arguments, load_settings, overrides_from_args
@@ -571,6 +572,7 @@ def serve(argv: list[str] | None = None) -> int:
     except AlreadyRunning as e:
         print(f"cllmd: {e}", file=sys.stderr)
         return 1
+    return_large_blocks()   # a large request's buffers leave no RSS behind (cllmd/heap.py)
     daemon = Daemon(dirs, settings, overrides)
     daemon.install_signals()
     from cllmd.models import ModelsError
