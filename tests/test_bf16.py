@@ -21,7 +21,9 @@ def _mkl_installed() -> bool:
 
 
 MKL_REASON = "MKL is not installed (pip install 'cllmd[mkl]')"
-requires_mkl = pytest.mark.skipif(not _mkl_installed(), reason=MKL_REASON)
+# installed and not turned off: CLLMD_NO_MKL in the test run's environment leaves it unloaded
+requires_mkl = pytest.mark.skipif(not _mkl_installed() or bool(os.environ.get("CLLMD_NO_MKL")),
+                                  reason=MKL_REASON + ", or CLLMD_NO_MKL is set")
 
 
 def bits(*u32) -> np.ndarray:
