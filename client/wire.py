@@ -77,9 +77,38 @@ def _to_plain(obj: Any) -> Any:
 ARRAY_CHUNK = 32768
 
 
+class PackedUints:
+    """A msgpack array of unsigned integers packed as it is built, for a value of ``encode``:
+    ``extend`` packs each chunk (numpy, by duck typing) at once, so a long array of ids never
+    exists whole, only its msgpack bytes (1-5 per item). ``nbytes``: the items' packed size."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nbytes = 0
+        self._pieces: list[bytes] = []
+        self._packer = msgpack.Packer()
+
+    def extend(self, chunk: Any) -> None:
+        n = len(chunk)
+        if n == 0:
+            return
+        if int(chunk.min()) < 0:
+            raise ValueError("PackedUints holds unsigned integers only")
+        if int(chunk.max()) < 128:   # all positive fixints: each item is its own byte
+            piece = chunk.astype("uint8").tobytes()
+        else:   # the items without the array header packb puts in front of them
+            items = chunk.tolist()
+            piece = self._packer.pack(items)[len(self._packer.pack_array_header(n)):]
+        self._pieces.append(piece)
+        self.count += n
+        self.nbytes += len(piece)
+
+
 def _has_long_array(obj: Any) -> bool:
     if isinstance(obj, Mapping):
         return any(_has_long_array(v) for v in obj.values())
+    if isinstance(obj, PackedUints):
+        return True
     return hasattr(obj, "tolist") and getattr(obj, "ndim", 0) == 1 and len(obj) > ARRAY_CHUNK
 
 
@@ -90,6 +119,9 @@ def _pack_pieces(obj: Any, packer: msgpack.Packer, out: list[bytes]) -> None:
         for key, value in obj.items():
             out.append(packer.pack(key))
             _pack_pieces(value, packer, out)
+    elif isinstance(obj, PackedUints):
+        out.append(packer.pack_array_header(obj.count))
+        out.extend(obj._pieces)
     elif hasattr(obj, "tolist") and getattr(obj, "ndim", 0) == 1 and len(obj) > ARRAY_CHUNK:
         out.append(packer.pack_array_header(len(obj)))
         for start in range(0, len(obj), ARRAY_CHUNK):

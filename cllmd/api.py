@@ -21,7 +21,7 @@ import psutil
 from cllm.catalogue import check_section
 from cllmd import __version__
 from cllmd.batching import KVCacheFull
-from cllmd.protocol import BAD_REQUEST, BUSY, NOT_FOUND, TOO_LARGE, ProtocolError
+from cllmd.protocol import BAD_REQUEST, BUSY, NOT_FOUND, TOO_LARGE, PackedUints, ProtocolError
 from cllmd.tokenizer import TokenizerError
 from cllmd.models import ModelsError, NoSuchModel
 from cllmd.queuedir import STATES, FileTooLarge, NotInQueue, QueueError
@@ -155,14 +155,21 @@ class Api:
     # ---- tokens ----------------------------------------------------------------------------------
 
     def tokenize(self, args) -> dict:
-        ids = self.s.tokenizer.encode(args["text"])
-        # the reply's size, known before anything is built: a msgpack uint takes 1, 2, 3 or 5 bytes
-        packed = len(ids) + int((ids > 127).sum() + (ids > 255).sum() + 2 * (ids > 65535).sum())
+        # the reply built a chunk of text at a time, straight into msgpack bytes: the ids of a
+        # 15 MiB text as one int32 array would be 60 MiB, their packed reply 15-30 MiB
         limit = self.s.server.max_message_bytes
+        ids, count, packed = PackedUints(), 0, 0
+        for chunk in self.s.tokenizer.encode_chunks(args["text"]):
+            count += len(chunk)
+            if packed + 64 <= limit:
+                ids.extend(chunk)
+                packed = ids.nbytes
+            else:   # over: only counted, for the message (a msgpack uint takes 1, 2, 3 or 5 bytes)
+                packed += len(chunk) + int((chunk > 127).sum() + (chunk > 255).sum() + 2 * (chunk > 65535).sum())
         if packed + 64 > limit:
-            raise ProtocolError(TOO_LARGE, f"{len(ids)} token ids take {packed} bytes, over the reply limit "
+            raise ProtocolError(TOO_LARGE, f"{count} token ids take {packed} bytes, over the reply limit "
                                            f"of {limit} bytes; tokenize the text in parts")
-        return {"count": len(ids), "ids": ids}  # the codec packs the array a chunk at a time
+        return {"count": count, "ids": ids}
 
     def detokenize(self, args) -> dict:
         return {"text": self.s.tokenizer.decode(args["ids"])}

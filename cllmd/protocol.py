@@ -15,7 +15,7 @@ from cllm.catalogue import (
 from cllm.wire import (  # noqa: F401  (re-exported: the daemon imports the codec from here)
     BAD_REQUEST, BUSY, CANCELLED, DEFAULT_MAX_MESSAGE_BYTES, ERROR_CODES, EVENT_TOPICS,
     IDEMPOTENT_OPS, INTERNAL, NOT_FOUND, PROTOCOL_VERSION,
-    STOP_REASONS, SUPPORTED_VERSIONS, TOO_LARGE, UNAVAILABLE, UNKNOWN_OP, VERSION, ProtocolError,
+    STOP_REASONS, SUPPORTED_VERSIONS, TOO_LARGE, UNAVAILABLE, UNKNOWN_OP, VERSION, PackedUints, ProtocolError,
     Reply, Request, decode, encode, error_from_exception,
     make_event, make_request, parse_event, parse_reply, parse_request, peek_envelope, peek_id, reply_error,
     reply_ok, request_from_map, stream_done, stream_token, valid_id,

@@ -73,6 +73,7 @@ class _Job:
     pool: "_Pool"
     state: str = "queued"
     frame: bytes | None = None        # still to decode (a large request), by the worker
+    nbytes: int = 0                   # the large request's frame size, held against its pool
 
 
 @dataclass
@@ -85,19 +86,24 @@ class _Op:
 
 
 class _Pool:
-    """A fixed set of worker threads and a bounded number of accepted jobs.
+    """A fixed set of worker threads and a bounded number of accepted jobs, and of the bytes
+    of their large request frames (each held whole, then decoded, while it runs or waits).
 
-    ``accepted`` (running + waiting) is counted by the socket thread alone: incremented on
-    submit, decremented when the job's "finished" notice comes back through the outbox.
+    ``accepted`` (running + waiting) and ``accepted_bytes`` are counted by the socket thread
+    alone: incremented on submit, decremented when the job's "finished" notice comes back
+    through the outbox (or when it is dropped before it started).
     """
 
-    def __init__(self, name: str, workers: int, max_pending: int, run: Callable[[_Job], None]):
+    def __init__(self, name: str, workers: int, max_pending: int, run: Callable[[_Job], None],
+                 max_bytes: int):
         if workers < 1:
             raise ValueError(f"pool {name!r}: workers must be >= 1, got {workers}")
         if max_pending < 0:
             raise ValueError(f"pool {name!r}: max_pending must be >= 0, got {max_pending}")
         self.name, self.workers, self.max_pending = name, workers, max_pending
+        self.max_bytes = max_bytes
         self.accepted = 0
+        self.accepted_bytes = 0
         self.running = 0
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -110,9 +116,18 @@ class _Pool:
     def full(self) -> bool:
         return self.accepted >= self.workers + self.max_pending
 
+    def full_of_bytes(self, nbytes: int) -> bool:
+        # one request always fits an idle pool, however large
+        return self.accepted_bytes > 0 and self.accepted_bytes + nbytes > self.max_bytes
+
     def submit(self, job: _Job) -> None:
         self.accepted += 1
+        self.accepted_bytes += job.nbytes
         self._jobs.put(job)
+
+    def release(self, job: _Job) -> None:
+        self.accepted -= 1
+        self.accepted_bytes -= job.nbytes
 
     def _loop(self) -> None:
         while True:
@@ -312,12 +327,15 @@ class Server:
             pub.bind(events_tcp)
             self.events_tcp_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
 
-    def add_pool(self, name: str, workers: int, max_pending: int) -> None:
-        """A separate bounded pool, e.g. so generations cannot starve model.save."""
+    def add_pool(self, name: str, workers: int, max_pending: int, max_bytes: int | None = None) -> None:
+        """A separate bounded pool, e.g. so generations cannot starve model.save. ``max_bytes``:
+        the bytes of large request frames (over INLINE_DECODE_BYTES) it holds running or
+        waiting, beyond which it answers ``busy``; default 2 x ``max_message_bytes``."""
         if name in self._pools:
             raise ValueError(f"pool {name!r} already exists")
+        max_bytes = max_bytes if max_bytes is not None else 2 * self.max_message_bytes
         # copy-on-write: the socket thread may be reading the table while the daemon starts up
-        self._pools = {**self._pools, name: _Pool(name, workers, max_pending, self._execute)}
+        self._pools = {**self._pools, name: _Pool(name, workers, max_pending, self._execute, max_bytes)}
 
     def register(self, op: str, handler: Callable[[Request, Context], Any], *,
                  args_spec: ArgsSpec | Mapping[str, Any] | None = None, stream: bool = False,
@@ -376,7 +394,7 @@ class Server:
                 job.state = "dropped"
         if dropped:
             del self._active[job.key]
-            job.pool.accepted -= 1
+            job.pool.release(job)
             self._send(job.client, job.envelope,
                        self._encode_reply(reply_error(job.req.id, code, message)))
 
@@ -448,7 +466,7 @@ class Server:
             log.exception("handler for %s (request %r) failed", req.op, req.id)
             send(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
-            self._post(("finished", job.key, job.pool))
+            self._post(("finished", job))
 
     def _decode_large(self, job: _Job) -> Request:
         """On the worker: the whole request of a large frame, checked as the socket thread
@@ -655,8 +673,13 @@ class Server:
             answer(reply_error(req.id, BUSY, f"{pool.accepted} requests running or waiting "
                                              f"({pool.workers} at once, {pool.max_pending} "
                                              f"waiting); retry later"))
+        elif frame is not None and pool.full_of_bytes(len(frame)):
+            answer(reply_error(req.id, BUSY, f"{pool.accepted_bytes} bytes of large requests running or "
+                                             f"waiting for {req.op}'s workers, at most {pool.max_bytes} "
+                                             f"with this one's {len(frame)}; retry later"))
         else:
-            job = _Job(op, req, ctx, client, envelope, key, pool, frame=frame)
+            job = _Job(op, req, ctx, client, envelope, key, pool, frame=frame,
+                       nbytes=len(frame) if frame is not None else 0)
             self._active[key] = job
             pool.submit(job)
 
@@ -678,8 +701,8 @@ class Server:
                     except zmq.Again:   # PUB drops for slow subscribers by design
                         pass
             elif kind == "finished":
-                self._active.pop(item[1], None)
-                item[2].accepted -= 1
+                self._active.pop(item[1].key, None)
+                item[1].pool.release(item[1])
             elif kind == "malformed":
                 self._malformed(item[1])
         return not self._outbox.empty()

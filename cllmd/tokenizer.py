@@ -32,6 +32,8 @@ MAX_VOCAB_SIZE = 2**31 - 1  # ids are stored as int32
 # BPE texts are encoded in pieces of about this many characters, cut only where the result is
 # provably the same as for the whole text (see split_for_encoding).
 CHUNK_CHARS = 1 << 15
+# encode_chunks gives the ids of about this many characters at a time.
+REPLY_CHARS = 1 << 18
 # encode_stream holds about twice this many characters of text at a time.
 STREAM_CHARS = 1 << 20
 # encode_stream's second rule: a blank after a non-blank and before a letter. Under GPT-2's
@@ -113,19 +115,24 @@ def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS,
                        cut: re.Pattern | None = _SAFE_CUT) -> list[str]:
     """Split `text` into pieces of roughly `chunk_chars` whose encodings concatenate to the
     encoding of the whole text (see the note on _SAFE_CUT); `cut` None: never split."""
+    return list(iter_split_for_encoding(text, chunk_chars, cut))
+
+
+def iter_split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS,
+                            cut: re.Pattern | None = _SAFE_CUT) -> Iterator[str]:
+    """split_for_encoding's pieces one at a time (the text is not copied whole)."""
     chunk_chars = max(1, chunk_chars)
     if len(text) <= chunk_chars or cut is None:
-        return [text]
-    pieces = []
+        yield text
+        return
     start = 0
     while len(text) - start > chunk_chars:
         m = cut.search(text, start + chunk_chars)
         if m is None:
             break
-        pieces.append(text[start:m.start()])
+        yield text[start:m.start()]
         start = m.start()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 class Tokenizer(abc.ABC):
@@ -147,6 +154,25 @@ class Tokenizer(abc.ABC):
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
+
+    def encode_chunks(self, text: str, chunk_chars: int = REPLY_CHARS) -> Iterator[np.ndarray]:
+        """encode(text) as consecutive id arrays that concatenate to exactly encode(text), each
+        of about chunk_chars characters' ids (the whole array never exists at once).
+
+        Unlike encode_stream, which may cut where no exact cut exists, this cuts only where
+        the ids stay those of the whole text: here anywhere outside a special token."""
+        _check_str(text)
+        chunk_chars = max(1, chunk_chars)
+        start = 0
+        while start < len(text):
+            at = min(len(text), start + chunk_chars)
+            while at < len(text) and self._inside_special(text, at):
+                at += 1
+            try:
+                yield self.encode(text[start:at])
+            except TokenizerError:
+                raise _lone_surrogate_error(text) from None   # its index in the whole text
+            start = at
 
     # the texts of the special tokens (split out of the text before anything else)
     specials: tuple[str, ...] = (EOT,)
@@ -352,6 +378,21 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         pieces = split_for_encoding(_check_str(text), self.chunk_chars, self._cut)
         return _join_ids(self._encode_pieces(pieces))
+
+    def encode_chunks(self, text: str, chunk_chars: int = REPLY_CHARS) -> Iterator[np.ndarray]:
+        # encode()'s own pieces (where a cut is provably invisible), encoded a group of about
+        # chunk_chars characters at a time: the same ids by construction. A text without
+        # such a cut is one piece, as in encode().
+        group: list[str] = []
+        size = 0
+        for piece in iter_split_for_encoding(_check_str(text), self.chunk_chars, self._cut):
+            group.append(piece)
+            size += len(piece)
+            if size >= chunk_chars:
+                yield from (np.array(ids, dtype=np.int32) for ids in self._encode_pieces(group))
+                group, size = [], 0
+        if group:
+            yield from (np.array(ids, dtype=np.int32) for ids in self._encode_pieces(group))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         split = [split_for_encoding(_check_str(t), self.chunk_chars, self._cut) for t in texts]

@@ -404,3 +404,22 @@ def test_random_frames_never_escape_as_other_exceptions():
             parse_request(frame, max_bytes=1024)
         except ProtocolError:
             pass
+
+
+def test_packed_uints_encode_as_the_plain_array():
+    # tokenize's reply: ids packed a chunk at a time, the frame the same as packb of the list
+    import numpy as np
+    rng = np.random.default_rng(0)
+    values = [np.arange(200, dtype=np.int32), rng.integers(0, 128, 70000).astype(np.int32),
+              np.array([0, 127, 128, 255, 256, 65535, 65536, 2**31 - 1], dtype=np.int32),
+              np.zeros(0, dtype=np.int32), rng.integers(0, 2**31 - 1, 5000).astype(np.int32)]
+    ids = wire.PackedUints()
+    for chunk in values:
+        ids.extend(chunk)
+    plain = np.concatenate(values).tolist()
+    frame = wire.encode({"count": len(plain), "ids": ids})
+    assert frame == msgpack.packb({"count": len(plain), "ids": plain})
+    assert ids.count == len(plain) and ids.nbytes == len(msgpack.packb(plain)) - 5   # array32 header
+    assert wire.encode({"ids": wire.PackedUints()}) == msgpack.packb({"ids": []})
+    with pytest.raises(ValueError, match="unsigned"):
+        wire.PackedUints().extend(np.array([1, -1]))

@@ -310,6 +310,30 @@ def test_server_busy_when_pool_full_and_ping_still_answers(make_harness):
     assert recv(first) == {"v": 1, "id": 1, "ok": True, "result": {"slow": True}}
 
 
+def test_server_pool_holds_a_bounded_number_of_bytes_of_large_requests(make_harness):
+    h = make_harness(workers=1, max_pending=4)
+    h.server.add_pool("bulk", workers=1, max_pending=4, max_bytes=LIMIT)
+
+    def bulk(req, ctx):
+        h.started.set()
+        h.release.wait(10)
+        return {"n": len(req.args.get("data", b""))}
+    h.server.register("bulk", bulk, blocking=True, pool="bulk")
+    big = b"x" * (LIMIT // 2 + 1000)   # over INLINE_DECODE_BYTES: its frame is held whole
+    d = h.dealer()
+    d.send(encode(make_request(1, "bulk", {"data": big})))
+    assert h.started.wait(WAIT_MS / 1000)
+    busy = ask(d, make_request(2, "bulk", {"data": big}))   # both frames: over LIMIT bytes
+    assert busy["error"]["code"] == "busy", busy
+    assert f"at most {LIMIT} with this one's" in busy["error"]["message"], busy
+    d.send(encode(make_request(3, "bulk", {"data": b"small"})))   # small frames count as jobs only
+    assert ask(h.dealer(), make_request(4, "ping"))["result"]["pong"] is True
+    h.release.set()
+    assert {m["id"]: m["result"] for m in (recv(d), recv(d))} == {1: {"n": len(big)}, 3: {"n": 5}}
+    assert ask(d, make_request(5, "bulk", {"data": big}))["result"] == {"n": len(big)}   # released
+    assert ask(d, make_request(6, "bulk", {"data": big}))["result"] == {"n": len(big)}
+
+
 def test_server_duplicate_in_flight_id_is_bad_request(make_harness):
     h = make_harness(workers=2)
     d = h.dealer()

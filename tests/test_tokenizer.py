@@ -193,6 +193,38 @@ def test_bpe_chunked_encoding_equals_whole_on_long_multiline_text(bpe_all_merges
     np.testing.assert_array_equal(bpe.encode(text), whole)
 
 
+def _joined_chunks(tok, text, chunk_chars):
+    chunks = list(tok.encode_chunks(text, chunk_chars))
+    assert all(c.dtype == np.int32 for c in chunks)
+    return chunks, (np.concatenate(chunks) if chunks else np.zeros(0, np.int32))
+
+
+def test_bpe_encode_chunks_equal_encode(bpe_all_merges):
+    # tokenize's reply is built from these: the ids must be exactly encode()'s
+    bpe = _chunked(bpe_all_merges, 64)
+    text = _generated_text(20000, seed=3) + "one line with no cut " * 200
+    for chunk_chars in (1, 100, 5000, 1 << 20):
+        chunks, ids = _joined_chunks(bpe, text, chunk_chars)
+        np.testing.assert_array_equal(ids, bpe.encode(text))
+        assert len(chunks) > 10
+    assert _joined_chunks(bpe, "", 10)[1].tolist() == []
+
+
+@settings(deadline=None)
+@given(parts=st.lists(st.sampled_from(list("ab é日😀") + [EOT, "<|", "|>"]), max_size=30),
+       chunk=st.integers(1, 9))
+def test_bytes_encode_chunks_equal_encode_around_special_tokens(parts, chunk):
+    tok, s = BytesTokenizer(), "".join(parts)
+    assert _joined_chunks(tok, s, chunk)[1].tolist() == tok.encode(s).tolist()
+
+
+def test_encode_chunks_refuse_a_lone_surrogate_at_its_index_in_the_whole_text(bpe):
+    text = "a" * 100 + "\ud800"
+    for tok in (BytesTokenizer(), bpe):
+        with pytest.raises(TokenizerError, match="index 100"):
+            list(tok.encode_chunks(text, 10))
+
+
 def test_bpe_encode_batch_equals_single_encodes(bpe):
     texts = [_generated_text(n, seed=n) for n in (0, 1, 50, 20000)] + ["", "x"]
     batch = bpe.encode_batch(texts)
