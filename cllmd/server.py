@@ -44,6 +44,8 @@ MALFORMED_LOG_EVERY_S = 10  # malformed input is logged at most this often (fuzz
 # (counted in bytes, capped) takes over. libzmq's default of 1,000 would let one slow reader
 # hold 1,000 replies of up to max_message_bytes each inside libzmq, out of any cap's reach.
 SEND_HWM = 64
+# Replies are sent without copy (pyzmq copies those under its copy_threshold, 64 KiB, anyway):
+# libzmq keeps a reference to the frame's bytes instead of a second copy of a 16 MiB reply.
 
 
 @dataclass
@@ -717,7 +719,7 @@ class Server:
                 self._overflow(client)
             return
         try:
-            self._routers[client[0]][0].send_multipart(parts, zmq.NOBLOCK)
+            self._routers[client[0]][0].send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._backlog[client] = collections.deque([parts])
             self._backlog_size[client] = len(frame)
@@ -734,7 +736,7 @@ class Server:
             sock = self._routers[client[0]][0]
             while pending:
                 try:
-                    sock.send_multipart(pending[0], zmq.NOBLOCK)
+                    sock.send_multipart(pending[0], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 except zmq.ZMQError as e:

@@ -33,7 +33,7 @@ MAX_VOCAB_SIZE = 2**31 - 1  # ids are stored as int32
 # provably the same as for the whole text (see split_for_encoding).
 CHUNK_CHARS = 1 << 15
 # encode_chunks gives the ids of about this many characters at a time.
-REPLY_CHARS = 1 << 18
+REPLY_CHARS = 1 << 20
 # encode_stream holds about twice this many characters of text at a time.
 STREAM_CHARS = 1 << 20
 # encode_stream's second rule: a blank after a non-blank and before a letter. Under GPT-2's
