@@ -445,8 +445,11 @@ def test_daemon_answers_ping_while_a_big_tokenize_runs(daemon):
             assert reply["ok"] and reply["result"]["count"] == len(text)
             assert reply["result"]["ids"][:3] == list(text[:3].encode())
             # the pings were answered while the tokenize was being served, not queued behind it
-            # (behind it, one ping waits for nearly all of it)
-            assert len(latencies) >= 2 and max(latencies) < took / 2, (max(latencies), took)
+            # (behind it, one ping waits for nearly all of it, and one or two are sent in all);
+            # the median, as the tokenize takes ~0.1 s now and one late ping on a loaded
+            # machine is not queueing
+            median = sorted(latencies)[len(latencies) // 2]
+            assert len(latencies) >= 3 and median < took / 2, (len(latencies), median, took)
             del reply
         # what the tokenize needed is returned: RSS is back near idle (not a multiple of it)
         assert rss() < idle + (128 << 20)
@@ -459,6 +462,18 @@ def _poller(*socks):
     for s in socks:
         p.register(s, zmq.POLLIN)
     return p
+
+
+def test_daemon_large_tokenize_gives_the_ids_of_encode(daemon):
+    # the reply is built 1 Mi characters at a time: a special token across a chunk's end, and
+    # multi-byte characters, get the ids of the whole text's encode()
+    from cllmd.tokenizer import EOT, REPLY_CHARS, BytesTokenizer
+    text = "ab é日 " * (REPLY_CHARS // 6) + "😀" * 7
+    text = text[:REPLY_CHARS - 5] + EOT + text[REPLY_CHARS - 5:] + EOT
+    d = daemon("--no-train-auto-train")
+    result = d.client.request("tokenize", text=text)
+    expected = BytesTokenizer().encode(text)
+    assert result["count"] == len(expected) and result["ids"] == expected.tolist()
 
 
 def test_daemon_tokenize_too_large_for_one_reply_says_so(daemon):
