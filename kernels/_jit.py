@@ -15,5 +15,5 @@ inline_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", inline="
 # of additions changes (no approximations, no finite-math assumptions), but the order is then
 # LLVM's, and it differed between a kernel compiled fresh (inlined into a caller) and loaded
 # from the cache. Training kernels sum in vecmath's fixed lane order instead (row_sum,
-# row_dot_centered); this is left to inference kernels (kvattention).
+# row_dot_centered, row_dot); this is left to the prompt pass's softmax (kvattention's gemm way).
 reduction_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})

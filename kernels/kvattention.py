@@ -7,7 +7,12 @@ row i sits at position first + i and attends to keys 0 .. first + i (causal).
 
 A few rows (decoding steps) are computed one at a time, by the same instructions whatever N
 is, and the few rows of many sequences (a batch's decoding step) go through one call
-(kv_append_attention_batch) rather than one per sequence and layer. Many rows (a prompt's pass) go through BLAS, two gemms per head (scores, then the
+(kv_append_attention_batch) rather than one per sequence and layer; there, from
+PARALLEL_SEQUENCES sequences on, the (sequence, head) pairs run on numba's threads. The rows'
+kernels carry no fast-math flag: each sum's order is written in the code (vecmath's row_dot
+and row_sum), so a row has the same bits alone, in a serial batch and on any thread; under
+'reassoc' LLVM chose different orders in the serial and the parallel kernels.
+Many rows (a prompt's pass) go through BLAS, two gemms per head (scores, then the
 probabilities times the values): measured on GPT-2 small's shape with a 1,000-token prompt,
 the row loop made attention the larger part of the pass. The two ways differ by rounding only.
 """
@@ -17,14 +22,17 @@ import numpy as np
 
 from . import blas
 import numba
+from numba import prange
 
-from ._jit import reduction_kernel as kernel
+from ._jit import kernel, reduction_kernel
 from .blas import gemm
-from .vecmath import fast_exp, row_max
+from .q8 import parallel_kernel
+from .vecmath import fast_exp, row_dot, row_max, row_sum
 
 GEMM_ROWS = 16  # from this many new positions on, attention runs as gemms
 BLOCK = 128     # query rows per pair of gemms
-inline = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"}, inline="always")
+PARALLEL_SEQUENCES = 2  # a batch of this many sequences attends on numba's threads
+inline = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
 def kv_attention(out, q, k, v, first):
@@ -56,7 +64,7 @@ def _store(k, v, qkv, first):
                 vt[j] = qkv[i, 2 * C + h * hs + j]
 
 
-@kernel
+@reduction_kernel
 def kv_attention_gemm(out, q, k, v, first):
     """Row blocks of BLOCK queries take only the keys they can see (half the work when causal)."""
     N = q.shape[0]
@@ -87,59 +95,87 @@ def kv_attention_gemm(out, q, k, v, first):
             gemm(False, False, 1.0, pb, v[h, :n], 0.0, out[a:b, h * hs:(h + 1) * hs])
 
 
-def _attention_rows(out, q, k, v, first):
+@kernel
+def _head_rows(out, q, k, v, first, h, p, y):
+    """Head h of out's rows (as kv_attention_rows) with scratch p [>= first + N] and y [hs].
+
+    Every sum is in an order fixed by the code, not by LLVM (no fast-math flags): the score
+    dot by row_dot, the softmax's total by row_sum, the values' accumulation element by
+    element; so a (sequence, head) gives the same bits run alone, in a batch, or on a thread
+    of the parallel batch."""
     N = q.shape[0]
-    NH, _, hs = k.shape
+    hs = k.shape[2]
     dt = q.dtype.type
     scale = dt(1.0 / math.sqrt(hs))
-    p = np.empty(first + N, q.dtype)
-    y = np.empty(hs, q.dtype)
+    kh, vh = k[h], v[h]
     for i in range(N):
         n = first + i + 1
-        for h in range(NH):
-            qh = q[i, h * hs:(h + 1) * hs]
-            kh, vh = k[h], v[h]
-            top = dt(-np.inf)
-            for t in range(n):
-                kt = kh[t]
-                s = dt(0.0)
-                for j in range(hs):
-                    s += kt[j] * qh[j]
-                s *= scale
-                p[t] = s
-                top = max(top, s)
-            total = dt(0.0)
-            for t in range(n):
-                e = fast_exp(p[t] - top)
-                p[t] = e
-                total += e
-            y[:] = 0.0
-            for t in range(n):
-                pt, vt = p[t], vh[t]
-                for j in range(hs):
-                    y[j] += pt * vt[j]
-            inv = dt(1.0) / total
-            o = out[i, h * hs:(h + 1) * hs]
+        qh = q[i, h * hs:(h + 1) * hs]
+        top = dt(-np.inf)
+        for t in range(n):
+            s = row_dot(kh[t], qh) * scale
+            p[t] = s
+            top = max(top, s)
+        for t in range(n):
+            p[t] = fast_exp(p[t] - top)
+        total = row_sum(p[:n])
+        y[:] = 0.0
+        for t in range(n):
+            pt, vt = p[t], vh[t]
             for j in range(hs):
-                o[j] = y[j] * inv
+                y[j] += pt * vt[j]
+        inv = dt(1.0) / total
+        o = out[i, h * hs:(h + 1) * hs]
+        for j in range(hs):
+            o[j] = y[j] * inv
 
 
-_attention_rows_inline = inline(_attention_rows)
+@kernel
+def kv_attention_rows(out, q, k, v, first):
+    NH, _, hs = k.shape
+    p = np.empty(first + q.shape[0], q.dtype)
+    y = np.empty(hs, q.dtype)
+    for h in range(NH):
+        _head_rows(out, q, k, v, first, h, p, y)
+
+
 _store_inline = inline(_store)
-kv_attention_rows = kernel(_attention_rows)
 kv_store = kernel(_store)
 
 
 @kernel
-def kv_append_attention_batch(out, qkv, ks, vs, layer, spans):
-    """Many sequences' few new rows in one call: sequence s owns rows a:b of qkv [N, 3C] and
-    out [N, C], spans[s] = (a, b, first), at positions first.. of its cache ks[s][layer],
-    vs[s][layer] (typed lists of [L, NH, capacity, hs]). Each row by the same instructions as alone."""
+def _batch_serial(out, qkv, ks, vs, layer, spans):
     for s in range(len(ks)):
         a, b, first = spans[s, 0], spans[s, 1], spans[s, 2]
         k, v = ks[s][layer], vs[s][layer]
         _store_inline(k, v, qkv[a:b], first)
-        _attention_rows_inline(out[a:b], qkv[a:b], k, v, first)
+        kv_attention_rows(out[a:b], qkv[a:b], k, v, first)
+
+
+@parallel_kernel
+def _batch_parallel(out, qkv, ks, vs, layer, spans):
+    S = len(ks)
+    NH, _, hs = ks[0][layer].shape
+    for s in range(S):
+        a, b, first = spans[s, 0], spans[s, 1], spans[s, 2]
+        _store_inline(ks[s][layer], vs[s][layer], qkv[a:b], first)
+    for job in prange(S * NH):
+        s, h = job // NH, job % NH
+        a, b, first = spans[s, 0], spans[s, 1], spans[s, 2]
+        p = np.empty(first + b - a, qkv.dtype)
+        y = np.empty(hs, qkv.dtype)
+        _head_rows(out[a:b], qkv[a:b], ks[s][layer], vs[s][layer], first, h, p, y)
+
+
+def kv_append_attention_batch(out, qkv, ks, vs, layer, spans, parallel=None):
+    """Many sequences' few new rows in one call: sequence s owns rows a:b of qkv [N, 3C] and
+    out [N, C], spans[s] = (a, b, first), at positions first.. of its cache ks[s][layer],
+    vs[s][layer] (typed lists of [L, NH, capacity, hs]). Each row by the same instructions as
+    alone. From PARALLEL_SEQUENCES sequences on (or as parallel says), the (sequence, head)
+    pairs run on numba's threads: the same bits (every sum in a fixed order)."""
+    if parallel is None:
+        parallel = len(ks) >= PARALLEL_SEQUENCES
+    (_batch_parallel if parallel else _batch_serial)(out, qkv, ks, vs, layer, spans)
 
 
 def kv_attention_uses_gemm(rows: int) -> bool:

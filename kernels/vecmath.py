@@ -121,41 +121,52 @@ def _is_row(a) -> bool:
     return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(a.dtype, types.Float)
 
 
-def _lane_reduction(context, builder, rows, dtype, centers=None):
-    """IR for the sum, in the fixed order above, of one row's elements, or of the products of
-    two rows' elements less their centers: sum((a - ca) * (b - cb)). rows: (type, value) of
-    C-contiguous 1-D arrays; centers: the two scalars, or None."""
+def _lane_reduction(context, builder, rows, dtype, centers=None, width=LANES, vector_tree=False):
+    """IR for the sum, in the fixed order above with width lanes, of one row's elements,
+    of the products of two rows' elements (centers None), or of those products less their
+    centers: sum((a - ca) * (b - cb)). rows: (type, value) of C-contiguous 1-D arrays;
+    centers: the two scalars, or None."""
     arrays = [context.make_array(ty)(context, builder, value) for ty, value in rows]
     n = builder.extract_value(arrays[0].shape, 0)
     intp = n.type
     fty = context.get_value_type(dtype)
-    vty = ir.VectorType(fty, LANES)
-    lanes = ir.Constant(intp, LANES)
+    vty = ir.VectorType(fty, width)
+    lanes = ir.Constant(intp, width)
     align = context.get_abi_sizeof(fty)  # an element's: rows start anywhere
 
     def term(values, splat):
         if centers is None:
-            return values[0]
+            return values[0] if len(values) == 1 else builder.fmul(values[0], values[1])
         (x, y), (cx, cy) = values, centers
         if splat:
             cx, cy = vector_centers
         return builder.fmul(builder.fsub(x, cx), builder.fsub(y, cy))
 
     if centers is not None:  # each center in every lane
-        zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
         vector_centers = [builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined), c, ir.Constant(ir.IntType(32), 0)),
                                                  ir.Constant(vty, ir.Undefined), zero_mask) for c in centers]
     full = builder.sub(n, builder.srem(n, lanes))
-    acc = cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(fty, 0.0)] * LANES))
+    acc = cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(fty, 0.0)] * width))
     with cgutils.for_range_slice(builder, ir.Constant(intp, 0), full, lanes, intp) as (i, _):
         values = [builder.load(builder.bitcast(builder.gep(a.data, [i]), vty.as_pointer()), align=align)
                   for a in arrays]
         builder.store(builder.fadd(builder.load(acc), term(values, True)), acc)
     vec = builder.load(acc)
-    level = [builder.extract_element(vec, ir.Constant(ir.IntType(32), j)) for j in range(LANES)]
-    while len(level) > 1:
-        level = [builder.fadd(level[j], level[j + 1]) for j in range(0, len(level), 2)]
-    total = cgutils.alloca_once_value(builder, level[0])
+    if vector_tree:  # each level as one add of the even lanes to the odd ones: the same order
+        i32 = ir.IntType(32)
+        while vec.type.count > 1:
+            half = vec.type.count // 2
+            even = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), list(range(0, 2 * half, 2))))
+            odd = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), list(range(1, 2 * half, 2))))
+            vec = builder.fadd(even, odd)
+        first = builder.extract_element(vec, ir.Constant(i32, 0))
+    else:
+        level = [builder.extract_element(vec, ir.Constant(ir.IntType(32), j)) for j in range(width)]
+        while len(level) > 1:
+            level = [builder.fadd(level[j], level[j + 1]) for j in range(0, len(level), 2)]
+        first = level[0]
+    total = cgutils.alloca_once_value(builder, first)
     with cgutils.for_range_slice(builder, full, n, ir.Constant(intp, 1), intp) as (i, _):
         values = [builder.load(builder.gep(a.data, [i])) for a in arrays]
         builder.store(builder.fadd(builder.load(total), term(values, False)), total)
@@ -187,6 +198,30 @@ def _lane_dot_centered(typingctx, a, ca, b, cb):
     return a.dtype(a, ca, b, cb), codegen
 
 
+DOT_LANES = 16  # one AVX-512 register of float32: a head's dot (64 elements in GPT-2) in four adds
+
+
+@intrinsic
+def _lane_dot(typingctx, a, b):
+    """sum(a * b) over two C-contiguous 1-D float arrays of one dtype and length (the caller's
+    to ensure), in the fixed order with DOT_LANES lanes; each product rounded before it is added."""
+    if not (_is_row(a) and _is_row(b) and a.dtype == b.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = [(signature.args[0], args[0]), (signature.args[1], args[1])]
+        return _lane_reduction(context, builder, rows, signature.args[0].dtype, width=DOT_LANES, vector_tree=True)
+    return a.dtype(a, b), codegen
+
+
+@inline_kernel
+def row_dot(a, b):
+    """sum(a * b) over two short C-contiguous 1-D float arrays of one dtype and length (an
+    attention head's query and key), in the fixed order with DOT_LANES lanes: the same bits
+    in any compiled context, serial or parallel."""
+    return _lane_dot(a, b)
+
+
 @inline_kernel
 def row_sum(x):
     """sum(x) over a C-contiguous 1-D float array, in the working dtype, in the fixed order."""
@@ -200,13 +235,14 @@ def row_dot_centered(a, ca, b, cb):
     return _lane_dot_centered(a, ca, b, cb)
 
 
-def lane_order_sum_ref(terms: np.ndarray):
-    """The fixed order of row_sum/row_dot, in numpy: bit-exact for the same terms."""
+def lane_order_sum_ref(terms: np.ndarray, lanes: int = LANES):
+    """The fixed order of row_sum/row_dot_centered (row_dot: lanes=DOT_LANES), in numpy:
+    bit-exact for the same terms."""
     t = np.ascontiguousarray(terms)
-    full = t.size - t.size % LANES
-    acc = np.zeros(LANES, dtype=t.dtype)
-    for k in range(0, full, LANES):
-        acc = acc + t[k:k + LANES]
+    full = t.size - t.size % lanes
+    acc = np.zeros(lanes, dtype=t.dtype)
+    for k in range(0, full, lanes):
+        acc = acc + t[k:k + lanes]
     level = list(acc)
     while len(level) > 1:
         level = [t.dtype.type(level[j] + level[j + 1]) for j in range(0, len(level), 2)]

@@ -434,6 +434,38 @@ def test_kv_attention_batch_gives_each_sequence_its_rows_alone():
         np.testing.assert_allclose(out[a:b], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hs", [20, 64], ids=["tail", "gpt2"])
+def test_kv_attention_batch_gives_the_same_bits_serial_and_parallel(hs):
+    """The (sequence, head) pairs on numba's threads give exactly the bits of the serial batch
+    and of each sequence alone (every sum in a fixed order, whatever the compiled context),
+    and agree with numpy's float64 attention."""
+    from numba.typed import List
+    from cllmd.kernels.kvattention import kv_append_attention_batch, kv_attention_ref, kv_attention_rows
+    rng = np.random.default_rng(hs)
+    L, NH, layer, cap = 2, 4, 1, 80
+    C = NH * hs
+    news, firsts = [1, 1, 2, 1, 1, 3, 1, 1], [0, 79, 30, 5, 63, 17, 40, 1]
+    spans = np.array([(a, a + m, f) for a, m, f in zip(np.cumsum([0] + news[:-1]), news, firsts)], np.int64)
+    n = int(spans[-1, 1])
+    qkv = rng.normal(size=(n, 3 * C)).astype(np.float32)
+    ks = [rng.normal(size=(L, NH, cap, hs)).astype(np.float32) for _ in news]
+    vs = [rng.normal(size=(L, NH, cap, hs)).astype(np.float32) for _ in news]
+    outs = {}
+    for parallel in (False, True):
+        k2, v2 = [k.copy() for k in ks], [v.copy() for v in vs]
+        outs[parallel] = np.empty((n, C), np.float32)
+        kv_append_attention_batch(outs[parallel], qkv, List(k2), List(v2), layer, spans, parallel=parallel)
+    np.testing.assert_array_equal(outs[True], outs[False])
+    for s, (a, b, first) in enumerate(spans):
+        k, v = k2[s][layer], v2[s][layer]
+        one = np.empty((b - a, C), np.float32)
+        kv_attention_rows(one, qkv[a:b], k, v, first)
+        np.testing.assert_array_equal(outs[True][a:b], one)
+        ref = np.empty((b - a, C))
+        kv_attention_ref(ref, qkv[a:b, :C], k, v, first)
+        np.testing.assert_allclose(outs[True][a:b], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_rejects_bad_weights_and_overflow(model):
     with pytest.raises(ValueError, match="weights must be one of"):
         Decoder(model, "int4")

@@ -295,6 +295,7 @@ def test_kernels_lane_sums_follow_their_documented_order_bit_for_bit(n, dtype):
     assert vecmath.row_sum(a) == vecmath.lane_order_sum_ref(a)
     assert vecmath.row_dot_centered(a, ca, b, cb) == vecmath.lane_order_sum_ref((a - ca) * (b - cb))
     assert vecmath.row_dot_centered(a, dtype(0), b, dtype(0)) == vecmath.lane_order_sum_ref(a * b)
+    assert vecmath.row_dot(a, b) == vecmath.lane_order_sum_ref(a * b, vecmath.DOT_LANES)
     rows = rand(rng, (3, n), dtype, 1.0)  # a row of a matrix is a row too
     assert vecmath.row_sum(rows[1]) == vecmath.lane_order_sum_ref(rows[1])
     if n:
