@@ -57,6 +57,14 @@ def _causal_exp_columns(a, m, tot):
         tot[t] = dt(1.0) / tot[t]
 
 
+@inline_kernel
+def head_views(qkv, b, h, hs):
+    """Sequence b's query, key and value columns of head h in qkv [B, T, 3C]: (T, hs) views."""
+    C = qkv.shape[2] // 3
+    return (qkv[b, :, h * hs:(h + 1) * hs], qkv[b, :, C + h * hs:C + (h + 1) * hs],
+            qkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs])
+
+
 @kernel
 def attention_forward(out, att, qkv, n_head):
     B, T, C3 = qkv.shape
@@ -68,9 +76,7 @@ def attention_forward(out, att, qkv, n_head):
     q_t = np.empty((hs, T), qkv.dtype)
     for b in range(B):
         for h in range(n_head):
-            q = qkv[b, :, h * hs:(h + 1) * hs]                      # (T, hs)
-            k = qkv[b, :, C + h * hs:C + (h + 1) * hs]
-            v = qkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
+            q, k, v = head_views(qkv, b, h, hs)                      # (T, hs)
             a = att[b, h]                                           # (T keys, T queries)
             transpose(q_t, q)
             gemm(False, False, scale, k, q_t, 0.0, a)               # a[s, t] = scale k_s . q_t
@@ -98,9 +104,7 @@ def attention_backward(dqkv, dout, qkv, att, n_head):
     dy_t = np.empty((hs, T), qkv.dtype)
     for b in range(B):
         for h in range(n_head):
-            q = qkv[b, :, h * hs:(h + 1) * hs]
-            k = qkv[b, :, C + h * hs:C + (h + 1) * hs]
-            v = qkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
+            q, k, v = head_views(qkv, b, h, hs)
             dy = dout[b, :, h * hs:(h + 1) * hs]
             a = att[b, h]
             transpose(dy_t, dy)
@@ -178,9 +182,7 @@ def attention_forward_bf16(out, att_h, scores, qkv, qkv_h, n_head):
     tot = np.empty(T, qkv.dtype)
     for b in range(B):
         for h in range(n_head):
-            q = qkv_h[b, :, h * hs:(h + 1) * hs]                    # (T, hs), row stride 3C
-            k = qkv_h[b, :, C + h * hs:C + (h + 1) * hs]
-            v = qkv_h[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
+            q, k, v = head_views(qkv_h, b, h, hs)                    # (T, hs), row stride 3C
             a = att_h[b, h]
             for t0 in range(0, T, bs):                              # scores[s, t] = scale k_s . q_t, s < t1
                 t1 = min(t0 + bs, T)
@@ -211,9 +213,7 @@ def attention_backward_bf16(dqkv, dout, qkv, att_h, qkv_h, dout_h, d):
     w = np.empty(T, np.float32)
     for b in range(B):
         for h in range(n_head):
-            q = qkv_h[b, :, h * hs:(h + 1) * hs]
-            k = qkv_h[b, :, C + h * hs:C + (h + 1) * hs]
-            v = qkv_h[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
+            q, k, v = head_views(qkv_h, b, h, hs)
             dy = dout_h[b, :, h * hs:(h + 1) * hs]
             dq = dqkv[b, :, h * hs:(h + 1) * hs]
             dk = dqkv[b, :, C + h * hs:C + (h + 1) * hs]

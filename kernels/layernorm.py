@@ -6,21 +6,26 @@ kernel is compiled fresh or loaded from the cache, inlined or not.
 """
 import numpy as np
 
-from ._jit import kernel
+from ._jit import inline_kernel, kernel
 from .bf16 import bf16_of
 from .vecmath import row_dot_centered, row_sum
+
+
+@inline_kernel
+def _row_stats(x, eps):
+    """(mean, 1 / std) of one row, in vecmath's fixed summation order. Every scalar stays in the
+    working dtype (float32 would otherwise widen to float64 and the row loops not vectorize)."""
+    inv_c = x.dtype.type(1.0 / x.shape[0])
+    m = row_sum(x) * inv_c
+    var = row_dot_centered(x, m, x, m) * inv_c
+    return m, x.dtype.type(1.0 / np.sqrt(var + eps))
 
 
 @kernel
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     N, C = inp.shape
-    # every scalar stays in the working dtype (float32 would otherwise widen to float64 and
-    # the row loops would not vectorize)
-    inv_c = inp.dtype.type(1.0 / C)
     for n in range(N):
-        m = row_sum(inp[n]) * inv_c
-        var = row_dot_centered(inp[n], m, inp[n], m) * inv_c
-        s = inp.dtype.type(1.0 / np.sqrt(var + eps))
+        m, s = _row_stats(inp[n], eps)
         for c in range(C):
             out[n, c] = (inp[n, c] - m) * s * weight[c] + bias[c]
         mean[n] = m
@@ -33,11 +38,8 @@ def layernorm_forward_h(out_h, mean, rstd, inp, weight, bias, eps):
     the output rounded to bfloat16 (nearest even), the only form its consumers (the products)
     read; mean and rstd as layernorm_forward's, bit for bit. float32 inp only."""
     N, C = inp.shape
-    inv_c = inp.dtype.type(1.0 / C)
     for n in range(N):
-        m = row_sum(inp[n]) * inv_c
-        var = row_dot_centered(inp[n], m, inp[n], m) * inv_c
-        s = inp.dtype.type(1.0 / np.sqrt(var + eps))
+        m, s = _row_stats(inp[n], eps)
         oh, x = out_h[n], inp[n]
         for c in range(C):
             oh[c] = bf16_of((x[c] - m) * s * weight[c] + bias[c])
