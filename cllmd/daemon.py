@@ -8,6 +8,7 @@ run on their own thread with a stop event and a heartbeat.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -219,7 +220,8 @@ class Daemon:
                               switch_model=self.switch_model, train_on_existing=self.train_on_existing))
         self.api.register(self.server)
         # every kernel compiled (or loaded from the cache) before the first step or generation
-        warm_up(trainer.model.cfg, trainer.config, self._starting, weights=s.inference.weights)
+        warm_up(trainer.model.cfg, dataclasses.replace(trainer.config, precision=trainer.precision),
+                self._starting, weights=s.inference.weights)
         # What start-up built (modules, numba's compiled kernels, the tokenizer: ~10^5 objects)
         # lives as long as the daemon: out of the collector's reach, a full collection no longer
         # walks it while holding the GIL (measured 50-70 ms each, stalling every thread).

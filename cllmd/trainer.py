@@ -48,15 +48,16 @@ TRANSPOSED_MAX_TOKENS = 128
 BF16_AUTO_MIN_WIDTH = 64
 
 
-def choose_precision(requested: str, model: Model) -> tuple[str, str]:
-    """(the precision the trainer runs, why) for train.precision = requested. bf16 asked for
-    where it cannot run is an error naming what is missing; auto takes bf16 where it runs and
-    measured faster (docs/benchmarks.md, "The trainer in bfloat16"), else float32."""
+def choose_precision(requested: str, width: int, dtype=np.float32) -> tuple[str, str]:
+    """(the precision the trainer runs, why) for train.precision = requested and a model of
+    this width (n_embd) and dtype. bf16 asked for where it cannot run is an error naming what
+    is missing; auto takes bf16 where it runs and measured faster (docs/benchmarks.md, "The
+    trainer in bfloat16"), else float32."""
     if requested == "float32":
         return "float32", "train.precision = float32"
     why_not = bf16_unavailable()
-    if why_not is None and model.dtype != np.float32:
-        why_not = f"bfloat16 products accumulate in float32, the model is {model.dtype}"
+    if why_not is None and np.dtype(dtype) != np.float32:
+        why_not = f"bfloat16 products accumulate in float32, the model is {np.dtype(dtype)}"
     if requested == "bf16":
         if why_not is not None:
             raise ValueError(f"train.precision = bf16: {why_not}")
@@ -65,8 +66,8 @@ def choose_precision(requested: str, model: Model) -> tuple[str, str]:
         raise ValueError(f"train.precision must be auto, float32 or bf16, got {requested!r}")
     if why_not is not None:
         return "float32", f"auto: {why_not}"
-    if model.cfg.n_embd < BF16_AUTO_MIN_WIDTH:
-        return "float32", f"auto: width {model.cfg.n_embd} < {BF16_AUTO_MIN_WIDTH}, where bf16 gains little"
+    if width < BF16_AUTO_MIN_WIDTH:
+        return "float32", f"auto: width {width} < {BF16_AUTO_MIN_WIDTH}, where bf16 gains little"
     return "bf16", "auto: MKL and the CPU's " + " and ".join(bf16_cpu_features())
 
 
@@ -264,7 +265,7 @@ class Trainer:
             if requested == "bf16":
                 raise ValueError(f"train.precision = bf16: not available with {type(self).__name__}")
             return "float32", f"auto: {type(self).__name__} runs float32 products"
-        return choose_precision(requested, self.model)
+        return choose_precision(requested, self.model.cfg.n_embd, self.model.dtype)
 
     def _refresh_weight_copies(self) -> None:
         """The spheres' copies of the current weights, one layer (or the head) per task: in

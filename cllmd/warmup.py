@@ -92,9 +92,14 @@ def warm_up(model_cfg, train_cfg, report: Callable[[str], None], weights: str = 
     """Run the kernels once (on a thread; this one reports every second); returns figures.
 
     ``model_cfg``: the daemon's ModelConfig (its options choose kernels: clock positions, init);
-    ``train_cfg``: its TrainConfig (gradient checkpointing chooses kernels too); ``weights``:
-    the inference weights ("float32" or "int8"), whose decoding kernels differ.
+    ``train_cfg``: its TrainConfig (gradient checkpointing and the precision choose kernels
+    too; an auto precision is resolved for model_cfg's width, as its trainer resolves it, not
+    for the tiny model's); ``weights``: the inference weights ("float32" or "int8"), whose
+    decoding kernels differ.
     """
+    from cllmd.trainer import choose_precision
+    train_cfg = dataclasses.replace(train_cfg, precision=choose_precision(train_cfg.precision,
+                                                                          model_cfg.n_embd)[0])
     warm = cache_is_warm()
     what = "loading compiled kernels" if warm else "compiling kernels (first start only, a minute or two)"
     options = {k: getattr(model_cfg, k) for k in ("init", "clock_positions") if hasattr(model_cfg, k)}

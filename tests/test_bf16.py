@@ -493,14 +493,14 @@ def test_bf16_precision_auto_chooses_by_machine_and_width():
     from cllmd.trainer import BF16_AUTO_MIN_WIDTH, choose_precision
     small = Model(ModelConfig(n_embd=32, n_head=2, n_layer=1, block_size=8), seed=0)
     wide = Model(ModelConfig(n_embd=BF16_AUTO_MIN_WIDTH, n_head=4, n_layer=1, block_size=8), seed=0)
-    assert choose_precision("float32", wide)[0] == "float32"
-    assert choose_precision("auto", small)[0] == "float32"
+    assert choose_precision("float32", wide.cfg.n_embd, wide.dtype)[0] == "float32"
+    assert choose_precision("auto", small.cfg.n_embd, small.dtype)[0] == "float32"
     if BF16_REASON is None:
-        assert choose_precision("auto", wide)[0] == "bf16"
-        assert choose_precision("bf16", small)[0] == "bf16"
+        assert choose_precision("auto", wide.cfg.n_embd, wide.dtype)[0] == "bf16"
+        assert choose_precision("bf16", small.cfg.n_embd, small.dtype)[0] == "bf16"
     else:
-        assert choose_precision("auto", wide) == ("float32", f"auto: {BF16_REASON}")
+        assert choose_precision("auto", wide.cfg.n_embd, wide.dtype) == ("float32", f"auto: {BF16_REASON}")
         with pytest.raises(ValueError, match="train.precision = bf16: "):
-            choose_precision("bf16", wide)
+            choose_precision("bf16", wide.cfg.n_embd, wide.dtype)
     with pytest.raises(ValueError, match="train.precision must be"):
-        choose_precision("fp8", wide)
+        choose_precision("fp8", wide.cfg.n_embd, wide.dtype)
