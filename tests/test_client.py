@@ -11,7 +11,6 @@ import time
 
 import pytest
 import zmq
-import zmq.auth
 
 from cllm.client import Client, ClientError, DaemonNotRunning, RequestError
 from cllmd.protocol import decode, encode, reply_ok, stream_token
@@ -407,41 +406,22 @@ def test_client_ignores_replies_to_earlier_attempts(fake):
 
 # --------------------------------------------------------------------------- TCP with CURVE
 
-def test_client_curve_over_tcp_authorized_works_unauthorized_is_told(tmp_path):
-    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
-    keys.mkdir()
-    authorized.mkdir()
-    server_pub, server_sec = zmq.curve_keypair()
-    public_file, _ = zmq.auth.create_certificates(str(keys), "friend")
-    shutil.copy(public_file, authorized)
-    friend_pub, friend_sec = zmq.auth.load_certificate(str(keys / "friend.key_secret"))
-    stranger_pub, stranger_sec = zmq.curve_keypair()
-    d = short_dir()
-    server = Server(f"ipc://{d}/cllmd.sock", f"ipc://{d}/ev.sock", max_message_bytes=LIMIT,
-                    tcp="tcp://127.0.0.1:*", events_tcp="tcp://127.0.0.1:*",
-                    curve=(server_sec, server_pub, str(authorized)))
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,))
-    thread.start()
-    try:
-        with Client(server.tcp_endpoint, timeout=5, events=server.events_tcp_endpoint,
-                    curve=(friend_sec, friend_pub, server_pub)) as friend:
-            assert friend.request("ping")["pong"] is True
-            with friend.subscribe(["train"]) as sub:
-                event = None
-                while event is None:   # a new subscriber misses what came before it joined
-                    server.publish("train", {"step": 1})
-                    event = sub.recv(0.05)
-            assert event[0] == "train" and event[1]["step"] == 1
-        with Client(server.tcp_endpoint, timeout=5, retries=0,
-                    curve=(stranger_sec, stranger_pub, server_pub)) as stranger:
-            with pytest.raises(ClientError, match="refused our CURVE key"):
-                stranger.request("ping")
-    finally:
-        stop.set()
-        thread.join(10)
-        server.close()
-        shutil.rmtree(d)
+def test_client_curve_over_tcp_authorized_works_unauthorized_is_told(curve_server):
+    server, (friend_pub, friend_sec) = curve_server.server, curve_server.friend
+    stranger_pub, stranger_sec = curve_server.stranger
+    with Client(server.tcp_endpoint, timeout=5, events=server.events_tcp_endpoint,
+                curve=(friend_sec, friend_pub, curve_server.server_pub)) as friend:
+        assert friend.request("ping")["pong"] is True
+        with friend.subscribe(["train"]) as sub:
+            event = None
+            while event is None:   # a new subscriber misses what came before it joined
+                server.publish("train", {"step": 1})
+                event = sub.recv(0.05)
+        assert event[0] == "train" and event[1]["step"] == 1
+    with Client(server.tcp_endpoint, timeout=5, retries=0,
+                curve=(stranger_sec, stranger_pub, curve_server.server_pub)) as stranger:
+        with pytest.raises(ClientError, match="refused our CURVE key"):
+            stranger.request("ping")
 
 
 # --------------------------------------------------------------------------- weight

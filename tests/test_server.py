@@ -11,7 +11,6 @@ import threading
 import msgpack
 import pytest
 import zmq
-import zmq.auth
 
 from cllmd.generate import SamplingOptions
 from cllmd.protocol import NOT_FOUND, ProtocolError, decode, encode, make_request
@@ -560,22 +559,8 @@ def test_server_refuses_bad_endpoints(tmp_path):
 
 # --------------------------------------------------------------------------- TCP with CURVE
 
-def test_server_curve_authorized_client_works_unauthorized_gets_nothing(tmp_path):
-    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
-    keys.mkdir()
-    authorized.mkdir()
-    server_pub, server_sec = zmq.curve_keypair()
-    public_file, _ = zmq.auth.create_certificates(str(keys), "friend")
-    shutil.copy(public_file, authorized)
-    friend_pub, friend_sec = zmq.auth.load_certificate(str(keys / "friend.key_secret"))
-    stranger_pub, stranger_sec = zmq.curve_keypair()
-    d = tempfile.mkdtemp(prefix="cllmd-t", dir="/tmp")
-    server = Server(f"ipc://{d}/cllmd.sock", f"ipc://{d}/ev.sock", max_message_bytes=LIMIT,
-                    tcp="tcp://127.0.0.1:*", events_tcp="tcp://127.0.0.1:*",
-                    curve=(server_sec, server_pub, str(authorized)))
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,))
-    thread.start()
+def test_server_curve_authorized_client_works_unauthorized_gets_nothing(curve_server):
+    server = curve_server.server
     ctx = zmq.Context()
     try:
         assert server.tcp_endpoint.startswith("tcp://127.0.0.1:")
@@ -583,14 +568,14 @@ def test_server_curve_authorized_client_works_unauthorized_gets_nothing(tmp_path
         def dealer(pub, sec):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server_pub
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, curve_server.server_pub
             s.connect(server.tcp_endpoint)
             return s
 
-        friend = dealer(friend_pub, friend_sec)
+        friend = dealer(*curve_server.friend)
         reply = ask(friend, make_request(1, "ping"))
         assert reply["result"]["pong"] is True
-        stranger = dealer(stranger_pub, stranger_sec)
+        stranger = dealer(*curve_server.stranger)
         stranger.send(encode(make_request(1, "ping")))
         assert not stranger.poll(1000)
         plain = ctx.socket(zmq.DEALER)
@@ -600,14 +585,10 @@ def test_server_curve_authorized_client_works_unauthorized_gets_nothing(tmp_path
         assert not plain.poll(500)
         ipc = ctx.socket(zmq.DEALER)   # the local socket keeps working beside the authenticator
         ipc.setsockopt(zmq.LINGER, 0)
-        ipc.connect(f"ipc://{d}/cllmd.sock")
+        ipc.connect(f"ipc://{curve_server.dir}/cllmd.sock")
         assert ask(ipc, make_request(2, "ping"))["ok"] is True
     finally:
-        stop.set()
-        thread.join(10)
-        server.close()
         ctx.destroy(0)
-        shutil.rmtree(d)
 
 
 def test_server_curve_refuses_missing_authorized_dir(tmp_path):
