@@ -21,7 +21,8 @@ printed too. --cold-cache gives the daemon an empty numba cache (a first start: 
 compiled before it serves).
 At the end (daemon stopped): every good file must be in done/ and its text in the data store
 exactly once (files lost / stored twice), the model, the checkpoint and the store must load
-(unloadable), and peak RSS (sampled every 50 ms) is compared with RSS when idle.
+(unloadable), and the attack's peak RSS (VmHWM, reset as it starts) is compared with RSS when
+idle (2 s after the daemon served its first ping).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -67,28 +67,6 @@ def percentiles(samples: list[float]) -> dict:
     s = sorted(samples) or [float("nan")]
     return {"p50_ms": round(1e3 * s[len(s) // 2], 2), "p99_ms": round(1e3 * s[max(0, int(len(s) * 0.99) - 1)], 2),
             "max_ms": round(1e3 * s[-1], 2), "n": len(samples)}
-
-
-class RssSampler:
-    """Peak RSS of a process, sampled every 50 ms on a thread."""
-
-    def __init__(self):
-        self.peak, self.proc, self._stop = 0, None, threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def watch(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            try:
-                if self.proc is not None:
-                    self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                pass
-
-    def stop(self):
-        self._stop.set()
 
 
 def vm_hwm(pid: int, reset: bool = False) -> int:
@@ -313,7 +291,7 @@ def owed(c) -> int:
     return (st.get("budget") or 0) + (st.get("step") or 0)
 
 
-def kill_campaign(d: Daemon, trials: int, rng: random.Random, rss: RssSampler) -> tuple[dict, list]:
+def kill_campaign(d: Daemon, trials: int, rng: random.Random) -> tuple[dict, list]:
     phases = ["ingestion", "training", "checkpoint"]
     lost_budget = 0
     counts = {p: 0 for p in phases}
@@ -344,7 +322,6 @@ def kill_campaign(d: Daemon, trials: int, rng: random.Random, rss: RssSampler) -
         d.close_client()
         d.log.close()
         d.start()
-        rss.watch(d.proc.pid)
         if before is not None:
             after = owed(d.client)
             lost_budget += max(0, before - after)
@@ -420,38 +397,35 @@ def main() -> None:
 
 
 def run(d: Daemon, a, rng: random.Random, watchdog: NotifyListener) -> None:
-    rss = RssSampler()
-    rss.watch(d.proc.pid)
     time.sleep(2)
     idle = psutil.Process(d.proc.pid).memory_info().rss
-    rss.peak = idle
     report: dict = {"idle_rss_mib": round(idle / 2**20, 1)}
     report["big_file_alone"], big_alone = big_file_alone(d, watchdog, rng, a.big_mb, idle)
-    rss.peak = psutil.Process(d.proc.pid).memory_info().rss
 
     t0 = time.monotonic()
+    vm_hwm(d.proc.pid, reset=True)   # the attack's peak: the kernel's, no sample misses it
     withheld = d.output().count("withholding the watchdog ping")
     pinger = Pinger(str(d.run / "cllmd.sock"))
     good = hostile_files(d, rng, a.big_mb) + [big_alone]
     report["messages"] = hostile_messages(str(d.run / "cllmd.sock"), a.messages, rng)
     wait_for(lambda: not d.queue("incoming") and not d.queue("processing") or None, 900, "the hostile files")
     pinger.stop()
+    peak = vm_hwm(d.proc.pid)
     report["attack_seconds"] = round(time.monotonic() - t0, 1)
     report["attack_longest_watchdog_gap_s"] = round(watchdog.longest_gap(t0, time.monotonic()), 2)
     report["attack_withheld_pings_logged"] = d.output().count("withholding the watchdog ping") - withheld
     report["ping_under_attack"] = percentiles(pinger.rtts)
     report["pinger_wakeup_lateness"] = percentiles(pinger.late)   # the reference
     report["ping_timeouts"] = pinger.errors
-    report["attack_peak_rss_mib"] = round(rss.peak / 2**20, 1)
-    report["attack_peak_rss_vs_idle"] = round(rss.peak / idle, 2)
+    report["attack_peak_rss_mib"] = round(peak / 2**20, 1)
+    report["attack_peak_rss_vs_idle"] = round(peak / idle, 2)
     report["failed_files"] = sorted(n for n in d.queue("failed") if not n.endswith(".reason"))
 
-    campaign, trial_files = kill_campaign(d, a.trials, rng, rss)
+    campaign, trial_files = kill_campaign(d, a.trials, rng)
     report["kill9"] = campaign
     good += trial_files
     wait_for(lambda: not d.queue("incoming") and not d.queue("processing") or None, 300, "the last files")
     d.stop()
-    rss.stop()
     checks = verify(d, good)
     report["files_checked"] = len(good)
     report["files_lost"] = len(checks["lost"]) if checks["lost"] is not None else "store unloadable"

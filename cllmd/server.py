@@ -44,6 +44,13 @@ MALFORMED_LOG_EVERY_S = 10  # malformed input is logged at most this often (fuzz
 # (counted in bytes, capped) takes over. libzmq's default of 1,000 would let one slow reader
 # hold 1,000 replies of up to max_message_bytes each inside libzmq, out of any cap's reach.
 SEND_HWM = 64
+# Requests libzmq reads ahead from one connection before the socket thread takes them; beyond
+# it libzmq stops reading that connection and the client's own queue holds what it sends
+# (nothing is lost or refused). libzmq's default of 1,000 let a client that sends faster than
+# the socket thread reads pile its frames up in the daemon: issue 11's attack (10,000 messages,
+# among them 1-20 MiB tokenize requests, from 8 connections) peaked at 2.3x idle RSS, 1.3x
+# with 8 (docs/benchmarks.md, "Reliability"). At most RECV_HWM x hard_max_bytes per connection.
+RECV_HWM = 8
 # Replies are sent without copy (pyzmq copies those under its copy_threshold, 64 KiB, anyway):
 # libzmq keeps a reference to the frame's bytes instead of a second copy of a 16 MiB reply.
 
@@ -272,6 +279,7 @@ class Server:
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unknown peer -> EHOSTUNREACH, full peer -> EAGAIN
         s.setsockopt(zmq.MAXMSGSIZE, self.hard_max_bytes)
         s.setsockopt(zmq.SNDHWM, SEND_HWM)
+        s.setsockopt(zmq.RCVHWM, RECV_HWM)
         s.setsockopt(zmq.LINGER, 200)
         return s
 

@@ -655,3 +655,49 @@ def test_server_large_frames_are_decoded_off_the_socket_thread_while_pings_go_on
     assert r["ok"] and r["result"]["sum"] == 5
     r = ask(d, msgpack.packb({"v": 1, "id": 12, "op": "sum", "args": pad}))
     assert (r["id"], r["error"]["code"]) == (12, "bad_request")
+
+
+def test_server_reads_a_bounded_number_of_requests_ahead_of_the_socket_thread(tmp_path):
+    # While the socket thread does not read, libzmq takes at most RECV_HWM requests from a
+    # connection; the rest wait in the client's own queue until the client cannot send more
+    # (EAGAIN). libzmq's default would have taken 1,000 frames (here 300 MiB) into the daemon.
+    # Then every request sent is answered: bounded, nothing lost.
+    import time
+    from cllmd.server import RECV_HWM
+    d = tempfile.mkdtemp(prefix="cllmd-t", dir="/tmp")
+    server = Server(f"ipc://{d}/s.sock", f"ipc://{d}/e.sock", max_message_bytes=2**20)
+    ctx = zmq.Context()
+    try:
+        sender = ctx.socket(zmq.DEALER)
+        sender.setsockopt(zmq.LINGER, 0)
+        sender.setsockopt(zmq.SNDHWM, 1)
+        sender.connect(f"ipc://{d}/s.sock")
+        pad = "x" * (300 * 1024)   # over the unix socket's buffers: the kernel holds ~1 of them
+        sent, deadline = 0, time.monotonic() + 2.0   # let the I/O threads take what they will
+        while sent < 1000 and time.monotonic() < deadline:
+            try:
+                sender.send(encode(make_request(sent, "ping", {"pad": pad})), zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                time.sleep(0.01)
+        # RECV_HWM in the server's pipe, one being decoded, ~1 in the kernel, SNDHWM (1) and one
+        # being encoded on the client's side
+        assert 1 <= sent <= RECV_HWM + 5, sent
+        stop = threading.Event()
+        loop = threading.Thread(target=server.serve, args=(stop,))
+        loop.start()
+        try:
+            answered = set()
+            while len(answered) < sent:
+                assert sender.poll(WAIT_MS), f"{len(answered)} of {sent} answered"
+                msg = decode(sender.recv())
+                assert msg["error"]["code"] == "too_large"   # a ping over 8 KiB, refused with its id
+                answered.add(msg["id"])
+            assert answered == set(range(sent))
+        finally:
+            stop.set()
+            loop.join(10)
+    finally:
+        server.close()
+        ctx.destroy(0)
+        shutil.rmtree(d, ignore_errors=True)
