@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cllmd.kernels.ordered import ROW, TILE
 from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, bf16_weights, model_forward, model_forward_backward,
-                                       model_forward_loss, transpose_weights)
+                                       model_forward_loss, sink_zero_grads, transpose_weights)
 
 INIT_STD = 0.02
 
@@ -194,6 +195,7 @@ class Workspace:
             losses=(N,), dlosses=(N,),
             dresidual=(N, C), dtmp=(N, C), dqkv=(B, T, 3 * C), dfch=(N, 4 * C),
             empty=(0, C),
+            dw_tile=(TILE,) if self.bf16 else (0,),
         )
 
     def _sizes_h(self, B: int) -> dict[str, int]:
@@ -276,6 +278,8 @@ class Model:
         self._workspace: Workspace | None = None
         self._no_transpose = np.empty(0, dtype=self.dtype)
         self._no_bf16 = np.empty(0, dtype=np.uint16)
+        # a sink of mode ROW: the weight gradients written into grad (cllmd.kernels.ordered)
+        self._row_sink = (np.empty(0, dtype=self.dtype), np.zeros(1, np.int64), np.array([0, ROW, 0], np.int64))
 
     def _init(self, seed: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 n_layer) because each
@@ -400,6 +404,15 @@ class Model:
             raise ValueError("bfloat16 products need a workspace with bfloat16 scratch (Workspace(bf16=True))")
         return weights_h
 
+    def sink_ranges(self) -> np.ndarray:
+        """[4 n_layer, 2] the (start, stop) in flat of the blocks' weight matrices, in sink
+        order (cllmd.kernels.ordered): layer by layer, each layer's four by offset."""
+        o = self.offsets
+        sizes = {2: 3, 4: 1, 8: 4, 10: 4}  # in C * C
+        C = self.cfg.n_embd
+        return np.array([(o[4 + 12 * l + k], o[4 + 12 * l + k] + sizes[k] * C * C)
+                         for l in range(self.cfg.n_layer) for k in (2, 4, 8, 10)], dtype=np.int64).reshape(-1, 2)
+
     def transposed_weights(self, out: np.ndarray | None = None, parts=None) -> np.ndarray:
         """The weight matrices transposed, each at its own offset in a flat-sized buffer.
 
@@ -417,7 +430,7 @@ class Model:
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
                          mask: np.ndarray | None = None, normalizer: float | None = None,
                          weights_t: np.ndarray | None = None, grad: np.ndarray | None = None,
-                         weights_h: np.ndarray | None = None) -> tuple[float, float]:
+                         weights_h: np.ndarray | None = None, sink=None) -> tuple[float, float]:
         """Loss and gradients of one batch into grad (a flat [P] buffer, written whole), by
         default ws.grad_flat (ws.grads are its named views).
 
@@ -428,16 +441,24 @@ class Model:
         With a checkpointing workspace the blocks recompute their activations in the backward.
         weights_t: an up-to-date transposed_weights() buffer, or None; weights_h: an up-to-date
         bf16_weights() buffer for bfloat16 products (weights_t is then not read), or None.
-        Returns (mean loss, number of counted positions).
+        sink: with bfloat16 products, node zero's (sum, turns, info) (cllmd.reduction's
+        OrderedGradientSum.sink): the blocks' weight gradients are then added in turn into the
+        sum (mode ADD: grad's views of them are left as they were) or written and announced
+        (FIRST); None writes them into grad. Returns (mean loss, number of counted positions).
         """
         weights, count = self._weights(ws, mask, idx.size)
         grad = ws.grad_flat if grad is None else grad
         if grad.shape != self.flat.shape or grad.dtype != self.dtype:
             raise ValueError(f"grad has shape {grad.shape} and dtype {grad.dtype}, expected {self.flat.shape} {self.dtype}")
         flat_h = self._check_bf16(ws, weights_h)
+        if sink is None:
+            sink = self._row_sink
+        elif sink[2][1] != ROW and not flat_h.size:
+            raise ValueError("a sink that adds weight gradients in turn needs bfloat16 products (weights_h)")
         if count == 0.0:
             self.forward_loss(ws, idx, targets, mask, weights_h)
             grad[:] = 0.0
+            sink_zero_grads(self.offsets, self.cfg.n_embd, sink)
             return 0.0, 0.0
         scale = 1.0 / (count if normalizer is None else normalizer)
         flat_t = self._no_transpose if weights_t is None else weights_t
@@ -445,7 +466,7 @@ class Model:
             raise ValueError(f"weights_t has shape {flat_t.shape}, expected {self.flat.shape}")
         total = model_forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
                                        scale, self.flat, flat_t, flat_h, self.offsets, self._positions(),
-                                       self.cfg.n_head, grad)
+                                       self.cfg.n_head, grad, sink)
         return total / count, count
 
     def loss_and_grads(self, idx, targets, mask=None, checkpointing: bool = False,

@@ -6,10 +6,17 @@ element of the sum therefore receives the spheres' gradients in sphere order, wh
 thread ran which sphere and whenever it finished: the same additions, in the same order, as
 summing all 12 rows at the end, while at most `rows` gradient rows exist (not 12).
 
-The one place where a sphere's gradient enters the sum is OrderedGradientSum.commit: it is
-called once per sphere, in sphere order, never concurrently. A reduction across processes
+The one place where a sphere's gradient row enters the sum is OrderedGradientSum.commit: it
+is called once per sphere, in sphere order, never concurrently. A reduction across processes
 (spheres on other ranks) extends it there: each rank's rows must still reach node zero's
 sum in sphere order 0..11 for every element.
+
+With direct matrices (bfloat16 products, one process), the blocks' weight gradients, nearly
+all of a row, skip the row: each sphere's backward adds them into the sum itself, matrix by
+matrix in sphere order (cllmd.kernels.ordered: a sphere waits for the lower ones' turn), with
+the same additions as a commit of the row (fl(sum + g) per element; tested bit for bit), and
+commit adds the rest of the row (biases, layer norms, embeddings). A sphere then writes no
+340 MB row at the 85M shape and node zero does not read it back.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import threading
 
 import numpy as np
 
-from cllmd.kernels.adamw import REDUCE_BLOCK, add_row_into
+from cllmd.kernels.adamw import REDUCE_BLOCK, add_ranges_into, add_row_into
+from cllmd.kernels.ordered import ADD, FIRST, ROW
 
 
 class OrderedGradientSum:
@@ -28,12 +36,24 @@ class OrderedGradientSum:
     a sphere that fails calls give_back(row) and abort(), after which take() returns None.
     When every give has returned, the sum is complete. With overwrite, the first sphere's
     gradient is written straight into grad (no row). Spheres are named by any distinct ids.
+
+    direct: [n, 2] (start, stop) ranges of grad, sink matrices 0..n-1, that a micro-step begun
+    with direct=True has each sphere add itself, in turn, through sink(sphere) (see the
+    module); turns [n + 1] are theirs (cllmd.kernels.ordered). waited_s: the seconds spheres
+    spent waiting for their turn, summed since construction.
     """
 
-    def __init__(self, size: int, dtype, rows: int):
+    def __init__(self, size: int, dtype, rows: int, direct: np.ndarray | None = None):
         if rows < 1:
             raise ValueError(f"the gradient sum needs at least one row, got {rows}")
         self.grad = np.zeros(size, dtype=dtype)
+        self.direct = np.zeros((0, 2), np.int64) if direct is None else np.asarray(direct, np.int64).reshape(-1, 2)
+        self.turns = np.zeros(self.direct.shape[0] + 1, np.int64)
+        cuts = [0, *self.direct.reshape(-1).tolist(), size]  # the rest: between the direct ranges
+        self._rest = np.array([(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a], np.int64).reshape(-1, 2)
+        self._direct = False
+        self._infos: dict[int, np.ndarray] = {}
+        self.waited_s = 0.0
         self.sumsq = np.zeros(-(-size // REDUCE_BLOCK), dtype=np.float64)
         self.capacity = rows
         self._free: list[np.ndarray] = []
@@ -46,12 +66,16 @@ class OrderedGradientSum:
         self._committing = False
         self._aborted = False
 
-    def begin(self, spheres: list[int], overwrite: bool, norm: bool) -> None:
+    def begin(self, spheres: list[int], overwrite: bool, norm: bool, direct: bool = False) -> None:
         """A micro-step of these spheres (in sphere order). overwrite: the sum starts from the
-        first sphere's gradient (else it adds to what is there); norm: fill sumsq at the end."""
+        first sphere's gradient (else it adds to what is there); norm: fill sumsq at the end;
+        direct: the spheres add the direct matrices themselves (ignored without any)."""
         with self._cond:
             self._order = list(spheres)
             self._overwrite, self._norm = overwrite, norm
+            self._direct = direct and self.direct.shape[0] > 0
+            self.turns[:] = 0  # no sphere runs between micro-steps
+            self._infos.clear()
             self._granted = self._committed = 0
             self._done.clear()
             self._committing = self._aborted = False
@@ -98,6 +122,15 @@ class OrderedGradientSum:
             self.rows_allocated += 1
         return np.empty_like(self.grad)
 
+    def sink(self, sphere: int):
+        """(grad, turns, info) for sphere's pass (Model.forward_backward's sink): its position,
+        and its mode: FIRST where its row is the sum, ADD for the others, ROW without direct."""
+        with self._cond:
+            pos = self._position(sphere)
+            mode = ROW if not self._direct else FIRST if pos == 0 and self._overwrite else ADD
+            info = self._infos[pos] = np.array([pos, mode, 0], np.int64)
+        return self.grad, self.turns, info
+
     def give(self, sphere: int, row: np.ndarray) -> None:
         """sphere's gradient is in row: commits it, and every later one already given, in order."""
         with self._cond:
@@ -129,6 +162,7 @@ class OrderedGradientSum:
         """A sphere failed: the micro-step stops; waiting takers get None, rows go back to the pool."""
         with self._cond:
             self._aborted = True
+            self.turns[-1] = 1  # spheres waiting for a turn give up (cllmd.kernels.ordered)
             for row in self._done.values():
                 if row is not self.grad:
                     self._free.append(row)
@@ -145,5 +179,17 @@ class OrderedGradientSum:
     def commit(self, position: int, sphere: int, row: np.ndarray, first: bool, last: bool) -> None:
         """THE ordered addition: grad (= if first, else +=) row, once per sphere, in sphere
         order (position 0, 1, ... of this micro-step), never concurrently. With last and norm,
-        the same pass fills sumsq. row is grad itself when first (the sphere wrote into it)."""
-        add_row_into(self.grad, row, not first, self.sumsq if (last and self._norm) else self.sumsq[:0])
+        the same pass fills sumsq. row is grad itself when first (the sphere wrote into it).
+        With direct matrices the sphere has added those itself: only the rest of row is
+        added, and sumsq takes a pass of its own."""
+        info = self._infos.get(position)
+        if info is not None:
+            self.waited_s += info[2] * 1e-9
+        sumsq = self.sumsq if (last and self._norm) else self.sumsq[:0]
+        if not self._direct:
+            add_row_into(self.grad, row, not first, sumsq)
+            return
+        if not first:
+            add_ranges_into(self.grad, row, self._rest)
+        if sumsq.size:
+            add_row_into(self.grad, self.grad, False, sumsq)

@@ -67,10 +67,11 @@ class Sphere:
             self.stats.state = state
             self.stats.last_change = now
 
-    def compute(self, forward_only: bool, ws: Workspace, grad: np.ndarray | None = None) -> None:
+    def compute(self, forward_only: bool, ws: Workspace, grad: np.ndarray | None = None, sink=None) -> None:
         """Gradient of the *sum* of the slot's token losses into grad, a row of node zero's
         gradient sum (node zero normalizes after reducing), using the running thread's
-        workspace ws (carved for the slot's rows); forward_only: the losses alone."""
+        workspace ws (carved for the slot's rows); forward_only: the losses alone. sink: node
+        zero's, for the weight gradients it adds in turn (OrderedGradientSum.sink), or None."""
         ws.use(self.idx.shape[0])
         self._set_state("working")
         try:
@@ -80,7 +81,7 @@ class Sphere:
             else:
                 self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
                                                           weights_t=self.weights_t, grad=grad,
-                                                          weights_h=self.weights_h)
+                                                          weights_h=self.weights_h, sink=sink)
         finally:
             self._set_state("waiting")
         if not forward_only:

@@ -2,7 +2,8 @@
 
 Each step node zero samples the global batch, splits it by rows into 12 micro-batches, and
 the spheres' gradients are committed into its sum in fixed sphere order as they finish
-(cllmd.reduction: a few recycled rows, not one per sphere); node zero then normalizes by the
+(cllmd.reduction: a few recycled rows, not one per sphere; in bf16 each sphere adds its weight
+matrices' gradients into the sum itself, in the same order); node zero then normalizes by the
 token count, skips the step on NaN/Inf, clips by global norm and applies AdamW. Because the
 reduction order never depends on which thread ran which sphere, the same seed and data give
 bit-identical weights with any thread count. Node zero's own passes (transposed weights,
@@ -158,7 +159,8 @@ class Trainer:
         # node zero's gradient sum, committed in sphere order from one row per thread (plus
         # the sum itself for the first sphere): after a step, grad is the sum over the batch
         # of the token losses' gradients (divide by last["tokens"] for the mean; not clipped)
-        self.gradsum = OrderedGradientSum(model.flat.size, model.dtype, rows=self.pool.size)
+        self.gradsum = OrderedGradientSum(model.flat.size, model.dtype, rows=self.pool.size,
+                                          direct=model.sink_ranges() if model.dtype == np.float32 else None)
         self.grad = self.gradsum.grad
         self.step_num = 0          # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0
@@ -243,14 +245,15 @@ class Trainer:
             self.pool.run([lambda s=s: s.compute(True, workspace(s)) for s in used])
             return used
         gradsum = self.gradsum
-        gradsum.begin([s.id for s in used], overwrite, norm)
+        # bf16: the spheres add the blocks' weight gradients into the sum themselves, in turn
+        gradsum.begin([s.id for s in used], overwrite, norm, direct=self.precision == "bf16")
 
         def task(sphere):
             row = gradsum.take(sphere.id)
             if row is None:  # another sphere failed: its error is the step's
                 return
             try:
-                sphere.compute(False, workspace(sphere), grad=row)
+                sphere.compute(False, workspace(sphere), grad=row, sink=gradsum.sink(sphere.id))
             except BaseException:
                 gradsum.give_back(row)
                 gradsum.abort()

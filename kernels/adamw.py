@@ -62,6 +62,16 @@ def add_row_into(out, row, add, sumsq):
             sumsq[a // REDUCE_BLOCK] = row_sumsq64(o)
 
 
+@kernel
+def add_ranges_into(out, row, ranges):
+    """out[a:b] += row[a:b] for each (a, b) of ranges [k, 2], element by element (add_row_into's
+    addition, on the parts of a row that a sphere did not add into the sum itself)."""
+    for r in range(ranges.shape[0]):
+        o, w = out[ranges[r, 0]:ranges[r, 1]], row[ranges[r, 0]:ranges[r, 1]]
+        for i in range(o.size):
+            o[i] += w[i]
+
+
 def add_row_into_ref(out, row, add, sumsq):
     if add:
         out += row

@@ -21,6 +21,7 @@ import numpy as np
 from ._jit import kernel
 from .bf16 import bf16_of, to_bf16
 from .blas import gemm, gemm_bf16
+from .ordered import weight_grad_h
 
 
 @kernel
@@ -126,13 +127,15 @@ def round_rows_sum(dout_h, dsum, dout):
 
 
 @kernel
-def linear_backward_h(dinp, dweight, dbias, dout, inp_h, weight_h, dout_h, rounded):
+def linear_backward_h(dinp, dweight, dbias, dout, inp_h, weight_h, dout_h, rounded, at, sum_, turns, info, m, tile):
     """linear_backward in bfloat16 on the forward's rounded input inp_h [N, K]: dout rounded
     into dout_h [N, M] and dbias summed in one pass, unless rounded (the caller did both, as
-    gelu_backward_h does); then dweight = inp_h^T dout_h, dinp = dout_h weight_h^T."""
+    gelu_backward_h does); then dweight = inp_h^T dout_h, into dweight or added in turn into
+    node zero's sum (cllmd.kernels.ordered.weight_grad_h: at, sum_, turns, info, m, tile), and
+    dinp = dout_h weight_h^T."""
     if not rounded:
         round_rows_sum(dout_h, dbias, dout)
-    gemm_bf16(True, False, 1.0, inp_h, dout_h, 0.0, dweight)
+    weight_grad_h(dweight, at, inp_h, dout_h, sum_, turns, info, m, tile)
     gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
 
 

@@ -43,6 +43,7 @@ from .bf16 import to_bf16
 from .blas import gemm_bf16
 from .linear import (gemm_rounding_a, linear_backward, linear_backward_h, linear_forward, linear_forward_h, transpose,
                      weight_grad)
+from .ordered import add_zero_in_turn
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -72,6 +73,8 @@ Buffers = namedtuple("Buffers", [
     "att_h",                            # [Lc B NH T T] the softmax in bfloat16 (uint16); [0] for float32
     "acts_h",                           # [Lc N 7C] the products' inputs in bfloat16 (uint16): per
                                         # layer ln1 | atty | ln2 | fch_gelu; [0] for float32
+    "dw_tile",                          # [ordered.TILE] a weight gradient's tile on its way into
+                                        # node zero's sum (cllmd.kernels.ordered); [0] for float32
 ])
 
 
@@ -227,9 +230,11 @@ def block_forward_h(buf, l, x, flat, flat_h, offs, n_head, write_output):
 
 
 @kernel
-def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head):
+def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head, sink):
     """block_backward with bfloat16 products, after block_forward_h: each gradient that feeds
-    products is rounded once, with its bias gradient summed in the same pass."""
+    products is rounded once, with its bias gradient summed in the same pass. The four weight
+    gradients go to sink (cllmd.kernels.ordered: into grad, or added in turn into node zero's
+    sum; layer l's matrices are sink matrices 4 l .. 4 l + 3 in offset order)."""
     la = l % buf.ln1_mean.shape[0]
     N, C = x.shape
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
@@ -241,19 +246,23 @@ def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head):
     db = lambda k, n: _vec(grad, o[k], n)                               # noqa: E731
     ho = lambda cols: _h(buf.h_out, N, cols)                            # noqa: E731 - a gradient in bf16
     ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
+    sum_, turns, info, tile = sink[0], sink[1], sink[2], buf.dw_tile
     # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
-    linear_backward_h(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False)
+    linear_backward_h(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False,
+                      o[10], sum_, turns, info, 4 * l + 3, tile)
     # fch_gelu = gelu(pre): d pre = gelu'(pre) d fch_gelu, rounded, and the c_fc bias gradient
     gelu_backward_h(ho(4 * C), db(9, 4 * C), buf.dfch, buf.fch[la])
-    linear_backward_h(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True)
+    linear_backward_h(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True,
+                      o[8], sum_, turns, info, 4 * l + 2, tile)
     layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
                        buf.ln2_mean[la], buf.ln2_rstd[la])
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
-    linear_backward_h(dtmp, dW(4, C, C), db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False)
+    linear_backward_h(dtmp, dW(4, C, C), db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False,
+                      o[4], sum_, turns, info, 4 * l + 1, tile)
     attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
                             _h(buf.h_in, N, 3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
     linear_backward_h(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
-                      Wh(2, C, 3 * C), ho(3 * C), False)
+                      Wh(2, C, 3 * C), ho(3 * C), False, o[2], sum_, turns, info, 4 * l, tile)
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 
@@ -412,11 +421,13 @@ def model_forward_loss(buf, idx, targets, mask, flat, flat_t, flat_h, offs, wpe,
 
 
 @kernel
-def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, offs, wpe, n_head, grad):
-    """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole.
-    flat_t: transposed weight matrices (see transpose_weights) or empty; flat_h: the weight
-    matrices in bfloat16 (bf16_weights) or empty for float32. Returns sum(losses * mask) in
-    float64."""
+def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, offs, wpe, n_head, grad, sink):
+    """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole
+    but for the blocks' weight matrices in bfloat16 when sink adds them to node zero's sum
+    (sink: (sum, turns, info) of cllmd.kernels.ordered; mode ROW writes them into grad too;
+    float32 ignores it). flat_t: transposed weight matrices (see transpose_weights) or empty;
+    flat_h: the weight matrices in bfloat16 (bf16_weights) or empty for float32. Returns
+    sum(losses * mask) in float64."""
     trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
@@ -446,8 +457,20 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h,
             else:
                 block_forward(buf, l, x_in, flat, flat_h, offs, n_head, False)
         if flat_h.size:
-            block_backward_h(buf, l, x_in, flat, flat_h, offs, grad, n_head)
+            block_backward_h(buf, l, x_in, flat, flat_h, offs, grad, n_head, sink)
         else:
             block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
     return total
+
+
+@kernel
+def sink_zero_grads(offs, n_embd, sink):
+    """A sphere with no counted position (its gradient all zeros, written into its row): the
+    blocks' weight matrices it would have added in turn get +0 in turn (see add_zero_in_turn)."""
+    C = n_embd
+    L = (offs.size - 4) // 12
+    for l in range(L - 1, -1, -1):
+        o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+        for j, k, size in ((3, 10, 4 * C * C), (2, 8, 4 * C * C), (1, 4, C * C), (0, 2, 3 * C * C)):
+            add_zero_in_turn(sink[0], o[k], size, sink[1], sink[2], 4 * l + j)

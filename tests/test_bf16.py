@@ -504,3 +504,196 @@ def test_bf16_precision_auto_chooses_by_machine_and_width():
             choose_precision("bf16", wide.cfg.n_embd, wide.dtype)
     with pytest.raises(ValueError, match="train.precision must be"):
         choose_precision("fp8", wide.cfg.n_embd, wide.dtype)
+
+
+# ---- weight gradients added straight into node zero's sum (cllmd.kernels.ordered) -----------
+
+def _direct_layout(rng):
+    """Three matrices [K, M] with rest elements between and around them: ranges, P, shapes."""
+    shapes, ranges, at = [(48, 80), (80, 48), (16, 200)], [], 7
+    for K, M in shapes:
+        ranges.append((at, at + K * M))
+        at += K * M + 5
+    return shapes, np.array(ranges, np.int64), at + 3
+
+
+@requires_bf16
+@pytest.mark.parametrize("tile", [500, 1 << 19], ids=["small-tiles", "whole"])
+def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_the_finishing_order(tile):
+    # 7 spheres on 3 threads, each sphere's matrices in its own random order and at random
+    # delays: the sum must be exactly that of committing whole rows in sphere order
+    import threading
+    import time
+
+    from cllmd.kernels import ordered
+    from cllmd.reduction import OrderedGradientSum
+    rng = np.random.default_rng(5)
+    shapes, ranges, P = _direct_layout(rng)
+    N, spheres = 32, list(range(1, 8))
+    ops = {(s, m): (_bf16_bits(rng.normal(size=(N, K)) * 10.0 ** rng.uniform(-3, 3)),
+                    _bf16_bits(rng.normal(size=(N, M)) * 10.0 ** rng.uniform(-3, 3)))
+           for s in spheres for m, (K, M) in enumerate(shapes)}
+    rest = {s: (rng.normal(size=P) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32) for s in spheres}
+
+    def row_of(s):
+        row = rest[s].copy()
+        for m, ((K, M), (a, b)) in enumerate(zip(shapes, ranges)):
+            blas.gemm_bf16(True, False, 1.0, *ops[s, m], 0.0, row[a:b].reshape(K, M))
+        return row
+
+    for overwrite in (True, False):
+        start = rng.normal(size=P).astype(np.float32)
+        expected = OrderedGradientSum(P, np.float32, rows=1)
+        expected.grad[:] = start
+        expected.begin(spheres, overwrite, norm=True)
+        for s in spheres:
+            row = expected.take(s)
+            row[:] = row_of(s)
+            expected.give(s, row)
+        reversed_sum = start.copy() if not overwrite else np.zeros(P, np.float32)
+        for s in spheres[::-1]:  # the wrong order gives other bits: the test can fail
+            reversed_sum += row_of(s)
+        assert not np.array_equal(reversed_sum, expected.grad)
+        for seed in range(3):
+            gs = OrderedGradientSum(P, np.float32, rows=3, direct=ranges)
+            gs.grad[:] = start
+            gs.begin(spheres, overwrite, norm=True, direct=True)
+            delays = np.random.default_rng(seed).random((8, 4)) * 0.003
+            orders = {s: np.random.default_rng(seed * 10 + s).permutation(3) for s in spheres}
+            scratch = [np.empty(tile, np.float32) for _ in range(3)]
+
+            def worker(t, ids):
+                for s in ids:
+                    row = gs.take(s)
+                    sum_, turns, info = gs.sink(s)
+                    row[:] = np.nan  # the direct matrices of a row are never read
+                    for a, b in gs._rest:
+                        row[a:b] = rest[s][a:b]
+                    for i, m in enumerate(orders[s]):
+                        time.sleep(delays[s, i])
+                        (K, M), (a, b) = shapes[m], ranges[m]
+                        view = (sum_ if row is sum_ else row)[a:b].reshape(K, M)
+                        ordered.weight_grad_h(view, a, *ops[s, m], sum_, turns, info, m, scratch[t])
+                    gs.give(s, row)
+
+            work = [spheres[i::3] for i in range(3)]
+            threads = [threading.Thread(target=worker, args=(i, w)) for i, w in enumerate(work)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert np.array_equal(gs.grad.view(np.uint32), expected.grad.view(np.uint32)), (overwrite, seed)
+            np.testing.assert_array_equal(gs.sumsq, expected.sumsq)
+            assert gs.rows_allocated <= 3
+
+
+@requires_bf16
+def test_bf16_direct_sphere_waiting_for_its_turn_gives_up_when_the_micro_step_aborts():
+    import threading
+
+    from cllmd.kernels import ordered
+    from cllmd.reduction import OrderedGradientSum
+    rng = np.random.default_rng(6)
+    shapes, ranges, P = _direct_layout(rng)
+    gs = OrderedGradientSum(P, np.float32, rows=2, direct=ranges)
+    gs.begin([1, 2], overwrite=True, norm=False, direct=True)
+    first = gs.take(1)
+    assert first is gs.grad and gs.sink(1)[2][1] == ordered.FIRST
+    second = gs.take(2)
+    sum_, turns, info = gs.sink(2)
+    assert info[1] == ordered.ADD
+    before = gs.grad.copy()
+    (K, M), (a, b) = shapes[0], ranges[0]
+    inp, dout = _bf16_bits(rng.normal(size=(8, K))), _bf16_bits(rng.normal(size=(8, M)))
+    waiter = threading.Thread(target=ordered.weight_grad_h,
+                              args=(second[a:b].reshape(K, M), a, inp, dout, sum_, turns, info, 0,
+                                    np.empty(ordered.TILE, np.float32)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # sphere 1 has not added matrix 0: sphere 2 waits its turn
+    gs.give_back(first)
+    gs.abort()  # sphere 1 failed
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert np.array_equal(gs.grad, before)  # nothing was added
+    assert info[2] > 0.2e9  # the waiting was counted (nanoseconds)
+
+
+@requires_bf16
+def test_bf16_direct_sphere_without_counted_positions_adds_zeros_in_turn():
+    # a fully masked sphere's row is zeros; committed, fl(-0 + 0) = +0: the direct path too
+    from cllmd.model import Model, ModelConfig
+    from cllmd.reduction import OrderedGradientSum
+    m = Model(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12), seed=0)
+    ws = m.workspace(1, 12, bf16=True)
+    idx = np.arange(12).reshape(1, 12)
+    gs = OrderedGradientSum(m.flat.size, np.float32, rows=1, direct=m.sink_ranges())
+    gs.begin([1, 2], overwrite=False, norm=False, direct=True)
+    gs.grad[:] = -0.0
+    h = m.bf16_weights()
+    for s in (1, 2):
+        row = gs.take(s)
+        m.forward_backward(ws, idx, idx, np.zeros((1, 12)), normalizer=1.0, grad=row, weights_h=h, sink=gs.sink(s))
+        gs.give(s, row)
+    assert np.all(gs.turns[:-1] == 2)  # both spheres took their turns
+    assert not np.signbit(gs.grad).any() and not gs.grad.any()
+
+
+@requires_bf16
+@pytest.mark.parametrize("cfg", [dict(), dict(accum_steps=2), dict(grad_checkpointing=True)],
+                         ids=["plain", "accum2", "checkpointed"])
+def test_bf16_trainer_direct_weight_gradients_give_the_row_paths_weights_at_1_2_and_12_threads(cfg):
+    from cllmd.reduction import OrderedGradientSum
+    from cllmd.trainer import Trainer
+
+    rows_only = Trainer.__init__
+
+    def init(self, *a, **kw):  # the trainer with every gradient through rows (as in MPI's chain)
+        rows_only(self, *a, **kw)
+        self.gradsum = OrderedGradientSum(self.model.flat.size, self.model.dtype, rows=self.pool.size)
+        self.grad = self.gradsum.grad
+
+    Trainer.__init__ = init
+    try:
+        expected, expected_losses = _train(2, "bf16", steps=3, **cfg)
+    finally:
+        Trainer.__init__ = rows_only
+    assert not expected.gradsum._direct
+    for threads in (1, 2, 12):
+        tr, losses = _train(threads, "bf16", steps=3, **cfg)
+        assert tr.gradsum._direct
+        assert np.array_equal(tr.model.flat, expected.model.flat), f"{threads} threads"
+        assert losses == expected_losses
+
+
+@requires_bf16
+def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_on_as_on_rows():
+    from cllmd.model import Model, ModelConfig
+    from cllmd.reduction import OrderedGradientSum
+    from cllmd.tokensource import TokenArraySource
+    from cllmd.trainer import TrainConfig, Trainer
+    rng = np.random.default_rng(0)
+    tokens = (np.arange(6000) % 37 + (rng.random(6000) < 0.1) * rng.integers(0, 3, 6000)) % 40
+    cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12)
+    weights = []
+    for direct in (True, False):
+        tr = Trainer(Model(cfg, seed=0), TokenArraySource(tokens.astype(np.uint16), 0.1),
+                     TrainConfig(batch_size=24, warmup=2, precision="bf16"), threads=2)
+        if not direct:
+            tr.gradsum = OrderedGradientSum(tr.model.flat.size, np.float32, rows=tr.pool.size)
+            tr.grad = tr.gradsum.grad
+        tr.step()
+        sphere, original = tr.spheres[4], tr.spheres[4].compute
+
+        def broken(forward_only, ws, grad=None, sink=None):
+            raise RuntimeError("sphere 5 broke")
+
+        sphere.compute = broken
+        with pytest.raises(RuntimeError, match="sphere 5 broke"):
+            tr.step()  # spheres 6-12 wait for sphere 5's turns: the abort lets them go
+        sphere.compute = original
+        tr.step()
+        tr.step()
+        tr.close()
+        weights.append(tr.model.flat)
+    assert np.array_equal(*weights)

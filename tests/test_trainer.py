@@ -125,7 +125,7 @@ def test_trainer_a_failing_sphere_fails_the_step_and_the_next_step_works():
     sphere = tr.spheres[4]
     original = sphere.compute
 
-    def broken(forward_only, ws, grad=None):
+    def broken(forward_only, ws, grad=None, sink=None):
         raise RuntimeError("sphere 5 broke")
 
     sphere.compute = broken
