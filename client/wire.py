@@ -5,7 +5,6 @@ Pure Python on msgpack and the standard library, so the client stays light.
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -201,6 +200,26 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
 
 
+class _FrameReader:
+    """A file-like view of a frame for msgpack's streaming Unpacker, read in slices: io.BytesIO
+    shares a bytes but copies a memoryview whole (a large frame received without a copy)."""
+
+    def __init__(self, frame: bytes | bytearray | memoryview):
+        self._view, self._pos = memoryview(frame), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
+        piece = self._view[self._pos:end].tobytes()
+        self._pos = end
+        return piece
+
+
+def _peeker(frame: bytes | bytearray | memoryview) -> msgpack.Unpacker:
+    limit = max(len(frame), 1024)
+    return msgpack.Unpacker(_FrameReader(frame), raw=False, max_buffer_size=limit,
+                            read_size=min(64 * 1024, limit))
+
+
 def peek_id(frame: bytes | bytearray | memoryview) -> Any:
     """Read only the top-level ``id`` of a frame, skipping every other value without building it.
 
@@ -208,9 +227,7 @@ def peek_id(frame: bytes | bytearray | memoryview) -> Any:
     Returns None when the frame is not a map or has no valid id.
     """
     try:
-        limit = max(len(frame), 1024)
-        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, max_buffer_size=limit,
-                                    read_size=min(64 * 1024, limit))
+        unpacker = _peeker(frame)
         n = unpacker.read_map_header()
         for _ in range(n):
             key = unpacker.unpack()
@@ -229,9 +246,7 @@ def peek_envelope(frame: bytes | bytearray | memoryview) -> tuple[Any, Any]:
     are read; either is None when absent or not valid. Raises ProtocolError(bad_request) for a
     frame that is not a msgpack map."""
     try:
-        limit = max(len(frame), 1024)
-        unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, max_buffer_size=limit,
-                                    read_size=min(64 * 1024, limit))
+        unpacker = _peeker(frame)
         n = unpacker.read_map_header()
         rid = op = None
         for _ in range(n):

@@ -13,7 +13,7 @@ from cllm import wire
 from cllmd import protocol
 from cllmd.protocol import (
     OP_SPECS, ArgsSpec, Field, ListOf, ProtocolError, Request, decode, encode, make_event,
-    make_request, parse_event, parse_reply, parse_request, peek_id, reply_error, reply_ok,
+    make_request, parse_event, parse_reply, parse_request, peek_envelope, peek_id, reply_error, reply_ok,
     stream_done, stream_token, validate_args,
 )
 
@@ -226,6 +226,23 @@ def test_peek_id_finds_id_after_large_fields_and_refuses_bad_ones():
     assert peek_id(b"\xff\x00garbage") is None
     assert peek_id(encode({"v": 1})) is None
     assert peek_id(encode({"v": 1, "id": "small"})) == "small"   # frames below the read size
+
+
+def test_peek_reads_a_large_frame_received_without_copy_in_slices():
+    # the server peeks at large frames through a memoryview of libzmq's buffer: io.BytesIO
+    # would copy it whole (a bytes' buffer it shares, a memoryview's it copies)
+    import tracemalloc
+    frame = memoryview(encode(make_request("big", "tokenize", {"text": "a" * 8 * 2**20})))
+    tracemalloc.start()
+    try:
+        assert peek_envelope(frame) == ("big", "tokenize")
+        assert peek_id(frame) == "big"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    late = memoryview(encode({"args": {"data": b"x" * 100_000}, "v": 1, "op": "tokenize", "id": 3}))
+    assert peek_envelope(late) == (3, "tokenize") and peek_id(late) == 3
 
 
 def test_reply_error_refuses_unknown_codes():

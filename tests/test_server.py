@@ -701,3 +701,26 @@ def test_server_reads_a_bounded_number_of_requests_ahead_of_the_socket_thread(tm
         server.close()
         ctx.destroy(0)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_server_takes_a_large_frame_from_libzmq_without_copying_it(make_harness):
+    # A frame over INLINE_DECODE_BYTES is read in libzmq's buffer (received with copy=False)
+    # and decoded from there: the Python heap holds its decoded value only, not the frame too.
+    import tracemalloc
+    h = make_harness(max_message_bytes=16 * 2**20)
+    h.server.register("size", lambda req, ctx: {"n": len(req.args["data"])}, blocking=True)
+    data = 8 * 2**20
+    frame = encode(make_request(1, "size", {"data": b"x" * data}))
+    d = h.dealer()
+    tracemalloc.start()
+    try:
+        d.send(frame)
+        reply = recv(d)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reply["ok"] and reply["result"] == {"n": data}, reply
+    assert peak < 1.5 * data, peak   # a copy of the frame beside its decoded bin: 2 x data
+    # a frame over the limit is answered too_large with its id, read without a copy either
+    r = ask(d, encode(make_request(2, "size", {"data": b"x" * (16 * 2**20)})))
+    assert (r["id"], r["error"]["code"]) == (2, "too_large")
