@@ -34,7 +34,8 @@ class OrderedGradientSum:
     Per micro-step: begin(spheres, overwrite, norm); then, on any threads, for each sphere
     row = take(sphere) (granted in sphere order), its gradient into row, give(sphere, row);
     a sphere that fails calls give_back(row) and abort(), after which take() returns None.
-    When every give has returned, the sum is complete. With overwrite, the first sphere's
+    When every give has returned, the sum is complete; after the last micro-step, finish(run)
+    completes sumsq where direct matrices left it to the end. With overwrite, the first sphere's
     gradient is written straight into grad (no row). Spheres are named by any distinct ids.
 
     direct: [n, 2] (start, stop) ranges of grad, sink matrices 0..n-1, that a micro-step begun
@@ -51,7 +52,7 @@ class OrderedGradientSum:
         self.turns = np.zeros(self.direct.shape[0] + 1, np.int64)
         cuts = [0, *self.direct.reshape(-1).tolist(), size]  # the rest: between the direct ranges
         self._rest = np.array([(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a], np.int64).reshape(-1, 2)
-        self._direct = False
+        self._direct = self._norm_pending = False
         self._infos: dict[int, np.ndarray] = {}
         self.waited_s = 0.0
         self.sumsq = np.zeros(-(-size // REDUCE_BLOCK), dtype=np.float64)
@@ -78,7 +79,7 @@ class OrderedGradientSum:
             self._infos.clear()
             self._granted = self._committed = 0
             self._done.clear()
-            self._committing = self._aborted = False
+            self._committing = self._aborted = self._norm_pending = False
 
     def resize(self, rows: int) -> None:
         """At most rows gradient rows from now on (between micro-steps: every row is free)."""
@@ -181,7 +182,7 @@ class OrderedGradientSum:
         order (position 0, 1, ... of this micro-step), never concurrently. With last and norm,
         the same pass fills sumsq. row is grad itself when first (the sphere wrote into it).
         With direct matrices the sphere has added those itself: only the rest of row is
-        added, and sumsq takes a pass of its own."""
+        added, and sumsq is left to finish()."""
         info = self._infos.get(position)
         if info is not None:
             self.waited_s += info[2] * 1e-9
@@ -191,5 +192,21 @@ class OrderedGradientSum:
             return
         if not first:
             add_ranges_into(self.grad, row, self._rest)
-        if sumsq.size:
-            add_row_into(self.grad, self.grad, False, sumsq)
+        self._norm_pending = bool(sumsq.size)  # finish() fills it, on every thread
+
+    NORM_PARTS = 16  # finish()'s parts of sumsq (each block's sum is its own: any split, same bits)
+
+    def finish(self, run) -> None:
+        """After the last micro-step: the sums of squares a direct micro-step left to the end,
+        in NORM_PARTS parts of whole blocks on run (SpherePool.run): one pass over the sum
+        (~50 ms at the 85M shape on one thread), while the other threads would be idle."""
+        if not self._norm_pending:
+            return
+        self._norm_pending = False
+        blocks = self.sumsq.size
+        cuts = [blocks * i // self.NORM_PARTS for i in range(self.NORM_PARTS + 1)]
+
+        def part(a, b):
+            add_row_into(self.grad[a * REDUCE_BLOCK:b * REDUCE_BLOCK], self.grad[:0], False, self.sumsq[a:b])
+
+        run([lambda a=a, b=b: part(a, b) for a, b in zip(cuts, cuts[1:]) if b > a])

@@ -310,6 +310,7 @@ class Trainer:
             for s in used:
                 loss_sum += s.result[0] * s.result[1]
                 count += s.result[1]
+        self.gradsum.finish(self.pool.run)  # the norm's sums, where the spheres left them
         lr = cfg.schedule()(self.step_num)
         loss = loss_sum / count if count else float("nan")
         # the norm of the mean gradient: ||sum|| / count, from the fixed per-block partials

@@ -583,6 +583,8 @@ def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_t
             for t in threads:
                 t.join()
             assert np.array_equal(gs.grad.view(np.uint32), expected.grad.view(np.uint32)), (overwrite, seed)
+            assert not gs.sumsq.any()  # left to finish(), on every thread
+            gs.finish(lambda fns: [f() for f in fns])
             np.testing.assert_array_equal(gs.sumsq, expected.sumsq)
             assert gs.rows_allocated <= 3
 
@@ -697,3 +699,24 @@ def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_o
         tr.close()
         weights.append(tr.model.flat)
     assert np.array_equal(*weights)
+
+
+@requires_bf16
+@pytest.mark.parametrize("T", [256, 1024])
+def test_bf16_direct_tiles_at_gpt2_widths_give_the_rows_bits(T):
+    # one layer of GPT-2 small's width: each matrix added into a zero sum in tiles of
+    # ordered.TILE elements (several per matrix, odd row counts) equals the row's whole product
+    from cllmd.model import Model, ModelConfig
+    from cllmd.reduction import OrderedGradientSum
+    m = Model(ModelConfig(vocab_size=257, n_layer=1, n_head=12, n_embd=768, block_size=T), seed=1)
+    rng = np.random.default_rng(2)
+    idx, targets = rng.integers(0, 257, (1, T)), rng.integers(0, 257, (1, T))
+    ws, h = m.workspace(1, T, bf16=True), m.bf16_weights()
+    row = np.full(m.flat.size, np.nan, np.float32)
+    m.forward_backward(ws, idx, targets, normalizer=1.0, grad=row, weights_h=h)
+    gs = OrderedGradientSum(m.flat.size, np.float32, rows=1, direct=m.sink_ranges())
+    gs.begin([1, 2], overwrite=False, norm=False, direct=True)  # the sum starts at zero: 0 + g = g
+    got = gs.take(1)
+    m.forward_backward(ws, idx, targets, normalizer=1.0, grad=got, weights_h=h, sink=gs.sink(1))
+    gs.give(1, got)
+    assert np.array_equal(gs.grad.view(np.uint32), row.view(np.uint32))
