@@ -279,7 +279,8 @@ class Model:
         self._no_transpose = np.empty(0, dtype=self.dtype)
         self._no_bf16 = np.empty(0, dtype=np.uint16)
         # a sink of mode ROW: the weight gradients written into grad (cllmd.kernels.ordered)
-        self._row_sink = (np.empty(0, dtype=self.dtype), np.zeros(1, np.int64), np.array([0, ROW, 0], np.int64))
+        self._row_sink = (np.empty(0, dtype=self.dtype), np.zeros(1, np.int64), np.array([0, ROW, 0, 0], np.int64),
+                          np.zeros((0, 2), np.int64))
 
     def _init(self, seed: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 n_layer) because each
@@ -441,7 +442,7 @@ class Model:
         With a checkpointing workspace the blocks recompute their activations in the backward.
         weights_t: an up-to-date transposed_weights() buffer, or None; weights_h: an up-to-date
         bf16_weights() buffer for bfloat16 products (weights_t is then not read), or None.
-        sink: with bfloat16 products, node zero's (sum, turns, info) (cllmd.reduction's
+        sink: with bfloat16 products, node zero's (sum, turns, info, ranges) (cllmd.reduction's
         OrderedGradientSum.sink): the blocks' weight gradients are then added in turn into the
         sum (mode ADD: grad's views of them are left as they were) or written and announced
         (FIRST); None writes them into grad. Returns (mean loss, number of counted positions).

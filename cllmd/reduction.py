@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from cllmd.kernels.adamw import REDUCE_BLOCK, add_ranges_into, add_row_into
-from cllmd.kernels.ordered import ADD, FIRST, ROW
+from cllmd.kernels.ordered import ADD, FIRST, INFO, ROW, flush_deferred
 
 
 class OrderedGradientSum:
@@ -41,7 +41,8 @@ class OrderedGradientSum:
     direct: [n, 2] (start, stop) ranges of grad, sink matrices 0..n-1, that a micro-step begun
     with direct=True has each sphere add itself, in turn, through sink(sphere) (see the
     module); turns [n + 1] are theirs (cllmd.kernels.ordered). waited_s: the seconds spheres
-    spent waiting for their turn, summed since construction.
+    spent waiting for their turn, summed since construction; deferred: the matrices they
+    wrote into their rows instead, the turn being late.
     """
 
     def __init__(self, size: int, dtype, rows: int, direct: np.ndarray | None = None):
@@ -55,6 +56,7 @@ class OrderedGradientSum:
         self._direct = self._norm_pending = False
         self._infos: dict[int, np.ndarray] = {}
         self.waited_s = 0.0
+        self.deferred = 0  # matrices spheres deferred to their rows (a late turn), since construction
         self.sumsq = np.zeros(-(-size // REDUCE_BLOCK), dtype=np.float64)
         self.capacity = rows
         self._free: list[np.ndarray] = []
@@ -124,13 +126,15 @@ class OrderedGradientSum:
         return np.empty_like(self.grad)
 
     def sink(self, sphere: int):
-        """(grad, turns, info) for sphere's pass (Model.forward_backward's sink): its position,
-        and its mode: FIRST where its row is the sum, ADD for the others, ROW without direct."""
+        """(grad, turns, info, ranges) for sphere's pass (Model.forward_backward's sink): its
+        position and mode: FIRST where its row is the sum, ADD for the others, ROW without
+        direct (cllmd.kernels.ordered)."""
         with self._cond:
             pos = self._position(sphere)
             mode = ROW if not self._direct else FIRST if pos == 0 and self._overwrite else ADD
-            info = self._infos[pos] = np.array([pos, mode, 0], np.int64)
-        return self.grad, self.turns, info
+            info = self._infos[pos] = np.zeros(INFO + self.direct.shape[0], np.int64)
+            info[:2] = pos, mode
+        return self.grad, self.turns, info, self.direct
 
     def give(self, sphere: int, row: np.ndarray) -> None:
         """sphere's gradient is in row: commits it, and every later one already given, in order."""
@@ -186,11 +190,16 @@ class OrderedGradientSum:
         info = self._infos.get(position)
         if info is not None:
             self.waited_s += info[2] * 1e-9
+            self.deferred += int(info[3])
         sumsq = self.sumsq if (last and self._norm) else self.sumsq[:0]
         if not self._direct:
             add_row_into(self.grad, row, not first, sumsq)
             return
         if not first:
+            # the matrices the sphere deferred to its row: every lower sphere is committed,
+            # so their turn has come
+            if info is not None and flush_deferred(row, self.grad, self.turns, info, self.direct):
+                raise RuntimeError("a deferred weight gradient's turn had not come at its commit")
             add_ranges_into(self.grad, row, self._rest)
         self._norm_pending = bool(sumsq.size)  # finish() fills it, on every thread
 

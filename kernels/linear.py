@@ -127,15 +127,16 @@ def round_rows_sum(dout_h, dsum, dout):
 
 
 @kernel
-def linear_backward_h(dinp, dweight, dbias, dout, inp_h, weight_h, dout_h, rounded, at, sum_, turns, info, m, tile):
+def linear_backward_h(dinp, grad, at, dbias, dout, inp_h, weight_h, dout_h, rounded, sink, m, tile):
     """linear_backward in bfloat16 on the forward's rounded input inp_h [N, K]: dout rounded
     into dout_h [N, M] and dbias summed in one pass, unless rounded (the caller did both, as
-    gelu_backward_h does); then dweight = inp_h^T dout_h, into dweight or added in turn into
-    node zero's sum (cllmd.kernels.ordered.weight_grad_h: at, sum_, turns, info, m, tile), and
-    dinp = dout_h weight_h^T."""
+    gelu_backward_h does); then dweight = inp_h^T dout_h, at flat offset at of grad or added
+    in turn into node zero's sum (cllmd.kernels.ordered.weight_grad_h: sink matrix m, sink =
+    (sum, turns, info, ranges), tile), and dinp = dout_h weight_h^T."""
     if not rounded:
         round_rows_sum(dout_h, dbias, dout)
-    weight_grad_h(dweight, at, inp_h, dout_h, sum_, turns, info, m, tile)
+    weight_grad_h(grad, at, inp_h.shape[1], dout_h.shape[1], inp_h, dout_h, sink[0], sink[1], sink[2], sink[3], m,
+                  tile)
     gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
 
 

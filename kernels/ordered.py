@@ -1,6 +1,6 @@
 """Weight gradients added straight into node zero's sum, in sphere order, from inside a sphere's pass.
 
-A sphere's backward hands each weight matrix's gradient to a Sink (cllmd.reduction makes them):
+A sphere's backward hands each weight matrix's gradient to a sink (cllmd.reduction makes them):
 mode ROW writes it into the sphere's own gradient row, which node zero commits later (as every
 gradient was before); mode FIRST writes it likewise into a row that is the sum itself (the
 micro-step's first sphere) and then says so; mode ADD waits until every lower sphere has put
@@ -11,10 +11,17 @@ order, the same additions as committing whole rows: the tiles give the whole pro
 (tested), and MKL's own beta = 1 would not (it starts its accumulators from c: measured, most
 elements differ), so the product never accumulates onto the sum itself.
 
-Shapes: sum [P] float32 (node zero's); turns [n + 1] int64: turns[m] = the position of the next
-sphere to add matrix m, turns[n] != 0 once the micro-step is aborted; info [3] int64: the
-sphere's position, its mode, and the nanoseconds it waited (added to). Turns are read with
-acquire and written with release (llvm atomics), so a sum published is a sum seen.
+A sphere in mode ADD waits at most DEFER_AFTER_NS for its turn (on a loaded machine the lower
+sphere's thread may be off the CPU for long): past that it writes the matrix into its row, as
+mode ROW, and adds it from there once the turn comes (flush_deferred, after each later matrix,
+at the end of its pass, or else at its commit, where the turn has come), the same additions.
+
+Shapes: sum [P] float32 (node zero's); ranges [n, 2] (start, stop) in sum of the n sink
+matrices; turns [n + 1] int64: turns[m] = the position of the next sphere to add matrix m,
+turns[n] != 0 once the micro-step is aborted; info [4 + n] int64: the sphere's position, its
+mode, the nanoseconds it waited (added to), the matrices it deferred (counted), then per
+matrix PENDING, DEFERRED or ADDED. Turns are read with acquire and written with release (llvm
+atomics), so a sum published is a sum seen.
 """
 import ctypes
 import ctypes.util
@@ -28,12 +35,16 @@ from numba.extending import intrinsic
 from ._jit import inline_kernel, kernel
 from .blas import gemm_bf16
 
-ROW, FIRST, ADD = 0, 1, 2   # Sink modes (info[1])
+ROW, FIRST, ADD = 0, 1, 2   # sink modes (info[1])
+PENDING, DEFERRED, ADDED = 0, 1, 2  # a matrix's state in info[4 + m] (mode ADD)
+INFO = 4                    # info's fields before the per-matrix states
 TILE = (1 << 20) - 1        # scratch elements: below blas.STREAMING_CLEAR_MIN, so MKL clears a
                             # tile in cache; measured per 85M sphere's 48 weight gradients (one
                             # thread): 124 ms with 2 or 4 MiB tiles, 135 with 0.5 MiB, 160 for
                             # rows written whole and committed later
 WAIT_SLEEP_US = 20          # a waiting sphere sleeps this long between looks
+DEFER_AFTER_NS = 3_000_000  # and defers the matrix to its row after this long (about one
+                            # large product: a lower sphere that runs is done with it by then)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 # fixed aliases, as cllmd.kernels.blas does for gemm: numba's cache stays valid across processes
@@ -70,18 +81,25 @@ def _now_ns(ts):
 
 
 @kernel
-def wait_turn(turns, m, info):
-    """Waits until matrix m is this sphere's to add (True), or the micro-step was aborted (False)."""
+def wait_turn(turns, m, info, limit_ns):
+    """Waits until matrix m is this sphere's to add (1), the micro-step was aborted (0), or
+    limit_ns nanoseconds passed (-1; limit_ns < 0: no limit)."""
     position = info[0]
     n = turns.size - 1
     if load_acquire(turns, m) >= position:
-        return load_acquire(turns, n) == 0
+        return 1 if load_acquire(turns, n) == 0 else 0
     ts = np.zeros(2, np.int64)
     t0 = _now_ns(ts)
+    t = t0
     while load_acquire(turns, m) < position and load_acquire(turns, n) == 0:
+        if 0 <= limit_ns < t - t0:
+            break
         _usleep(WAIT_SLEEP_US)
+        t = _now_ns(ts)
     info[2] += _now_ns(ts) - t0
-    return load_acquire(turns, n) == 0
+    if load_acquire(turns, n) != 0:
+        return 0
+    return 1 if load_acquire(turns, m) >= position else -1
 
 
 @kernel
@@ -98,26 +116,53 @@ def add_tile(out, tile):
 
 
 @kernel
-def weight_grad_h(dweight, at, inp_h, dout_h, sum_, turns, info, m, tile):
-    """The weight gradient inp_h^T dout_h of matrix m (inp_h [N, K], dout_h [N, M] bfloat16,
-    both rows contiguous) into the sink: dweight [K, M] (the row's view, flat offset at) in
-    modes ROW and FIRST, else added in turn into sum_[at : at + K M] through tile (>= M
-    elements; TILE for full speed), a block of rows at a time."""
+def flush_deferred(row, sum_, turns, info, ranges):
+    """Adds the matrices this sphere deferred to its row whose turn has come (each in turn:
+    sum_ += row over its range) and passes the turn on; returns how many are still waiting."""
+    left = 0
+    if info[1] != ADD or info[3] == 0 or load_acquire(turns, turns.size - 1) != 0:
+        return left
+    for k in range(ranges.shape[0]):
+        if info[INFO + k] != DEFERRED:
+            continue
+        if load_acquire(turns, k) < info[0]:
+            left += 1
+            continue
+        add_tile(sum_[ranges[k, 0]:ranges[k, 1]], row[ranges[k, 0]:ranges[k, 1]])
+        info[INFO + k] = ADDED
+        publish(turns, k, info)
+    return left
+
+
+@kernel
+def weight_grad_h(row, at, K, M, inp_h, dout_h, sum_, turns, info, ranges, m, tile):
+    """The weight gradient inp_h^T dout_h [K, M] of sink matrix m (inp_h [N, K], dout_h
+    [N, M] bfloat16, rows contiguous) at flat offset at: into row in modes ROW and FIRST, else
+    added in turn into sum_ through tile (>= M elements; TILE for full speed), a block of
+    rows at a time, or deferred to row when the turn is late (see the module)."""
     mode = info[1]
+    dweight = row[at:at + K * M].reshape((K, M))
     if mode != ADD:
         gemm_bf16(True, False, 1.0, inp_h, dout_h, 0.0, dweight)
         if mode == FIRST:
             publish(turns, m, info)
         return
-    K, M = dweight.shape
-    if not wait_turn(turns, m, info):
+    flush_deferred(row, sum_, turns, info, ranges)
+    turn = wait_turn(turns, m, info, DEFER_AFTER_NS)
+    if turn == 0:
         return  # aborted: the micro-step's sum is discarded
+    if turn < 0:
+        gemm_bf16(True, False, 1.0, inp_h, dout_h, 0.0, dweight)
+        info[INFO + m] = DEFERRED
+        info[3] += 1
+        return
     rows = max(1, min(K, tile.size // M))
     for r0 in range(0, K, rows):
         r1 = min(r0 + rows, K)
         t = tile[:(r1 - r0) * M].reshape((r1 - r0, M))
         gemm_bf16(True, False, 1.0, inp_h[:, r0:r1], dout_h, 0.0, t)
         add_tile(sum_[at + r0 * M:at + r1 * M], t.reshape(-1))
+    info[INFO + m] = ADDED
     publish(turns, m, info)
 
 
@@ -127,7 +172,7 @@ def add_zero_in_turn(sum_, at, size, turns, info, m):
     the sum's bits are those of committing its zero row (-0 becomes +0), and the turn passes."""
     mode = info[1]
     if mode == ADD:
-        if not wait_turn(turns, m, info):
+        if wait_turn(turns, m, info, -1) != 1:
             return
         z = np.float32(0.0)
         for i in range(at, at + size):

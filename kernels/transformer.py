@@ -43,7 +43,7 @@ from .bf16 import to_bf16
 from .blas import gemm_bf16
 from .linear import (gemm_rounding_a, linear_backward, linear_backward_h, linear_forward, linear_forward_h, transpose,
                      weight_grad)
-from .ordered import add_zero_in_turn
+from .ordered import add_zero_in_turn, flush_deferred
 
 LN_EPS = 1e-5
 LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -242,27 +242,25 @@ def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head, sink):
     B, T = qkv.shape[0], qkv.shape[1]
     dx, dtmp = buf.dresidual, buf.dtmp
     Wh = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, False)  # noqa: E731 - weight k in bfloat16
-    dW = lambda k, rows, cols: _mat(grad, o[k], rows, cols)             # noqa: E731 - its gradient
     db = lambda k, n: _vec(grad, o[k], n)                               # noqa: E731
     ho = lambda cols: _h(buf.h_out, N, cols)                            # noqa: E731 - a gradient in bf16
     ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
-    sum_, turns, info, tile = sink[0], sink[1], sink[2], buf.dw_tile
+    tile = buf.dw_tile
     # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
-    linear_backward_h(buf.dfch, dW(10, 4 * C, C), db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False,
-                      o[10], sum_, turns, info, 4 * l + 3, tile)
+    linear_backward_h(buf.dfch, grad, o[10], db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False,
+                      sink, 4 * l + 3, tile)
     # fch_gelu = gelu(pre): d pre = gelu'(pre) d fch_gelu, rounded, and the c_fc bias gradient
     gelu_backward_h(ho(4 * C), db(9, 4 * C), buf.dfch, buf.fch[la])
-    linear_backward_h(dtmp, dW(8, C, 4 * C), db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True,
-                      o[8], sum_, turns, info, 4 * l + 2, tile)
+    linear_backward_h(dtmp, grad, o[8], db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True,
+                      sink, 4 * l + 2, tile)
     layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
                        buf.ln2_mean[la], buf.ln2_rstd[la])
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
-    linear_backward_h(dtmp, dW(4, C, C), db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False,
-                      o[4], sum_, turns, info, 4 * l + 1, tile)
+    linear_backward_h(dtmp, grad, o[4], db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False, sink, 4 * l + 1, tile)
     attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
                             _h(buf.h_in, N, 3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
-    linear_backward_h(dtmp, dW(2, C, 3 * C), db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
-                      Wh(2, C, 3 * C), ho(3 * C), False, o[2], sum_, turns, info, 4 * l, tile)
+    linear_backward_h(dtmp, grad, o[2], db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
+                      Wh(2, C, 3 * C), ho(3 * C), False, sink, 4 * l, tile)
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 
@@ -424,7 +422,7 @@ def model_forward_loss(buf, idx, targets, mask, flat, flat_t, flat_h, offs, wpe,
 def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, offs, wpe, n_head, grad, sink):
     """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole
     but for the blocks' weight matrices in bfloat16 when sink adds them to node zero's sum
-    (sink: (sum, turns, info) of cllmd.kernels.ordered; mode ROW writes them into grad too;
+    (sink: (sum, turns, info, ranges) of cllmd.kernels.ordered; mode ROW writes them into grad;
     float32 ignores it). flat_t: transposed weight matrices (see transpose_weights) or empty;
     flat_h: the weight matrices in bfloat16 (bf16_weights) or empty for float32. Returns
     sum(losses * mask) in float64."""
@@ -461,6 +459,7 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h,
         else:
             block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)
+    flush_deferred(grad, sink[0], sink[1], sink[2], sink[3])  # what is left waits for the commit
     return total
 
 

@@ -554,26 +554,28 @@ def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_t
         for s in spheres[::-1]:  # the wrong order gives other bits: the test can fail
             reversed_sum += row_of(s)
         assert not np.array_equal(reversed_sum, expected.grad)
+        deferred = 0
         for seed in range(3):
             gs = OrderedGradientSum(P, np.float32, rows=3, direct=ranges)
             gs.grad[:] = start
             gs.begin(spheres, overwrite, norm=True, direct=True)
             delays = np.random.default_rng(seed).random((8, 4)) * 0.003
+            delays[1 + seed, 1] = delays[4 + seed, 2] = 0.02  # late turns: later spheres defer
             orders = {s: np.random.default_rng(seed * 10 + s).permutation(3) for s in spheres}
             scratch = [np.empty(tile, np.float32) for _ in range(3)]
 
             def worker(t, ids):
                 for s in ids:
                     row = gs.take(s)
-                    sum_, turns, info = gs.sink(s)
+                    sink = gs.sink(s)
                     row[:] = np.nan  # the direct matrices of a row are never read
                     for a, b in gs._rest:
                         row[a:b] = rest[s][a:b]
                     for i, m in enumerate(orders[s]):
                         time.sleep(delays[s, i])
                         (K, M), (a, b) = shapes[m], ranges[m]
-                        view = (sum_ if row is sum_ else row)[a:b].reshape(K, M)
-                        ordered.weight_grad_h(view, a, *ops[s, m], sum_, turns, info, m, scratch[t])
+                        ordered.weight_grad_h(row, a, K, M, *ops[s, m], *sink, m, scratch[t])
+                    ordered.flush_deferred(row, *sink)  # as the pass ends
                     gs.give(s, row)
 
             work = [spheres[i::3] for i in range(3)]
@@ -584,13 +586,15 @@ def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_t
                 t.join()
             assert np.array_equal(gs.grad.view(np.uint32), expected.grad.view(np.uint32)), (overwrite, seed)
             assert not gs.sumsq.any()  # left to finish(), on every thread
+            deferred += gs.deferred
             gs.finish(lambda fns: [f() for f in fns])
             np.testing.assert_array_equal(gs.sumsq, expected.sumsq)
             assert gs.rows_allocated <= 3
+        assert deferred > 0  # the deferring path ran (turns 20 ms late)
 
 
 @requires_bf16
-def test_bf16_direct_sphere_waiting_for_its_turn_gives_up_when_the_micro_step_aborts():
+def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_micro_step_aborts():
     import threading
 
     from cllmd.kernels import ordered
@@ -602,23 +606,29 @@ def test_bf16_direct_sphere_waiting_for_its_turn_gives_up_when_the_micro_step_ab
     first = gs.take(1)
     assert first is gs.grad and gs.sink(1)[2][1] == ordered.FIRST
     second = gs.take(2)
-    sum_, turns, info = gs.sink(2)
+    sink = gs.sink(2)
+    info = sink[2]
     assert info[1] == ordered.ADD
     before = gs.grad.copy()
     (K, M), (a, b) = shapes[0], ranges[0]
     inp, dout = _bf16_bits(rng.normal(size=(8, K))), _bf16_bits(rng.normal(size=(8, M)))
-    waiter = threading.Thread(target=ordered.weight_grad_h,
-                              args=(second[a:b].reshape(K, M), a, inp, dout, sum_, turns, info, 0,
-                                    np.empty(ordered.TILE, np.float32)))
+    # a zero-gradient sphere waits without a limit (add_zero_in_turn): the abort must end it
+    zero_info = info.copy()  # (one sphere's info is its thread's alone)
+    waiter = threading.Thread(target=ordered.add_zero_in_turn, args=(gs.grad, a, K * M, sink[1], zero_info, 0))
     waiter.start()
     waiter.join(0.3)
     assert waiter.is_alive()  # sphere 1 has not added matrix 0: sphere 2 waits its turn
+    # a weight gradient waits DEFER_AFTER_NS, then goes to the row
+    ordered.weight_grad_h(second, a, K, M, inp, dout, *sink, 0, np.empty(ordered.TILE, np.float32))
+    assert info[ordered.INFO] == ordered.DEFERRED and info[3] == 1
+    assert ordered.flush_deferred(second, *sink) == 1  # still not its turn
     gs.give_back(first)
     gs.abort()  # sphere 1 failed
     waiter.join(10)
     assert not waiter.is_alive()
+    assert ordered.flush_deferred(second, *sink) == 0  # aborted: nothing more to do
     assert np.array_equal(gs.grad, before)  # nothing was added
-    assert info[2] > 0.2e9  # the waiting was counted (nanoseconds)
+    assert zero_info[2] > 0.2e9 and info[2] >= ordered.DEFER_AFTER_NS  # the waiting was counted (nanoseconds)
 
 
 @requires_bf16
