@@ -435,7 +435,7 @@ class Server:
             except BlockingIOError:   # the pipe is full: the socket thread is already woken
                 pass
 
-    def _encode_reply(self, msg: dict) -> bytes:
+    def _encode_reply(self, msg: dict) -> bytes | memoryview:
         rid = msg.get("id")
         try:
             frame = encode(msg)
@@ -721,7 +721,7 @@ class Server:
                 self._malformed(item[1])
         return not self._outbox.empty()
 
-    def _send(self, client: tuple, envelope: list[bytes], frame: bytes) -> None:
+    def _send(self, client: tuple, envelope: list[bytes], frame: bytes | memoryview) -> None:
         parts = [client[1], *envelope, frame]
         pending = self._backlog.get(client)
         if pending is not None:        # keep order behind what is already waiting

@@ -440,3 +440,27 @@ def test_packed_uints_encode_as_the_plain_array():
     assert wire.encode({"ids": wire.PackedUints()}) == msgpack.packb({"ids": []})
     with pytest.raises(ValueError, match="unsigned"):
         wire.PackedUints().extend(np.array([1, -1]))
+
+
+def test_packed_uints_at_the_end_of_a_message_are_not_copied_to_be_joined():
+    # tokenize's reply ends with its ids: the frame is a view of their buffer, the envelope
+    # written just before them, where a join would copy every item once more
+    import tracemalloc
+    import numpy as np
+    ids = wire.PackedUints()
+    for _ in range(8):
+        ids.extend(np.full(2**20, 97, dtype=np.int32))
+    rid = "r" * 256   # the longest id
+    tracemalloc.start()
+    try:
+        frame = wire.encode({"v": 1, "id": rid, "ok": True, "result": {"count": ids.count, "ids": ids}})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    assert msgpack.unpackb(frame) == {"v": 1, "id": rid, "ok": True,
+                                      "result": {"count": 8 * 2**20, "ids": [97] * (8 * 2**20)}}
+    # not last in the message: joined, the same bytes as packb's
+    small = wire.PackedUints()
+    small.extend(np.array([1, 300, 70000], dtype=np.int32))
+    assert wire.encode({"ids": small, "count": 3}) == msgpack.packb({"ids": [1, 300, 70000], "count": 3})
