@@ -41,6 +41,7 @@ from .vecmath import bits_from_f32, f32_from_bits
 GROUP = 32    # inputs per scale (llama.cpp's q8_0)
 ROWS = 16     # output rows per block: one AVX-512 register of int32 or float32 lanes
 TILE = 4      # activation rows multiplied per load of a block's weights
+WIDE = 8      # ... and a decoding batch's rows: one pass over the weights for 8 rows, not two
 F16_MAX = 65504.0
 # weights are prefetched this many bytes ahead of the loads (into L1). Decoding streams every
 # weight from memory once per token; the hardware prefetchers alone left GPT-2 small's products
@@ -272,7 +273,10 @@ def _data_ptr(context, builder, aryty, ary, offset):
 
 def _block_codegen(nrows):
     """One 16-row block's products with nrows activation rows (vpdpbusd), as LLVM IR: each
-    weight vector is loaded once for all nrows; every row's arithmetic is the same as alone."""
+    weight vector is loaded once for all nrows; every row's arithmetic is the same as alone
+    (its integer sums are exact however they are chained)."""
+    chains = 2 if nrows < WIDE else 1
+
     def codegen(context, builder, signature, args):
         out_, out_at, out_step, xq_, x_at, x_step, xs_, xc_, g_at, g_step, wu_, w_at, ws_, s_at, ng = args
         ty = signature.args
@@ -313,11 +317,13 @@ def _block_codegen(nrows):
             wv = [builder.load(builder.gep(w64, [j]), align=1) for j in idx]
             wscale = builder.fpext(builder.load(builder.gep(s16, [g]), align=2), vf)
             for i in range(nrows):
-                accs = [broadcast(builder.load(builder.gep(cx[i], [g])), vi), zero]  # two chains
+                # two dependency chains per row (vpdpbusd's latency); from 8 rows on, the rows'
+                # chains are enough and one each leaves registers for the 8 weight vectors
+                accs = [broadcast(builder.load(builder.gep(cx[i], [g])), vi)] + ([zero] if chains == 2 else [])
                 for c in range(chunks):
                     xb = broadcast(builder.load(builder.gep(x4[i], [idx[c]]), align=1), vi)
-                    accs[c % 2] = builder.call(dpbusd, [accs[c % 2], wv[c], xb])
-                acc = builder.add(accs[0], accs[1])
+                    accs[c % chains] = builder.call(dpbusd, [accs[c % chains], wv[c], xb])
+                acc = builder.add(accs[0], accs[1]) if chains == 2 else accs[0]
                 scale = builder.fmul(wscale, broadcast(builder.load(builder.gep(sx[i], [g])), vf))
                 builder.store(builder.call(fma, [builder.sitofp(acc, vf), scale, builder.load(totals[i])]),
                               totals[i])
@@ -339,6 +345,7 @@ def _block_intrinsic(nrows):
 
 _block1 = _block_intrinsic(1)
 _block_tile = _block_intrinsic(TILE)
+_block_wide = _block_intrinsic(WIDE)
 
 
 def _vnni_body(out, xq, xs, xc, wu, ws, mb):
@@ -350,6 +357,10 @@ def _vnni_body(out, xq, xs, xc, wu, ws, mb):
     fo, fxq, fxs, fxc = out.reshape(-1), xq.reshape(-1), xs.reshape(-1), xc.reshape(-1)
     fwu, fws = wu.reshape(-1), ws.reshape(-1)
     n = 0
+    while n + WIDE <= N:
+        _block_wide(fo, n * Mp + mb * R, Mp, fxq, n * Kp, Kp, fxs, fxc, n * ng, ng,
+                    fwu, mb * Kp * R, fws, mb * ng * R, ng)
+        n += WIDE
     while n + TILE <= N:
         _block_tile(fo, n * Mp + mb * R, Mp, fxq, n * Kp, Kp, fxs, fxc, n * ng, ng,
                     fwu, mb * Kp * R, fws, mb * ng * R, ng)
