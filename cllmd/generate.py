@@ -24,10 +24,10 @@ from cllmd.kernels.bf16 import to_bf16
 from cllmd.kernels.blas import gemm_bf16
 from cllmd.kernels.gelu import gelu_forward
 from cllmd.kernels.bf16linear import COLUMNS, BF16Weight, bf16_linear
-from cllmd.kernels.kvattention import (GEMM_ROWS, kv_append_attention, kv_append_attention_batch,
-                                       kv_attention_uses_gemm)
+from cllmd.kernels.kvattention import (GEMM_ROWS, batch_runs_parallel, kv_append_attention,
+                                       kv_append_attention_batch, kv_attention_uses_gemm)
 from cllmd.kernels.layernorm import layernorm_forward
-from cllmd.kernels.q8 import Q8Weight, q8_linear
+from cllmd.kernels.q8 import PARALLEL_MIN_MACS, Q8Weight, q8_linear
 from cllmd.kernels.sampling import sample_row_ref, sample_rows
 from cllmd.model import LN_EPS, Model
 
@@ -284,9 +284,11 @@ class Decoder:
         few = self._few_rows(caches, spans, many)
         prompts = [(a, b) for a, b, _ in spans if b - a >= GEMM_ROWS]
         # the batch's attention on numba's threads only where the products run on them too
-        # (int8): beside OpenBLAS's threads (float32) numba's OpenMP threads, spinning after
-        # each region, halved float32's step of 8 (GPT-2 small, 2 threads: 121 -> 66 tokens/s)
-        parallel = None if W.kind == "int8" else False
+        # (int8, and this pass's largest product, c_fc, large enough: q8_linear's bound):
+        # beside OpenBLAS's threads (float32) numba's OpenMP threads, spinning after each
+        # region, halved float32's step of 8 (GPT-2 small, 2 threads: 121 -> 66 tokens/s)
+        parallel = W.kind == "int8" and few is not None and batch_runs_parallel(
+            few[2], C, threads_busy=n * C * 4 * C >= PARALLEL_MIN_MACS)
         ln = np.empty_like(x)
         mean, rstd = np.empty(n, x.dtype), np.empty(n, x.dtype)
         y = np.empty_like(x)

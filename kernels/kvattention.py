@@ -26,12 +26,12 @@ from numba import prange
 
 from ._jit import kernel, reduction_kernel
 from .blas import gemm
-from .q8 import parallel_kernel
+from .q8 import PARALLEL_MIN_MACS, parallel_kernel
 from .vecmath import fast_exp, row_dot, row_max, row_sum
 
 GEMM_ROWS = 16  # from this many new positions on, attention runs as gemms
 BLOCK = 128     # query rows per pair of gemms
-PARALLEL_SEQUENCES = 2  # a batch of this many sequences attends on numba's threads
+PARALLEL_SEQUENCES = 2  # a batch of this many sequences attends on numba's threads (and enough work)
 inline = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
@@ -171,11 +171,26 @@ def kv_append_attention_batch(out, qkv, ks, vs, layer, spans, parallel=None):
     """Many sequences' few new rows in one call: sequence s owns rows a:b of qkv [N, 3C] and
     out [N, C], spans[s] = (a, b, first), at positions first.. of its cache ks[s][layer],
     vs[s][layer] (typed lists of [L, NH, capacity, hs]). Each row by the same instructions as
-    alone. From PARALLEL_SEQUENCES sequences on (or as parallel says), the (sequence, head)
-    pairs run on numba's threads: the same bits (every sum in a fixed order)."""
+    alone. Where batch_runs_parallel says (or parallel), the (sequence, head) pairs run on
+    numba's threads: the same bits (every sum in a fixed order)."""
     if parallel is None:
-        parallel = len(ks) >= PARALLEL_SEQUENCES
+        parallel = batch_runs_parallel(spans, qkv.shape[1] // 3)   # (on its own work)
     (_batch_parallel if parallel else _batch_serial)(out, qkv, ks, vs, layer, spans)
+
+
+def batch_runs_parallel(spans, width: int, threads_busy: bool = False) -> bool:
+    """Whether a batch's attention (spans as kv_append_attention_batch's, model width C) goes
+    on numba's threads: from PARALLEL_SEQUENCES sequences on, where the pass's products run
+    on them anyway (threads_busy: its threads are awake, a region costs microseconds) or the
+    attention alone is PARALLEL_MIN_MACS multiply-adds (q.k and p.v over every key a row
+    sees), the int8 products' bound. Below, a region costs more than it saves, and its
+    spinning thread takes the core the daemon's other threads need."""
+    if len(spans) < PARALLEL_SEQUENCES:
+        return False
+    if threads_busy:
+        return True
+    rows, seen = spans[:, 1] - spans[:, 0], spans[:, 2] + spans[:, 1] - spans[:, 0]
+    return 2 * width * int((rows * seen).sum()) >= PARALLEL_MIN_MACS
 
 
 def kv_attention_uses_gemm(rows: int) -> bool:

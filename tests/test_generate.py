@@ -302,7 +302,7 @@ def test_bf16_refused_without_mkl(tmp_path):
 def test_q8_kernel_matches_reference():
     from cllmd.kernels import q8
     rng = np.random.default_rng(3)
-    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 16, 9), (64, 32, 4)]:   # padding of K and M, tiles
+    for K, M, N in [(64, 48, 1), (100, 257, 3), (96, 16, 9), (64, 32, 4), (64, 48, 13)]:   # padding, tiles of 8, 4, 1
         W = rng.normal(size=(K, M)).astype(np.float32)
         w = q8.Q8Weight(W)
         # the scale is max|w| / 127 rounded to float16 (relative error 2^-11 at most)
@@ -464,6 +464,27 @@ def test_kv_attention_batch_gives_the_same_bits_serial_and_parallel(hs):
         ref = np.empty((b - a, C))
         kv_attention_ref(ref, qkv[a:b, :C], k, v, first)
         np.testing.assert_allclose(outs[True][a:b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_attention_batch_goes_parallel_only_with_enough_work():
+    """A batch attends on numba's threads from 2 sequences on, where the pass's products run
+    there anyway or the attention alone reaches the int8 products' bound of multiply-adds."""
+    from cllmd.kernels.kvattention import batch_runs_parallel
+    from cllmd.kernels.q8 import PARALLEL_MIN_MACS
+
+    def spans(firsts, new=1):
+        return np.array([(i * new, (i + 1) * new, f) for i, f in enumerate(firsts)], np.int64)
+
+    assert not batch_runs_parallel(spans([500]), 768, threads_busy=True)      # one sequence: serial
+    assert batch_runs_parallel(spans([5, 5]), 768, threads_busy=True)
+    assert not batch_runs_parallel(spans([100] * 8), 128)                   # the default shape, 8 streams
+    assert batch_runs_parallel(spans([600] * 8), 768)                       # GPT-2's width, long caches
+    keys = -(-PARALLEL_MIN_MACS // (2 * 64))   # keys the rows see together at the bound, width 64
+    assert batch_runs_parallel(spans([keys // 2 - 1, keys - keys // 2 - 1]), 64)   # a row sees first + 1
+    assert not batch_runs_parallel(spans([keys // 2 - 1, keys - keys // 2 - 2]), 64)
+    f = -(-keys // 4) - 2                       # 2 rows each: 2 x (first + 2) keys per sequence
+    assert batch_runs_parallel(spans([f, f], new=2), 64)
+    assert not batch_runs_parallel(spans([f - 1, f - 1], new=2), 64)
 
 
 def test_decoder_rejects_bad_weights_and_overflow(model):
