@@ -26,7 +26,11 @@ rounding of the weights at load.
 
 --streams N: a real `cllmd serve` with the default shape (--model gpt2: GPT-2 small's; bytes
 tokenizer, random weights), float32, int8 (and bf16) weights: aggregate tokens/s of N concurrent streamed generations (decoded together, one
-pass per step) against one stream alone, alternating rounds.
+pass per step) against one stream alone, alternating rounds. Every stream generates its full
+--tokens: the seeds are ones whose text reaches no end-of-text token before (found in process
+on the same weights first, checked by each stream's stop reason), so N streams stay N for
+every step; with the first seeds instead (--any-seeds) some streams end early and the
+batch shrinks (at the default shape, 300 tokens: about 5 of 8 on average).
 
 --accuracy MODEL.cllm: perplexity of a trained model on the held-out end of --text with float32,
 int8 (and bf16) weights, and the share of positions where each picks float32's likeliest token.
@@ -338,24 +342,49 @@ def streams_main(args) -> dict:
             if not big:   # nudged off the init so attention is not uniform (GPT-2's init is varied enough)
                 m.flat += np.random.default_rng(0).normal(0.0, 0.05, m.flat.shape).astype(np.float32)
             m.save(d.state / "model.cllm")
+            seeds = (list(range(args.streams)) if args.any_seeds
+                     else full_length_seeds(m, weights, args.tokens, args.streams))
             del m
             d.start()
             try:
-                out.update(_streams_rounds(args, d, weights))
+                out.update(_streams_rounds(args, d, weights, seeds))
             finally:
                 d.stop()
     return out
 
 
-def _streams_rounds(args, d, weights: str) -> dict:
+STREAM_PROMPT = "The "
+
+
+def full_length_seeds(model: Model, weights: str, tokens: int, count: int) -> list[int]:
+    """The first count seeds whose generation from STREAM_PROMPT (the daemon's defaults,
+    temperature 0.8) runs to max_tokens without an end-of-text token, in process."""
+    seeds, seed = [], 0
+    while len(seeds) < count:
+        if seed >= 50 * count:
+            raise RuntimeError(f"fewer than {count} of {seed} seeds run {tokens} tokens without "
+                               f"an end-of-text token: use --any-seeds or fewer --tokens")
+        g = Generation(model, STREAM_PROMPT, SamplingOptions(max_tokens=tokens, temperature=0.8, seed=seed),
+                       weights=weights)
+        g.text()
+        if g.stats.stop_reason == "max_tokens":
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def _streams_rounds(args, d, weights: str, seeds: list[int]) -> dict:
     import threading
     clients = [d.connect() for _ in range(args.streams)]
+    short = []   # streams that ended before max_tokens
 
     def one(c, i, done):
-        g = c.generate("The ", max_tokens=args.tokens, temperature=0.8, seed=i)
+        g = c.generate(STREAM_PROMPT, max_tokens=args.tokens, temperature=0.8, seed=seeds[i])
         for _ in g:
             pass
         done.append((g.stats["tokens_generated"], time.perf_counter()))
+        if g.stats["tokens_generated"] < args.tokens:
+            short.append(g.stats["stop_reason"])
 
     def run(k):
         done = []
@@ -375,10 +404,13 @@ def _streams_rounds(args, d, weights: str) -> dict:
     batch = clients[0].request("status")["serving"]["batch"]
     for c in clients:
         c.close()
+    if short and not args.any_seeds:
+        raise RuntimeError(f"{len(short)} streams ended before {args.tokens} tokens ({short}): the "
+                           f"seeds were not found on the daemon's weights")
     return {f"{weights}_one_stream_tokens_per_second": round(statistics.median(single), 1),
             f"{weights}_{args.streams}_streams_tokens_per_second": round(statistics.median(many), 1),
             f"{weights}_ratio": round(statistics.median(many) / statistics.median(single), 2),
-            f"{weights}_largest_batch": batch["largest_batch"]}
+            f"{weights}_largest_batch": batch["largest_batch"], f"{weights}_seeds": seeds}
 
 
 def main() -> None:
@@ -395,6 +427,8 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--windows", type=int, default=200, help="--accuracy: context-long windows scored at most")
     p.add_argument("--streams", type=int, default=0, help="concurrent streams through a real daemon, against one")
+    p.add_argument("--any-seeds", action="store_true",
+                   help="--streams: seeds 0, 1, ... even where a stream ends early at an end-of-text token")
     p.add_argument("--transformers-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.transformers_worker:
