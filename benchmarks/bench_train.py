@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cllmd.model import Model, ModelConfig
+from cllmd.reduction import OrderedGradientSum
 from cllmd.tokensource import TokenArraySource
 from cllmd.trainer import TrainConfig, Trainer
 
@@ -148,19 +149,37 @@ def speed(args) -> dict:
                     ref.round(threads, 1, way == "autocast")
         except ImportError:
             print("PyTorch is not installed: timing cllmd alone", file=sys.stderr)
-    keys = [(threads, ck, p) for (threads, ck) in trainers for p in args.precision]
+    precisions = list(args.precision) + (["bf16 rows"] if args.rows else [])
+    keys = [(threads, ck, p) for (threads, ck) in trainers for p in precisions]
+    sums: dict = {}  # trainer -> (its own gradient sum, one without direct matrices)
+
+    def use_rows(tr: Trainer, rows: bool) -> bool:
+        """tr's gradient sum: its own, or one where every gradient goes through rows committed
+        whole (the second round's path, as MPI's chain still does); True when just made."""
+        made = id(tr) not in sums
+        if made:
+            sums[id(tr)] = (tr.gradsum, OrderedGradientSum(tr.model.flat.size, tr.model.dtype, rows=tr.pool.size))
+        gs = sums[id(tr)][1 if rows else 0]
+        tr.gradsum, tr.grad = gs, gs.grad
+        return made and rows
     times = {key: [] for key in keys}
     cpu = {key: 0.0 for key in keys}
+    waits = {key: [0.0, 0] for key in keys}  # seconds spheres waited for their turn, matrices deferred
     ref_times = {(threads, way): [] for threads in args.threads for way in torch_ways}
     for _ in range(args.rounds):  # every configuration takes a turn in every round
         for threads, ck, precision in keys:
             tr = trainers[threads, ck]
-            if tr.precision != precision:
-                tr.update_config(precision=precision)
+            want = "bf16" if precision == "bf16 rows" else precision
+            if tr.precision != want:
+                tr.update_config(precision=want)
                 tr.step()  # not timed: the workspaces reallocate for the other precision
-            c0 = time.process_time()
+            if args.rows and use_rows(tr, precision == "bf16 rows"):
+                tr.step()  # not timed: the rows' pages are touched for the first time
+            c0, w0, d0 = time.process_time(), tr.gradsum.waited_s, tr.gradsum.deferred
             times[threads, ck, precision] += cllmd_round(tr, args.steps)
             cpu[threads, ck, precision] += time.process_time() - c0
+            waits[threads, ck, precision][0] += tr.gradsum.waited_s - w0
+            waits[threads, ck, precision][1] += tr.gradsum.deferred - d0
             if ref is not None and not ck and precision == args.precision[-1]:
                 for way in torch_ways:
                     ref_times[threads, way] += ref.round(threads, args.steps, way == "autocast")
@@ -172,6 +191,11 @@ def speed(args) -> dict:
         med = statistics.median(ts)
         row = {"cllmd_ms_per_step": 1e3 * med, "cllmd_tokens_per_second": tokens / med,
                "cllmd_cpu_ms_per_step": 1e3 * cpu[threads, ck, precision] / len(ts)}
+        if precision == "bf16" or (precision == "auto" and trainers[threads, ck].precision == "bf16") \
+                or precision == "bf16 rows":
+            # the spheres' waits for their turn on a weight matrix (cllmd.kernels.ordered)
+            row["turn_wait_ms_per_step"] = 1e3 * waits[threads, ck, precision][0] / len(ts)
+            row["deferred_per_step"] = waits[threads, ck, precision][1] / len(ts)
         if ref is not None and not ck:
             for way in torch_ways:
                 tmed = statistics.median(ref_times[threads, way])
@@ -250,6 +274,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--precision", nargs="+", choices=("auto", "float32", "bf16"), default=["float32"],
                    help="the trainer's precisions to run (train.precision)")
+    p.add_argument("--rows", action="store_true",
+                   help="also time bf16 with every gradient through rows committed whole (no direct matrices)")
     p.add_argument("--autocast", action="store_true",
                    help='also time PyTorch under torch.autocast("cpu", dtype=torch.bfloat16)')
     args = p.parse_args()
