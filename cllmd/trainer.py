@@ -47,6 +47,12 @@ TRANSPOSED_MAX_TOKENS = 128
 # the baby shape and 1.62x at the default shape (width 128), 1.23x at width 64, 0.91x at 32,
 # where MKL's per-call cost outweighs the products.
 BF16_AUTO_MIN_WIDTH = 64
+# in bf16, the spheres add the blocks' weight gradients into node zero's sum themselves (in
+# turn, cllmd.kernels.ordered) from this many parameters up; below, the rows stay in cache and
+# their commit costs little, while a sphere waiting for its turn can cost more on a loaded
+# machine (docs/benchmarks.md, "Third round": 85M 1.04-1.23x the rows, the baby and default
+# shapes between 0.6x and 1.1x with the load at 3.9-4.7). Read when a Trainer is made.
+DIRECT_MIN_PARAMS = 1 << 24
 
 
 def choose_precision(requested: str, width: int, dtype=np.float32) -> tuple[str, str]:
@@ -159,8 +165,9 @@ class Trainer:
         # node zero's gradient sum, committed in sphere order from one row per thread (plus
         # the sum itself for the first sphere): after a step, grad is the sum over the batch
         # of the token losses' gradients (divide by last["tokens"] for the mean; not clipped)
+        direct = model.dtype == np.float32 and model.flat.size >= DIRECT_MIN_PARAMS
         self.gradsum = OrderedGradientSum(model.flat.size, model.dtype, rows=self.pool.size,
-                                          direct=model.sink_ranges() if model.dtype == np.float32 else None)
+                                          direct=model.sink_ranges() if direct else None)
         self.grad = self.gradsum.grad
         self.step_num = 0          # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0

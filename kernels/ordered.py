@@ -11,10 +11,11 @@ order, the same additions as committing whole rows: the tiles give the whole pro
 (tested), and MKL's own beta = 1 would not (it starts its accumulators from c: measured, most
 elements differ), so the product never accumulates onto the sum itself.
 
-A sphere in mode ADD waits at most DEFER_AFTER_NS for its turn (on a loaded machine the lower
-sphere's thread may be off the CPU for long): past that it writes the matrix into its row, as
-mode ROW, and adds it from there once the turn comes (flush_deferred, after each later matrix,
-at the end of its pass, or else at its commit, where the turn has come), the same additions.
+A sphere in mode ADD waits for its turn at most about as long as its own product takes (on a
+loaded machine the lower sphere's thread may be off the CPU for long): then it writes the
+matrix into its row, as mode ROW, and adds it from there once the turn comes (flush_deferred:
+after each later matrix, at the end of its pass, or else at its commit, where the turn has
+come), the same additions.
 
 Shapes: sum [P] float32 (node zero's); ranges [n, 2] (start, stop) in sum of the n sink
 matrices; turns [n + 1] int64: turns[m] = the position of the next sphere to add matrix m,
@@ -43,8 +44,9 @@ TILE = (1 << 20) - 1        # scratch elements: below blas.STREAMING_CLEAR_MIN, 
                             # thread): 124 ms with 2 or 4 MiB tiles, 135 with 0.5 MiB, 160 for
                             # rows written whole and committed later
 WAIT_SLEEP_US = 20          # a waiting sphere sleeps this long between looks
-DEFER_AFTER_NS = 3_000_000  # and defers the matrix to its row after this long (about one
-                            # large product: a lower sphere that runs is done with it by then)
+DEFER_FLOPS_PER_NS = 500    # and defers the matrix to its row after about the time of its own
+DEFER_MIN_NS = 50_000       # product at 500 GFLOP/s (a lower sphere that runs is done with it
+                            # by then: 2.4 ms for 85M's 768 x 3072 gradient), at least 50 us
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 # fixed aliases, as cllmd.kernels.blas does for gemm: numba's cache stays valid across processes
@@ -148,7 +150,7 @@ def weight_grad_h(row, at, K, M, inp_h, dout_h, sum_, turns, info, ranges, m, ti
             publish(turns, m, info)
         return
     flush_deferred(row, sum_, turns, info, ranges)
-    turn = wait_turn(turns, m, info, DEFER_AFTER_NS)
+    turn = wait_turn(turns, m, info, max(DEFER_MIN_NS, 2 * inp_h.shape[0] * K * M // DEFER_FLOPS_PER_NS))
     if turn == 0:
         return  # aborted: the micro-step's sum is discarded
     if turn < 0:

@@ -619,7 +619,7 @@ def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_mic
     waiter.start()
     waiter.join(0.3)
     assert waiter.is_alive()  # sphere 1 has not added matrix 0: sphere 2 waits its turn
-    # a weight gradient waits DEFER_AFTER_NS, then goes to the row
+    # a weight gradient waits about as long as its product takes, then goes to the row
     ordered.weight_grad_h(second, a, K, M, inp, dout, *sink, 0, np.empty(ordered.TILE, np.float32))
     assert info[ordered.INFO] == ordered.DEFERRED and info[3] == 1
     assert ordered.flush_deferred(second, *sink) == 1  # still not its turn
@@ -630,7 +630,7 @@ def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_mic
     assert ordered.flush_deferred(second, *sink) == 0  # aborted: nothing more to do
     assert np.array_equal(gs.grad, before)  # nothing was added
     # the waiting was counted (nanoseconds; the waiter's share depends on when its thread ran)
-    assert zero_info[2] > 0 and info[2] >= ordered.DEFER_AFTER_NS
+    assert zero_info[2] > 0 and info[2] >= ordered.DEFER_MIN_NS
 
 
 @requires_bf16
@@ -656,9 +656,11 @@ def test_bf16_direct_sphere_without_counted_positions_adds_zeros_in_turn():
 @requires_bf16
 @pytest.mark.parametrize("cfg", [dict(), dict(accum_steps=2), dict(grad_checkpointing=True)],
                          ids=["plain", "accum2", "checkpointed"])
-def test_bf16_trainer_direct_weight_gradients_give_the_row_paths_weights_at_1_2_and_12_threads(cfg):
+def test_bf16_trainer_direct_weight_gradients_give_the_row_paths_weights_at_1_2_and_12_threads(cfg, monkeypatch):
+    import cllmd.trainer
     from cllmd.reduction import OrderedGradientSum
     from cllmd.trainer import Trainer
+    monkeypatch.setattr(cllmd.trainer, "DIRECT_MIN_PARAMS", 0)  # the small test model adds directly too
 
     rows_only = Trainer.__init__
 
@@ -681,7 +683,8 @@ def test_bf16_trainer_direct_weight_gradients_give_the_row_paths_weights_at_1_2_
 
 
 @requires_bf16
-def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_on_as_on_rows():
+def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_on_as_on_rows(monkeypatch):
+    import cllmd.trainer
     from cllmd.model import Model, ModelConfig
     from cllmd.reduction import OrderedGradientSum
     from cllmd.tokensource import TokenArraySource
@@ -689,6 +692,7 @@ def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_o
     rng = np.random.default_rng(0)
     tokens = (np.arange(6000) % 37 + (rng.random(6000) < 0.1) * rng.integers(0, 3, 6000)) % 40
     cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12)
+    monkeypatch.setattr(cllmd.trainer, "DIRECT_MIN_PARAMS", 0)
     weights = []
     for direct in (True, False):
         tr = Trainer(Model(cfg, seed=0), TokenArraySource(tokens.astype(np.uint16), 0.1),
@@ -697,6 +701,7 @@ def test_bf16_a_failing_sphere_fails_the_step_without_a_hang_and_training_goes_o
             tr.gradsum = OrderedGradientSum(tr.model.flat.size, np.float32, rows=tr.pool.size)
             tr.grad = tr.gradsum.grad
         tr.step()
+        assert tr.gradsum._direct == direct
         sphere, original = tr.spheres[4], tr.spheres[4].compute
 
         def broken(forward_only, ws, grad=None, sink=None):
@@ -732,3 +737,10 @@ def test_bf16_direct_tiles_at_gpt2_widths_give_the_rows_bits(T):
     m.forward_backward(ws, idx, targets, normalizer=1.0, grad=got, weights_h=h, sink=gs.sink(1))
     gs.give(1, got)
     assert np.array_equal(gs.grad.view(np.uint32), row.view(np.uint32))
+
+
+def test_bf16_trainer_adds_weight_gradients_directly_only_from_direct_min_params():
+    import cllmd.trainer
+    tr, _ = _train(2, "bf16", steps=1)
+    assert tr.model.flat.size < cllmd.trainer.DIRECT_MIN_PARAMS
+    assert tr.gradsum.direct.shape[0] == 0 and not tr.gradsum._direct  # rows, as before
