@@ -329,6 +329,25 @@ def test_q8_kernel_matches_reference():
             np.testing.assert_array_equal(par, out)
 
 
+def test_q8_linear_prompt_rows_of_a_small_model_match_the_parallel_path():
+    """A small model's prompt rows (its products under PARALLEL_MIN_MACS a row) run on the
+    calling thread: the same bits as quantizing them all and multiplying on the threads, and
+    as each row alone."""
+    from cllmd.kernels import q8
+    rng = np.random.default_rng(9)
+    W = rng.normal(size=(128, 384)).astype(np.float32)
+    w, bias = q8.Q8Weight(W), rng.normal(size=384).astype(np.float32)
+    assert w.Mp * w.Kp < q8.PARALLEL_MIN_MACS
+    x = rng.normal(size=(70, 128)).astype(np.float32)
+    got = q8.q8_linear(x, w, bias)
+    xq, xs, xc = q8.quantized_rows(x)
+    full = np.empty((70, w.Mp), np.float32)
+    q8.q8_matmul(full, xq, xs, xc, w)
+    np.testing.assert_array_equal(got, full[:, :384] + bias)
+    for n in (0, 33, 69):
+        np.testing.assert_array_equal(q8.q8_linear(x[n:n + 1], w, bias)[0], got[n])
+
+
 def test_q8_linear_without_vnni_gives_the_same_products(monkeypatch):
     """q8_linear on a CPU without VNNI (the generic kernel, chosen by the module's flag) gives
     the VNNI path's values, padding and bias included."""
