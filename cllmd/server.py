@@ -460,23 +460,26 @@ class Server:
         def send(msg: dict) -> None:
             self._post(("send", job.client, job.envelope, self._encode_reply(msg)))
 
+        # The final reply goes with the "finished" notice, so the socket thread frees the job's
+        # slot as it sends it: a client sending its next request on that reply finds it free.
+        final = None
         try:
             if job.frame is not None:
                 req = ctx.request = job.req = self._decode_large(job)
                 job.frame = None
             if ctx.cancelled.is_set():
-                send(reply_error(req.id, CANCELLED, f"{req.op} was cancelled before it started"))
+                final = reply_error(req.id, CANCELLED, f"{req.op} was cancelled before it started")
             elif op.stream:
-                send(self._run_stream(op, req, ctx, send))
+                final = self._run_stream(op, req, ctx, send)
             else:
-                send(reply_ok(req.id, op.handler(req, ctx)))
+                final = reply_ok(req.id, op.handler(req, ctx))
         except ProtocolError as e:
-            send(error_from_exception(req.id, e))
+            final = error_from_exception(req.id, e)
         except Exception as e:
             log.exception("handler for %s (request %r) failed", req.op, req.id)
-            send(reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}"))
+            final = reply_error(req.id, INTERNAL, f"{type(e).__name__}: {e}")
         finally:
-            self._post(("finished", job))
+            self._post(("finished", job, None if final is None else self._encode_reply(final)))
 
     def _decode_large(self, job: _Job) -> Request:
         """On the worker: the whole request of a large frame, checked as the socket thread
@@ -714,9 +717,12 @@ class Server:
                         pub.send_multipart([item[1], item[2]], zmq.NOBLOCK)
                     except zmq.Again:   # PUB drops for slow subscribers by design
                         pass
-            elif kind == "finished":
-                self._active.pop(item[1].key, None)
-                item[1].pool.release(item[1])
+            elif kind == "finished":   # (finished, job, its final reply or None)
+                job = item[1]
+                self._active.pop(job.key, None)
+                job.pool.release(job)
+                if item[2] is not None:
+                    self._send(job.client, job.envelope, item[2])
             elif kind == "malformed":
                 self._malformed(item[1])
         return not self._outbox.empty()

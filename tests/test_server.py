@@ -724,3 +724,17 @@ def test_server_takes_a_large_frame_from_libzmq_without_copying_it(make_harness)
     # a frame over the limit is answered too_large with its id, read without a copy either
     r = ask(d, encode(make_request(2, "size", {"data": b"x" * (16 * 2**20)})))
     assert (r["id"], r["error"]["code"]) == (2, "too_large")
+
+
+def test_server_a_request_sent_right_after_a_reply_finds_its_pool_free(make_harness):
+    # A pool's slot (and its bytes of large frames) is released as the final reply is sent, in
+    # the same step of the socket thread: a client that sends its next request the moment it
+    # has the reply of the last one never finds a pool of one worker, none waiting, busy.
+    h = make_harness(workers=1, max_pending=0)
+    h.server.add_pool("one", workers=1, max_pending=0, max_bytes=LIMIT)
+    h.server.register("one", lambda req, ctx: {"n": len(req.args["data"])}, blocking=True, pool="one")
+    d = h.dealer()
+    big = b"x" * (LIMIT // 2 + 1000)   # over INLINE_DECODE_BYTES: held against max_bytes
+    for i in range(300):
+        r = ask(d, make_request(i, "one", {"data": big if i % 2 else b"small"}))
+        assert r.get("ok"), (i, r)
