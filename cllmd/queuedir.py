@@ -358,8 +358,12 @@ class QueueDir:
         return out
 
     def _reason(self, name: str) -> dict[str, Any]:
+        path = self.dirs["failed"] / (name + REASON_SUFFIX)
+        if not os.path.lexists(path):
+            with self._lock:   # fail() may be between the file's rename and its reason's write
+                pass
         try:
-            info = json.loads((self.dirs["failed"] / (name + REASON_SUFFIX)).read_text())
+            info = json.loads(path.read_text())
             return {"reason": str(info.get("reason")), "attempts": info.get("attempts")}
         except (OSError, ValueError, AttributeError):
             return {"reason": None, "attempts": None}

@@ -95,3 +95,34 @@ def test_queuedir_list_limit_picks_the_newest_moves_first(tmp_path):
     assert sorted(e["name"] for e in done) == ["a.txt", "b.txt", "c.txt", "old28.txt", "old29.txt"]
     assert q.list(limit=2, states=["done"])["done"][-1]["name"] in ("b.txt", "c.txt")
     assert len(q.list()["done"]) == 33
+
+
+def test_queuedir_list_during_a_failure_waits_for_its_reason(tmp_path, monkeypatch):
+    # fail() renames the file into failed/, then writes its reason: a listing in between
+    # (the reads pool runs it beside the queue thread) must still show the reason
+    import threading
+
+    import cllmd.queuedir as queuedir
+    q = QueueDir(tmp_path, max_file_bytes=100)
+    q.add("b.txt", b"two")
+    assert q.claim("b.txt") == "b.txt"
+    renamed, go = threading.Event(), threading.Event()
+    write = queuedir.atomic_write
+
+    def paused(*args, **kwargs):   # the reason's write, held until the listing has started
+        renamed.set()
+        go.wait(10)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(queuedir, "atomic_write", paused)
+    failer = threading.Thread(target=q.fail, args=("b.txt", "bad input", 1))
+    failer.start()
+    assert renamed.wait(10) and (tmp_path / "failed" / "b.txt").exists()
+    listing = []
+    lister = threading.Thread(target=lambda: listing.append(q.list()))
+    lister.start()
+    lister.join(0.3)
+    go.set()
+    failer.join(10)
+    lister.join(10)
+    assert listing[0]["failed"][0]["reason"] == "bad input"
