@@ -331,7 +331,7 @@ def streams_main(args) -> dict:
     out = {"model": f"{'gpt2' if big else 'default'} (bytes tokenizer)", "streams": args.streams,
            "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads if big else "daemon default"}
     threads = {"NUMBA_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)} if big else {}
-    for weights in _kinds():
+    for weights in args.weights or _kinds():
         with tempfile.TemporaryDirectory() as tmp:
             d = Daemon(Path(tmp), "--no-train-auto-train", "--server-generate-workers", str(args.streams),
                        "--inference-weights", weights, "--model-n-layer", str(cfg.n_layer), "--model-n-head",
@@ -410,7 +410,9 @@ def _streams_rounds(args, d, weights: str, seeds: list[int]) -> dict:
     return {f"{weights}_one_stream_tokens_per_second": round(statistics.median(single), 1),
             f"{weights}_{args.streams}_streams_tokens_per_second": round(statistics.median(many), 1),
             f"{weights}_ratio": round(statistics.median(many) / statistics.median(single), 2),
-            f"{weights}_largest_batch": batch["largest_batch"], f"{weights}_seeds": seeds}
+            f"{weights}_largest_batch": batch["largest_batch"],
+            f"{weights}_last_steps_seconds": batch["step_seconds"],   # the daemon's own, the last round's end
+            f"{weights}_seeds": seeds}
 
 
 def main() -> None:
@@ -429,6 +431,8 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=0, help="concurrent streams through a real daemon, against one")
     p.add_argument("--any-seeds", action="store_true",
                    help="--streams: seeds 0, 1, ... even where a stream ends early at an end-of-text token")
+    p.add_argument("--weights", type=lambda s: s.split(","), metavar="KIND[,KIND]",
+                   help="--streams: only these weight kinds (default: float32, int8 and bf16 where MKL is)")
     p.add_argument("--transformers-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.transformers_worker:

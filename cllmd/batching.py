@@ -12,6 +12,7 @@ pass per snapshot: a request decodes with the weights it started with.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -65,6 +66,7 @@ class Batcher:
         self.largest_batch = 0   # the most sequences decoded in one step since the start
         self._decoders: dict[tuple, Decoder] = {}  # per (weights snapshot, kind) in use
         self.tokens_per_second = 0.0   # all sequences together, over the last few steps
+        self._step_times: collections.deque = collections.deque(maxlen=32)
 
     def configure(self, weights: str | None = None, kv_cache_bytes: int | None = None) -> None:
         """New requests use these (running ones keep their weights: they keep their Decoder)."""
@@ -73,6 +75,12 @@ class Batcher:
                 self.weights = weights
             if kv_cache_bytes is not None:
                 self.kv_cache_bytes = kv_cache_bytes
+
+    @property
+    def step_seconds(self) -> float:
+        """A step's decoding passes (sampling included), mean over the last 32 steps (0: none yet)."""
+        times = list(self._step_times)
+        return sum(times) / len(times) if times else 0.0
 
     def capacity_needed(self, seq: Sequence) -> int:
         return KVCache.bytes_for(seq.model, seq.cache.capacity)
@@ -100,6 +108,7 @@ class Batcher:
             return {"sequences": len(entries), "weights": self.weights, "steps": self.steps,
                     "largest_batch": self.largest_batch,
                     "tokens_per_second": round(self.tokens_per_second, 1),
+                    "step_seconds": round(self.step_seconds, 5),
                     "kv_bytes": self._kv_in_use, "kv_bytes_max": self.kv_cache_bytes,
                     "per_sequence": [{"tokens_prompt": e.seq.stats.tokens_prompt,
                                       "tokens_generated": e.seq.stats.tokens_generated,
@@ -129,6 +138,7 @@ class Batcher:
             for e in active:
                 groups.setdefault((id(e.seq.model), e.seq.weights), []).append(e)
             self._decoders = {k: d for k, d in self._decoders.items() if k in groups}
+            started = time.perf_counter()
             for key, entries in groups.items():
                 try:
                     decoder = self._decoders.get(key)
@@ -149,6 +159,7 @@ class Batcher:
                     window_tokens += 1
             self.steps += 1
             now = time.perf_counter()
+            self._step_times.append(now - started)
             if now - window_start >= 0.5:
                 self.tokens_per_second = window_tokens / (now - window_start)
                 window_tokens, window_start = 0, now

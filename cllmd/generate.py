@@ -28,7 +28,7 @@ from cllmd.kernels.kvattention import (GEMM_ROWS, batch_runs_parallel, kv_append
                                        kv_append_attention_batch, kv_attention_uses_gemm)
 from cllmd.kernels.layernorm import layernorm_forward
 from cllmd.kernels.q8 import PARALLEL_MIN_MACS, Q8Weight, q8_linear
-from cllmd.kernels.sampling import sample_row_ref, sample_rows
+from cllmd.kernels.sampling import sample_row_ref, sample_rows, sampling_scratch
 from cllmd.model import LN_EPS, Model
 
 
@@ -75,8 +75,10 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
                           opts.repeat_penalty, window, u)
 
 
-def sample_batch(logits: np.ndarray, seqs: list["Sequence"]) -> np.ndarray:
-    """The next token of each sequence from its row of logits [S, V], in one kernel call.
+def sample_batch(logits: np.ndarray, seqs: list["Sequence"], vocab: int | None = None,
+                 scratch: tuple | None = None) -> np.ndarray:
+    """The next token of each sequence from its row of logits [S, >= vocab] (the first vocab
+    columns; default all), in one kernel call (scratch: as sample_rows').
 
     Each row draws from its own sequence's random generator (one draw, none when greedy), so a
     sequence samples what it would alone."""
@@ -93,7 +95,8 @@ def sample_batch(logits: np.ndarray, seqs: list["Sequence"]) -> np.ndarray:
                 np.array([o.top_p for o in opts], np.float64), np.array([o.min_p for o in opts], np.float64),
                 np.array([o.repeat_penalty for o in opts], np.float64), np.array(recent, np.int64),
                 np.array(offsets, np.int64),
-                np.array([s.rng.random() if o.temperature != 0 else 0.0 for s, o in zip(seqs, opts)]))
+                np.array([s.rng.random() if o.temperature != 0 else 0.0 for s, o in zip(seqs, opts)]), vocab,
+                scratch)
     return tokens
 
 
@@ -178,19 +181,31 @@ class InferenceWeights:
         out += b
         return out
 
-    def head(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def head_width(self) -> int:
+        """Columns of the buffer head() writes into: the vocabulary, padded for int8 and bf16."""
         if self.kind == "float32":
-            return x @ self.head_t
+            return self.head_t.shape[1]
+        return (self.head_q if self.kind == "int8" else self.head_b).Mp
+
+    def head(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The logits [N, V]; out: a C-contiguous float32 [N, head_width] buffer to write into
+        (the result is then a view of it), else a new array."""
+        if self.kind == "float32":
+            if out is None:
+                return x @ self.head_t
+            return np.matmul(x, self.head_t, out=out)
         if self.kind == "int8":
-            return q8_linear(x, self.head_q, self.head_bias)
-        return self._bf16(x, self.head_b, self.head_bias, ())
+            return q8_linear(x, self.head_q, self.head_bias, out)
+        return self._bf16(x, self.head_b, self.head_bias, (), out)
 
     @staticmethod
-    def _bf16(x, w: BF16Weight, bias, prompts) -> np.ndarray:
+    def _bf16(x, w: BF16Weight, bias, prompts, out=None) -> np.ndarray:
         """Rows before the first prompt: the row-exact kernel; each prompt: MKL's gemm_bf16 on
-        fresh arrays of its own shape (its values then do not depend on what else is in the pass)."""
+        fresh arrays of its own shape (its values then do not depend on what else is in the pass).
+        out: as for head()."""
         N = x.shape[0]
-        full = np.empty((N, w.Mp), np.float32)
+        full = np.empty((N, w.Mp), np.float32) if out is None else out
         few = min(a for a, _ in prompts) if prompts else N
         if few:
             bf16_linear(full[:few], np.ascontiguousarray(x[:few]), w, bias)
@@ -202,7 +217,9 @@ class InferenceWeights:
                 gemm_bf16(False, False, 1.0, xb, w.w[s], 0.0, part[:, s * COLUMNS:(s + 1) * COLUMNS])
             part += bias
             full[a:b] = part
-        return full if w.Mp == w.M else np.ascontiguousarray(full[:, :w.M])
+        if w.Mp == w.M:
+            return full
+        return full[:, :w.M] if out is not None else np.ascontiguousarray(full[:, :w.M])
 
 
 class KVCache:
@@ -248,11 +265,20 @@ class Decoder:
         self.weights = InferenceWeights.for_model(model, weights)
         self.cache: KVCache | None = None   # the single-sequence API's cache (prefill, step)
         self._lists, self._lists_key = None, None  # see _few_rows
+        self._logits = None   # advance's logits buffer [rows, head_width], kept from step to step
+        self._scratch = None  # ... and its sampling's work arrays (sampling_scratch)
         self.wpe = model.params["wpe"] if model.clock is None else model.params["wpe"] + model.clock
 
-    def forward(self, caches: list[KVCache], tokens: list[list[int]], every: bool = False) -> np.ndarray:
+    def forward(self, caches: list[KVCache], tokens: list[list[int]], every: bool = False,
+                reuse: bool = False) -> np.ndarray:
         """Appends tokens[i] to caches[i]; returns the logits after each one's last token [S, V]
-        (every=True: after every token given, [N, V] in order, e.g. to measure perplexity)."""
+        (every=True: after every token given, [N, V] in order, e.g. to measure perplexity).
+
+        reuse=True: the logits are a view of a buffer this Decoder keeps, overwritten by its
+        next such pass (advance() samples from them first). A step's fresh logits at GPT-2's
+        vocabulary, 1.6 MB for 8 sequences, were a fresh mapping each step (cllmd/heap.py has
+        malloc map blocks from 1 MiB), its pages faulted in again every step: ~800 page faults
+        a step, 11-14% of the daemon's step of 8 (docs/benchmarks.md K)."""
         cfg, P, W = self.cfg, self.model.params, self.weights
         C, NH = cfg.n_embd, cfg.n_head
         hs = C // NH
@@ -314,7 +340,13 @@ class Decoder:
         layernorm_forward(lnl, mean[:len(last)], rstd[:len(last)], xl, P["ln_f.weight"], P["ln_f.bias"], LN_EPS)
         for cache, (a, b, _) in zip(caches, spans):
             cache.length += b - a
-        return W.head(lnl)                                             # tied head (S, V)
+        out = None
+        if reuse:
+            rows = len(last)
+            if self._logits is None or self._logits.shape[0] < rows:
+                self._logits = np.empty((rows, W.head_width), np.float32)
+            out = self._logits[:rows]
+        return W.head(lnl, out)                                        # tied head (S, V)
 
     def _few_rows(self, caches, spans, many):
         """kv_append_attention_batch's arguments for the spans not in many (None if none): typed
@@ -335,12 +367,18 @@ class Decoder:
 
     def advance(self, seqs: list["Sequence"]) -> list[list[str]]:
         """One pass for every sequence given (none done): each one's new text pieces."""
-        logits = self.forward([s.cache for s in seqs], [s.feed() for s in seqs])
+        logits = self.forward([s.cache for s in seqs], [s.feed() for s in seqs], reuse=True)
         out: list[list[str]] = [s.ending() for s in seqs]   # cancelled or out of tokens: ended now
         live = [i for i, pieces in enumerate(out) if pieces is None]
         if live:
             vocab = seqs[live[0]].vocab or logits.shape[-1]
-            tokens = sample_batch(logits[live, :vocab], [seqs[i] for i in live])
+            # the buffer itself (C-contiguous, head_width columns) while every row samples, a
+            # copy of the live rows when some end
+            rows = self._logits[:len(seqs)]
+            if self._scratch is None or self._scratch[0].shape[0] < len(live) or self._scratch[0].shape[1] < vocab:
+                self._scratch = sampling_scratch(self._logits.shape[0], vocab)
+            tokens = sample_batch(rows if len(live) == len(seqs) else rows[live], [seqs[i] for i in live], vocab,
+                                  self._scratch)
             for i, token in zip(live, tokens):
                 out[i] = seqs[i].take(int(token))
         return out

@@ -432,22 +432,21 @@ def q8_matmul(out, xq, xs, xc, w: Q8Weight) -> None:
 
 
 def _linear_body(out, x, wu, ws, bias):
-    """out [N, M] = x @ w + bias, quantizing x first: one call per product (decoding steps run
-    dozens per token, so each numpy temporary and call counts)."""
+    """out [N, Mp] = x @ w + bias (columns M.. of the padding: 0), quantizing x first: one call
+    per product (decoding steps run dozens per token, so each numpy temporary and call counts)."""
     N, K = x.shape
     MB, K4, R, _ = wu.shape
-    M = out.shape[1]
+    M = bias.shape[0]
     xq = np.empty((N, K4 * 4), np.int8)
     xs = np.empty((N, K4 * 4 // GROUP), np.float32)
     xc = np.empty((N, K4 * 4 // GROUP), np.int32)
     for n in range(N):
         _quantize_row(xq, xs, xc, x, n)
-    full = np.empty((N, MB * R), np.float32)
     for mb in prange(MB):
-        _vnni_block_rows(full, xq, xs, xc, wu, ws, mb)
+        _vnni_block_rows(out, xq, xs, xc, wu, ws, mb)
         for n in range(N):
             for m in range(mb * R, min((mb + 1) * R, M)):
-                out[n, m] = full[n, m] + bias[m]
+                out[n, m] += bias[m]
 
 
 _linear_rows = inline(_linear_body)
@@ -463,13 +462,23 @@ def _linear_serial(out, x, wu, ws, bias):
     _linear_rows(out, x, wu, ws, bias)
 
 
-def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
+def q8_linear(x, w: Q8Weight, bias, out=None) -> np.ndarray:
     """x [N, K] float32 -> x @ w + bias [N, M] through int8: quantize, multiply, add the bias.
+
+    out: a C-contiguous float32 [N, Mp] array to write into (the result is then its first M
+    columns, a view): a caller decoding step after step reuses one, where a fresh array of a
+    megabyte or more (GPT-2's head, 8 rows) is a fresh mapping per step, its pages faulted in
+    on every step (cllmd/heap.py has malloc map such blocks). Without out the result is a new
+    C-contiguous [N, M] array.
 
     A small product runs holding the GIL on the calling thread (decoding steps of small
     models: dozens per token, each a few microseconds); a large one on all threads. Either
     way, each output element comes from the same instructions (exact)."""
     N = x.shape[0]
+    full = np.empty((N, w.Mp), np.float32) if out is None else out
+    if full.shape != (N, w.Mp) or full.dtype != np.float32 or not full.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(N, w.Mp)}, "
+                         f"got {full.dtype} {full.shape}")
     # a small model's products (a row's under the bound: the default shape's) stay on the
     # calling thread for a prompt's rows too: its window slides re-run 64 rows every 64
     # tokens, and on a core another process keeps busy each of that pass's parallel regions
@@ -477,13 +486,15 @@ def q8_linear(x, w: Q8Weight, bias) -> np.ndarray:
     small = w.Mp * w.Kp < PARALLEL_MIN_MACS
     if not VNNI or (N >= 64 and not small):   # (a prompt: its rows quantized on all threads first)
         xq, xs, xc = quantized_rows(x)
-        full = np.empty((N, w.Mp), np.float32)
         q8_matmul(full, xq, xs, xc, w)
-        return full[:, :w.M] + bias
-    out = np.empty((N, w.M), np.float32)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    (_linear_serial if small or N * w.Mp * w.Kp < PARALLEL_MIN_MACS else _linear_parallel)(out, x, w.wu, w.ws, bias)
-    return out
+        full[:, :w.M] += bias
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        (_linear_serial if small or N * w.Mp * w.Kp < PARALLEL_MIN_MACS else _linear_parallel)(
+            full, x, w.wu, w.ws, bias)
+    if w.Mp == w.M:
+        return full
+    return full[:, :w.M] if out is not None else np.ascontiguousarray(full[:, :w.M])
 
 
 def quantized_rows_ref(x):

@@ -23,35 +23,58 @@ from ._jit import inline_kernel, kernel
 from .vecmath import exp_f32, exp_f32_ref
 
 
-def sample_rows(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
-    """tokens[s] = row s's next token. A batch's rows are shared among the threads (at GPT-2's
+def sample_rows(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u,
+                vocab=None, scratch=None):
+    """tokens[s] = row s's next token, from the first vocab columns of logits [S, >= vocab]
+    (default: all; a C-contiguous buffer wider than the vocabulary, such as the int8 head's
+    padded logits, is read in place). A batch's rows are shared among the threads (at GPT-2's
     vocabulary a row takes ~0.2 ms); every row runs the same code either way (no fast-math:
-    the compiled loops compute the same values in both), so it samples what it would alone."""
-    args = (tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u)
+    the compiled loops compute the same values in both), so it samples what it would alone.
+
+    scratch: sampling_scratch(>= S, >= vocab), kept by a caller that samples step after step
+    (at GPT-2's vocabulary a row's work arrays are 850 KB, freed and faulted in again on every
+    step otherwise); without it they are allocated here."""
+    V = logits.shape[1] if vocab is None else int(vocab)
+    if not 0 < V <= logits.shape[1]:
+        raise ValueError(f"vocab must be from 1 to the logits' {logits.shape[1]} columns, got {vocab}")
+    if scratch is None:
+        scratch = sampling_scratch(logits.shape[0], V)
+    xs, ps, seen = scratch
+    if xs.shape[0] < logits.shape[0] or xs.shape[1] < V:
+        raise ValueError(f"scratch of {xs.shape} is too small for {logits.shape[0]} rows of {V}")
+    args = (tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V, xs, ps, seen)
     if logits.shape[0] > 1 and logits.size >= 1 << 16:
         _sample_rows_parallel(*args)
     else:
         _sample_rows_serial(*args)
 
 
+def sampling_scratch(rows: int, vocab: int) -> tuple:
+    """Work arrays for sample_rows: per row the scaled logits, the probabilities (float64) and
+    the repeat penalty's marks (all False between calls)."""
+    return (np.empty((rows, vocab), np.float64), np.empty((rows, vocab), np.float64),
+            np.zeros((rows, vocab), np.bool_))
+
+
 @kernel
-def _sample_rows_serial(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
+def _sample_rows_serial(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V,
+                        xs, ps, seen):
     for s in range(logits.shape[0]):
-        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s)
+        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V,
+                    xs[s, :V], ps[s, :V], seen[s, :V], s)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def _sample_rows_parallel(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u):
+def _sample_rows_parallel(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V,
+                          xs, ps, seen):
     for s in prange(logits.shape[0]):
-        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s)
+        _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V,
+                    xs[s, :V], ps[s, :V], seen[s, :V], s)
 
 
 @inline_kernel
-def _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, s):
-    V = logits.shape[1]
-    x = np.empty(V, np.float64)
-    probs = np.empty(V, np.float64)
-    seen = np.zeros(V, np.bool_)
+def _sample_row(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V,
+                x, probs, seen, s):
     for i in range(V):
         x[i] = logits[s, i]
     pen = repeat_penalty[s]

@@ -32,6 +32,7 @@ def test_batching_gives_each_request_the_tokens_it_gets_alone(daemon, weights):
     alone = [c.request("generate", prompt=p, stream=False, **o) for p, o in REQUESTS]
     assert all(r["stop_reason"] in ("max_tokens", "eot") for r in alone)
     assert _batch(c)["largest_batch"] == 1        # one at a time so far
+    assert _batch(c)["step_seconds"] > 0          # the batch's own step time, for speed reports
     hold = c.generate("hold", max_tokens=60000, temperature=0)   # keeps the batch busy meanwhile
     first = iter(hold)
     next(first)

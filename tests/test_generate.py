@@ -153,11 +153,17 @@ def test_sample_rows_matches_reference(V):
             for s in range(S)]
     assert tokens.tolist() == want
     assert all(0 <= t < V for t in want)
-    from cllmd.kernels.sampling import _sample_rows_parallel, _sample_rows_serial
+    from cllmd.kernels.sampling import _sample_rows_parallel, _sample_rows_serial, sampling_scratch
     for rows in (_sample_rows_serial, _sample_rows_parallel):  # (a batch's rows on the threads or not)
         again = np.empty(S, np.int64)
-        rows(again, logits, temperature, top_k, top_p, min_p, penalty, flat, offsets, u)
+        rows(again, logits, temperature, top_k, top_p, min_p, penalty, flat, offsets, u, V, *sampling_scratch(S, V))
         assert again.tolist() == want
+    # the first V columns of a wider buffer (the int8 head's padded logits), read in place
+    wide = np.full((S, V + 11), 1e30, np.float32)
+    wide[:, :V] = logits
+    again = np.empty(S, np.int64)
+    sample_rows(again, wide, temperature, top_k, top_p, min_p, penalty, flat, offsets, u, vocab=V)
+    assert again.tolist() == want
 
 
 def test_generate_rejects_bad_options():
@@ -540,3 +546,63 @@ def test_batched_decoding_gives_each_request_its_own_tokens(model, weights):
         step += 1
     assert [(t, s.stats.token_ids) for t, s in zip(texts, seqs)] == alone
     assert [s.stats.stop_reason for s in seqs] == ["max_tokens"] * 4
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_decoding_steps_reuse_one_logits_buffer(weights):
+    """advance() writes a step's logits into a buffer its Decoder keeps and samples them in
+    place with work arrays it keeps: a fresh [S, V] array each step is, from 1 MiB on (GPT-2's
+    vocabulary, 8 sequences), a fresh mapping whose pages fault in on every step (cllmd/heap.py
+    has malloc map such blocks; 11-14% of the daemon's step of 8). numpy and numba report their
+    arrays to tracemalloc: after the first steps a step allocates nothing as large as its
+    logits (top_k and top_p still do: a partition and a sort of the row; both are off by
+    default). The tokens are those of fresh logits sampled the plain way (a vocabulary of
+    20,001: int8's head is padded to 20,016)."""
+    import tracemalloc
+    from cllmd.generate import Sequence, sample_batch
+    V = 20_001
+    model = Model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=32), seed=0)
+
+    def seqs():
+        return [Sequence(model, [1 + i, 2, 3], SamplingOptions(temperature=0.9, min_p=0.01, repeat_penalty=1.2, seed=i, max_tokens=9,
+                                                               stop_at_eot=False)) for i in range(4)]
+    reused, fresh = seqs(), seqs()
+    dec, plain = Decoder(model, weights), Decoder(model, weights)
+    for _ in range(2):
+        dec.advance(reused)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        dec.advance(reused)
+        grown = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * V * 4, f"a step allocated {grown:,} bytes: its logits are {4 * V * 4:,}"
+    for _ in range(3):
+        logits = plain.forward([s.cache for s in fresh], [s.feed() for s in fresh])
+        assert logits.shape == (4, V) and logits.flags.c_contiguous
+        for s, t in zip(fresh, sample_batch(logits, fresh)):
+            s.take(int(t))
+    assert [s.stats.token_ids for s in reused] == [s.stats.token_ids for s in fresh]
+    while not all(s.done for s in reused):   # to the end: rows leave, the buffer's rows are copied
+        dec.advance([s for s in reused if not s.done])
+    assert all(len(s.stats.token_ids) == 9 for s in reused)
+
+
+def test_q8_linear_writes_into_a_given_buffer():
+    """q8_linear(out=) fills a caller's [N, Mp] buffer (padding columns 0) and returns its first
+    M columns, the same values as a fresh result; a buffer of another shape is refused."""
+    from cllmd.kernels import q8
+    rng = np.random.default_rng(10)
+    W = rng.normal(size=(64, 70)).astype(np.float32)
+    w, bias = q8.Q8Weight(W), rng.normal(size=70).astype(np.float32)
+    for N in (1, 8, 70):
+        x = rng.normal(size=(N, 64)).astype(np.float32)
+        buf = np.full((N, w.Mp), np.nan, np.float32)
+        got = q8.q8_linear(x, w, bias, out=buf)
+        assert got.base is buf and got.shape == (N, 70)
+        np.testing.assert_array_equal(got, q8.q8_linear(x, w, bias))
+        np.testing.assert_array_equal(buf[:, 70:], 0.0)
+    with pytest.raises(ValueError, match="out must be"):
+        q8.q8_linear(x, w, bias, out=np.empty((N, 70), np.float32))
