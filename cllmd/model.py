@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from cllmd.kernels.ordered import ROW, TILE
+from cllmd.kernels.blas import PACK_ALIGN, pack_bf16_size
 from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, bf16_weights, model_forward, model_forward_backward,
-                                       model_forward_loss, sink_zero_grads, transpose_weights)
+                                       model_forward_loss, pack_weights, sink_zero_grads, transpose_weights)
 
 INIT_STD = 0.02
 
@@ -256,6 +257,38 @@ def param_offsets(cfg: ModelConfig) -> np.ndarray:
     return np.array(head + layers, dtype=np.int64)
 
 
+class PackedWeights:
+    """The blocks' weight matrices in bfloat16 packed once as their products' second operands,
+    each for the forward (W) and the input gradient (W^T) (cllmd.kernels.transformer's
+    pack_weights, MKL's internal layout): every sphere's product then reads them as they are,
+    where gemm_bf16 repacks its operand at every call. The same bits as the unpacked products.
+    buf: uint16, 64-byte aligned, from np.zeros, so the pages MKL's layout reserves but never
+    writes stay unallocated (written: ~2 bytes per weight and side); at [4 L, 2, 2]: the (start,
+    stop) of each sink matrix's two sides. rows: the products' rows the layout is made for
+    (MKL's choice of blocking; products of any row count read it)."""
+
+    def __init__(self, model: "Model", rows: int):
+        self.model, self.rows = model, int(rows)
+        C, at, spans = model.cfg.n_embd, 0, []
+        for _ in range(model.cfg.n_layer):
+            for K, M in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):  # sink order: c_attn, c_proj, c_fc, mlp.c_proj
+                for n, k in ((M, K), (K, M)):                         # op(b) = W [K, M], then W^T [M, K]
+                    size = pack_bf16_size(self.rows, n, k)
+                    spans.append((at, at + size))
+                    at += size
+        self.at = np.array(spans, dtype=np.int64).reshape(-1, 2, 2)
+        raw = np.zeros(at + PACK_ALIGN, dtype=np.uint16)
+        skip = (-raw.ctypes.data % (2 * PACK_ALIGN)) // 2
+        self.buf = raw[skip:skip + at]
+
+    def fill(self, weights_h: np.ndarray, parts=None) -> None:
+        """Packs the block matrices of weights_h (Model.bf16_weights) for the given parts
+        (layers; n_layer, the head, has none), all by default."""
+        m = self.model
+        for part in range(m.cfg.n_layer + 1) if parts is None else parts:
+            pack_weights(self.buf, self.at, weights_h, m.offsets, part, m.cfg.n_embd, self.rows)
+
+
 class Model:
     """Parameters (GPT-2 names and shapes) plus forward, backward, save and load."""
 
@@ -278,6 +311,7 @@ class Model:
         self._workspace: Workspace | None = None
         self._no_transpose = np.empty(0, dtype=self.dtype)
         self._no_bf16 = np.empty(0, dtype=np.uint16)
+        self._no_pack_at = np.empty((0, 2, 2), dtype=np.int64)
         # a sink of mode ROW: the weight gradients written into grad (cllmd.kernels.ordered)
         self._row_sink = (np.empty(0, dtype=self.dtype), np.zeros(1, np.int64), np.array([0, ROW, 0, 0], np.int64),
                           np.zeros((0, 2), np.int64))
@@ -368,12 +402,16 @@ class Model:
     # ---- forward + backward ------------------------------------------------------------------
 
     def forward_loss(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
-                     mask: np.ndarray | None = None, weights_h: np.ndarray | None = None) -> tuple[float, float]:
+                     mask: np.ndarray | None = None, weights_h: np.ndarray | None = None,
+                     weights_p: PackedWeights | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position.
-        weights_h: an up-to-date bf16_weights() buffer (the products in bfloat16), or None."""
+        weights_h: an up-to-date bf16_weights() buffer (the products in bfloat16), or None;
+        weights_p: the same weights packed (PackedWeights, filled from weights_h), or None."""
         weights, count = self._weights(ws, mask, idx.size)
+        flat_h = self._check_bf16(ws, weights_h)
+        packed, pack_at = self._packed(weights_p, flat_h)
         total = model_forward_loss(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
-                                   self.flat, self._no_transpose, self._check_bf16(ws, weights_h), self.offsets,
+                                   self.flat, self._no_transpose, flat_h, packed, pack_at, self.offsets,
                                    self._positions(), self.cfg.n_head)
         return (total / count if count else 0.0), count
 
@@ -405,6 +443,17 @@ class Model:
             raise ValueError("bfloat16 products need a workspace with bfloat16 scratch (Workspace(bf16=True))")
         return weights_h
 
+    def _packed(self, weights_p: PackedWeights | None, flat_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packed, pack_at) for the passes: weights_p's, or empty ones for None."""
+        if weights_p is None:
+            return self._no_bf16, self._no_pack_at
+        if not flat_h.size:
+            raise ValueError("packed weights (weights_p) are bfloat16 operands: they need weights_h as well")
+        if weights_p.at.shape != (4 * self.cfg.n_layer, 2, 2):
+            raise ValueError(f"weights_p was laid out for {weights_p.at.shape[0] // 4} layers, this model has "
+                             f"{self.cfg.n_layer}")
+        return weights_p.buf, weights_p.at
+
     def sink_ranges(self) -> np.ndarray:
         """[4 n_layer, 2] the (start, stop) in flat of the blocks' weight matrices, in sink
         order (cllmd.kernels.ordered): layer by layer, each layer's four by offset."""
@@ -431,7 +480,8 @@ class Model:
     def forward_backward(self, ws: Workspace, idx: np.ndarray, targets: np.ndarray,
                          mask: np.ndarray | None = None, normalizer: float | None = None,
                          weights_t: np.ndarray | None = None, grad: np.ndarray | None = None,
-                         weights_h: np.ndarray | None = None, sink=None) -> tuple[float, float]:
+                         weights_h: np.ndarray | None = None, sink=None,
+                         weights_p: PackedWeights | None = None) -> tuple[float, float]:
         """Loss and gradients of one batch into grad (a flat [P] buffer, written whole), by
         default ws.grad_flat (ws.grads are its named views).
 
@@ -445,19 +495,22 @@ class Model:
         sink: with bfloat16 products, node zero's (sum, turns, info, ranges) (cllmd.reduction's
         OrderedGradientSum.sink): the blocks' weight gradients are then added in turn into the
         sum (mode ADD: grad's views of them are left as they were) or written and announced
-        (FIRST); None writes them into grad. Returns (mean loss, number of counted positions).
+        (FIRST); None writes them into grad. weights_p: weights_h's block matrices packed
+        (PackedWeights; the same bits, faster products), or None. Returns (mean loss, number of
+        counted positions).
         """
         weights, count = self._weights(ws, mask, idx.size)
         grad = ws.grad_flat if grad is None else grad
         if grad.shape != self.flat.shape or grad.dtype != self.dtype:
             raise ValueError(f"grad has shape {grad.shape} and dtype {grad.dtype}, expected {self.flat.shape} {self.dtype}")
         flat_h = self._check_bf16(ws, weights_h)
+        packed, pack_at = self._packed(weights_p, flat_h)
         if sink is None:
             sink = self._row_sink
         elif sink[2][1] != ROW and not flat_h.size:
             raise ValueError("a sink that adds weight gradients in turn needs bfloat16 products (weights_h)")
         if count == 0.0:
-            self.forward_loss(ws, idx, targets, mask, weights_h)
+            self.forward_loss(ws, idx, targets, mask, weights_h, weights_p)
             grad[:] = 0.0
             sink_zero_grads(self.offsets, self.cfg.n_embd, sink)
             return 0.0, 0.0
@@ -466,8 +519,8 @@ class Model:
         if flat_t.size and flat_t.shape != self.flat.shape:
             raise ValueError(f"weights_t has shape {flat_t.shape}, expected {self.flat.shape}")
         total = model_forward_backward(ws.buffers, self._ids(ws, idx, "idx"), self._ids(ws, targets, "targets"), weights,
-                                       scale, self.flat, flat_t, flat_h, self.offsets, self._positions(),
-                                       self.cfg.n_head, grad, sink)
+                                       scale, self.flat, flat_t, flat_h, packed, pack_at, self.offsets,
+                                       self._positions(), self.cfg.n_head, grad, sink)
         return total / count, count
 
     def loss_and_grads(self, idx, targets, mask=None, checkpointing: bool = False,

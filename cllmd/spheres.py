@@ -48,6 +48,7 @@ class Sphere:
         self.model = model
         self.weights_t: np.ndarray | None = None  # node zero's transposed weights, fresh each step
         self.weights_h: np.ndarray | None = None  # or its bfloat16 weights (precision bf16)
+        self.weights_p = None                     # and their block matrices packed (cllmd.model.PackedWeights)
         self.stats = SphereStats()
         self.rank = 0  # the MPI rank that runs this sphere (cllmd.distributed); 0 in one process
         self.lock = threading.Lock()
@@ -76,12 +77,14 @@ class Sphere:
         self._set_state("working")
         try:
             if forward_only:
-                self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask, self.weights_h)
+                self.result = self.model.forward_loss(ws, self.idx, self.targets, self.mask, self.weights_h,
+                                                      self.weights_p)
                 self.losses = ws.losses.copy()
             else:
                 self.result = self.model.forward_backward(ws, self.idx, self.targets, self.mask, normalizer=1.0,
                                                           weights_t=self.weights_t, grad=grad,
-                                                          weights_h=self.weights_h, sink=sink)
+                                                          weights_h=self.weights_h, sink=sink,
+                                                          weights_p=self.weights_p)
         finally:
             self._set_state("waiting")
         if not forward_only:

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from cllm.catalogue import check_section, fields_of
 from cllmd.kernels.blas import bf16_cpu_features, bf16_unavailable
-from cllmd.model import Model
+from cllmd.model import Model, PackedWeights
 from cllmd.optim import AdamW, Schedule
 from cllmd.reduction import OrderedGradientSum
 from cllmd.spheres import MAX_THREADS, NUM_SPHERES, Sphere, SpherePool, ThreadWorkspaces, split_rows
@@ -53,6 +53,11 @@ BF16_AUTO_MIN_WIDTH = 64
 # machine (docs/benchmarks.md, "Third round": 85M 1.04-1.23x the rows, the baby and default
 # shapes between 0.6x and 1.1x with the load at 3.9-4.7). Read when a Trainer is made.
 DIRECT_MIN_PARAMS = 1 << 24
+# in bf16, node zero packs the blocks' weight matrices once per step for the spheres' forward
+# and input-gradient products (cllmd.model.PackedWeights: the same bits; MKL no longer repacks
+# a weight for every sphere) from this many parameters up. Measured per 85M sphere, one thread:
+# those products 149 -> 118 ms (docs/benchmarks.md, "Fourth round"); below, untried.
+PACKED_MIN_PARAMS = 1 << 24
 
 
 def choose_precision(requested: str, width: int, dtype=np.float32) -> tuple[str, str]:
@@ -150,6 +155,8 @@ class Trainer:
         # with precision bf16: the weight matrices in bfloat16 (Model.bf16_weights), refreshed
         # at the start of every step (and before an evaluation), in place of weights_t
         self.weights_h: np.ndarray | None = None
+        # and, from PACKED_MIN_PARAMS up, the blocks' matrices of weights_h packed (PackedWeights)
+        self.weights_p: PackedWeights | None = None
         self.precision, self.precision_reason = self._choose_precision(config.precision)
         log.info("training precision: %s (%s)", self.precision, self.precision_reason)
         self.spheres = [Sphere(i + 1, model) for i in range(NUM_SPHERES)]
@@ -279,7 +286,8 @@ class Trainer:
 
     def _refresh_weight_copies(self) -> None:
         """The spheres' copies of the current weights, one layer (or the head) per task: in
-        bf16, weights_h; in float32, weights_t (the matrices transposed) when this step's
+        bf16, weights_h (and weights_p, its block matrices packed, for large models); in
+        float32, weights_t (the matrices transposed) when this step's
         spheres are small enough for them to pay, else none."""
         parts = range(self.model.cfg.n_layer + 1)
         tokens = -(-self.config.batch_size // NUM_SPHERES) * self.model.cfg.block_size
@@ -287,18 +295,25 @@ class Trainer:
             self.weights_t = None
             if self.weights_h is None:
                 self.weights_h = np.zeros(2 * self.model.flat.size, dtype=np.uint16)
-            self.pool.run([lambda part=part: self.model.bf16_weights(self.weights_h, (part,)) for part in parts])
+            if self.weights_p is None and self.model.flat.size >= PACKED_MIN_PARAMS:
+                self.weights_p = PackedWeights(self.model, tokens)
+
+            def refresh(part):
+                self.model.bf16_weights(self.weights_h, (part,))
+                if self.weights_p is not None:
+                    self.weights_p.fill(self.weights_h, (part,))
+            self.pool.run([lambda part=part: refresh(part) for part in parts])
         elif tokens > TRANSPOSED_MAX_TOKENS:
-            self.weights_h = None
+            self.weights_h = self.weights_p = None
             self.weights_t = None
         else:
             if self.weights_t is None:
                 self.weights_t = np.zeros_like(self.model.flat)
-            self.weights_h = None
+            self.weights_h = self.weights_p = None
             self.pool.run([lambda part=part: self.model.transposed_weights(self.weights_t, (part,))
                            for part in parts])
         for s in self.spheres:
-            s.weights_t, s.weights_h = self.weights_t, self.weights_h
+            s.weights_t, s.weights_h, s.weights_p = self.weights_t, self.weights_h, self.weights_p
 
     def step(self) -> dict:
         """One optimizer step (accum_steps micro-steps); returns its figures."""

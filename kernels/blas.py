@@ -15,6 +15,12 @@ LP64. It brings gemm_bf16 (bfloat16 operands, float32 accumulation and output, o
 AVX-512 BF16 where the CPU has them) and gemm_mkl (its float32 sgemm). Without MKL, gemm_bf16
 decodes its operands to float32 and runs gemm, and gemm_mkl is gemm; MKL_AVAILABLE says which.
 gemm itself never changes provider: float32 stays numpy's BLAS (or the naive gemm), bit for bit.
+
+A bfloat16 product's second operand can also be packed once into MKL's internal layout
+(pack_bf16, then gemm_bf16_packed, MKL's cblas_gemm_bf16bf16f32_pack / _compute): the trainer
+packs each weight matrix once per step, where every sphere's product would otherwise repack it.
+Measured: the same bits as gemm_bf16 on the same operands; without MKL a packed operand is the
+matrix as it was behind a small header, and the product gemm_bf16's fallback (the same bits).
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ log = logging.getLogger(__name__)
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enum values
 _ALIASES = {"s": "cllmd_cblas_sgemm", "d": "cllmd_cblas_dgemm"}
-_MKL_ALIASES = {"s": "cllmd_mkl_sgemm", "bf16": "cllmd_mkl_gemm_bf16"}
+_MKL_ALIASES = {"s": "cllmd_mkl_sgemm", "bf16": "cllmd_mkl_gemm_bf16", "bf16_pack": "cllmd_mkl_gemm_bf16_pack",
+                "bf16_compute": "cllmd_mkl_gemm_bf16_compute"}
+PACKED, B_MATRIX = 151, 162  # CBLAS_STORAGE CblasPacked, CBLAS_IDENTIFIER CblasBMatrix
 MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64 = 1, 0  # MKL_Set_Threading_Layer, MKL_Set_Interface_Layer
 MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_SUCCESS = 2, 0x10000, 0  # MKL_CBWR_Set
 
@@ -236,6 +244,13 @@ AVAILABLE = _bind()
 
 _mkl_sgemm = types.ExternalFunction(_MKL_ALIASES["s"], _SIG["s"])
 _mkl_gemm_bf16 = types.ExternalFunction(_MKL_ALIASES["bf16"], _SIG["s"])
+# cblas_gemm_bf16bf16f32_compute: gemm's signature, transb = PACKED for a packed b;
+# cblas_gemm_bf16bf16f32_pack(layout, identifier, trans, m, n, k, src, ld, dest)
+_mkl_gemm_bf16_compute = types.ExternalFunction(_MKL_ALIASES["bf16_compute"], _SIG["s"])
+_PACK_SIG = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+                       types.voidptr, types.int64, types.voidptr)
+_mkl_gemm_bf16_pack = types.ExternalFunction(_MKL_ALIASES["bf16_pack"], _PACK_SIG)
+_mkl_pack_size = None  # cblas_gemm_bf16bf16f32_pack_get_size through ctypes (bytes), when MKL is bound
 _mkl_lib = None  # the loaded libmkl_rt, kept while LLVM holds its addresses
 
 
@@ -269,7 +284,9 @@ def _find_mkl() -> dict[str, int] | None:
     for path in _mkl_paths():
         try:
             lib = ctypes.CDLL(path)
-            fns = {"s": lib.cblas_sgemm, "bf16": lib.cblas_gemm_bf16bf16f32}
+            fns = {"s": lib.cblas_sgemm, "bf16": lib.cblas_gemm_bf16bf16f32,
+                   "bf16_pack": lib.cblas_gemm_bf16bf16f32_pack, "bf16_compute": lib.cblas_gemm_bf16bf16f32_compute}
+            lib.cblas_gemm_bf16bf16f32_pack_get_size  # noqa: B018 - present, or AttributeError
             set_threading, set_interface = lib.MKL_Set_Threading_Layer, lib.MKL_Set_Interface_Layer
             set_cbwr = lib.MKL_CBWR_Set
         except (OSError, AttributeError) as e:
@@ -300,6 +317,8 @@ def _mkl_self_test(found) -> bool:
     b = rng.normal(size=(9, 6)).astype(np.float32)
     bits = {"s": (a, b), "bf16": (a.view(np.uint32)[:, :] >> 16 << 16, b.view(np.uint32) >> 16 << 16)}
     for t, fn in found.items():
+        if t not in bits:
+            continue
         x, y = bits[t]
         if t == "bf16":  # the upper halves: bfloat16 operands, and their exact float32 values
             x32, y32 = x.view(np.float32), y.view(np.float32)
@@ -385,6 +404,48 @@ def gemm_mkl(trans_a, trans_b, alpha, a, b, beta, c):
                np.float32(beta), c.ctypes, ldc)
 
 
+PACK_ALIGN = 32  # packed operands start at 64-byte boundaries (uint16 elements)
+
+
+def pack_bf16_size(rows: int, n: int, k: int) -> int:
+    """uint16 elements a packed second operand op(b) [k, n] takes, for products of about
+    `rows` rows (MKL's pack_get_size, which reserves more than it writes: from np.zeros the
+    pages never written stay unallocated), rounded up to PACK_ALIGN."""
+    size = (_mkl_pack_size(B_MATRIX, rows, n, k) + 1) // 2 if _mkl_pack_size is not None else PACK_ALIGN + n * k
+    return -(-size // PACK_ALIGN) * PACK_ALIGN
+
+
+@kernel
+def pack_bf16(dest, rows, trans_b, b):
+    """dest (uint16, pack_bf16_size(rows, n, k) elements, 64-byte aligned) = op(b) [k, n]
+    packed as a product's second operand (b bfloat16 bits, unit column stride; op(b) = b.T
+    when trans_b), for products of about `rows` rows (any row count reads it)."""
+    if trans_b:
+        n, k = b.shape
+    else:
+        k, n = b.shape
+    ld = max(b.strides[0] // b.itemsize, b.shape[1], 1)
+    _mkl_gemm_bf16_pack(ROW_MAJOR, B_MATRIX, TRANS if trans_b else NO_TRANS, rows, n, k, b.ctypes, ld, dest.ctypes)
+
+
+@kernel
+def gemm_bf16_packed(alpha, a, b_packed, beta, c):
+    """c = alpha a op(b) + beta c as gemm_bf16, op(b) [K, N] packed by pack_bf16: a [M, K]
+    bfloat16 bits (unit column stride), c [M, N] float32. A large contiguous c with beta = 0
+    is cleared by streaming stores first (as gemm_bf16)."""
+    M, N = c.shape
+    K = a.shape[1]
+    if M == 0 or N == 0:
+        return
+    lda = max(a.strides[0] // a.itemsize, K, 1)
+    ldc = max(c.strides[0] // c.itemsize, N, 1)
+    if beta == 0.0 and ldc == N and M * N >= STREAMING_CLEAR_MIN:
+        clear_streaming(c)
+        beta = 1.0
+    _mkl_gemm_bf16_compute(ROW_MAJOR, NO_TRANS, PACKED, M, N, K, np.float32(alpha), a.ctypes, lda,
+                           b_packed.ctypes, K, np.float32(beta), c.ctypes, ldc)
+
+
 def gemm_bf16_ref(trans_a, trans_b, alpha, a, b, beta, c):
     """numpy reference of gemm_bf16: the bfloat16 values decoded, the product in float64."""
     from .bf16 import from_bf16_ref
@@ -394,15 +455,41 @@ def gemm_bf16_ref(trans_a, trans_b, alpha, a, b, beta, c):
     c[...] = out + (beta * c if beta != 0 else 0)
 
 
+@kernel
+def _gemm_bf16_decoded(trans_a, trans_b, alpha, a, b, beta, c):
+    """gemm_bf16 without MKL: the bfloat16 operands decoded to float32 (exactly), then gemm."""
+    A = np.empty(a.shape, np.float32)
+    B = np.empty(b.shape, np.float32)
+    from_bf16(A, a)
+    from_bf16(B, b)
+    gemm(trans_a, trans_b, alpha, A, B, beta, c)
+
+
 def _cblas_gemm_bf16_fallback(order, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc):
-    """Without MKL: the bfloat16 operands decoded to float32 (exactly), then gemm."""
+    """_gemm_bf16_decoded behind the CBLAS signature."""
     ra, ca = (K, M) if ta == TRANS else (M, K)
     rb, cb = (N, K) if tb == TRANS else (K, N)
-    A = np.empty((ra, ca), np.float32)
-    B = np.empty((rb, cb), np.float32)
-    from_bf16(A, carray(a, (ra, lda))[:, :ca])
-    from_bf16(B, carray(b, (rb, ldb))[:, :cb])
-    gemm(ta == TRANS, tb == TRANS, alpha, A, B, beta, carray(c, (M, ldc))[:, :N])
+    _gemm_bf16_decoded(ta == TRANS, tb == TRANS, alpha, carray(a, (ra, lda))[:, :ca], carray(b, (rb, ldb))[:, :cb],
+                       beta, carray(c, (M, ldc))[:, :N])
+
+
+def _cblas_gemm_bf16_pack_fallback(layout, identifier, trans, m, n, k, src, ld, dest):
+    """Without MKL: a header of PACK_ALIGN elements, the first saying whether op(src) was
+    transposed, then src's matrix as it was ([n, k] or [k, n] rows): the product then takes
+    the same fallback path as gemm_bf16 on the unpacked operand, the same bits."""
+    rows, cols = (n, k) if trans == TRANS else (k, n)
+    out = carray(dest, (PACK_ALIGN + rows * cols,))
+    out[0] = 1 if trans == TRANS else 0
+    out[PACK_ALIGN:] = carray(src, (rows, ld))[:, :cols].copy().reshape(-1)
+
+
+def _cblas_gemm_bf16_compute_fallback(order, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Without MKL: a packed b (see above) through gemm_bf16's fallback, in its own layout."""
+    ra, ca = (K, M) if ta == TRANS else (M, K)
+    packed = carray(b, (PACK_ALIGN + N * K,))
+    trans = packed[0] == 1
+    B = packed[PACK_ALIGN:].reshape((N, K) if trans else (K, N))
+    _gemm_bf16_decoded(ta == TRANS, trans, alpha, carray(a, (ra, lda))[:, :ca], B, beta, carray(c, (M, ldc))[:, :N])
 
 
 def _bind_mkl() -> bool:
@@ -417,7 +504,16 @@ def _bind_mkl() -> bool:
         sig = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
                          types.float32, u16, types.int64, u16, types.int64, types.float32, f32, types.int64)
         _naive["bf16"] = cfunc(sig, cache=True, nopython=True)(_cblas_gemm_bf16_fallback)
-        found = {"s": _bound["s"], "bf16": _naive["bf16"].address}
+        _naive["bf16_compute"] = cfunc(sig, cache=True, nopython=True)(_cblas_gemm_bf16_compute_fallback)
+        _naive["bf16_pack"] = cfunc(types.void(types.int32, types.int32, types.int32, types.int64, types.int64,
+                                               types.int64, u16, types.int64, u16),
+                                    cache=True, nopython=True)(_cblas_gemm_bf16_pack_fallback)
+        found = {"s": _bound["s"], **{t: _naive[t].address for t in ("bf16", "bf16_compute", "bf16_pack")}}
+    else:
+        global _mkl_pack_size
+        _mkl_pack_size = _mkl_lib.cblas_gemm_bf16bf16f32_pack_get_size
+        _mkl_pack_size.restype = ctypes.c_size_t
+        _mkl_pack_size.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     for t, alias in _MKL_ALIASES.items():
         llvm.add_symbol(alias, found[t])
     return found["s"] != _bound["s"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._jit import kernel
 from .bf16 import bf16_of, to_bf16
-from .blas import gemm, gemm_bf16
+from .blas import gemm, gemm_bf16, gemm_bf16_packed
 from .ordered import weight_grad_h
 
 
@@ -56,11 +56,16 @@ def linear_forward(out, inp, weight, bias, residual, weight_ht, inp_h):
 
 
 @kernel
-def linear_forward_h(out, inp_h, bias, residual, weight_ht):
+def linear_forward_h(out, inp_h, bias, residual, weight_ht, weight_p):
     """linear_forward in bfloat16 on an input already rounded (inp_h [N, K] uint16, written so
-    by its producer): out = inp_h weight + bias (+ residual), float32."""
+    by its producer): out = inp_h weight + bias (+ residual), float32. weight_p: the weight
+    packed as the product's second operand (blas.pack_bf16 of weight), read instead of
+    weight_ht when not empty (the same bits)."""
     _seed(out, bias, residual)
-    gemm_bf16(False, True, 1.0, inp_h, weight_ht, 1.0, out)
+    if weight_p.size:
+        gemm_bf16_packed(1.0, inp_h, weight_p, 1.0, out)
+    else:
+        gemm_bf16(False, True, 1.0, inp_h, weight_ht, 1.0, out)
 
 
 @kernel
@@ -127,17 +132,21 @@ def round_rows_sum(dout_h, dsum, dout):
 
 
 @kernel
-def linear_backward_h(dinp, grad, at, dbias, dout, inp_h, weight_h, dout_h, rounded, sink, m, tile):
+def linear_backward_h(dinp, grad, at, dbias, dout, inp_h, weight_h, weight_p, dout_h, rounded, sink, m, tile):
     """linear_backward in bfloat16 on the forward's rounded input inp_h [N, K]: dout rounded
     into dout_h [N, M] and dbias summed in one pass, unless rounded (the caller did both, as
     gelu_backward_h does); then dweight = inp_h^T dout_h, at flat offset at of grad or added
     in turn into node zero's sum (cllmd.kernels.ordered.weight_grad_h: sink matrix m, sink =
-    (sum, turns, info, ranges), tile), and dinp = dout_h weight_h^T."""
+    (sum, turns, info, ranges), tile), and dinp = dout_h weight_h^T (on weight_p, the
+    transpose packed, when it is not empty: the same bits)."""
     if not rounded:
         round_rows_sum(dout_h, dbias, dout)
     weight_grad_h(grad, at, inp_h.shape[1], dout_h.shape[1], inp_h, dout_h, sink[0], sink[1], sink[2], sink[3], m,
                   tile)
-    gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
+    if weight_p.size:
+        gemm_bf16_packed(1.0, dout_h, weight_p, 0.0, dinp)
+    else:
+        gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
 
 
 @kernel

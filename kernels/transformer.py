@@ -27,6 +27,12 @@ gradient rounded with its bias sum in one pass, into h_out); attention's per-hea
 products run in bfloat16 too (attention_forward_bf16, its softmax kept in bfloat16 in att_h).
 The embeddings, layer norm's and the softmax's arithmetic, GELU, the cross-entropy and every
 gradient stay float32. Empty flat_h: float32, block_forward / block_backward, as ever.
+With flat_h, packed / pack_at may hold the blocks' weight matrices packed as the products'
+second operands (pack_weights, once per step: MKL then does not repack a weight for every
+sphere's product; the same bits): packed uint16, pack_at [4 L, 2, 2] the (start, stop) in it
+of sink matrix m (layer by layer, each layer's four by offset, as cllmd.kernels.ordered) for
+the forward (side 0, op(b) = W) and the input gradient (side 1, op(b) = W^T). Empty packed:
+the products read flat_h.
 """
 from collections import namedtuple
 
@@ -40,7 +46,7 @@ from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward_h, gelu_forward_grad, gelu_forward_grad_h, mul_inplace
 from .layernorm import layernorm_backward, layernorm_forward, layernorm_forward_h
 from .bf16 import to_bf16
-from .blas import gemm_bf16
+from .blas import gemm_bf16, pack_bf16
 from .linear import (gemm_rounding_a, linear_backward, linear_backward_h, linear_forward, linear_forward_h, transpose,
                      weight_grad)
 from .ordered import add_zero_in_turn, flush_deferred
@@ -130,6 +136,15 @@ def _mat_h(flat_h, off, rows, cols, transposed):
 
 
 @kernel
+def _mat_p(packed, pack_at, m, side):
+    """Sink matrix m packed for side 0 (the forward) or 1 (the input gradient), or an empty
+    array when packed is empty."""
+    if packed.size == 0:
+        return packed[:0]
+    return packed[pack_at[m, side, 0]:pack_at[m, side, 1]]
+
+
+@kernel
 def _mat_t(flat_t, off, rows, cols):
     """A transposed weight [rows, cols] in flat_t, or an empty one when flat_t is empty."""
     if flat_t.size:
@@ -203,7 +218,7 @@ def block_backward(buf, l, x, flat, flat_t, flat_h, offs, grad, n_head):
 
 
 @kernel
-def block_forward_h(buf, l, x, flat, flat_h, offs, n_head, write_output):
+def block_forward_h(buf, l, x, flat, flat_h, packed, pack_at, offs, n_head, write_output):
     """block_forward with bfloat16 products (flat_h not empty): the same math, but each
     product's input is written in bfloat16 by its producer (layer norm, attention, GELU) into
     layer slot l's acts_h, where the backward finds it again, and the float32 activations
@@ -214,23 +229,24 @@ def block_forward_h(buf, l, x, flat, flat_h, offs, n_head, write_output):
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
     Wht = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, True)  # noqa: E731 - weight k's bf16 transpose
     b = lambda k, n: _vec(flat, o[k], n)                                  # noqa: E731
+    P = lambda j: _mat_p(packed, pack_at, 4 * l + j, 0)                  # noqa: E731 - sink matrix j packed
     ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
     qkv, atty, res2 = buf.qkv[la], buf.atty[0], buf.residual2[la]
     layernorm_forward_h(ln1_h, buf.ln1_mean[la], buf.ln1_rstd[la], x, b(0, C), b(1, C), LN_EPS)
-    linear_forward_h(qkv.reshape((N, 3 * C)), ln1_h, b(3, 3 * C), buf.empty, Wht(2, C, 3 * C))
+    linear_forward_h(qkv.reshape((N, 3 * C)), ln1_h, b(3, 3 * C), buf.empty, Wht(2, C, 3 * C), P(0))
     attention_forward_bf16(atty, _att_h(buf, la, n_head), buf.att[0, 0, 0], qkv,
                            _h(buf.h_in, N, 3 * C).reshape(qkv.shape), n_head)       # (B, T, C)
     to_bf16(atty_h, atty.reshape((N, C)))
-    linear_forward_h(res2, atty_h, b(5, C), x, Wht(4, C, C))                          # x + attn
+    linear_forward_h(res2, atty_h, b(5, C), x, Wht(4, C, C), P(1))                    # x + attn
     layernorm_forward_h(ln2_h, buf.ln2_mean[la], buf.ln2_rstd[la], res2, b(6, C), b(7, C), LN_EPS)
-    linear_forward_h(buf.dfch, ln2_h, b(9, 4 * C), buf.empty, Wht(8, C, 4 * C))      # pre-activation (N, 4C)
+    linear_forward_h(buf.dfch, ln2_h, b(9, 4 * C), buf.empty, Wht(8, C, 4 * C), P(2))  # pre-activation (N, 4C)
     gelu_forward_grad_h(fch_gelu_h, buf.fch[la], buf.dfch)
     if write_output:
-        linear_forward_h(buf.residual3[l], fch_gelu_h, b(11, C), res2, Wht(10, 4 * C, C))
+        linear_forward_h(buf.residual3[l], fch_gelu_h, b(11, C), res2, Wht(10, 4 * C, C), P(3))
 
 
 @kernel
-def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head, sink):
+def block_backward_h(buf, l, x, flat, flat_h, packed, pack_at, offs, grad, n_head, sink):
     """block_backward with bfloat16 products, after block_forward_h: each gradient that feeds
     products is rounded once, with its bias gradient summed in the same pass. The four weight
     gradients go to sink (cllmd.kernels.ordered: into grad, or added in turn into node zero's
@@ -244,23 +260,24 @@ def block_backward_h(buf, l, x, flat, flat_h, offs, grad, n_head, sink):
     Wh = lambda k, rows, cols: _mat_h(flat_h, o[k], rows, cols, False)  # noqa: E731 - weight k in bfloat16
     db = lambda k, n: _vec(grad, o[k], n)                               # noqa: E731
     ho = lambda cols: _h(buf.h_out, N, cols)                            # noqa: E731 - a gradient in bf16
+    P = lambda j: _mat_p(packed, pack_at, 4 * l + j, 1)                 # noqa: E731 - sink matrix j's transpose packed
     ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
     tile = buf.dw_tile
     # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
-    linear_backward_h(buf.dfch, grad, o[10], db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), ho(C), False,
+    linear_backward_h(buf.dfch, grad, o[10], db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), P(3), ho(C), False,
                       sink, 4 * l + 3, tile)
     # fch_gelu = gelu(pre): d pre = gelu'(pre) d fch_gelu, rounded, and the c_fc bias gradient
     gelu_backward_h(ho(4 * C), db(9, 4 * C), buf.dfch, buf.fch[la])
-    linear_backward_h(dtmp, grad, o[8], db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), ho(4 * C), True,
+    linear_backward_h(dtmp, grad, o[8], db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), P(2), ho(4 * C), True,
                       sink, 4 * l + 2, tile)
     layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
                        buf.ln2_mean[la], buf.ln2_rstd[la])
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
-    linear_backward_h(dtmp, grad, o[4], db(5, C), dx, atty_h, Wh(4, C, C), ho(C), False, sink, 4 * l + 1, tile)
+    linear_backward_h(dtmp, grad, o[4], db(5, C), dx, atty_h, Wh(4, C, C), P(1), ho(C), False, sink, 4 * l + 1, tile)
     attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
                             _h(buf.h_in, N, 3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
     linear_backward_h(dtmp, grad, o[2], db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
-                      Wh(2, C, 3 * C), ho(3 * C), False, sink, 4 * l, tile)
+                      Wh(2, C, 3 * C), P(0), ho(3 * C), False, sink, 4 * l, tile)
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 
@@ -294,10 +311,27 @@ def bf16_weights(flat_h, flat, offs, l, n_embd):
         transpose(_mat_h(flat_h, o[k], rows, cols, True), _mat_h(flat_h, o[k], rows, cols, False))
 
 
+@kernel
+def pack_weights(packed, pack_at, flat_h, offs, l, n_embd, rows):
+    """packed gets layer l's four weight matrices from flat_h packed for products of about
+    `rows` rows (blas.pack_bf16), each for both sides (see the module); l = n_layer (the
+    head, whose products read flat_h) packs nothing."""
+    C = n_embd
+    if 4 + 12 * l == offs.size:
+        return
+    o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    j = 0
+    for k, r, c in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
+        w = _mat_h(flat_h, o[k], r, c, False)
+        pack_bf16(_mat_p(packed, pack_at, 4 * l + j, 0), rows, False, w)   # op(b) = W
+        pack_bf16(_mat_p(packed, pack_at, 4 * l + j, 1), rows, True, w)    # op(b) = W^T
+        j += 1
+
+
 # ---- the model -----------------------------------------------------------------------------
 
 @kernel
-def trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head):
+def trunk_forward(buf, idx, flat, flat_h, packed, pack_at, offs, wpe, n_head):
     """Embeddings, the blocks and the final LayerNorm into buf.lnf [N, C]; every activation saved.
     wpe [block, C] is the position table in use (the learned one, plus the clock features)."""
     B, T = idx.shape
@@ -308,7 +342,7 @@ def trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head):
     x = buf.encoded
     for l in range(L):
         if flat_h.size:
-            block_forward_h(buf, l, x, flat, flat_h, offs, n_head, True)
+            block_forward_h(buf, l, x, flat, flat_h, packed, pack_at, offs, n_head, True)
         else:
             block_forward(buf, l, x, flat, flat_h, offs, n_head, True)
         x = buf.residual3[l]
@@ -334,7 +368,7 @@ def model_forward(buf, idx, flat, flat_t, offs, wpe, n_head):
     """Logits into buf.logits [N, V] (a workspace whose head chunk is all N rows); every
     activation saved. flat_t: transposed weights (transposed_weights) or empty. float32."""
     no_h = buf.h_in[:0]
-    trunk_forward(buf, idx, flat, no_h, offs, wpe, n_head)
+    trunk_forward(buf, idx, flat, no_h, no_h, offs[:0].reshape((0, 2, 2)), offs, wpe, n_head)
     if buf.logits.shape[0] != buf.lnf.shape[0]:
         raise ValueError("model_forward: the workspace's head holds fewer rows than the batch")
     _head_logits(buf.logits, buf.lnf, flat, flat_t, no_h, offs, _h(no_h, 0, 0))
@@ -411,22 +445,24 @@ def head_loss_h(buf, targets, mask, flat_h, offs, scale, grad):
 
 
 @kernel
-def model_forward_loss(buf, idx, targets, mask, flat, flat_t, flat_h, offs, wpe, n_head):
+def model_forward_loss(buf, idx, targets, mask, flat, flat_t, flat_h, packed, pack_at, offs, wpe, n_head):
     """Forward and per-position losses into buf.losses; returns sum(losses * mask) in float64.
-    Shapes: idx, targets [B, T]; mask [N]. flat_h: bfloat16 products (see the module) or empty."""
-    trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head)
+    Shapes: idx, targets [B, T]; mask [N]. flat_h: bfloat16 products (see the module) or empty;
+    packed, pack_at: the blocks' weights packed (see the module) or empty."""
+    trunk_forward(buf, idx, flat, flat_h, packed, pack_at, offs, wpe, n_head)
     return head_loss(buf, targets.reshape(-1), mask, flat, flat_t, flat_h, offs, False, 1.0, flat[:0])
 
 
 @kernel
-def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, offs, wpe, n_head, grad, sink):
+def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h, packed, pack_at, offs, wpe, n_head,
+                           grad, sink):
     """model_forward_loss, then grad = d(scale * sum(losses * mask)) / d(params), written whole
     but for the blocks' weight matrices in bfloat16 when sink adds them to node zero's sum
     (sink: (sum, turns, info, ranges) of cllmd.kernels.ordered; mode ROW writes them into grad;
     float32 ignores it). flat_t: transposed weight matrices (see transpose_weights) or empty;
-    flat_h: the weight matrices in bfloat16 (bf16_weights) or empty for float32. Returns
-    sum(losses * mask) in float64."""
-    trunk_forward(buf, idx, flat, flat_h, offs, wpe, n_head)
+    flat_h: the weight matrices in bfloat16 (bf16_weights) or empty for float32; packed,
+    pack_at: the blocks' packed (pack_weights) or empty. Returns sum(losses * mask) in float64."""
+    trunk_forward(buf, idx, flat, flat_h, packed, pack_at, offs, wpe, n_head)
     B, T = idx.shape
     N, C = buf.encoded.shape
     L = buf.residual3.shape[0]
@@ -451,11 +487,11 @@ def model_forward_backward(buf, idx, targets, mask, scale, flat, flat_t, flat_h,
             # checkpointing: slot 0 holds layer L-1's activations; recompute layer l's from its
             # saved input (its output, residual3[l], is already kept)
             if flat_h.size:
-                block_forward_h(buf, l, x_in, flat, flat_h, offs, n_head, False)
+                block_forward_h(buf, l, x_in, flat, flat_h, packed, pack_at, offs, n_head, False)
             else:
                 block_forward(buf, l, x_in, flat, flat_h, offs, n_head, False)
         if flat_h.size:
-            block_backward_h(buf, l, x_in, flat, flat_h, offs, grad, n_head, sink)
+            block_backward_h(buf, l, x_in, flat, flat_h, packed, pack_at, offs, grad, n_head, sink)
         else:
             block_backward(buf, l, x_in, flat, flat_t, flat_h, offs, grad, n_head)
     embedding_backward(dwte, _mat(grad, offs[1], wpe.shape[0], C), buf.dresidual.reshape((B, T, C)), idx, 0)

@@ -175,6 +175,41 @@ def test_bf16_gemm_beta_zero_on_a_large_output_keeps_mkls_bits():
             np.testing.assert_array_equal(c.view(np.uint32), r.view(np.uint32))
 
 
+def _aligned_u16(n: int) -> np.ndarray:
+    raw = np.zeros(n + blas.PACK_ALIGN, np.uint16)
+    skip = (-raw.ctypes.data % (2 * blas.PACK_ALIGN)) // 2
+    return raw[skip:skip + n]
+
+
+def check_packed_products() -> int:
+    """pack_bf16 then gemm_bf16_packed against gemm_bf16 on the same operands, bit for bit: b in
+    either layout, beta 0 and 1, a strided a, a large output (the streaming clear), row counts
+    other than the one packed for. Returns the number of products compared."""
+    rng = np.random.default_rng(14)
+    done = 0
+    for M, K, N, rows in ((40, 96, 72, 40), (256, 768, 2304, 256), (7, 50, 70, 256), (512, 3072, 768, 256),
+                          (1024, 64, 1100, 256)):
+        a = _bf16_bits(rng.normal(size=(M, K + 3)))[:, :K]  # lda K + 3
+        for trans_b in (False, True):
+            b = _bf16_bits(rng.normal(size=(N, K) if trans_b else (K, N)))
+            packed = _aligned_u16(blas.pack_bf16_size(rows, N, K))
+            blas.pack_bf16(packed, rows, trans_b, b)
+            for beta in (0.0, 1.0):
+                c = rng.normal(size=(M, N)).astype(np.float32)
+                want = c.copy()
+                blas.gemm_bf16(False, trans_b, 0.5, a, b, beta, want)
+                blas.gemm_bf16_packed(0.5, a, packed, beta, c)
+                assert np.array_equal(c.view(np.uint32), want.view(np.uint32)), (M, K, N, rows, trans_b, beta)
+                done += 1
+    return done
+
+
+def test_bf16_packed_products_give_gemm_bf16s_bits():
+    # on MKL's pack / compute where MKL is loaded, else on their fallbacks (and in a process
+    # without MKL in test_bf16_float32_passes_are_bit_identical_with_and_without_mkl)
+    assert check_packed_products() == 20
+
+
 @requires_mkl
 def test_bf16_mkl_is_found_when_installed_and_runs_sequential():
     assert blas.MKL_AVAILABLE, "the mkl package is installed but cllmd.kernels.blas did not bind it"
@@ -206,6 +241,8 @@ if not blas.MKL_AVAILABLE:
     import sys; sys.path.insert(0, %r)
     from test_bf16 import check_gemm_bf16
     out['bf16_error'] = check_gemm_bf16(blas.gemm_bf16)
+    from test_bf16 import check_packed_products
+    out['packed_products'] = check_packed_products()
 print(json.dumps(out))
 """
 
@@ -227,6 +264,7 @@ def test_bf16_float32_passes_are_bit_identical_with_and_without_mkl():
     assert runs["1"]["loss"] == runs[""]["loss"]
     assert runs["1"]["g"] == runs[""]["g"]
     assert runs["1"]["bf16_error"] < BF16_TOL
+    assert runs["1"]["packed_products"] == 20
 
 
 # ---- the trainer's bfloat16 path ---------------------------------------------------------------
@@ -744,3 +782,46 @@ def test_bf16_trainer_adds_weight_gradients_directly_only_from_direct_min_params
     tr, _ = _train(2, "bf16", steps=1)
     assert tr.model.flat.size < cllmd.trainer.DIRECT_MIN_PARAMS
     assert tr.gradsum.direct.shape[0] == 0 and not tr.gradsum._direct  # rows, as before
+
+
+@requires_bf16
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_bf16_packed_weights_give_the_unpacked_passes_bits(checkpointing):
+    # forward_backward and forward_loss reading the block matrices packed (PackedWeights, made
+    # for another row count than the pass has) give the bits of the passes on weights_h
+    from cllmd.model import Model, ModelConfig, PackedWeights
+    m = Model(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12), seed=3)
+    rng = np.random.default_rng(8)
+    idx, targets = rng.integers(0, 40, (3, 12)), rng.integers(0, 40, (3, 12))
+    mask = (rng.random(36) > 0.2).astype(np.float32)
+    ws = m.workspace(3, 12, checkpointing=checkpointing, bf16=True)
+    weights_h = m.bf16_weights()
+    weights_p = PackedWeights(m, rows=24)
+    weights_p.fill(weights_h)
+    assert weights_p.at.shape == (8, 2, 2) and np.all(weights_p.at[:, :, 1] > weights_p.at[:, :, 0])
+    assert weights_p.buf.ctypes.data % 64 == 0
+    out = {}
+    for name, wp in (("plain", None), ("packed", weights_p)):
+        g = np.full(m.flat.size, np.nan, np.float32)
+        loss = m.forward_backward(ws, idx, targets, mask, grad=g, weights_h=weights_h, weights_p=wp)
+        out[name] = (loss, g, m.forward_loss(ws, idx, targets, mask, weights_h, wp), ws.losses.copy())
+    assert out["packed"][0] == out["plain"][0] and out["packed"][2] == out["plain"][2]
+    assert np.array_equal(out["packed"][1].view(np.uint32), out["plain"][1].view(np.uint32))
+    assert np.array_equal(out["packed"][3], out["plain"][3])
+    with pytest.raises(ValueError, match="need weights_h"):
+        m.forward_backward(ws, idx, targets, mask, weights_p=weights_p)
+
+
+@requires_bf16
+@pytest.mark.parametrize("cfg", [dict(), dict(grad_checkpointing=True)], ids=["plain", "checkpointed"])
+def test_bf16_trainer_packed_weights_give_the_unpacked_weights_at_1_2_and_12_threads(cfg, monkeypatch):
+    import cllmd.trainer
+    expected, expected_losses = _train(2, "bf16", steps=3, **cfg)
+    assert expected.weights_p is None  # the small model is below PACKED_MIN_PARAMS
+    monkeypatch.setattr(cllmd.trainer, "PACKED_MIN_PARAMS", 0)
+    for threads in (1, 2, 12):
+        tr, losses = _train(threads, "bf16", steps=3, **cfg)
+        assert tr.weights_p is not None
+        assert np.array_equal(tr.model.flat, expected.model.flat), f"{threads} threads"
+        assert losses == expected_losses
+        assert tr.val_loss == expected.val_loss  # the evaluation's forward reads them too

@@ -364,8 +364,8 @@ def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(
         assert ws.logits.shape == (head_rows or B * T, cfg.vocab_size)
         ws.grad_flat[:] = np.nan  # every gradient must be written
         total = transformer.model_forward_backward(ws.buffers, idx, targets, mask, 0.25, m.flat, weights_t,
-                                                   NO_BF16.reshape(0), m.offsets, wpe, cfg.n_head, ws.grad_flat,
-                                                   m._row_sink)
+                                                   NO_BF16.reshape(0), NO_BF16.reshape(0), m._no_pack_at, m.offsets,
+                                                   wpe, cfg.n_head, ws.grad_flat, m._row_sink)
         outs.append((total, ws.losses.copy(), ws.residual3.copy(), ws.grad_flat.copy()))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-6)
     assert not np.isnan(outs[0][3]).any()
@@ -383,7 +383,7 @@ def test_kernels_transformer_passes_agree_with_each_other_and_the_op_references(
     # forward and loss only: the same total
     ws = Workspace(cfg, B, T, dtype)
     total = transformer.model_forward_loss(ws.buffers, idx, targets, mask, m.flat, m.flat[:0], NO_BF16.reshape(0),
-                                           m.offsets, wpe, cfg.n_head)
+                                           NO_BF16.reshape(0), m._no_pack_at, m.offsets, wpe, cfg.n_head)
     assert total == pytest.approx(outs[0][0], rel=tol["rtol"])
 
 
