@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cllmd.kernels.ordered import ROW, TILE
-from cllmd.kernels.blas import PACK_ALIGN, pack_bf16_size
+from cllmd.kernels.blas import pack_bf16_size
 from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, bf16_weights, model_forward, model_forward_backward,
                                        model_forward_loss, pack_weights, sink_zero_grads, transpose_weights)
 
@@ -262,9 +263,11 @@ class PackedWeights:
     each for the forward (W) and the input gradient (W^T) (cllmd.kernels.transformer's
     pack_weights, MKL's internal layout): every sphere's product then reads them as they are,
     where gemm_bf16 repacks its operand at every call. The same bits as the unpacked products.
-    buf: uint16, 64-byte aligned, from np.zeros, so the pages MKL's layout reserves but never
-    writes stay unallocated (written: ~2 bytes per weight and side); at [4 L, 2, 2]: the (start,
-    stop) of each sink matrix's two sides. rows: the products' rows the layout is made for
+    buf: uint16 in an anonymous map of its own, without transparent huge pages: MKL's layout
+    reserves 3-8x what it writes, in 4 KiB-page gaps (measured: 1.01x the matrix's pages
+    touched), which stay unallocated there, where 2 MiB pages took them all (85M's peak RSS
+    +815 MiB, against ~2 bytes per weight and side, +340); at [4 L, 2, 2]: the (start, stop) of
+    each sink matrix's two sides. rows: the products' rows the layout is made for
     (MKL's choice of blocking; products of any row count read it)."""
 
     def __init__(self, model: "Model", rows: int):
@@ -277,16 +280,19 @@ class PackedWeights:
                     spans.append((at, at + size))
                     at += size
         self.at = np.array(spans, dtype=np.int64).reshape(-1, 2, 2)
-        raw = np.zeros(at + PACK_ALIGN, dtype=np.uint16)
-        skip = (-raw.ctypes.data % (2 * PACK_ALIGN)) // 2
-        self.buf = raw[skip:skip + at]
+        self._map = mmap.mmap(-1, max(2 * at, mmap.PAGESIZE))  # zeros, page-aligned, allocated when written
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        self.buf = np.frombuffer(self._map, dtype=np.uint16, count=at)
 
-    def fill(self, weights_h: np.ndarray, parts=None) -> None:
-        """Packs the block matrices of weights_h (Model.bf16_weights) for the given parts
-        (layers; n_layer, the head, has none), all by default."""
+    def fill(self, parts=None) -> None:
+        """Packs the model's current block matrices, rounded to bfloat16 as Model.bf16_weights
+        rounds them, for the given parts (layers; n_layer, the head, has none), all by default.
+        The passes given them read weights_h only for the head: its block matrices need not be
+        written (Model.bf16_weights(out, (n_layer,)) is then all they need)."""
         m = self.model
         for part in range(m.cfg.n_layer + 1) if parts is None else parts:
-            pack_weights(self.buf, self.at, weights_h, m.offsets, part, m.cfg.n_embd, self.rows)
+            pack_weights(self.buf, self.at, m.flat, m.offsets, part, m.cfg.n_embd, self.rows)
 
 
 class Model:
@@ -406,7 +412,8 @@ class Model:
                      weights_p: PackedWeights | None = None) -> tuple[float, float]:
         """Forward only: (mean cross-entropy over counted positions, count); ws.losses per position.
         weights_h: an up-to-date bf16_weights() buffer (the products in bfloat16), or None;
-        weights_p: the same weights packed (PackedWeights, filled from weights_h), or None."""
+        weights_p: the block matrices packed (PackedWeights, filled; weights_h's are then not
+        read), or None."""
         weights, count = self._weights(ws, mask, idx.size)
         flat_h = self._check_bf16(ws, weights_h)
         packed, pack_at = self._packed(weights_p, flat_h)
@@ -495,8 +502,8 @@ class Model:
         sink: with bfloat16 products, node zero's (sum, turns, info, ranges) (cllmd.reduction's
         OrderedGradientSum.sink): the blocks' weight gradients are then added in turn into the
         sum (mode ADD: grad's views of them are left as they were) or written and announced
-        (FIRST); None writes them into grad. weights_p: weights_h's block matrices packed
-        (PackedWeights; the same bits, faster products), or None. Returns (mean loss, number of
+        (FIRST); None writes them into grad. weights_p: the block matrices packed (PackedWeights;
+        the same bits, faster products; weights_h's are then not read), or None. Returns (mean loss, number of
         counted positions).
         """
         weights, count = self._weights(ws, mask, idx.size)

@@ -155,7 +155,8 @@ class Trainer:
         # with precision bf16: the weight matrices in bfloat16 (Model.bf16_weights), refreshed
         # at the start of every step (and before an evaluation), in place of weights_t
         self.weights_h: np.ndarray | None = None
-        # and, from PACKED_MIN_PARAMS up, the blocks' matrices of weights_h packed (PackedWeights)
+        # and, from PACKED_MIN_PARAMS up, the blocks' matrices packed (PackedWeights), in place of
+        # weights_h's (which then holds only the head's: its block matrices' pages stay unallocated)
         self.weights_p: PackedWeights | None = None
         self.precision, self.precision_reason = self._choose_precision(config.precision)
         log.info("training precision: %s (%s)", self.precision, self.precision_reason)
@@ -299,9 +300,10 @@ class Trainer:
                 self.weights_p = PackedWeights(self.model, tokens)
 
             def refresh(part):
-                self.model.bf16_weights(self.weights_h, (part,))
-                if self.weights_p is not None:
-                    self.weights_p.fill(self.weights_h, (part,))
+                if self.weights_p is not None and part < self.model.cfg.n_layer:
+                    self.weights_p.fill((part,))
+                else:
+                    self.model.bf16_weights(self.weights_h, (part,))
             self.pool.run([lambda part=part: refresh(part) for part in parts])
         elif tokens > TRANSPOSED_MAX_TOKENS:
             self.weights_h = self.weights_p = None

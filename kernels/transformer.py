@@ -29,7 +29,7 @@ The embeddings, layer norm's and the softmax's arithmetic, GELU, the cross-entro
 gradient stay float32. Empty flat_h: float32, block_forward / block_backward, as ever.
 With flat_h, packed / pack_at may hold the blocks' weight matrices packed as the products'
 second operands (pack_weights, once per step: MKL then does not repack a weight for every
-sphere's product; the same bits): packed uint16, pack_at [4 L, 2, 2] the (start, stop) in it
+sphere's product; the same bits), and flat_h's copies of them are then never read: packed uint16, pack_at [4 L, 2, 2] the (start, stop) in it
 of sink matrix m (layer by layer, each layer's four by offset, as cllmd.kernels.ordered) for
 the forward (side 0, op(b) = W) and the input gradient (side 1, op(b) = W^T). Empty packed:
 the products read flat_h.
@@ -312,17 +312,20 @@ def bf16_weights(flat_h, flat, offs, l, n_embd):
 
 
 @kernel
-def pack_weights(packed, pack_at, flat_h, offs, l, n_embd, rows):
-    """packed gets layer l's four weight matrices from flat_h packed for products of about
-    `rows` rows (blas.pack_bf16), each for both sides (see the module); l = n_layer (the
-    head, whose products read flat_h) packs nothing."""
+def pack_weights(packed, pack_at, flat, offs, l, n_embd, rows):
+    """packed gets layer l's four weight matrices rounded to bfloat16 (nearest even, as
+    bf16_weights) and packed for products of about `rows` rows (blas.pack_bf16), each for both
+    sides (see the module), through one matrix of scratch: flat_h's copies of them are not
+    needed then. l = n_layer (the head, whose products read flat_h) packs nothing."""
     C = n_embd
     if 4 + 12 * l == offs.size:
         return
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
+    scratch = np.empty(4 * C * C, np.uint16)
     j = 0
     for k, r, c in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
-        w = _mat_h(flat_h, o[k], r, c, False)
+        w = scratch[:r * c].reshape((r, c))
+        to_bf16(w, _mat(flat, o[k], r, c))
         pack_bf16(_mat_p(packed, pack_at, 4 * l + j, 0), rows, False, w)   # op(b) = W
         pack_bf16(_mat_p(packed, pack_at, 4 * l + j, 1), rows, True, w)    # op(b) = W^T
         j += 1

@@ -788,7 +788,8 @@ def test_bf16_trainer_adds_weight_gradients_directly_only_from_direct_min_params
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 def test_bf16_packed_weights_give_the_unpacked_passes_bits(checkpointing):
     # forward_backward and forward_loss reading the block matrices packed (PackedWeights, made
-    # for another row count than the pass has) give the bits of the passes on weights_h
+    # for another row count than the pass has) give the bits of the passes on weights_h; with
+    # them, weights_h's block matrices are not read (here: zeros, only the head's written)
     from cllmd.model import Model, ModelConfig, PackedWeights
     m = Model(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=12), seed=3)
     rng = np.random.default_rng(8)
@@ -797,14 +798,15 @@ def test_bf16_packed_weights_give_the_unpacked_passes_bits(checkpointing):
     ws = m.workspace(3, 12, checkpointing=checkpointing, bf16=True)
     weights_h = m.bf16_weights()
     weights_p = PackedWeights(m, rows=24)
-    weights_p.fill(weights_h)
+    weights_p.fill()
+    head_only = m.bf16_weights(np.zeros_like(weights_h), (m.cfg.n_layer,))
     assert weights_p.at.shape == (8, 2, 2) and np.all(weights_p.at[:, :, 1] > weights_p.at[:, :, 0])
     assert weights_p.buf.ctypes.data % 64 == 0
     out = {}
-    for name, wp in (("plain", None), ("packed", weights_p)):
+    for name, wh, wp in (("plain", weights_h, None), ("packed", head_only, weights_p)):
         g = np.full(m.flat.size, np.nan, np.float32)
-        loss = m.forward_backward(ws, idx, targets, mask, grad=g, weights_h=weights_h, weights_p=wp)
-        out[name] = (loss, g, m.forward_loss(ws, idx, targets, mask, weights_h, wp), ws.losses.copy())
+        loss = m.forward_backward(ws, idx, targets, mask, grad=g, weights_h=wh, weights_p=wp)
+        out[name] = (loss, g, m.forward_loss(ws, idx, targets, mask, wh, wp), ws.losses.copy())
     assert out["packed"][0] == out["plain"][0] and out["packed"][2] == out["plain"][2]
     assert np.array_equal(out["packed"][1].view(np.uint32), out["plain"][1].view(np.uint32))
     assert np.array_equal(out["packed"][3], out["plain"][3])
