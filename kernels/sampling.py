@@ -43,7 +43,7 @@ def sample_rows(tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty
     if xs.shape[0] < logits.shape[0] or xs.shape[1] < V:
         raise ValueError(f"scratch of {xs.shape} is too small for {logits.shape[0]} rows of {V}")
     args = (tokens, logits, temperature, top_k, top_p, min_p, repeat_penalty, recent, offsets, u, V, xs, ps, seen)
-    if logits.shape[0] > 1 and logits.size >= 1 << 16:
+    if logits.shape[0] > 1 and logits.shape[0] * V >= 1 << 16:   # (the columns sampled, not the buffer's)
         _sample_rows_parallel(*args)
     else:
         _sample_rows_serial(*args)
