@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cllmd.kernels.ordered import ROW, TILE
+from cllmd.kernels.ordered import ROW, TILE, tile_pack_size
 from cllmd.kernels.blas import pack_bf16_size
 from cllmd.kernels.transformer import (LAYER, LN_EPS, Buffers, bf16_weights, model_forward, model_forward_backward,
                                        model_forward_loss, pack_weights, sink_zero_grads, transpose_weights)
@@ -154,7 +154,9 @@ class Workspace:
     scratch the mixed-precision passes round their products' inputs into (h_in, h_out: 2 bytes
     per element, 4 N C + max(4 N C, N V) of them), the softmax in bfloat16 (att_h, in place
     of float32's att) and the products' inputs (acts_h, in place of float32's ln1, atty, ln2,
-    fch_gelu); without it they are empty.
+    fch_gelu), and the scratch a weight gradient's operand is packed into when it is added in
+    turn (dw_pack, ~10-15 MB, untouched in the row mode: its pages stay unallocated); without
+    it they are empty.
     """
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype=np.float32, grad_flat: np.ndarray | None = None,
@@ -203,13 +205,14 @@ class Workspace:
     def _sizes_h(self, B: int) -> dict[str, int]:
         """Elements of the bfloat16 buffers (Buffers.h_in, h_out, att_h, acts_h) for B rows."""
         if not self.bf16:
-            return dict(h_in=0, h_out=0, att_h=0, acts_h=0)
+            return dict(h_in=0, h_out=0, att_h=0, acts_h=0, dw_pack=0)
         cfg, T = self.cfg, self.T
         N, C, V = B * T, cfg.n_embd, cfg.vocab_size
         R = N if self.head_rows is None else max(1, min(N, self.head_rows))
         Lc = 1 if self.checkpointing else cfg.n_layer
         return dict(h_in=4 * N * C, h_out=max(4 * N * C, N * V), att_h=Lc * B * cfg.n_head * T * T,
-                    acts_h=Lc * 7 * N * C)
+                    acts_h=Lc * 7 * N * C,
+                    dw_pack=max(tile_pack_size(K, M, N) for K, M in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C))))
 
     def use(self, B: int) -> "Workspace":
         """Carves the buffers for B rows (B <= capacity), each contiguous, from the one allocation."""
@@ -222,6 +225,8 @@ class Workspace:
             at += -(-n // 16) * 16  # 64-byte steps in float32
         at = 0
         for name, n in self._sizes_h(B).items():
+            if at + n > self._arena_h.size:  # MKL's packing scratch grew with fewer rows
+                raise RuntimeError(f"workspace: {B} rows need more bfloat16 scratch than {self.capacity} held")
             views[name] = self._arena_h[at:at + n]
             at += -(-n // 32) * 32  # 64-byte steps in uint16
         self.buffers = Buffers(**views)

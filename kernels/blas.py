@@ -429,21 +429,28 @@ def pack_bf16(dest, rows, trans_b, b):
 
 
 @kernel
-def gemm_bf16_packed(alpha, a, b_packed, beta, c):
-    """c = alpha a op(b) + beta c as gemm_bf16, op(b) [K, N] packed by pack_bf16: a [M, K]
-    bfloat16 bits (unit column stride), c [M, N] float32. A large contiguous c with beta = 0
-    is cleared by streaming stores first (as gemm_bf16)."""
+def gemm_bf16_packed(trans_a, alpha, a, b_packed, beta, c):
+    """c = alpha op(a) op(b) + beta c as gemm_bf16, op(b) [K, N] packed by pack_bf16 (at a
+    64-byte boundary): a bfloat16 bits (unit column stride), op(a) [M, K] (a.T when trans_a),
+    c [M, N] float32. A large contiguous c with beta = 0 is cleared by streaming stores first
+    (as gemm_bf16)."""
     M, N = c.shape
-    K = a.shape[1]
+    K = a.shape[0] if trans_a else a.shape[1]
     if M == 0 or N == 0:
         return
-    lda = max(a.strides[0] // a.itemsize, K, 1)
+    lda = max(a.strides[0] // a.itemsize, a.shape[1], 1)
     ldc = max(c.strides[0] // c.itemsize, N, 1)
     if beta == 0.0 and ldc == N and M * N >= STREAMING_CLEAR_MIN:
         clear_streaming(c)
         beta = 1.0
-    _mkl_gemm_bf16_compute(ROW_MAJOR, NO_TRANS, PACKED, M, N, K, np.float32(alpha), a.ctypes, lda,
-                           b_packed.ctypes, K, np.float32(beta), c.ctypes, ldc)
+    _mkl_gemm_bf16_compute(ROW_MAJOR, TRANS if trans_a else NO_TRANS, PACKED, M, N, K, np.float32(alpha), a.ctypes,
+                           lda, b_packed.ctypes, K, np.float32(beta), c.ctypes, ldc)
+
+
+@kernel
+def aligned_u16(scratch):
+    """scratch's elements from its first 64-byte boundary on (a place for pack_bf16)."""
+    return scratch[((64 - scratch.ctypes.data % 64) % 64) // 2:]
 
 
 def gemm_bf16_ref(trans_a, trans_b, alpha, a, b, beta, c):

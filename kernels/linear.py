@@ -63,7 +63,7 @@ def linear_forward_h(out, inp_h, bias, residual, weight_ht, weight_p):
     weight_ht when not empty (the same bits)."""
     _seed(out, bias, residual)
     if weight_p.size:
-        gemm_bf16_packed(1.0, inp_h, weight_p, 1.0, out)
+        gemm_bf16_packed(False, 1.0, inp_h, weight_p, 1.0, out)
     else:
         gemm_bf16(False, True, 1.0, inp_h, weight_ht, 1.0, out)
 
@@ -132,19 +132,20 @@ def round_rows_sum(dout_h, dsum, dout):
 
 
 @kernel
-def linear_backward_h(dinp, grad, at, dbias, dout, inp_h, weight_h, weight_p, dout_h, rounded, sink, m, tile):
+def linear_backward_h(dinp, grad, at, dbias, dout, inp_h, weight_h, weight_p, dout_h, rounded, sink, m, tile,
+                      tile_p):
     """linear_backward in bfloat16 on the forward's rounded input inp_h [N, K]: dout rounded
     into dout_h [N, M] and dbias summed in one pass, unless rounded (the caller did both, as
     gelu_backward_h does); then dweight = inp_h^T dout_h, at flat offset at of grad or added
     in turn into node zero's sum (cllmd.kernels.ordered.weight_grad_h: sink matrix m, sink =
-    (sum, turns, info, ranges), tile), and dinp = dout_h weight_h^T (on weight_p, the
+    (sum, turns, info, ranges), tile, tile_p), and dinp = dout_h weight_h^T (on weight_p, the
     transpose packed, when it is not empty: the same bits)."""
     if not rounded:
         round_rows_sum(dout_h, dbias, dout)
     weight_grad_h(grad, at, inp_h.shape[1], dout_h.shape[1], inp_h, dout_h, sink[0], sink[1], sink[2], sink[3], m,
-                  tile)
+                  tile, tile_p)
     if weight_p.size:
-        gemm_bf16_packed(1.0, dout_h, weight_p, 0.0, dinp)
+        gemm_bf16_packed(False, 1.0, dout_h, weight_p, 0.0, dinp)
     else:
         gemm_bf16(False, True, 1.0, dout_h, weight_h, 0.0, dinp)
 

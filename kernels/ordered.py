@@ -33,8 +33,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import blas
 from ._jit import inline_kernel, kernel
-from .blas import gemm_bf16
+from .blas import aligned_u16, gemm_bf16, gemm_bf16_packed, pack_bf16
 
 ROW, FIRST, ADD = 0, 1, 2   # sink modes (info[1])
 PENDING, DEFERRED, ADDED = 0, 1, 2  # a matrix's state in info[4 + m] (mode ADD)
@@ -137,11 +138,26 @@ def flush_deferred(row, sum_, turns, info, ranges):
 
 
 @kernel
-def weight_grad_h(row, at, K, M, inp_h, dout_h, sum_, turns, info, ranges, m, tile):
+def tile_rows(K, M, tile_size):
+    """Rows of a [K, M] weight gradient that one tile of tile_size elements takes."""
+    return max(1, min(K, tile_size // M))
+
+
+def tile_pack_size(K: int, M: int, N: int, tile_size: int = TILE) -> int:
+    """uint16 elements of the tile_p scratch weight_grad_h packs an [N, M] gradient into for a
+    [K, M] weight gradient (64-byte alignment included)."""
+    return blas.pack_bf16_size(int(tile_rows(K, M, tile_size)), M, N) + blas.PACK_ALIGN
+
+
+@kernel
+def weight_grad_h(row, at, K, M, inp_h, dout_h, sum_, turns, info, ranges, m, tile, tile_p):
     """The weight gradient inp_h^T dout_h [K, M] of sink matrix m (inp_h [N, K], dout_h
     [N, M] bfloat16, rows contiguous) at flat offset at: into row in modes ROW and FIRST, else
     added in turn into sum_ through tile (>= M elements; TILE for full speed), a block of
-    rows at a time, or deferred to row when the turn is late (see the module)."""
+    rows at a time, or deferred to row when the turn is late (see the module). tile_p: uint16
+    scratch of at least tile_pack_size(K, M, N) elements, or empty: dout_h is then packed into
+    it once (blas.pack_bf16) for the blocks' products, which otherwise each repack it (the same
+    bits; measured per 85M layer 9.6 -> 8.3 ms for the four gradients)."""
     mode = info[1]
     dweight = row[at:at + K * M].reshape((K, M))
     if mode != ADD:
@@ -158,11 +174,17 @@ def weight_grad_h(row, at, K, M, inp_h, dout_h, sum_, turns, info, ranges, m, ti
         info[INFO + m] = DEFERRED
         info[3] += 1
         return
-    rows = max(1, min(K, tile.size // M))
+    rows = tile_rows(K, M, tile.size)
+    packed = aligned_u16(tile_p)
+    if tile_p.size:
+        pack_bf16(packed, rows, False, dout_h)
     for r0 in range(0, K, rows):
         r1 = min(r0 + rows, K)
         t = tile[:(r1 - r0) * M].reshape((r1 - r0, M))
-        gemm_bf16(True, False, 1.0, inp_h[:, r0:r1], dout_h, 0.0, t)
+        if tile_p.size:
+            gemm_bf16_packed(True, 1.0, inp_h[:, r0:r1], packed, 0.0, t)
+        else:
+            gemm_bf16(True, False, 1.0, inp_h[:, r0:r1], dout_h, 0.0, t)
         add_tile(sum_[at + r0 * M:at + r1 * M], t.reshape(-1))
     info[INFO + m] = ADDED
     publish(turns, m, info)

@@ -81,6 +81,8 @@ Buffers = namedtuple("Buffers", [
                                         # layer ln1 | atty | ln2 | fch_gelu; [0] for float32
     "dw_tile",                          # [ordered.TILE] a weight gradient's tile on its way into
                                         # node zero's sum (cllmd.kernels.ordered); [0] for float32
+    "dw_pack",                          # uint16 scratch its gradient operand is packed into
+                                        # (ordered.tile_pack_size of the largest); [0] for float32
 ])
 
 
@@ -262,22 +264,22 @@ def block_backward_h(buf, l, x, flat, flat_h, packed, pack_at, offs, grad, n_hea
     ho = lambda cols: _h(buf.h_out, N, cols)                            # noqa: E731 - a gradient in bf16
     P = lambda j: _mat_p(packed, pack_at, 4 * l + j, 1)                 # noqa: E731 - sink matrix j's transpose packed
     ln1_h, atty_h, ln2_h, fch_gelu_h = _acts_h(buf, la)
-    tile = buf.dw_tile
+    tile, tile_p = buf.dw_tile, buf.dw_pack
     # res3 = res2 + fch_gelu W_fp + b_fp: dx flows to res2 unchanged (residual)
     linear_backward_h(buf.dfch, grad, o[10], db(11, C), dx, fch_gelu_h, Wh(10, 4 * C, C), P(3), ho(C), False,
-                      sink, 4 * l + 3, tile)
+                      sink, 4 * l + 3, tile, tile_p)
     # fch_gelu = gelu(pre): d pre = gelu'(pre) d fch_gelu, rounded, and the c_fc bias gradient
     gelu_backward_h(ho(4 * C), db(9, 4 * C), buf.dfch, buf.fch[la])
     linear_backward_h(dtmp, grad, o[8], db(9, 4 * C), buf.dfch, ln2_h, Wh(8, C, 4 * C), P(2), ho(4 * C), True,
-                      sink, 4 * l + 2, tile)
+                      sink, 4 * l + 2, tile, tile_p)
     layernorm_backward(dx, db(6, C), db(7, C), dtmp, buf.residual2[la], _vec(flat, o[6], C),
                        buf.ln2_mean[la], buf.ln2_rstd[la])
     # res2 = x + atty W_o + b_o: dx (now d res2) flows to x unchanged
-    linear_backward_h(dtmp, grad, o[4], db(5, C), dx, atty_h, Wh(4, C, C), P(1), ho(C), False, sink, 4 * l + 1, tile)
+    linear_backward_h(dtmp, grad, o[4], db(5, C), dx, atty_h, Wh(4, C, C), P(1), ho(C), False, sink, 4 * l + 1, tile, tile_p)
     attention_backward_bf16(buf.dqkv, dtmp.reshape((B, T, C)), qkv, _att_h(buf, la, n_head),
                             _h(buf.h_in, N, 3 * C).reshape(qkv.shape), ho(C).reshape((B, T, C)), buf.att[0, 0, 0])
     linear_backward_h(dtmp, grad, o[2], db(3, 3 * C), buf.dqkv.reshape((N, 3 * C)), ln1_h,
-                      Wh(2, C, 3 * C), P(0), ho(3 * C), False, sink, 4 * l, tile)
+                      Wh(2, C, 3 * C), P(0), ho(3 * C), False, sink, 4 * l, tile, tile_p)
     layernorm_backward(dx, db(0, C), db(1, C), dtmp, x, _vec(flat, o[0], C), buf.ln1_mean[la], buf.ln1_rstd[la])
 
 

@@ -198,8 +198,16 @@ def check_packed_products() -> int:
                 c = rng.normal(size=(M, N)).astype(np.float32)
                 want = c.copy()
                 blas.gemm_bf16(False, trans_b, 0.5, a, b, beta, want)
-                blas.gemm_bf16_packed(0.5, a, packed, beta, c)
+                blas.gemm_bf16_packed(False, 0.5, a, packed, beta, c)
                 assert np.array_equal(c.view(np.uint32), want.view(np.uint32)), (M, K, N, rows, trans_b, beta)
+                done += 1
+            if not trans_b:  # a transposed, as the weight gradients take it: a^T [M, K] from [K, M]
+                at = _bf16_bits(rng.normal(size=(K, M + 5)))[:, :M]
+                c = rng.normal(size=(M, N)).astype(np.float32)
+                want = c.copy()
+                blas.gemm_bf16(True, False, 1.0, at, b, 0.0, want)
+                blas.gemm_bf16_packed(True, 1.0, at, packed, 0.0, c)
+                assert np.array_equal(c.view(np.uint32), want.view(np.uint32)), (M, K, N, rows, "a^T")
                 done += 1
     return done
 
@@ -207,7 +215,7 @@ def check_packed_products() -> int:
 def test_bf16_packed_products_give_gemm_bf16s_bits():
     # on MKL's pack / compute where MKL is loaded, else on their fallbacks (and in a process
     # without MKL in test_bf16_float32_passes_are_bit_identical_with_and_without_mkl)
-    assert check_packed_products() == 20
+    assert check_packed_products() == 25
 
 
 @requires_mkl
@@ -264,7 +272,7 @@ def test_bf16_float32_passes_are_bit_identical_with_and_without_mkl():
     assert runs["1"]["loss"] == runs[""]["loss"]
     assert runs["1"]["g"] == runs[""]["g"]
     assert runs["1"]["bf16_error"] < BF16_TOL
-    assert runs["1"]["packed_products"] == 20
+    assert runs["1"]["packed_products"] == 25
 
 
 # ---- the trainer's bfloat16 path ---------------------------------------------------------------
@@ -556,8 +564,9 @@ def _direct_layout(rng):
 
 
 @requires_bf16
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("tile", [500, 1 << 19], ids=["small-tiles", "whole"])
-def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_the_finishing_order(tile):
+def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_the_finishing_order(tile, packed):
     # 7 spheres on 3 threads, each sphere's matrices in its own random order and at random
     # delays: the sum must be exactly that of committing whole rows in sphere order
     import threading
@@ -601,6 +610,9 @@ def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_t
             delays[1 + seed, 1] = delays[4 + seed, 2] = 0.02  # late turns: later spheres defer
             orders = {s: np.random.default_rng(seed * 10 + s).permutation(3) for s in spheres}
             scratch = [np.empty(tile, np.float32) for _ in range(3)]
+            # the gradient operand packed once per matrix (sized for the largest), or not
+            pack = [np.empty(max(ordered.tile_pack_size(K, M, N, tile) for K, M in shapes) if packed else 0,
+                             np.uint16) for _ in range(3)]
 
             def worker(t, ids):
                 for s in ids:
@@ -612,7 +624,7 @@ def test_bf16_direct_weight_gradients_are_the_row_commits_bit_for_bit_whatever_t
                     for i, m in enumerate(orders[s]):
                         time.sleep(delays[s, i])
                         (K, M), (a, b) = shapes[m], ranges[m]
-                        ordered.weight_grad_h(row, a, K, M, *ops[s, m], *sink, m, scratch[t])
+                        ordered.weight_grad_h(row, a, K, M, *ops[s, m], *sink, m, scratch[t], pack[t])
                     ordered.flush_deferred(row, *sink)  # as the pass ends
                     gs.give(s, row)
 
@@ -658,7 +670,8 @@ def test_bf16_direct_sphere_waiting_for_its_turn_defers_or_gives_up_when_the_mic
     waiter.join(0.3)
     assert waiter.is_alive()  # sphere 1 has not added matrix 0: sphere 2 waits its turn
     # a weight gradient waits about as long as its product takes, then goes to the row
-    ordered.weight_grad_h(second, a, K, M, inp, dout, *sink, 0, np.empty(ordered.TILE, np.float32))
+    ordered.weight_grad_h(second, a, K, M, inp, dout, *sink, 0, np.empty(ordered.TILE, np.float32),
+                          np.empty(0, np.uint16))
     assert info[ordered.INFO] == ordered.DEFERRED and info[3] == 1
     assert ordered.flush_deferred(second, *sink) == 1  # still not its turn
     gs.give_back(first)
