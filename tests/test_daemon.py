@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -534,3 +535,9 @@ def test_daemon_agrees_with_protocol_md_on_the_points_found_apart(daemon):
     # the stream timeout the doc states is the setting's default
     timeout = SETTINGS["server.stream_timeout"].default
     assert f"{timeout:g} seconds (the daemon's `server.stream_timeout`)" in doc
+    # status's serving map and its decoding batch have the fields the doc lists, no more, no fewer
+    row = next(line for line in doc.splitlines() if line.startswith("| `serving` | map |"))
+    documented = [set(re.findall(r"(\w+): ", span)) for span in re.findall(r"`\{([^`]*)\}`", row)]
+    serving = c.request("status")["serving"]
+    assert documented[0] == set(serving), (documented[0], set(serving))
+    assert documented[1] == set(serving["batch"]), (documented[1], set(serving["batch"]))
