@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import mmap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,15 +290,21 @@ class PackedWeights:
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
             self._map.madvise(mmap.MADV_NOHUGEPAGE)
         self.buf = np.frombuffer(self._map, dtype=np.uint16, count=at)
+        self._scratch: dict[int, np.ndarray] = {}  # fill's rounding scratch, per thread
 
     def fill(self, parts=None) -> None:
         """Packs the model's current block matrices, rounded to bfloat16 as Model.bf16_weights
         rounds them, for the given parts (layers; n_layer, the head, has none), all by default.
         The passes given them read weights_h only for the head: its block matrices need not be
-        written (Model.bf16_weights(out, (n_layer,)) is then all they need)."""
+        written (Model.bf16_weights(out, (n_layer,)) is then all they need). Threads may fill
+        different parts at once: each rounds through a scratch matrix of its own, kept."""
         m = self.model
+        key = threading.get_ident()
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            scratch = self._scratch.setdefault(key, np.empty(4 * m.cfg.n_embd ** 2, np.uint16))
         for part in range(m.cfg.n_layer + 1) if parts is None else parts:
-            pack_weights(self.buf, self.at, m.flat, m.offsets, part, m.cfg.n_embd, self.rows)
+            pack_weights(self.buf, self.at, m.flat, m.offsets, part, m.cfg.n_embd, self.rows, scratch)
 
 
 class Model:

@@ -55,6 +55,15 @@ def _check_name(name: str) -> None:
         raise NotInQueue(f"invalid queue file name {name!r}")
 
 
+def _read_reason(path: Path) -> dict[str, Any]:
+    """A failed file's reason and attempts from its reason file (None for what is unreadable)."""
+    try:
+        info = json.loads(path.read_text())
+        return {"reason": str(info.get("reason")), "attempts": info.get("attempts")}
+    except (OSError, ValueError, AttributeError):
+        return {"reason": None, "attempts": None}
+
+
 class QueueDir:
     """The queue in `root` (incoming/, processing/, done/, failed/). Safe from any thread.
 
@@ -359,14 +368,10 @@ class QueueDir:
 
     def _reason(self, name: str) -> dict[str, Any]:
         path = self.dirs["failed"] / (name + REASON_SUFFIX)
-        if not os.path.lexists(path):
-            with self._lock:   # fail() may be between the file's rename and its reason's write
-                pass
-        try:
-            info = json.loads(path.read_text())
-            return {"reason": str(info.get("reason")), "attempts": info.get("attempts")}
-        except (OSError, ValueError, AttributeError):
-            return {"reason": None, "attempts": None}
+        if os.path.lexists(path):
+            return _read_reason(path)
+        with self._lock:   # fail() may be between the file's rename and its reason's write
+            return _read_reason(path)
 
 
 __all__ = ["STATES", "REASON_SUFFIX", "BadInput", "FileTooLarge", "NotInQueue", "QueueDir",

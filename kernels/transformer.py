@@ -314,16 +314,19 @@ def bf16_weights(flat_h, flat, offs, l, n_embd):
 
 
 @kernel
-def pack_weights(packed, pack_at, flat, offs, l, n_embd, rows):
+def pack_weights(packed, pack_at, flat, offs, l, n_embd, rows, scratch):
     """packed gets layer l's four weight matrices rounded to bfloat16 (nearest even, as
     bf16_weights) and packed for products of about `rows` rows (blas.pack_bf16), each for both
-    sides (see the module), through one matrix of scratch: flat_h's copies of them are not
-    needed then. l = n_layer (the head, whose products read flat_h) packs nothing."""
+    sides (see the module), through scratch (uint16, >= 4 n_embd^2 elements, kept by the
+    caller: a fresh one per layer and step would be a fresh mapping, see cllmd/heap.py): flat_h's
+    copies of them are not needed then. l = n_layer (the head, whose products read flat_h)
+    packs nothing."""
     C = n_embd
     if 4 + 12 * l == offs.size:
         return
+    if scratch.size < 4 * C * C:
+        raise ValueError("pack_weights: scratch holds fewer than 4 n_embd^2 elements")
     o = offs[4 + 12 * l:4 + 12 * (l + 1)]
-    scratch = np.empty(4 * C * C, np.uint16)
     j = 0
     for k, r, c in ((2, C, 3 * C), (4, C, C), (8, C, 4 * C), (10, 4 * C, C)):
         w = scratch[:r * c].reshape((r, c))

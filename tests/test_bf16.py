@@ -828,6 +828,44 @@ def test_bf16_packed_weights_give_the_unpacked_passes_bits(checkpointing):
 
 
 @requires_bf16
+def test_bf16_packed_weights_refill_allocates_no_rounding_scratch():
+    # fill() rounds each layer through a scratch matrix its thread keeps: a fresh one per layer
+    # and step (4 n_embd^2 bfloat16, 4.7 MB at width 768) was a fresh mapping under the
+    # daemon's mmap threshold (cllmd/heap.py), ~13,800 page faults a step at the 85M shape
+    import threading
+    import tracemalloc
+    from cllmd.model import Model, ModelConfig, PackedWeights
+    m = Model(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=64, block_size=12), seed=3)
+    rng = np.random.default_rng(8)
+    idx, targets = rng.integers(0, 40, (3, 12)), rng.integers(0, 40, (3, 12))
+    ws = m.workspace(3, 12, bf16=True)
+    head_only = m.bf16_weights(np.zeros(2 * m.flat.size, np.uint16), (m.cfg.n_layer,))
+    weights_p = PackedWeights(m, rows=24)
+    weights_p.fill()
+    expected = m.forward_loss(ws, idx, targets, None, head_only, weights_p), ws.losses.copy()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        weights_p.fill()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 64 * 64 * 2, peak   # smaller than one scratch matrix
+    # other threads round through scratch of their own: layers filled at once give the same
+    # products (the packed bytes themselves differ in places from thread to thread, measured;
+    # the products do not)
+    threads = [threading.Thread(target=weights_p.fill, args=((part,),)) for part in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(weights_p._scratch) == 3
+    assert m.forward_loss(ws, idx, targets, None, head_only, weights_p) == expected[0]
+    assert np.array_equal(ws.losses, expected[1])
+
+
+@requires_bf16
 @pytest.mark.parametrize("cfg", [dict(), dict(grad_checkpointing=True)], ids=["plain", "checkpointed"])
 def test_bf16_trainer_packed_weights_give_the_unpacked_weights_at_1_2_and_12_threads(cfg, monkeypatch):
     import cllmd.trainer
