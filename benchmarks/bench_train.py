@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/bench_train.py --model 85m --precision float32 bf16 --threads 2 \
         --steps 2 --rounds 3 --autocast                       # bf16 beside float32 and torch's bf16 autocast
     .venv/bin/python benchmarks/bench_train.py --quality --precision float32 bf16 --steps 2000  # val loss of each
+    .venv/bin/python benchmarks/bench_train.py --model 85m --precision bf16 --no-torch --daemon-heap  # with the daemon's malloc (page faults)
 
 Speed mode builds one cllmd trainer per thread count up front, then runs rounds in which every
 configuration (cllmd and PyTorch, each thread count) takes its turn, so a noisy, shared machine
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -164,6 +166,7 @@ def speed(args) -> dict:
         return made and rows
     times = {key: [] for key in keys}
     cpu = {key: 0.0 for key in keys}
+    faults = {key: 0 for key in keys}  # minor page faults of the process during the key's steps
     waits = {key: [0.0, 0] for key in keys}  # seconds spheres waited for their turn, matrices deferred
     ref_times = {(threads, way): [] for threads in args.threads for way in torch_ways}
     for _ in range(args.rounds):  # every configuration takes a turn in every round
@@ -176,8 +179,10 @@ def speed(args) -> dict:
             if args.rows and use_rows(tr, precision == "bf16 rows"):
                 tr.step()  # not timed: the rows' pages are touched for the first time
             c0, w0, d0 = time.process_time(), tr.gradsum.waited_s, tr.gradsum.deferred
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[threads, ck, precision] += cllmd_round(tr, args.steps)
             cpu[threads, ck, precision] += time.process_time() - c0
+            faults[threads, ck, precision] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
             waits[threads, ck, precision][0] += tr.gradsum.waited_s - w0
             waits[threads, ck, precision][1] += tr.gradsum.deferred - d0
             if ref is not None and not ck and precision == args.precision[-1]:
@@ -190,7 +195,8 @@ def speed(args) -> dict:
     for (threads, ck, precision), ts in times.items():
         med = statistics.median(ts)
         row = {"cllmd_ms_per_step": 1e3 * med, "cllmd_tokens_per_second": tokens / med,
-               "cllmd_cpu_ms_per_step": 1e3 * cpu[threads, ck, precision] / len(ts)}
+               "cllmd_cpu_ms_per_step": 1e3 * cpu[threads, ck, precision] / len(ts),
+               "cllmd_minor_faults_per_step": round(faults[threads, ck, precision] / len(ts))}
         if precision == "bf16" or (precision == "auto" and trainers[threads, ck].precision == "bf16") \
                 or precision == "bf16 rows":
             # the spheres' waits for their turn on a weight matrix (cllmd.kernels.ordered)
@@ -278,7 +284,13 @@ def main() -> None:
                    help="also time bf16 with every gradient through rows committed whole (no direct matrices)")
     p.add_argument("--autocast", action="store_true",
                    help='also time PyTorch under torch.autocast("cpu", dtype=torch.bfloat16)')
+    p.add_argument("--daemon-heap", action="store_true",
+                   help="fix malloc's mmap threshold as the daemon does (cllmd/heap.py): a step's fresh "
+                        "large arrays then show as page faults")
     args = p.parse_args()
+    if args.daemon_heap:
+        from cllmd.heap import return_large_blocks
+        return_large_blocks()
     quality(args) if args.quality else speed(args)
 
 
